@@ -1,0 +1,719 @@
+"""ViTGPT2: a timm ViT encoder feeding a GPT-2 decoder whose blocks gain cross-attention.
+
+Each decoder block is GPT-2's (pre-norm causal self-attention, then MLP) with a cross-attention in between whose
+query comes from the text and whose key/value projection reads the encoder's image tokens (1024-d for ViT-L/14)
+straight into the decoder width. Module names follow GPT-2 (`decoder.h.0.attn.c_attn`, `...crossattention.c_attn`),
+so GPT-2 checkpoints load unchanged and peft targets the usual names.
+
+Generation differs from `VisionEncoderDecoderModel` in one way that matters for speed: the image tokens are not
+copied once per beam. Each image's cross-attention keys/values are computed once per `generate` call and shared by
+all of its beams (the queries of an image's beams are stacked and attend to one copy), and beam reordering touches
+only the self-attention cache, since an image's beams always share its keys/values.
+
+This file is copied next to the weights for `trust_remote_code=True`: it imports only torch, timm and transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
+
+from .configuration_vitgpt2 import ViTGPT2Config
+
+logger = logging.get_logger(__name__)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention that also returns its weights. `attention_mask` is boolean, True where a key may be seen."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if is_causal and attention_mask is None:
+        query_length, key_length = scores.shape[-2:]
+        attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=scores.device).tril(
+            diagonal=key_length - query_length
+        )
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2)
+    return output, weights
+
+
+def _attention_function(config: ViTGPT2Config, output_attentions: bool) -> Callable:
+    implementation = config._attn_implementation
+    if output_attentions and implementation != "eager":
+        # SDPA and flash kernels never materialise the weights; asking for them must not silently return nothing.
+        logger.warning_once(
+            f"output_attentions=True needs the attention weights, which `{implementation}` does not compute: these "
+            "calls use eager attention. Load with attn_implementation='eager' to make that explicit."
+        )
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+class ViTGPT2SelfAttention(nn.Module):
+    """GPT-2's causal self-attention, with its fused query/key/value projection."""
+
+    def __init__(self, config: ViTGPT2Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.c_attn = Conv1D(3 * config.n_embd, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: EncoderDecoderCache | None,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows, length, width = hidden_states.shape
+        heads_shape = (rows, length, self.num_heads, self.head_dim)
+        query, key, value = (
+            part.view(heads_shape).transpose(1, 2) for part in self.c_attn(hidden_states).split(width, dim=2)
+        )
+        if cache is not None:
+            key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
+        attend = _attention_function(self.config, output_attentions)
+        output, weights = attend(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.config.attn_pdrop if self.training else 0.0,
+            is_causal=attention_mask is None and length > 1,
+        )
+        output = self.resid_dropout(self.c_proj(output.reshape(rows, length, width)))
+        return output, weights
+
+
+class ViTGPT2CrossAttention(nn.Module):
+    """Attention from the text to the image tokens; `c_attn` maps the encoder width straight to keys and values.
+
+    The decoder may carry several rows per image (beams, sampled sequences): `rows` must be a multiple of the number
+    of images, with each image's rows adjacent. Those rows' queries are stacked into one attention call against a
+    single copy of the image's keys/values, which is exact (attention is independent per query) and avoids
+    copying the image tokens once per beam.
+    """
+
+    def __init__(self, config: ViTGPT2Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_attn = Conv1D(config.n_embd, config.n_embd)
+        self.c_attn = Conv1D(2 * config.n_embd, config.encoder_hidden_size)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def image_keys_values(
+        self, image_tokens: torch.Tensor, cache: EncoderDecoderCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the image tokens, projected on the first call and then read back from the cache."""
+        if cache is not None and cache.is_updated.get(self.layer_idx):
+            cached = cache.cross_attention_cache.layers[self.layer_idx]
+            return cached.keys, cached.values
+        images, tokens, _ = image_tokens.shape
+        heads_shape = (images, tokens, self.num_heads, self.head_dim)
+        key, value = (
+            part.view(heads_shape).transpose(1, 2)
+            for part in self.c_attn(image_tokens).split(self.config.n_embd, dim=2)
+        )
+        if cache is not None:
+            key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+            cache.is_updated[self.layer_idx] = True
+        return key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        image_tokens: torch.Tensor,
+        cache: EncoderDecoderCache | None,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows, length, width = hidden_states.shape
+        key, value = self.image_keys_values(image_tokens, cache)
+        images = key.shape[0]
+        rows_per_image = rows // images
+        query = self.q_attn(hidden_states).view(images, rows_per_image * length, self.num_heads, self.head_dim)
+        attend = _attention_function(self.config, output_attentions)
+        output, weights = attend(
+            self,
+            query.transpose(1, 2),
+            key,
+            value,
+            None,
+            scaling=self.scaling,
+            dropout=self.config.attn_pdrop if self.training else 0.0,
+            is_causal=False,
+        )
+        output = self.resid_dropout(self.c_proj(output.reshape(rows, length, width)))
+        if weights is not None:
+            weights = (
+                weights.view(images, self.num_heads, rows_per_image, length, -1)
+                .transpose(1, 2)
+                .reshape(rows, self.num_heads, length, -1)
+            )
+        return output, weights
+
+
+class ViTGPT2MLP(nn.Module):
+    def __init__(self, config: ViTGPT2Config):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = Conv1D(inner, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, inner)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class ViTGPT2Block(GradientCheckpointingLayer):
+    """Self-attention, cross-attention (where configured) and MLP, each with its pre-norm and residual."""
+
+    def __init__(self, config: ViTGPT2Config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = ViTGPT2SelfAttention(config, layer_idx)
+        if config.has_cross_attention(layer_idx):
+            self.ln_cross_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+            self.crossattention = ViTGPT2CrossAttention(config, layer_idx)
+        else:
+            self.crossattention = None
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = ViTGPT2MLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        image_tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attended, self_weights = self.attn(self.ln_1(hidden_states), attention_mask, cache, output_attentions)
+        hidden_states = hidden_states + attended
+        cross_weights = None
+        if self.crossattention is not None:
+            attended, cross_weights = self.crossattention(
+                self.ln_cross_attn(hidden_states), image_tokens, cache, output_attentions
+            )
+            hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, self_weights, cross_weights
+
+
+class ViTGPT2Encoder(nn.Module):
+    """A timm ViT returning all its tokens (CLS first) after the final norm, as `BaseModelOutput`.
+
+    A thin module rather than transformers' `TimmWrapperModel`, whose forward rejects the `output_attentions`
+    argument that `generate` passes to every encoder.
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: ViTGPT2Config):
+        super().__init__()
+        self.model = timm.create_model(config.encoder_name, pretrained=False, num_classes=0, **config.encoder_kwargs)
+        if self.model.num_features != config.encoder_hidden_size:
+            raise ValueError(
+                f"encoder {config.encoder_name!r} makes {self.model.num_features}-d tokens but the config says "
+                f"encoder_hidden_size={config.encoder_hidden_size}; set encoder_hidden_size to match."
+            )
+        patch_embed = getattr(self.model, "patch_embed", None)
+        self.image_size = tuple(patch_embed.img_size) if patch_embed is not None else None
+        self.accepts_any_size = bool(getattr(patch_embed, "dynamic_img_size", False))
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        expected = f"(batch, 3, {self.image_size[0]}, {self.image_size[1]})" if self.image_size else "(batch, 3, H, W)"
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(
+                f"pixel_values must be a float tensor of shape {expected}, got {shape}. "
+                "Prepare images with ViTGPT2Processor(images=...)."
+            )
+        if self.image_size and not self.accepts_any_size and tuple(pixel_values.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"pixel_values must be {expected} for this encoder, got {tuple(pixel_values.shape)}. "
+                "Prepare images with the processor saved with the model, which resizes them."
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool = True,
+    ) -> BaseModelOutput:
+        self.check_pixel_values(pixel_values)
+        parameter = next(self.model.parameters())
+        tokens = self.model.forward_features(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+        return BaseModelOutput(last_hidden_state=tokens)
+
+
+class ViTGPT2Decoder(nn.Module):
+    """GPT-2's transformer (token and position embeddings, blocks, final norm) with cross-attention blocks."""
+
+    def __init__(self, config: ViTGPT2Config):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([ViTGPT2Block(config, layer_idx) for layer_idx in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        image_tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: EncoderDecoderCache | None,
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
+        rows, length = input_ids.shape
+        if rows % image_tokens.shape[0]:
+            raise ValueError(
+                f"{rows} decoder rows cannot share {image_tokens.shape[0]} images: the rows must be a whole number "
+                "of rows per image (each image's rows adjacent)."
+            )
+        past_length = cache.get_seq_length() if cache is not None else 0
+        prefix_length = getattr(cache, "prefix_length", 0)
+        positions = self._positions(attention_mask, past_length - prefix_length, length, input_ids.device)
+        if positions.max() >= self.wpe.num_embeddings:
+            raise ValueError(
+                f"caption position {int(positions.max())} is beyond the decoder's {self.wpe.num_embeddings} positions; "
+                "lower max_length / max_new_tokens."
+            )
+        hidden_states = self.drop(self.wte(input_ids) + self.wpe(positions))
+        mask = self._self_attention_mask(attention_mask, past_length, length, input_ids.device)
+
+        all_hidden, self_attentions, cross_attentions = [], [], []
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, self_weights, cross_weights = block(
+                hidden_states, image_tokens, mask, cache, output_attentions
+            )
+            if output_attentions:
+                self_attentions.append(self_weights)
+                if cross_weights is not None:
+                    cross_attentions.append(cross_weights)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return (
+            hidden_states,
+            tuple(all_hidden) if output_hidden_states else None,
+            tuple(self_attentions) if output_attentions else None,
+            tuple(cross_attentions) if output_attentions else None,
+        )
+
+    @staticmethod
+    def _positions(
+        attention_mask: torch.Tensor | None, past_text_length: int, length: int, device: torch.device
+    ) -> torch.Tensor:
+        if attention_mask is None or bool(attention_mask.all()):
+            return torch.arange(past_text_length, past_text_length + length, device=device).unsqueeze(0)
+        # Left-padded prompts: count only real tokens, so every caption starts at position 0.
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+
+    @staticmethod
+    def _self_attention_mask(
+        attention_mask: torch.Tensor | None, past_length: int, length: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Boolean (rows|1, 1, length, past+length) mask, or None when plain causal attention is exact."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and (past_length == 0 or length == 1):
+            return None
+        key_length = past_length + length
+        mask = torch.ones(length, key_length, dtype=torch.bool, device=device).tril(diagonal=past_length)[None, None]
+        if padded:
+            keys = attention_mask.bool()
+            if keys.shape[-1] < key_length:  # the mask covers the text only, not a prefix or earlier steps
+                keys = F.pad(keys, (key_length - keys.shape[-1], 0), value=True)
+            mask = mask & keys[:, None, None, -key_length:]
+            # A padding query that may see nothing would give NaNs; let every query see itself.
+            mask = mask | _own_diagonal(length, key_length, past_length, device)[None, None]
+        return mask
+
+
+def _own_diagonal(length: int, key_length: int, offset: int, device: torch.device) -> torch.Tensor:
+    eye = torch.zeros(length, key_length, dtype=torch.bool, device=device)
+    eye[torch.arange(length), offset + torch.arange(length)] = True
+    return eye
+
+
+class ViTGPT2PreTrainedModel(PreTrainedModel):
+    config: ViTGPT2Config
+    config_class = ViTGPT2Config
+    base_model_prefix = "vitgpt2"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTGPT2Block"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, (ViTGPT2SelfAttention, ViTGPT2CrossAttention, ViTGPT2MLP)):
+            # GPT-2's scheme: residual projections scaled by 1/sqrt(number of residual branches).
+            branches = 2 * self.config.n_layer + len(
+                [i for i in range(self.config.n_layer) if self.config.has_cross_attention(i)]
+            )
+            init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range / branches**0.5)
+
+
+class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
+    """Image captioning: `generate(pixel_values=...)` writes captions; `forward(..., labels=...)` returns the loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "decoder.wte.weight"}
+
+    def __init__(self, config: ViTGPT2Config):
+        super().__init__(config)
+        self.encoder = ViTGPT2Encoder(config)
+        self.decoder = ViTGPT2Decoder(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+        self.generation_config.num_beams = 3
+        self.generation_config.max_length = 40
+
+    def get_encoder(self, modality: str | None = None) -> ViTGPT2Encoder:
+        return self.encoder
+
+    def get_decoder(self) -> ViTGPT2Decoder:
+        return self.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.wte
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.decoder.wte = embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, embeddings: nn.Linear) -> None:
+        self.lm_head = embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: Cache | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> Seq2SeqLMOutput | tuple:
+        r"""
+        pixel_values (`(images, 3, H, W)`): images prepared by `ViTGPT2Processor`; or pass `encoder_outputs`.
+        decoder_input_ids (`(rows, length)`): `[start] + caption tokens`; derived from `labels` when omitted. `rows`
+            may be a multiple of `images` (several captions per image, each image's rows adjacent).
+        labels (`(rows, length)`): `caption tokens + [end]`, -100 where no loss is wanted; aligned with the logits.
+        num_items_in_batch: the number of label tokens in the whole (accumulated) batch, from `Trainer`, so the loss
+            is their mean across gradient-accumulation steps rather than a mean of per-step means.
+        """
+        output_attentions = bool(output_attentions)
+        output_hidden_states = bool(output_hidden_states)
+        return_dict = return_dict if return_dict is not None else True
+        if encoder_outputs is None:
+            if pixel_values is None:
+                raise ValueError("pass `pixel_values` (from ViTGPT2Processor) or precomputed `encoder_outputs`")
+            encoder_outputs = self.encoder(pixel_values)
+        elif isinstance(encoder_outputs, (tuple, list)):
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
+        image_tokens = encoder_outputs.last_hidden_state
+
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass `decoder_input_ids` (start token + caption) or `labels` to derive them from")
+            decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        elif cache is not None and not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache())
+
+        hidden_states, decoder_hidden_states, self_attentions, cross_attentions = self.decoder(
+            decoder_input_ids,
+            image_tokens,
+            decoder_attention_mask,
+            cache if use_cache or cache is not None else None,
+            output_attentions,
+            output_hidden_states,
+        )
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            token_losses = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100, reduction="sum"
+            )
+            count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+            loss = token_losses / count
+
+        output = Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=cache if use_cache else None,
+            decoder_hidden_states=decoder_hidden_states,
+            decoder_attentions=self_attentions,
+            cross_attentions=cross_attentions,
+            encoder_last_hidden_state=image_tokens,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @classmethod
+    def from_encoder_decoder_pretrained(
+        cls,
+        encoder: str | os.PathLike,
+        decoder: str | os.PathLike,
+        output_loading_info: bool = False,
+        **config_overrides,
+    ):
+        """Builds the captioner from a pretrained timm ViT and a pretrained GPT-2; only cross-attention is new.
+
+        encoder: a timm name with its pretrained tag (`"vit_large_patch14_clip_224.openai"`), an `"hf-hub:timm/..."`
+            id, or a local weights file (`.safetensors`/`.pth`) for the architecture named by `encoder_name=`.
+        decoder: a GPT-2 Hub id (`"openai-community/gpt2"`) or a local folder saved with `save_pretrained`.
+        config_overrides: any `ViTGPT2Config` field (`encoder_kwargs`, `cross_attention_layers`, dropouts, ...).
+
+        The newly initialised weights (exactly the cross-attention ones) are logged, and returned with
+        `output_loading_info=True` as `(model, {"newly_initialized": [...]})`.
+        """
+        from transformers import GPT2LMHeadModel
+
+        encoder_kwargs = dict(config_overrides.pop("encoder_kwargs", None) or {})
+        architecture = config_overrides.pop("encoder_name", ViTGPT2Config().encoder_name)
+        if Path(encoder).is_file():
+            timm_model = timm.create_model(
+                architecture, pretrained=True, pretrained_cfg_overlay={"file": str(encoder)}, num_classes=0,
+                **encoder_kwargs,
+            )
+        else:
+            timm_model = timm.create_model(str(encoder), pretrained=True, num_classes=0, **encoder_kwargs)
+            pretrained_cfg = timm_model.pretrained_cfg
+            tag = pretrained_cfg.get("tag")
+            architecture = pretrained_cfg["architecture"] + (f".{tag}" if tag else "")
+        gpt2 = GPT2LMHeadModel.from_pretrained(decoder)
+        gpt2_config = gpt2.config
+        end_of_text = gpt2_config.eos_token_id
+        config = ViTGPT2Config(
+            encoder_name=architecture,
+            encoder_kwargs=encoder_kwargs,
+            encoder_hidden_size=timm_model.num_features,
+            vocab_size=gpt2_config.vocab_size,
+            n_positions=gpt2_config.n_positions,
+            n_embd=gpt2_config.n_embd,
+            n_layer=gpt2_config.n_layer,
+            n_head=gpt2_config.n_head,
+            n_inner=gpt2_config.n_inner,
+            activation_function=gpt2_config.activation_function,
+            layer_norm_epsilon=gpt2_config.layer_norm_epsilon,
+            bos_token_id=config_overrides.pop("bos_token_id", end_of_text),
+            eos_token_id=config_overrides.pop("eos_token_id", end_of_text),
+            pad_token_id=config_overrides.pop("pad_token_id", end_of_text),
+            decoder_start_token_id=config_overrides.pop("decoder_start_token_id", end_of_text),
+            **config_overrides,
+        )
+        model = cls(config)
+        model.encoder.model.load_state_dict(timm_model.state_dict())
+        decoder_state = {
+            name.removeprefix("transformer."): weight
+            for name, weight in gpt2.state_dict().items()
+            if name.startswith("transformer.")
+        }
+        missing, unexpected = model.decoder.load_state_dict(decoder_state, strict=False)
+        if unexpected:
+            raise ValueError(f"decoder {decoder!r} has weights this GPT-2 decoder does not: {unexpected}")
+        newly_initialized = [f"decoder.{name}" for name in missing]
+        logger.warning(
+            f"Newly initialised (not in {decoder!r}; train them): {len(newly_initialized)} tensors of the "
+            f"cross-attention: {newly_initialized}"
+        )
+        model.config._name_or_path = f"{architecture}+{decoder}"
+        return (model, {"newly_initialized": newly_initialized}) if output_loading_info else model
+
+    @classmethod
+    def from_vision_encoder_decoder(cls, model_or_path):
+        """Converts a transformers `VisionEncoderDecoderModel` (a `ViTModel` encoder and a GPT-2 decoder with
+        cross-attention, like `nlpconnect/vit-gpt2-image-captioning`) into this model with identical outputs.
+
+        The ViT becomes a timm `vit_base_patch16_224`-architecture encoder of the same sizes; an `enc_to_dec_proj`
+        layer is folded into every cross-attention key/value projection (both are linear). The only difference left
+        is the encoder's LayerNorm epsilon (timm's 1e-6 against ViT's 1e-12), far below 1e-4 on the logits.
+        Use `ViTGPT2Processor.from_vision_encoder_decoder(path)` for the matching processor.
+        """
+        from transformers import VisionEncoderDecoderModel
+
+        if isinstance(model_or_path, (str, os.PathLike)):
+            model_or_path = VisionEncoderDecoderModel.from_pretrained(model_or_path)
+        vit, gpt2 = model_or_path.encoder, model_or_path.decoder
+        if type(vit).__name__ != "ViTModel" or type(gpt2).__name__ != "GPT2LMHeadModel":
+            raise ValueError(
+                f"can convert a ViTModel encoder with a GPT2LMHeadModel decoder, got {type(vit).__name__} and "
+                f"{type(gpt2).__name__}"
+            )
+        vit_config, gpt2_config = vit.config, gpt2.config
+        if vit_config.hidden_act != "gelu" or not gpt2_config.add_cross_attention:
+            raise ValueError("the ViT must use exact GELU and the GPT-2 decoder must have cross-attention")
+        if gpt2_config.scale_attn_by_inverse_layer_idx or gpt2_config.reorder_and_upcast_attn:
+            raise ValueError("GPT-2 decoders with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn differ")
+        outer = model_or_path.config
+        config = ViTGPT2Config(
+            encoder_name="vit_base_patch16_224",
+            encoder_kwargs={
+                "img_size": vit_config.image_size,
+                "patch_size": vit_config.patch_size,
+                "in_chans": vit_config.num_channels,
+                "embed_dim": vit_config.hidden_size,
+                "depth": vit_config.num_hidden_layers,
+                "num_heads": vit_config.num_attention_heads,
+                "mlp_ratio": vit_config.intermediate_size / vit_config.hidden_size,
+                "qkv_bias": vit_config.qkv_bias,
+            },
+            encoder_hidden_size=vit_config.hidden_size,
+            vocab_size=gpt2_config.vocab_size,
+            n_positions=gpt2_config.n_positions,
+            n_embd=gpt2_config.n_embd,
+            n_layer=gpt2_config.n_layer,
+            n_head=gpt2_config.n_head,
+            n_inner=gpt2_config.n_inner,
+            activation_function=gpt2_config.activation_function,
+            layer_norm_epsilon=gpt2_config.layer_norm_epsilon,
+            bos_token_id=gpt2_config.bos_token_id,
+            eos_token_id=outer.eos_token_id if outer.eos_token_id is not None else gpt2_config.eos_token_id,
+            pad_token_id=outer.pad_token_id if outer.pad_token_id is not None else gpt2_config.eos_token_id,
+            decoder_start_token_id=outer.decoder_start_token_id
+            if outer.decoder_start_token_id is not None
+            else gpt2_config.bos_token_id,
+        )
+        model = cls(config)
+        model.encoder.model.load_state_dict(_timm_vit_state_from_transformers_vit(vit.state_dict(), config))
+        decoder_state = {
+            name.removeprefix("transformer."): weight
+            for name, weight in gpt2.state_dict().items()
+            if name.startswith("transformer.")
+        }
+        projection = getattr(model_or_path, "enc_to_dec_proj", None)
+        if projection is not None:
+            for layer_idx in range(config.n_layer):
+                prefix = f"h.{layer_idx}.crossattention.c_attn."
+                weight, bias = decoder_state[prefix + "weight"], decoder_state[prefix + "bias"]
+                # K/V = (x P^T + p) W + b = x (P^T W) + (p W + b), with Conv1D's (in, out) weight layout.
+                decoder_state[prefix + "weight"] = projection.weight.T @ weight
+                decoder_state[prefix + "bias"] = projection.bias @ weight + bias
+        model.decoder.load_state_dict(decoder_state)
+        model.generation_config = model_or_path.generation_config.__class__.from_dict(
+            model_or_path.generation_config.to_dict()
+        )
+        model.config._name_or_path = getattr(outer, "_name_or_path", "")
+        return model.to(dtype=next(gpt2.parameters()).dtype).train(model_or_path.training)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, **model_kwargs):
+        # Beams and sampled sequences share their image: leave the encoder output at one row per image, where
+        # `generate` would copy it once per row (the cross-attention groups each image's rows instead).
+        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=False, **model_kwargs
+        )
+        if encoder_outputs is not None:
+            model_kwargs["encoder_outputs"] = encoder_outputs
+        return input_ids, model_kwargs
+
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> EncoderDecoderCache:
+        # Beam search only ever reorders the rows of one image among themselves, and those rows share the image's
+        # keys/values, so only the self-attention cache moves.
+        cache.self_attention_cache.reorder_cache(beam_idx)
+        return cache
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Teacher-forcing inputs from labels: `[start] + labels[:-1]`, with -100 replaced by the pad token."""
+    shifted = labels.new_full(labels.shape, pad_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def _timm_vit_state_from_transformers_vit(state: dict[str, torch.Tensor], config: ViTGPT2Config) -> dict:
+    """Renames a transformers `ViTModel` state dict to timm's VisionTransformer layout (fusing q/k/v)."""
+    converted = {
+        "cls_token": state["embeddings.cls_token"],
+        "pos_embed": state["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": state["layernorm.weight"],
+        "norm.bias": state["layernorm.bias"],
+    }
+    renames = {
+        "layernorm_before": "norm1",
+        "layernorm_after": "norm2",
+        "attention.o_proj": "attn.proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    for layer_idx in range(config.encoder_kwargs["depth"]):
+        source, target = f"layers.{layer_idx}.", f"blocks.{layer_idx}."
+        for old, new in renames.items():
+            for kind in ("weight", "bias"):
+                converted[f"{target}{new}.{kind}"] = state[f"{source}{old}.{kind}"]
+        for kind in ("weight", "bias"):
+            parts = [state.get(f"{source}attention.{name}_proj.{kind}") for name in ("q", "k", "v")]
+            if all(part is not None for part in parts):
+                converted[f"{target}attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+    return converted
+
+
+__all__ = ["ViTGPT2ForConditionalGeneration", "ViTGPT2PreTrainedModel"]

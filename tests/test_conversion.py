@@ -1,0 +1,141 @@
+"""Building from real pretrained parts, and importing `VisionEncoderDecoderModel` checkpoints with identical outputs.
+
+The parity with transformers' own ViT -> GPT-2 model (same weights, same pixels) is what proves this decoder,
+its cache and its generation right.
+"""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTImageProcessor,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+)
+
+from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+
+
+def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderDecoderModel:
+    torch.manual_seed(0)
+    end = tokenizer.eos_token_id
+    encoder = ViTConfig(
+        hidden_size=encoder_width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * encoder_width,
+        image_size=28, patch_size=14,
+    )
+    decoder = GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=64, add_cross_attention=True,
+        is_decoder=True, bos_token_id=end, eos_token_id=end,
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end
+    return VisionEncoderDecoderModel(config=config).eval()
+
+
+@pytest.mark.parametrize("encoder_width", [48, 32], ids=["with-enc_to_dec_proj", "same-width"])
+def test_converted_model_matches_vision_encoder_decoder(tiny_tokenizer, encoder_width):
+    reference = tiny_vision_encoder_decoder(tiny_tokenizer, encoder_width)
+    assert hasattr(reference, "enc_to_dec_proj") == (encoder_width != 32)
+    ours = ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(reference).eval()
+    pixels = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, len(tiny_tokenizer), (4, 9), generator=torch.Generator().manual_seed(2))
+
+    expected = reference(pixel_values=pixels, decoder_input_ids=ids).logits
+    actual = ours(pixel_values=pixels, decoder_input_ids=ids).logits
+    assert (expected - actual).abs().max() < 1e-4
+
+    for num_beams in (1, 3):
+        for settings in (dict(max_length=14), dict(max_length=14, min_new_tokens=13)):
+            assert torch.equal(
+                reference.generate(pixel_values=pixels, num_beams=num_beams, **settings),
+                ours.generate(pixel_values=pixels, num_beams=num_beams, **settings),
+            ), f"captions differ with num_beams={num_beams}, {settings}"
+
+
+def test_conversion_from_a_saved_folder_brings_its_processor(tiny_tokenizer, tmp_path):
+    reference = tiny_vision_encoder_decoder(tiny_tokenizer, 48)
+    reference.save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+
+    ours = ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(tmp_path).eval()
+    processor = ViTGPT2Processor.from_vision_encoder_decoder(tmp_path)
+    image = torch.randint(0, 255, (40, 60, 3), dtype=torch.uint8).numpy()
+    pixels = processor(images=[image, image])["pixel_values"]
+    assert pixels.shape == (2, 3, 28, 28)
+    assert torch.equal(
+        reference.generate(pixel_values=pixels, num_beams=3, max_length=10),
+        ours.generate(pixel_values=pixels, num_beams=3, max_length=10),
+    )
+
+
+def test_only_vit_and_gpt2_checkpoints_convert(tiny_tokenizer):
+    reference = tiny_vision_encoder_decoder(tiny_tokenizer, 32)
+    reference.decoder.config.add_cross_attention = False
+    with pytest.raises(ValueError, match="cross-attention"):
+        ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(reference)
+
+
+def test_from_encoder_decoder_pretrained_loads_local_timm_and_gpt2_weights(tiny_tokenizer, tmp_path):
+    """The path users take with `("vit_large_patch14_clip_224.openai", "openai-community/gpt2")`, offline: a timm
+    weights file for the architecture, and a GPT-2 folder; only cross-attention may be new."""
+    encoder_kwargs = dict(img_size=28, patch_size=14, embed_dim=48, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=0, **encoder_kwargs)
+    weights_file = tmp_path / "vit.safetensors"
+    save_file(timm_model.state_dict(), weights_file)
+    end = tiny_tokenizer.eos_token_id
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tiny_tokenizer), n_positions=64,
+                   bos_token_id=end, eos_token_id=end)
+    )
+    gpt2.save_pretrained(tmp_path / "gpt2")
+
+    model, info = ViTGPT2ForConditionalGeneration.from_encoder_decoder_pretrained(
+        weights_file,
+        tmp_path / "gpt2",
+        encoder_name="vit_large_patch14_clip_224.openai",
+        encoder_kwargs=encoder_kwargs,
+        output_loading_info=True,
+    )
+    cross_attention = {
+        f"decoder.h.{layer}.{name}"
+        for layer in range(2)
+        for name in [
+            "ln_cross_attn.weight", "ln_cross_attn.bias",
+            "crossattention.q_attn.weight", "crossattention.q_attn.bias",
+            "crossattention.c_attn.weight", "crossattention.c_attn.bias",
+            "crossattention.c_proj.weight", "crossattention.c_proj.bias",
+        ]
+    }
+    assert set(info["newly_initialized"]) == cross_attention
+    assert model.config.encoder_hidden_size == 48
+    assert model.decoder.h[0].crossattention.c_attn.weight.shape == (48, 64)  # 48-d image tokens -> K and V
+    for name, weight in timm_model.state_dict().items():
+        torch.testing.assert_close(model.encoder.model.state_dict()[name], weight, rtol=0, atol=0)
+    for name, weight in gpt2.state_dict().items():
+        ours = model.state_dict()["lm_head.weight" if name == "lm_head.weight" else name.replace("transformer.", "decoder.")]
+        torch.testing.assert_close(ours, weight, rtol=0, atol=0)
+
+    processor = ViTGPT2Processor.from_timm_model(model.encoder.model, tiny_tokenizer)
+    assert processor(images=torch.zeros(50, 70, 3, dtype=torch.uint8).numpy())["pixel_values"].shape == (1, 3, 28, 28)
+
+
+def test_processor_reproduces_timms_pretrained_transform(tiny_tokenizer, shared_data):
+    """`vit_large_patch14_clip_224.openai`'s transform (224 px, bicubic, crop_pct 1, CLIP mean/std) as saved with the
+    model, compared on a real photo with timm's own pipeline."""
+    from PIL import Image
+
+    encoder = timm.create_model("vit_large_patch14_clip_224.openai", pretrained=False, num_classes=0, depth=1)
+    processor = ViTGPT2Processor.from_timm_model(encoder, tiny_tokenizer)
+    data_config = timm.data.resolve_model_data_config(encoder)
+    assert data_config["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    transform = timm.data.create_transform(**data_config)
+    image = Image.open(shared_data / "real_images" / "skimage" / "astronaut.png").convert("RGB")
+    ours = processor(images=image)["pixel_values"][0]
+    assert ours.shape == (3, 224, 224)
+    assert (ours - transform(image)).abs().mean() < 1e-4
