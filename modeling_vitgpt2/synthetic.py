@@ -1,0 +1,270 @@
+"""The built-in default dataset: coloured shapes on a white background, with several correct captions per image.
+
+It exists so that training, evaluation (CIDEr needs several references per image) and the tests run offline in a few
+minutes on a CPU. Everything is generated deterministically from a seed and written in the course's COCO layout, so
+training reads it through the same loader as real data (`modeling_vitgpt2.data.load_coco_captions`).
+
+A scene holds one to three objects, each with a shape, a colour, a size and one of five positions. Every position has
+its own region of the image, so objects never overlap and every caption can name each object's position unambiguously.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence, Union
+
+from PIL import Image, ImageDraw
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Tokenizer, PreTrainedTokenizerFast
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 190, 20),
+    "purple": (140, 60, 180),
+}
+# Half the side of an object's bounding box, as a fraction of the image side.
+SIZES = {"large": 0.11, "small": 0.06}
+# Centre of each position's region, as fractions (x, y) of the image side; listed in the order captions name them.
+POSITIONS = {
+    "top": (0.5, 0.2),
+    "left": (0.2, 0.5),
+    "centre": (0.5, 0.5),
+    "right": (0.8, 0.5),
+    "bottom": (0.5, 0.8),
+}
+# Objects are nudged by up to this fraction of the image side so that a model cannot key on exact pixels. With the
+# sizes above, neighbouring regions stay apart: 0.2 + 0.03 + 0.11 = 0.34 < 0.5 - 0.03 - 0.11 = 0.36.
+MAX_JITTER = 0.03
+MAX_OBJECTS = 3
+BACKGROUND = (255, 255, 255)
+END_OF_TEXT = "<|endoftext|>"
+
+_WHERE = {
+    "top": "at the top",
+    "left": "on the left",
+    "centre": "in the centre",
+    "right": "on the right",
+    "bottom": "at the bottom",
+}
+_WHERE_ALTERNATIVE = {**_WHERE, "centre": "in the middle"}
+_SIZE_ALTERNATIVE = {"large": "big", "small": "little"}
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object of a scene. `offset` is its (dx, dy) nudge from the position's centre, in fractions of the image."""
+
+    shape: str
+    colour: str
+    size: str
+    position: str
+    offset: tuple[float, float] = (0.0, 0.0)
+
+    def __post_init__(self):
+        for value, allowed in (
+            (self.shape, SHAPES),
+            (self.colour, COLOURS),
+            (self.size, SIZES),
+            (self.position, POSITIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown value {value!r}; choose one of {list(allowed)}")
+        if max(abs(self.offset[0]), abs(self.offset[1])) > MAX_JITTER:
+            raise ValueError(f"offset {self.offset} is larger than MAX_JITTER={MAX_JITTER}; objects could overlap")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One to three objects at distinct positions (which is what keeps them from overlapping)."""
+
+    objects: tuple[ShapeObject, ...]
+
+    def __post_init__(self):
+        if not 1 <= len(self.objects) <= MAX_OBJECTS:
+            raise ValueError(f"a scene holds 1 to {MAX_OBJECTS} objects, got {len(self.objects)}")
+        positions = [obj.position for obj in self.objects]
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"two objects share a position in {positions}; give each object its own position")
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """Draws a scene: 1-3 objects, each at its own position with a random shape, colour, size and small nudge."""
+    count = rng.randint(1, MAX_OBJECTS)
+    positions = rng.sample(list(POSITIONS), count)
+    objects = tuple(
+        ShapeObject(
+            shape=rng.choice(SHAPES),
+            colour=rng.choice(list(COLOURS)),
+            size=rng.choice(list(SIZES)),
+            position=position,
+            offset=(rng.uniform(-MAX_JITTER, MAX_JITTER), rng.uniform(-MAX_JITTER, MAX_JITTER)),
+        )
+        for position in positions
+    )
+    return Scene(objects)
+
+
+def object_box(obj: ShapeObject, image_size: int) -> tuple[float, float, float, float]:
+    """The (left, top, right, bottom) pixel box the object is drawn in."""
+    centre_x, centre_y = POSITIONS[obj.position]
+    x = (centre_x + obj.offset[0]) * image_size
+    y = (centre_y + obj.offset[1]) * image_size
+    half = SIZES[obj.size] * image_size
+    return (x - half, y - half, x + half, y + half)
+
+
+def draw_scene(scene: Scene, image_size: int = 64) -> Image.Image:
+    """Renders a scene as an RGB image of `image_size` x `image_size` pixels."""
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        left, top, right, bottom = object_box(obj, image_size)
+        middle_x, middle_y = (left + right) / 2, (top + bottom) / 2
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([(middle_x, top), (right, bottom), (left, bottom)], fill=fill)
+        else:  # diamond
+            draw.polygon([(middle_x, top), (right, middle_y), (middle_x, bottom), (left, middle_y)], fill=fill)
+    return image
+
+
+def _in_caption_order(scene: Scene) -> list[ShapeObject]:
+    # One fixed order (top, left, centre, right, bottom) across all captions keeps the structure easy to learn.
+    order = list(POSITIONS)
+    return sorted(scene.objects, key=lambda obj: order.index(obj.position))
+
+
+def _join(phrases: Sequence[str]) -> str:
+    """'x', 'x and y', 'x, y and z'."""
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def describe_scene(scene: Scene) -> list[str]:
+    """Four differently worded captions, all correct, for the scene (lower case, no final full stop).
+
+    For a large red circle on the left and a small blue square on the right:
+      - a large red circle on the left and a small blue square on the right
+      - there is a big red circle on the left and a little blue square on the right
+      - on the left is a large red circle and on the right is a small blue square
+      - two shapes on a white background: a big red circle on the left and a little blue square on the right
+    """
+    objects = _in_caption_order(scene)
+    plain = [f"a {o.size} {o.colour} {o.shape} {_WHERE[o.position]}" for o in objects]
+    alternative = [
+        f"a {_SIZE_ALTERNATIVE[o.size]} {o.colour} {o.shape} {_WHERE_ALTERNATIVE[o.position]}" for o in objects
+    ]
+    location_first = [f"{_WHERE[o.position]} is a {o.size} {o.colour} {o.shape}" for o in objects]
+    count = len(objects)
+    counted = f"{_COUNT_WORDS[count]} {'shape' if count == 1 else 'shapes'} on a white background: "
+    return [
+        _join(plain),
+        "there is " + _join(alternative),
+        _join(location_first),
+        counted + _join(alternative),
+    ]
+
+
+@dataclass(frozen=True)
+class SyntheticCocoPaths:
+    """Where `write_synthetic_coco` put each split (the course's COCO layout)."""
+
+    root: Path
+    train_json: Path
+    val_json: Path
+    train_images: Path
+    val_images: Path
+
+
+def _write_split(
+    root: Path,
+    split: str,
+    count: int,
+    seed: int,
+    image_size: int,
+    image_ids: Iterator[int],
+    annotation_ids: Iterator[int],
+) -> None:
+    # A separate random stream per split, so changing num_train does not change the validation images.
+    rng = random.Random(f"synthetic-shapes:{seed}:{split}")
+    image_dir = root / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index in range(count):
+        image_id = next(image_ids)
+        file_name = f"{split}_{index:06d}.png"
+        scene = random_scene(rng)
+        draw_scene(scene, image_size).save(image_dir / file_name, format="PNG")
+        images.append({"file_name": file_name, "id": image_id})
+        for caption in describe_scene(scene):
+            annotations.append({"image_id": image_id, "caption": caption, "id": next(annotation_ids)})
+    with open(root / f"{split}.json", "w", encoding="utf-8") as handle:
+        json.dump({"images": images, "annotations": annotations}, handle, indent=1)
+
+
+def write_synthetic_coco(
+    out_dir: Union[str, Path],
+    num_train: int = 2000,
+    num_val: int = 200,
+    seed: int = 0,
+    image_size: int = 64,
+) -> SyntheticCocoPaths:
+    """Writes the synthetic shapes dataset as `train.json`, `val.json`, `train/*.png` and `val/*.png` under `out_dir`.
+
+    The same arguments always give byte-identical files. Image ids and annotation ids are unique across both splits.
+    Each image has the four captions of `describe_scene`.
+    """
+    root = Path(out_dir)
+    # Shared counters keep ids unique across the splits, as in one COCO release.
+    image_ids, annotation_ids = itertools.count(), itertools.count()
+    _write_split(root, "train", num_train, seed, image_size, image_ids, annotation_ids)
+    _write_split(root, "val", num_val, seed, image_size, image_ids, annotation_ids)
+    return SyntheticCocoPaths(
+        root=root,
+        train_json=root / "train.json",
+        val_json=root / "val.json",
+        train_images=root / "train",
+        val_images=root / "val",
+    )
+
+
+def train_caption_tokenizer(
+    captions: Iterable[str],
+    vocab_size: int = 1000,
+    save_dir: Union[str, Path, None] = None,
+) -> PreTrainedTokenizerFast:
+    """Trains a small byte-level BPE on `captions` and wraps it as a GPT-2 tokenizer.
+
+    Like GPT-2, its only special token is `<|endoftext|>`, which serves as bos, eos, unk and pad; the tokenizer adds
+    no special tokens by itself (the processor puts them around captions). The vocabulary is the 256 byte symbols,
+    `<|endoftext|>` and the merges, at most `vocab_size` in all; BPE stops earlier once every frequent word is a
+    single token. With `save_dir`, it is also saved there for `AutoTokenizer.from_pretrained(save_dir)`.
+    """
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(
+        captions, vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT], show_progress=False
+    )
+    # Rebuilding from vocab + merges gives the real GPT2Tokenizer class (pre-tokenizer, decoder, special tokens and
+    # tokenizer_config.json exactly as GPT-2's), so code written for GPT-2 treats it the same way.
+    model_state = json.loads(bpe.to_str())["model"]
+    tokenizer = GPT2Tokenizer(
+        vocab=model_state["vocab"],
+        merges=[tuple(merge) for merge in model_state["merges"]],
+        pad_token=END_OF_TEXT,
+    )
+    if save_dir is not None:
+        tokenizer.save_pretrained(save_dir)
+    return tokenizer
