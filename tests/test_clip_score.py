@@ -1,0 +1,241 @@
+"""CLIPScore / RefCLIPScore match a direct computation with the same CLIP model on real images."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from modeling_vitgpt2.clip_score import (
+    DEFAULT_CLIP_MODEL,
+    HESSEL_PREFIX,
+    ClipScoreResult,
+    LoadedClip,
+    clip_score,
+    load_clip,
+)
+from modeling_vitgpt2.processing_vitgpt2 import ImageLoadError
+
+METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
+
+
+def save_tiny_clip(folder: Path, seed: int = 1) -> Path:
+    """A randomly initialised CLIP small enough for CPU tests, with a byte-level BPE tokenizer built offline.
+
+    The vocabulary is every byte symbol with and without CLIP's end-of-word marker and no merges, so any text
+    tokenizes (one token per character); the image side takes 32x32 inputs. With seed 1 the untrained model gives
+    the real test images cosines of both signs (so both sides of max(cos, 0) are exercised) and zero-shot
+    predictions that vary between images; the tests check these premises rather than trust them.
+    """
+    symbols = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols + [symbol + "</w>" for symbol in symbols]:
+        vocab.setdefault(symbol, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def direct_embeddings(folder: Path, image_paths, texts):
+    """Unit image and text embeddings computed by hand with the plain transformers API."""
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    pixels = processor(images=[Image.open(path).convert("RGB") for path in image_paths], return_tensors="pt")
+    images = model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output
+    # CLIP's context is 77 tokens; longer texts are truncated (the tiny tokenizer spends one token per character)
+    tokens = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True, max_length=77)
+    text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    text = text.pooler_output
+    return images / images.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The models here are tiny: one thread avoids thread overhead and contention, many times faster on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip):
+    return load_clip(tiny_clip, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def real_images(shared_data, tmp_path_factory):
+    """RGB photos from the shared data (copied at most 160 px on a side, to decode fast), with a caption and two
+    references each."""
+    folder = shared_data / "real_images"
+    descriptions = json.loads((folder / "skimage" / "descriptions.json").read_text())["descriptions"]
+    example_refs = json.loads((folder / "clipscore_example" / "refs.json").read_text())
+    example_good = json.loads((folder / "clipscore_example" / "good_captions.json").read_text())
+    items = [(folder / "clipscore_example" / f"{key}.jpg", example_good[key], example_refs[key][:2])
+             for key in ("image1", "image2")]
+    for name, file in [("astronaut", "astronaut.png"), ("chelsea", "chelsea.png"), ("coffee", "coffee.png"),
+                       ("rocket", "rocket.jpg"), ("motorcycle_right", "motorcycle_right.png")]:
+        items.append((folder / "skimage" / file, descriptions[name], [f"This is {descriptions[name]}", name]))
+    items.append((folder / "git_examples" / "1.jpg", "a couple of boats in a large body of water.",
+                  ["boats on a lake", "a harbour"]))
+    small = tmp_path_factory.mktemp("real_images")
+    for index, (source, caption, refs) in enumerate(items):
+        picture = Image.open(source).convert("RGB")
+        picture.thumbnail((160, 160))
+        copy = small / f"{index}_{source.name}"
+        picture.save(copy)
+        items[index] = (copy, caption, refs)
+    paths, captions, references = map(list, zip(*items))
+    return paths, captions, references
+
+
+def test_load_clip_from_a_local_folder(clip):
+    assert isinstance(clip, LoadedClip)
+    assert not clip.model.training and clip.device == torch.device("cpu")
+
+
+def test_clip_score_matches_direct_computation(tiny_clip, real_images):
+    paths, captions, _ = real_images
+    image_embeddings, text_embeddings = direct_embeddings(tiny_clip, paths, captions)
+    cosine = (image_embeddings * text_embeddings).sum(-1)
+    assert (cosine > 0).any() and (cosine < 0).any()  # premise: both sides of max(cos, 0) are tested
+    expected = (2.5 * cosine.clamp_min(0)).tolist()
+
+    result = clip_score(paths, captions, clip=str(tiny_clip), batch_size=4, progress=False)
+    assert isinstance(result, ClipScoreResult)
+    assert result.per_image == pytest.approx(expected, abs=1e-5)
+    assert result.score == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+    assert result.ref_score is None and result.ref_per_image is None
+
+
+def test_hessel_prefix_variant(tiny_clip, clip, real_images):
+    paths, captions, _ = real_images
+    image_embeddings, text_embeddings = direct_embeddings(tiny_clip, paths, ["A photo depicts " + c for c in captions])
+    expected = (2.5 * (image_embeddings * text_embeddings).sum(-1).clamp_min(0)).tolist()
+    result = clip_score(paths, captions, clip=clip, prefix=HESSEL_PREFIX, progress=False)
+    assert result.per_image == pytest.approx(expected, abs=1e-5)
+
+
+def test_ref_clip_score_matches_direct_harmonic_mean(tiny_clip, clip, real_images):
+    paths, captions, references = real_images
+    flat = [ref for refs in references for ref in refs]
+    image_embeddings, text_embeddings = direct_embeddings(tiny_clip, paths, captions + flat)
+    caption_embeddings, reference_embeddings = text_embeddings[:len(captions)], text_embeddings[len(captions):]
+    expected, start = [], 0
+    for index, refs in enumerate(references):
+        clip_s = 2.5 * max(float(image_embeddings[index] @ caption_embeddings[index]), 0.0)
+        own_references = reference_embeddings[start:start + len(refs)]
+        start += len(refs)
+        best = max(float(caption_embeddings[index] @ reference) for reference in own_references)
+        text_side = max(best, 0.0)
+        expected.append(0.0 if clip_s + text_side == 0 else 2 * clip_s * text_side / (clip_s + text_side))
+
+    assert 0.0 in expected  # premise: an image whose CLIP-S is 0 makes the harmonic mean 0
+    result = clip_score(paths, captions, references, clip=clip, progress=False)
+    assert result.ref_per_image == pytest.approx(expected, abs=1e-5)
+    assert result.ref_score == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+
+
+def test_batch_size_and_input_kind_do_not_change_scores(clip, real_images):
+    paths, captions, _ = real_images
+    by_path = clip_score(paths, captions, clip=clip, batch_size=len(paths), progress=False)
+    one_by_one = clip_score(paths, captions, clip=clip, batch_size=1, progress=False)
+    as_pil = clip_score([Image.open(path) for path in paths], captions, clip=clip, batch_size=3, progress=False)
+    assert one_by_one.per_image == pytest.approx(by_path.per_image, abs=1e-5)
+    assert as_pil.per_image == pytest.approx(by_path.per_image, abs=1e-5)
+
+
+def test_dict_inputs_give_per_image_dicts(clip, real_images):
+    paths, captions, references = real_images
+    names = [path.stem for path in paths]
+    result = clip_score(dict(zip(names, paths)), dict(zip(names, captions)), dict(zip(names, references)),
+                        clip=clip, progress=False)
+    as_lists = clip_score(paths, captions, references, clip=clip, progress=False)
+    assert list(result.per_image) == names
+    assert list(result.per_image.values()) == pytest.approx(as_lists.per_image, abs=1e-6)
+    assert list(result.ref_per_image.values()) == pytest.approx(as_lists.ref_per_image, abs=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors(clip, real_images, tmp_path):
+    paths, captions, _ = real_images
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        clip_score([paths[0], broken], captions[:2], clip=clip, progress=False)
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        clip_score([tmp_path / "missing.png"], ["a cat"], clip=clip, progress=False)
+    with pytest.raises(ValueError, match="no captions"):
+        clip_score([], [], clip=clip, progress=False)
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        clip_score(paths[:2], captions[:1], clip=clip, progress=False)
+    with pytest.raises(ValueError, match="non-empty list"):
+        clip_score(paths[:2], captions[:2], [["a ref"], []], clip=clip, progress=False)
+    with pytest.raises(ValueError, match="'b'"):
+        clip_score({"a": paths[0]}, {"a": "x", "b": "y"}, clip=clip, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        clip_score(paths[:1], captions[:1], clip=clip, batch_size=0, progress=False)
+
+
+def test_load_clip_explains_what_to_pass(tmp_path):
+    with pytest.raises(OSError, match="local folder"):
+        load_clip(tmp_path / "no_such_model")
+
+
+def test_evaluate_module_gives_the_same_values(tiny_clip, clip, real_images, monkeypatch):
+    evaluate = pytest.importorskip("evaluate")
+    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
+    monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)  # a local module may fetch nothing
+    paths, captions, references = real_images
+    module = evaluate.load(str(METRICS_DIR / "clipscore"))
+    direct = clip_score(paths, captions, references, clip=clip, progress=False)
+
+    plain = module.compute(predictions=captions, images=[str(path) for path in paths], clip_model=str(tiny_clip),
+                           progress=False)
+    assert plain["clip_score"] == pytest.approx(direct.score, abs=1e-6)
+    assert plain["clip_score_per_image"] == pytest.approx(direct.per_image, abs=1e-6)
+    assert "ref_clip_score" not in plain
+
+    # PIL images work too (`evaluate` stores them as PNG, so keep them small to stay fast)
+    thumbnails = [Image.open(path).convert("RGB").resize((48, 48)) for path in paths]
+    direct_pil = clip_score(thumbnails, captions, references, clip=clip, progress=False)
+    with_refs = module.compute(predictions=captions, images=thumbnails, references=references,
+                               clip_model=str(tiny_clip), progress=False)
+    assert with_refs["clip_score"] == pytest.approx(direct_pil.score, abs=1e-5)
+    assert with_refs["ref_clip_score"] == pytest.approx(direct_pil.ref_score, abs=1e-5)
+    assert with_refs["ref_clip_score_per_image"] == pytest.approx(direct_pil.ref_per_image, abs=1e-5)
+
+
+def test_published_clipscore_example_with_the_real_model(shared_data):
+    """Hessel et al.'s example (0.8585 fp32 / 0.7153); runs only where OpenAI's ViT-B/32 is already cached."""
+    try:
+        clip = load_clip(DEFAULT_CLIP_MODEL, device="cpu")
+    except OSError:
+        pytest.skip(f"{DEFAULT_CLIP_MODEL} is not available offline")
+    folder = shared_data / "real_images" / "clipscore_example"
+    images = {key: folder / f"{key}.jpg" for key in ("image1", "image2")}
+    good = json.loads((folder / "good_captions.json").read_text())
+    bad = json.loads((folder / "bad_captions.json").read_text())
+    assert clip_score(images, good, clip=clip, prefix=HESSEL_PREFIX, progress=False).score == pytest.approx(
+        0.8585, abs=2e-4)
+    assert clip_score(images, bad, clip=clip, prefix=HESSEL_PREFIX, progress=False).score == pytest.approx(
+        0.7153, abs=2e-4)
