@@ -23,6 +23,13 @@ class ViTGPT2Config(PretrainedConfig):
         attn_pdrop, layer_norm_epsilon, initializer_range.
         cross_attention_layers (`list[int]`, *optional*): decoder blocks that carry cross-attention; `None` = all.
 
+    Parameter-efficient modules built into the decoder (trained by `modeling_vitgpt2.peft_setup`):
+        adapter_bottleneck (`int`, *optional*): bottleneck adapters (Houlsby et al.) of this width after the
+            self-attention and after the cross-attention of every block; their up-projection starts at zero, so a
+            new adapter leaves the model's outputs unchanged.
+        prefix_length (`int`): learned key/value vectors prepended to every block's self-attention (prefix tuning,
+            Li & Liang 2021), in training and in generation alike; 0 = none.
+
     Special tokens default to GPT-2's `<|endoftext|>` (50256) as start, end and padding.
     """
 
@@ -52,6 +59,8 @@ class ViTGPT2Config(PretrainedConfig):
         layer_norm_epsilon: float = 1e-5,
         initializer_range: float = 0.02,
         cross_attention_layers: list[int] | None = None,
+        adapter_bottleneck: int | None = None,
+        prefix_length: int = 0,
         bos_token_id: int = GPT2_END_OF_TEXT,
         eos_token_id: int = GPT2_END_OF_TEXT,
         pad_token_id: int = GPT2_END_OF_TEXT,
@@ -81,6 +90,8 @@ class ViTGPT2Config(PretrainedConfig):
             if out_of_range:
                 raise ValueError(f"cross_attention_layers {out_of_range} are outside the decoder's 0..{n_layer - 1}")
         self.cross_attention_layers = cross_attention_layers
+        self.adapter_bottleneck = adapter_bottleneck
+        self.prefix_length = prefix_length
         self.use_cache = use_cache
         if n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")

@@ -207,6 +207,43 @@ class ViTGPT2MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
 
 
+class ViTGPT2Adapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al. 2019): `x + up(act(down(x)))` on a sublayer's output."""
+
+    def __init__(self, config: ViTGPT2Config):
+        super().__init__()
+        self.down = nn.Linear(config.n_embd, config.adapter_bottleneck)
+        self.act = ACT2FN[config.activation_function]
+        self.up = nn.Linear(config.adapter_bottleneck, config.n_embd)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.up(self.act(self.down(hidden_states)))
+
+
+class ViTGPT2Prefix(nn.Module):
+    """Learned keys/values that every block's self-attention sees before the caption (prefix tuning).
+
+    They are written into the self-attention cache before the first token, so training and every `generate`
+    call (cached or not, any number of beams) see the same prefix; positions count from the caption's start.
+    """
+
+    def __init__(self, config: ViTGPT2Config):
+        super().__init__()
+        head_dim = config.n_embd // config.n_head
+        self.keys_values = nn.Parameter(torch.zeros(config.n_layer, 2, config.n_head, config.prefix_length, head_dim))
+
+    @property
+    def length(self) -> int:
+        return self.keys_values.shape[3]
+
+    def prefill(self, cache: EncoderDecoderCache, rows: int) -> None:
+        for layer_idx, (keys, values) in enumerate(self.keys_values):
+            cache.self_attention_cache.update(
+                keys.unsqueeze(0).expand(rows, -1, -1, -1), values.unsqueeze(0).expand(rows, -1, -1, -1), layer_idx
+            )
+        cache.prefix_length = self.length
+
+
 class ViTGPT2Block(GradientCheckpointingLayer):
     """Self-attention, cross-attention (where configured) and MLP, each with its pre-norm and residual."""
 
@@ -221,6 +258,11 @@ class ViTGPT2Block(GradientCheckpointingLayer):
             self.crossattention = None
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = ViTGPT2MLP(config)
+        if config.adapter_bottleneck:
+            self.attn_adapter = ViTGPT2Adapter(config)
+            self.cross_adapter = ViTGPT2Adapter(config) if self.crossattention is not None else None
+        else:
+            self.attn_adapter = self.cross_adapter = None
 
     def forward(
         self,
@@ -231,12 +273,16 @@ class ViTGPT2Block(GradientCheckpointingLayer):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         attended, self_weights = self.attn(self.ln_1(hidden_states), attention_mask, cache, output_attentions)
+        if self.attn_adapter is not None:
+            attended = self.attn_adapter(attended)
         hidden_states = hidden_states + attended
         cross_weights = None
         if self.crossattention is not None:
             attended, cross_weights = self.crossattention(
                 self.ln_cross_attn(hidden_states), image_tokens, cache, output_attentions
             )
+            if self.cross_adapter is not None:
+                attended = self.cross_adapter(attended)
             hidden_states = hidden_states + attended
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
         return hidden_states, self_weights, cross_weights
@@ -300,6 +346,7 @@ class ViTGPT2Decoder(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([ViTGPT2Block(config, layer_idx) for layer_idx in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.prefix = ViTGPT2Prefix(config) if config.prefix_length else None
 
     def forward(
         self,
@@ -316,6 +363,10 @@ class ViTGPT2Decoder(nn.Module):
                 f"{rows} decoder rows cannot share {image_tokens.shape[0]} images: the rows must be a whole number "
                 "of rows per image (each image's rows adjacent)."
             )
+        if self.prefix is not None and (cache is None or cache.get_seq_length() == 0):
+            # Without a cache (training, use_cache=False) a throwaway one carries the prefix into attention.
+            cache = cache if cache is not None else EncoderDecoderCache(DynamicCache(), DynamicCache())
+            self.prefix.prefill(cache, rows)
         past_length = cache.get_seq_length() if cache is not None else 0
         prefix_length = getattr(cache, "prefix_length", 0)
         positions = self._positions(attention_mask, past_length - prefix_length, length, input_ids.device)
@@ -406,6 +457,12 @@ class ViTGPT2PreTrainedModel(PreTrainedModel):
                 [i for i in range(self.config.n_layer) if self.config.has_cross_attention(i)]
             )
             init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range / branches**0.5)
+        if isinstance(module, ViTGPT2Adapter):
+            # A new adapter must start as the identity, so adding one does not change a pretrained model.
+            init.zeros_(module.up.weight)
+            init.zeros_(module.up.bias)
+        if isinstance(module, ViTGPT2Prefix):
+            init.normal_(module.keys_values, mean=0.0, std=self.config.initializer_range)
 
 
 class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
@@ -471,7 +528,8 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
             encoder_outputs = self.encoder(pixel_values)
         elif isinstance(encoder_outputs, (tuple, list)):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
-        image_tokens = encoder_outputs.last_hidden_state
+        # Cached features may be stored in half precision; the decoder computes in its own dtype.
+        image_tokens = encoder_outputs.last_hidden_state.to(self.lm_head.weight.dtype)
 
         if decoder_input_ids is None:
             if labels is None:
@@ -671,6 +729,11 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
         if encoder_outputs is not None:
             model_kwargs["encoder_outputs"] = encoder_outputs
         return input_ids, model_kwargs
+
+    def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
+        # The "pad token is the end token, pass an attention_mask" warning is about padded text inputs; images are
+        # never padded, so a batch of them needs no mask.
+        return super()._prepare_special_tokens(generation_config, None, device=device, batch_size=batch_size)
 
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> EncoderDecoderCache:
         # Beam search only ever reorders the rows of one image among themselves, and those rows share the image's

@@ -1,0 +1,487 @@
+"""Fine-tuning the captioner with `Seq2SeqTrainer`: arguments, model and data assembly, CIDEr-based evaluation,
+atomic checkpoints and saving. `train.py` is the command line over `run_training`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .cider import corpus_cider
+from .configuration_vitgpt2 import ViTGPT2Config
+from .data import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
+from .io_utils import write_json_atomic
+from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+from .peft_setup import (
+    PeftArguments,
+    apply_peft,
+    check_trainable_budget,
+    config_overrides,
+    count_parameters,
+    is_peft_model,
+    resolve_method,
+)
+from .processing_vitgpt2 import ViTGPT2Processor
+from .synthetic import train_caption_tokenizer, write_synthetic_coco
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+BASE_MODEL_FOLDER = "base_model"
+
+
+@dataclass
+class ModelArguments:
+    """Which captioner to train: an existing one, pretrained parts, or a new one from a config."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A ViTGPT2 model folder or Hub id to fine-tune."}
+    )
+    encoder: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained timm encoder: a name with its tag (vit_large_patch14_clip_224.openai), an "
+                  "hf-hub:timm/... id, or a local weights file (architecture from --model_config encoder_name)."},
+    )
+    decoder: str | None = field(
+        default=None, metadata={"help": "Pretrained GPT-2: a Hub id (openai-community/gpt2) or a local folder."}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "JSON of ViTGPT2Config fields: the whole model when training from scratch, or overrides "
+                  "(encoder_kwargs, cross_attention_layers, dropouts) with --encoder/--decoder."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer for a model trained from scratch; default: a byte-level BPE trained on the "
+                  "training captions."},
+    )
+    tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary size of that trained tokenizer."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager."})
+
+
+@dataclass
+class DataArguments:
+    """Where the captions come from. With none of the sources given, a built-in synthetic set is written and used."""
+
+    train_json: str | None = field(default=None, metadata={"help": "COCO-style captions of the training images."})
+    train_images: str | None = field(default=None, metadata={"help": "Folder of the training images."})
+    val_json: str | None = field(default=None, metadata={"help": "COCO-style captions of the validation images."})
+    val_images: str | None = field(default=None, metadata={"help": "Folder of the validation images."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets` id or a local folder (e.g. an imagefolder with metadata)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    val_split: str = field(default="validation", metadata={"help": "Split to evaluate on."})
+    image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
+    caption_column: str = field(default="caption", metadata={"help": "Caption column (a string or a list)."})
+    skip_bad_images: bool = field(default=False, metadata={"help": "Log and skip unreadable images."})
+    max_caption_length: int = field(default=40, metadata={"help": "Tokens per caption, start and end included."})
+    max_train_captions: int | None = field(default=None, metadata={"help": "Use only the first N captions."})
+    max_eval_images: int | None = field(default=None, metadata={"help": "Evaluate on only the first N images."})
+    synthetic_dir: str = field(
+        default="outputs/synthetic-shapes", metadata={"help": "Where the built-in synthetic set is written."}
+    )
+    synthetic_train_images: int = field(default=2000, metadata={"help": "Synthetic training images."})
+    synthetic_val_images: int = field(default=200, metadata={"help": "Synthetic validation images."})
+    synthetic_image_size: int = field(default=64, metadata={"help": "Synthetic image side in pixels."})
+    clip_model: str | None = field(
+        default=None, metadata={"help": "CLIP model (folder or id) for CLIPScore during evaluation; skipped if unset."}
+    )
+    cache_encoder_features: bool = field(
+        default=False, metadata={"help": "Encode each image once and train from the cached features (frozen encoder)."}
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Feature cache folder (default: OUTPUT_DIR/../feature-cache)."}
+    )
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return not any([self.train_json, self.train_images, self.dataset_name])
+
+
+@dataclass
+class CaptionTrainingArguments(Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` with the course recipe's defaults (AdamW 3e-5, wd 1e-5, batch 64, 10 epochs,
+    cosine schedule, beam 3) and evaluation by CIDEr every epoch, keeping the best checkpoint."""
+
+    output_dir: str = field(default="outputs/captioner", metadata={"help": "Where the model and metrics go."})
+    learning_rate: float = field(default=3e-5)
+    weight_decay: float = field(default=1e-5)
+    per_device_train_batch_size: int = field(default=64)
+    per_device_eval_batch_size: int = field(default=32)
+    num_train_epochs: float = field(default=10.0)
+    lr_scheduler_type: str = field(default="cosine")
+    eval_strategy: str = field(default="epoch")
+    save_strategy: str = field(default="epoch")
+    save_total_limit: int | None = field(default=2)
+    load_best_model_at_end: bool = field(default=True)
+    metric_for_best_model: str | None = field(default="cider")
+    greater_is_better: bool | None = field(default=True)
+    logging_steps: float = field(default=10)
+    remove_unused_columns: bool = field(default=False)
+    predict_with_generate: bool = field(default=True)
+    generation_num_beams: int | None = field(default=3)
+    generation_max_length: int | None = field(default=40)
+    merge: bool = field(default=False, metadata={"help": "Save PEFT runs as a merged full model."})
+
+
+def _json_argument(value: str | dict | None, name: str) -> dict:
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--{name} must be a JSON object, e.g. '{{\"n_layer\": 4}}': {error}") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--{name} must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_caption_data(data_args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training captions, one row per validation image with its references)."""
+    if data_args.uses_synthetic:
+        paths = write_synthetic_coco(
+            data_args.synthetic_dir,
+            num_train=data_args.synthetic_train_images,
+            num_val=data_args.synthetic_val_images,
+            image_size=data_args.synthetic_image_size,
+        )
+        data_args.train_json, data_args.train_images = str(paths.train_json), str(paths.train_images)
+        data_args.val_json, data_args.val_images = str(paths.val_json), str(paths.val_images)
+    if data_args.train_json or data_args.train_images:
+        missing = [name for name in ("train_json", "train_images", "val_json", "val_images")
+                   if not getattr(data_args, name)]
+        if missing:
+            raise ValueError(f"the COCO layout needs --{' --'.join(missing)} too")
+        train = load_coco_captions(data_args.train_json, data_args.train_images, data_args.skip_bad_images)
+        val = load_coco_captions(data_args.val_json, data_args.val_images, data_args.skip_bad_images)
+    else:
+        common = dict(
+            image_column=data_args.image_column,
+            caption_column=data_args.caption_column,
+            skip_bad_images=data_args.skip_bad_images,
+        )
+        if data_args.dataset_config_name:
+            common["name"] = data_args.dataset_config_name
+        train = load_hf_captions(data_args.dataset_name, split=data_args.train_split, **common)
+        val = load_hf_captions(data_args.dataset_name, split=data_args.val_split, **common)
+    if data_args.max_train_captions is not None:
+        train = train.select(range(min(data_args.max_train_captions, len(train))))
+    val_images = references_per_image(val)
+    if data_args.max_eval_images is not None:
+        val_images = val_images.select(range(min(data_args.max_eval_images, len(val_images))))
+    return train, val_images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_processor_and_model(
+    model_args: ModelArguments, overrides: dict, train_captions: list[str]
+) -> tuple[ViTGPT2Processor, ViTGPT2ForConditionalGeneration, bool]:
+    """(processor, base model, trained from scratch?) from whichever source the arguments name."""
+    model_config = _json_argument(model_args.model_config, "model_config")
+    attention = {"attn_implementation": model_args.attn_implementation}
+    if model_args.model_name_or_path:
+        processor = ViTGPT2Processor.from_pretrained(model_args.model_name_or_path)
+        model = ViTGPT2ForConditionalGeneration.from_pretrained(
+            model_args.model_name_or_path, **model_config, **overrides, **attention
+        )
+        return processor, model, False
+    if model_args.encoder or model_args.decoder:
+        if not (model_args.encoder and model_args.decoder):
+            raise ValueError("--encoder and --decoder go together (or give --model_name_or_path)")
+        model = ViTGPT2ForConditionalGeneration.from_encoder_decoder_pretrained(
+            model_args.encoder, model_args.decoder, **model_config, **overrides
+        )
+        model.set_attn_implementation(model_args.attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(model_args.decoder)
+        return ViTGPT2Processor.from_timm_model(model.encoder.model, tokenizer), model, False
+
+    if model_args.tokenizer_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+    else:
+        tokenizer = train_caption_tokenizer(train_captions, vocab_size=model_args.tokenizer_vocab_size)
+    end = tokenizer.eos_token_id
+    config = ViTGPT2Config(
+        **{
+            "vocab_size": len(tokenizer),
+            "bos_token_id": end,
+            "eos_token_id": end,
+            "pad_token_id": end,
+            "decoder_start_token_id": end,
+            **model_config,
+            **overrides,
+        }
+    )
+    config._attn_implementation = model_args.attn_implementation
+    model = ViTGPT2ForConditionalGeneration(config)
+    return ViTGPT2Processor.from_timm_model(model.encoder.model, tokenizer), model, True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class CaptionTrainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` whose evaluation writes a caption per validation image and scores them with CIDEr (and
+    CLIPScore when a CLIP model is given), and whose checkpoints count only once completely written.
+
+    Evaluation shards the images over the processes and gathers `(image, caption)` pairs, so each image is scored
+    exactly once; the stock loop pads the last batch with duplicates, which would bias CIDEr.
+    """
+
+    def __init__(self, *args, eval_collator=None, clip_model: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+        self.clip_model = clip_model
+        self._clip = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        images = eval_dataset if eval_dataset is not None else self.eval_dataset
+        state = PartialState()
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        settings = {
+            "num_beams": gen_kwargs.get("num_beams", self.args.generation_num_beams),
+            "max_length": gen_kwargs.get("max_length", self.args.generation_max_length),
+        }
+        my_rows = list(range(state.process_index, len(images), state.num_processes))
+        batch_size = self.args.per_device_eval_batch_size
+        captions = {}
+        progress = tqdm(total=len(my_rows), desc="captioning validation images", disable=not state.is_main_process)
+        for start in range(0, len(my_rows), batch_size):
+            rows = [images[index] for index in my_rows[start : start + batch_size]]
+            batch = self.eval_collator(rows)
+            inputs = {key: value.to(self.args.device) for key, value in batch.items()}
+            with torch.inference_mode():
+                sequences = model.generate(**inputs, **settings)
+            for row, caption in zip(rows, self.processing_class.batch_decode(sequences)):
+                captions[row["image_name"]] = caption
+            progress.update(len(rows))
+        progress.close()
+        model.train(was_training)
+
+        predictions = {}
+        for part in gather_object([captions]):
+            predictions.update(part)
+        references = {row["image_name"]: row["references"] for row in images}
+        cider = corpus_cider(predictions, references)
+        metrics = {f"{metric_key_prefix}_cider": cider.score, f"{metric_key_prefix}_images": len(predictions)}
+        if self.clip_model:
+            metrics[f"{metric_key_prefix}_clip_score"] = self._clip_score(images, predictions)
+        elif state.is_main_process and not getattr(self, "_told_clip_skipped", False):
+            logger.info("CLIPScore skipped: no --clip_model given")
+            self._told_clip_skipped = True
+        if state.is_main_process:
+            write_json_atomic(Path(self.args.output_dir) / "eval_predictions.json", predictions)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _clip_score(self, images, predictions: dict[str, str]) -> float:
+        from .clip_score import clip_score, load_clip
+
+        if self._clip is None:
+            self._clip = load_clip(self.clip_model, device=self.args.device)
+        sources = {row["image_name"]: row.get("image_path") or row.get("image") for row in images}
+        result = clip_score(sources, predictions, clip=self._clip, progress=PartialState().is_main_process)
+        return float(result.score)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            # Written last: a run killed while saving leaves a folder without it, which resuming skips.
+            write_json_atomic(folder / CHECKPOINT_COMPLETE, {"global_step": self.state.global_step})
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint folder whose writing finished (see `CaptionTrainer._save_checkpoint`)."""
+    folders = sorted(
+        (path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.split("-")[-1].isdigit()),
+        key=lambda path: int(path.name.split("-")[-1]),
+    )
+    for folder in reversed(folders):
+        if (folder / CHECKPOINT_COMPLETE).is_file():
+            return str(folder)
+        logger.warning(f"ignoring {folder}: it was not completely written (the run stopped while saving it)")
+    return None
+
+
+def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:
+    requested = training_args.resume_from_checkpoint
+    if requested in (None, "", "False", "false"):
+        return None
+    if requested in (True, "True", "true", "last"):
+        checkpoint = last_complete_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no complete checkpoint in {training_args.output_dir} to resume from")
+        return checkpoint
+    if not (Path(requested) / CHECKPOINT_COMPLETE).is_file():
+        raise FileNotFoundError(
+            f"{requested} is not a complete checkpoint (no {CHECKPOINT_COMPLETE}); use --resume_from_checkpoint true "
+            "to pick the newest complete one"
+        )
+    return requested
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    peft_args: PeftArguments,
+    training_args: CaptionTrainingArguments,
+) -> dict:
+    """Trains, evaluates and saves; returns the final evaluation metrics."""
+    set_seed(training_args.seed)
+    state = PartialState()
+    with state.main_process_first():
+        train_rows, val_images = load_caption_data(data_args)
+
+    from_scratch = not (model_args.model_name_or_path or model_args.encoder or model_args.decoder)
+    method = resolve_method(peft_args, from_scratch)
+    processor, model, from_scratch = build_processor_and_model(
+        model_args, config_overrides(method, peft_args), list(train_rows["caption"])
+    )
+    generation = model.generation_config
+    generation.num_beams = training_args.generation_num_beams or generation.num_beams
+    generation.max_length = training_args.generation_max_length or generation.max_length
+
+    output_dir = Path(training_args.output_dir)
+    if method != "full" and (not model_args.model_name_or_path or config_overrides(method, peft_args)):
+        # A PEFT adapter needs its base model. One built here (from scratch, from pretrained parts, or with new
+        # adapter/prefix modules) is saved once so that `PeftModel.from_pretrained(base, OUTPUT_DIR)` finds it.
+        base_dir = output_dir / BASE_MODEL_FOLDER
+        if state.is_main_process:
+            model.save_pretrained(base_dir)
+            processor.save_pretrained(base_dir)
+        _record_base(model, str(base_dir.resolve()))
+    elif model_args.model_name_or_path:
+        _record_base(model, model_args.model_name_or_path)
+
+    model = apply_peft(model, method, peft_args)
+    trainable, total = count_parameters(model)
+    logger.warning(
+        f"--peft {method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
+    if state.is_main_process:
+        print(f"[train] method={method} trainable={trainable:,} total={total:,} ({100 * trainable / total:.2f}%)")
+    check_trainable_budget(trainable, peft_args.max_trainable_params, method)
+
+    collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
+    eval_collator = collator
+    if data_args.cache_encoder_features:
+        collator, eval_collator = _feature_cache_collators(
+            data_args, training_args, peft_args, model, processor, collator, train_rows, val_images
+        )
+
+    trainer = CaptionTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_rows,
+        eval_dataset=val_images,
+        data_collator=collator,
+        processing_class=processor,
+        eval_collator=eval_collator,
+        clip_model=data_args.clip_model,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    metrics = trainer.evaluate()
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_metrics("eval", metrics)
+    save_trained_model(trainer.model, processor, output_dir, training_args.merge, state)
+    if state.is_main_process:
+        write_json_atomic(
+            output_dir / "training_summary.json",
+            {
+                "peft_method": method,
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+                "world_size": state.num_processes,
+                "train_captions": len(train_rows),
+                "eval_images": len(val_images),
+                "hyperparameters": {
+                    "learning_rate": training_args.learning_rate,
+                    "weight_decay": training_args.weight_decay,
+                    "per_device_train_batch_size": training_args.per_device_train_batch_size,
+                    "num_train_epochs": training_args.num_train_epochs,
+                    "lr_scheduler_type": str(training_args.lr_scheduler_type),
+                    "num_beams": generation.num_beams,
+                },
+                "peft": {key: value for key, value in vars(peft_args).items()},
+            },
+        )
+    return metrics
+
+
+def _record_base(model: ViTGPT2ForConditionalGeneration, name_or_path: str) -> None:
+    # peft writes the base model's `name_or_path` into adapter_config.json as `base_model_name_or_path`.
+    model.name_or_path = name_or_path
+    model.config._name_or_path = name_or_path
+
+
+def save_trained_model(model, processor: ViTGPT2Processor, output_dir: Path, merge: bool, state: PartialState) -> None:
+    """PEFT runs: a standard peft adapter folder (or, with `merge`, a merged full model); full runs: the model."""
+    if not state.is_main_process:
+        return
+    if is_peft_model(model) and merge:
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def _feature_cache_collators(data_args, training_args, peft_args, model, processor, collator, train_rows, val_images):
+    from .feature_cache import CachedFeatureCollator, EncoderFeatureCache
+
+    if peft_args.train_encoder:
+        raise ValueError("--cache_encoder_features needs a frozen encoder; drop --train_encoder")
+    cache_dir = data_args.feature_cache_dir or str(Path(training_args.output_dir).parent / "feature-cache")
+    base = model.get_base_model() if is_peft_model(model) else model
+    cache = EncoderFeatureCache(cache_dir, base, processor)
+    cache.build(list(train_rows) + list(val_images), batch_size=training_args.per_device_eval_batch_size)
+    return CachedFeatureCollator(collator, cache), CachedFeatureCollator(collator, cache)
+
+
+def load_for_inference(path: str | os.PathLike, **kwargs):
+    """Loads a trained output folder: a full model, or a peft adapter on the base model recorded in it."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = ViTGPT2ForConditionalGeneration.from_pretrained(base_path, **kwargs)
+        return PeftModel.from_pretrained(base, path).eval()
+    return ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+
+
+__all__ = [
+    "CaptionTrainer",
+    "CaptionTrainingArguments",
+    "DataArguments",
+    "ModelArguments",
+    "PeftArguments",
+    "load_caption_data",
+    "load_for_inference",
+    "run_training",
+]
