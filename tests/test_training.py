@@ -162,12 +162,22 @@ def test_missing_images_are_all_listed_before_training(shapes, pretrained_parts,
 
 
 def test_evaluation_every_epoch_keeps_the_best_checkpoint_by_cider(shapes, pretrained_parts, tmp_path):
+    from test_clip_score import save_tiny_clip
+
+    from modeling_vitgpt2.clip_score import clip_score
+
     output_dir = tmp_path / "epochs"
     args = arguments(
         shapes, pretrained_parts, output_dir, peft="cross_attention", max_steps=-1, num_train_epochs=2,
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
     )
-    run_training(*args)
+    args[1].clip_model = str(save_tiny_clip(tmp_path / "clip"))
+    metrics = run_training(*args)
+
+    predictions = json.loads((output_dir / "eval_predictions.json").read_text())
+    images = {path.stem: path for path in shapes.val_images.iterdir()}
+    expected = clip_score(images, predictions, clip=args[1].clip_model, progress=False).score
+    assert metrics["eval_clip_score"] == pytest.approx(expected, abs=1e-5)
     last = max(output_dir.glob("checkpoint-*"), key=lambda folder: int(folder.name.split("-")[1]))
     state = json.loads((last / "trainer_state.json").read_text())
     evaluations = [entry for entry in state["log_history"] if "eval_cider" in entry]
