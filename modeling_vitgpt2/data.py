@@ -358,10 +358,15 @@ class CaptionCollator:
             "remove_unused_columns=False so that these columns reach the collator."
         )
 
+    def text_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """The teacher-forcing inputs and labels of `rows`; empty when a row has no caption (generation)."""
+        if not all("caption" in row for row in rows):
+            return {}
+        text = self.processor.tokenize_captions([row["caption"] for row in rows], max_length=self.max_length)
+        return {key: torch.as_tensor(text[key]) for key in _TEXT_FIELDS}
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images = [self._image_of(row) for row in rows]
         batch = {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
-        if all("caption" in row for row in rows):
-            text = self.processor.tokenize_captions([row["caption"] for row in rows], max_length=self.max_length)
-            batch.update({key: torch.as_tensor(text[key]) for key in _TEXT_FIELDS})
+        batch.update(self.text_batch(rows))
         return batch

@@ -459,7 +459,9 @@ def _feature_cache_collators(data_args, training_args, peft_args, model, process
     cache_dir = data_args.feature_cache_dir or str(Path(training_args.output_dir).parent / "feature-cache")
     base = model.get_base_model() if is_peft_model(model) else model
     cache = EncoderFeatureCache(cache_dir, base, processor)
-    cache.build(list(train_rows) + list(val_images), batch_size=training_args.per_device_eval_batch_size)
+    # One call per dataset: `build` reads a dataset's `image_path` column directly, without a dict per row.
+    cache.build(train_rows, batch_size=training_args.per_device_eval_batch_size)
+    cache.build(val_images, batch_size=training_args.per_device_eval_batch_size)
     return CachedFeatureCollator(collator, cache), CachedFeatureCollator(collator, cache)
 
 

@@ -207,3 +207,20 @@ def test_hf_imagefolder_layout_trains(shapes, pretrained_parts, tmp_path):
     data_args.dataset_name, data_args.caption_column = str(folder), "captions"
     metrics = run_training(model_args, data_args, peft_args, training_args)
     assert metrics["eval_images"] == 4
+
+
+def test_training_from_cached_encoder_features_matches_training_from_images(shapes, pretrained_parts, tmp_path):
+    def losses(output_dir):
+        state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    plain_dir, cached_dir = tmp_path / "images", tmp_path / "cached"
+    run_training(*arguments(shapes, pretrained_parts, plain_dir, max_steps=4, save_strategy="steps", save_steps=4))
+    model_args, data_args, peft_args, training_args = arguments(
+        shapes, pretrained_parts, cached_dir, max_steps=4, save_strategy="steps", save_steps=4
+    )
+    data_args.cache_encoder_features, data_args.feature_cache_dir = True, str(tmp_path / "feature-cache")
+    run_training(model_args, data_args, peft_args, training_args)
+
+    assert len(list((tmp_path / "feature-cache").glob("*/features.f16"))) == 1
+    assert losses(cached_dir) == pytest.approx(losses(plain_dir), abs=1e-3)

@@ -1,0 +1,523 @@
+"""Encoder-feature cache: with a frozen encoder and no image augmentation, encode each image once.
+
+Training with a frozen ViT spends most of every step re-encoding the same images. `EncoderFeatureCache.build(rows)`
+encodes every unique image once (a batched pre-pass under `torch.inference_mode`, with a progress bar) into a float16
+memmap on disk, and `CachedFeatureCollator` then hands the model `encoder_outputs` read from it, so the encoder never
+runs during training or evaluation (`train.py --cache_encoder_features`).
+
+What a cache is keyed by, so that any change recomputes:
+
+- the encoder: a SHA-256 over its state dict (names, dtypes, shapes and bytes of every tensor), its architecture
+  (`config.encoder_name`, `encoder_kwargs`) and the timm version. A different encoder gets a different folder.
+- the image transform: `processor.image_processor.to_dict()` as canonical JSON, and the transformers version. A
+  different transform gets a different folder.
+- each image: a file by its absolute path, size and modification time (`file:...`); an undecoded `datasets` image by
+  a hash of its bytes (`bytes:...`); a decoded PIL image or array by a hash of its RGB pixels (`pixels:...`). A changed
+  image has a new key, so `build` encodes it again into a new row (its old row is left unused).
+
+On disk, `<cache_dir>/encoder-features-<digest of encoder and transform>/` holds:
+
+- `features.f16`: raw float16 rows of shape `(tokens, width)`, one per image, C order; rows are only ever appended,
+  never rewritten, so a reader of an older index always sees the rows it knows.
+- `index.json`: the encoder/transform identity, the row count and shape, and `{image key: row}`. It is written to a
+  temporary file and `os.replace`d, only after the rows it names are flushed to disk, so a pre-pass killed at any
+  moment leaves either the previous index or none: a half-written cache never looks valid. The pre-pass also commits
+  every `checkpoint_every` images, so a killed pre-pass resumes where it last committed.
+
+Multi-process training (torchrun): call `build` on every process. It holds a file lock in the cache folder, so one
+process (whichever takes the lock first) encodes and the others block until it is done, then read the finished
+index and encode nothing. This is preferred over `accelerate.PartialState().main_process_first()`, whose
+torch.distributed barrier times out after `ddp_timeout` (30 minutes by default), which a ViT-L pre-pass over COCO
+can exceed; a file lock waits as long as the build takes, and also protects against two separate jobs sharing a
+cache folder. Where the file system has no working locks (some NFS set-ups), build on the main process alone inside
+`main_process_first()` with a larger `ddp_timeout`.
+
+Datasets with in-memory images: pass `without_image_decoding(dataset)` both to `build` and to the `Trainer`. Images
+are then keyed by their file bytes, and training never decodes an image at all; with decoded images every image is
+decoded and its pixels hashed, to find its key, once per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from contextlib import closing
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import datasets
+import numpy as np
+import timm
+import torch
+import transformers
+from filelock import FileLock
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutput
+
+from .data import CaptionCollator
+from .io_utils import write_json_atomic
+from .processing_vitgpt2 import ImageLoadError, as_rgb_image, to_rgb
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+# Bump when the on-disk layout or the way features are computed changes: old caches then stop matching.
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+DATA_FILE = "features.f16"
+LOCK_FILE = "build.lock"
+STORAGE_DTYPE = np.float16
+
+
+class FeatureCacheMissError(LookupError):
+    """An image that the cache holds no features for; the message names it and says how to build them."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keys: what the encoder and the transform are, and which image a row holds
+
+
+def encoder_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """The encoder's identity: architecture, timm version, and a SHA-256 over every state-dict tensor.
+
+    Streams tensor by tensor (one CPU copy of one tensor at a time). SHA-256 rather than BLAKE2 because CPUs with
+    SHA extensions hash it about twice as fast: ViT-L/14's 1.2 GB of fp32 weights take about 1 s on one core.
+    """
+    encoder = model.get_encoder()
+    timm_model = getattr(encoder, "model", encoder)
+    digest = hashlib.sha256()
+    for name, tensor in timm_model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    config = getattr(model, "config", None)
+    return {
+        "class": type(timm_model).__name__,
+        "encoder_name": getattr(config, "encoder_name", None),
+        "encoder_kwargs": getattr(config, "encoder_kwargs", None),
+        "timm": timm.__version__,
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def transform_fingerprint(processor: Any) -> dict[str, Any]:
+    """The image transform's identity: its full settings and the transformers version that applies them."""
+    return {"image_processor": processor.image_processor.to_dict(), "transformers": transformers.__version__}
+
+
+def _image_of(item: Any) -> Any:
+    """The image an item stands for: a path, a PIL image or array, or an undecoded `datasets` image dict."""
+    if isinstance(item, Mapping) and "bytes" not in item:  # a caption row, not an undecoded image
+        if item.get("image") is not None:
+            return item["image"]
+        if item.get("image_path") is not None:
+            return item["image_path"]
+        raise KeyError(
+            f"a row has neither 'image' nor 'image_path' (its keys: {sorted(item)}). With transformers.Trainer, set "
+            "remove_unused_columns=False so that these columns reach the collator."
+        )
+    return item
+
+
+def _name_of(item: Any) -> str:
+    """How an error message names an item's image: its file, else its `image_name`."""
+    image = _image_of(item)
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, Mapping) and image.get("path"):
+        return str(image["path"])
+    if isinstance(item, Mapping) and item.get("image_name") is not None:
+        return f"image {item['image_name']}"
+    return "an in-memory image"
+
+
+def _file_key(path: PathLike) -> str:
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ImageLoadError(f"image file not found: {path}") from None
+    return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def image_key(item: Any) -> str:
+    """The cache key of one image, given as a caption row, a path, a PIL image/array or an undecoded image dict.
+
+    Files are keyed by absolute path, size and modification time (a stat, no reading); undecoded bytes by their
+    SHA-256; decoded images by the SHA-256 of their RGB pixels, which is what the transform sees.
+    """
+    image = _image_of(item)
+    if isinstance(image, Mapping):
+        if image.get("bytes") is not None:
+            return "bytes:" + hashlib.sha256(image["bytes"]).hexdigest()
+        image = image["path"]
+    if isinstance(image, (str, os.PathLike)):
+        return _file_key(image)
+    rgb = as_rgb_image(image, name=_name_of(item))
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}|".encode())
+    digest.update(rgb.tobytes())
+    return "pixels:" + digest.hexdigest()
+
+
+def _load_rgb(item: Any) -> Image.Image:
+    """Decodes an item's image to RGB; a file or bytes that cannot be read raise `ImageLoadError` naming them."""
+    image = _image_of(item)
+    if isinstance(image, Mapping):
+        if image.get("bytes") is None:
+            image = image["path"]
+        else:
+            try:
+                with Image.open(io.BytesIO(image["bytes"])) as opened:
+                    opened.load()
+                    return to_rgb(opened)
+            except Exception as error:  # a decoder may raise anything on garbage bytes
+                raise ImageLoadError(
+                    f"cannot read {_name_of(item)}: {error}. Replace it with a complete image, or drop its rows."
+                ) from error
+    return as_rgb_image(image, name=_name_of(item))
+
+
+def without_image_decoding(rows: datasets.Dataset) -> datasets.Dataset:
+    """`rows` with its `image` column left undecoded (`{"bytes", "path"}` dicts), for building and training from the
+    cache: images are then keyed by their bytes and never decoded during training. Other datasets pass through."""
+    image_feature = rows.features.get("image") if isinstance(rows, datasets.Dataset) else None
+    if isinstance(image_feature, datasets.Image) and image_feature.decode:
+        return rows.cast_column("image", datasets.Image(decode=False))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def _empty_index() -> dict[str, Any]:
+    return {"rows": 0, "tokens": None, "width": None, "images": {}}
+
+
+class EncoderFeatureCache:
+    """Encoder features of images, computed once and kept on disk (see the module docstring for keys and layout).
+
+    `EncoderFeatureCache(cache_dir, model, processor)` fingerprints the model's encoder and the processor's image
+    transform, and opens (or prepares) the matching folder under `cache_dir`. Create it once the model is final
+    (weights loaded, encoder frozen), since later changes to the encoder are not seen.
+
+    `build(rows)` encodes the images not yet cached; `features(item)` / `batch_features(items)` read them back as
+    float16 tensors of shape `(tokens, width)` / `(batch, tokens, width)`. Items are caption rows (with `image_path`
+    or `image`), paths, PIL images or undecoded `datasets` image dicts.
+    """
+
+    def __init__(self, cache_dir: PathLike, model: torch.nn.Module, processor: Any):
+        self.model = model
+        self.processor = processor
+        identity = {
+            "format_version": FORMAT_VERSION,
+            "encoder": encoder_fingerprint(model),
+            "transform": transform_fingerprint(processor),
+        }
+        # A JSON round trip, so that it compares equal to the copy read back from index.json (tuples become lists).
+        self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
+        digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.folder = Path(cache_dir) / f"encoder-features-{digest}"
+        self._index = self._read_index()
+        self._features: np.memmap | None = None  # read-only view of the committed rows, opened on first use
+
+    def __len__(self) -> int:
+        """The number of images cached."""
+        return len(self._index["images"])
+
+    def __contains__(self, item: Any) -> bool:
+        return image_key(item) in self._index["images"]
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn/forkserver get a pickled copy: leave the model behind (they only read)
+        # and the memmap too (pickling one copies its whole content); the copy reopens the file itself.
+        state = self.__dict__.copy()
+        state["model"] = None
+        state["_features"] = None
+        return state
+
+    @property
+    def data_path(self) -> Path:
+        return self.folder / DATA_FILE
+
+    @property
+    def index_path(self) -> Path:
+        return self.folder / INDEX_FILE
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+
+    def _read_index(self) -> dict[str, Any]:
+        """The committed index, or an empty one when there is none or it cannot be trusted (then it is rebuilt)."""
+        if not self.index_path.is_file():
+            return _empty_index()
+        try:
+            index = json.loads(self.index_path.read_text(encoding="utf-8"))
+            expected_bytes = index["rows"] * index["tokens"] * index["width"] * np.dtype(STORAGE_DTYPE).itemsize
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("Ignoring the unreadable cache index %s (%r); it will be rebuilt.", self.index_path, error)
+            return _empty_index()
+        if index.get("identity") != self.identity:
+            logger.warning("Ignoring %s: built for another encoder or transform; it will be rebuilt.", self.index_path)
+            return _empty_index()
+        actual_bytes = self.data_path.stat().st_size if self.data_path.is_file() else 0
+        if actual_bytes < expected_bytes:
+            logger.warning(
+                "Ignoring %s: %s holds %d bytes where the index needs %d (deleted or truncated?); it will be rebuilt.",
+                self.index_path, self.data_path, actual_bytes, expected_bytes,
+            )
+            return _empty_index()
+        return index
+
+    def _reader(self) -> np.memmap:
+        if self._features is None:
+            index = self._index
+            self._features = np.memmap(
+                self.data_path, dtype=STORAGE_DTYPE, mode="r", shape=(index["rows"], index["tokens"], index["width"])
+            )
+        return self._features
+
+    def _row_of(self, item: Any) -> int:
+        key = image_key(item)
+        row = self._index["images"].get(key)
+        if row is None:
+            # Another process may have committed since this object read the index.
+            self._index, self._features = self._read_index(), None
+            row = self._index["images"].get(key)
+        if row is None:
+            raise FeatureCacheMissError(
+                f"{_name_of(item)} has no features in the encoder-feature cache {self.folder}: it is new, or it "
+                "changed after the cache was built. Run EncoderFeatureCache.build() over these rows before training "
+                "(train.py --cache_encoder_features does)."
+            )
+        return row
+
+    def batch_features(self, items: Sequence[Any]) -> torch.Tensor:
+        """The cached features of `items`, a float16 tensor of shape `(len(items), tokens, width)`."""
+        rows = [self._row_of(item) for item in items]
+        return torch.from_numpy(self._reader()[rows])  # indexing with a list copies the rows out of the memmap
+
+    def features(self, item: Any) -> torch.Tensor:
+        """The cached features of one item, a float16 tensor of shape `(tokens, width)`."""
+        return self.batch_features([item])[0]
+
+    # -- building --------------------------------------------------------------------------------------------------
+
+    def build(
+        self,
+        rows: Sequence[Any],
+        batch_size: int = 16,
+        num_workers: int = 8,
+        checkpoint_every: int = 4096,
+    ) -> "EncoderFeatureCache":
+        """Encodes every image of `rows` that the cache does not hold yet; returns the cache.
+
+        rows: a caption dataset (`load_coco_captions`/`load_hf_captions`, best through `without_image_decoding`), or
+            any sequence of rows, paths, PIL images or undecoded image dicts. Repeated images are encoded once.
+        batch_size: images per encoder call. num_workers: threads decoding and transforming the next batch while the
+            encoder runs on this one.
+        checkpoint_every: images between commits of the index, so that a killed pre-pass resumes from there.
+
+        Safe to call from every process of a multi-process job at once (see the module docstring): one encodes, the
+        others wait for it and then find nothing missing. Missing or unreadable images raise `ImageLoadError` naming
+        the file.
+        """
+        if self.model is None:
+            raise RuntimeError(
+                "this copy of the cache was pickled without its model and can only read; build where it was created"
+            )
+        encoder = self.model.get_encoder()
+        trainable = [name for name, parameter in encoder.named_parameters() if parameter.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"the encoder has {len(trainable)} trainable tensors (e.g. {trainable[0]}): cached features would be "
+                "stale after the first optimizer step. Freeze it first (model.encoder.requires_grad_(False)), or "
+                "train without the cache."
+            )
+        if isinstance(rows, datasets.Dataset) and "image_path" in rows.column_names:
+            # Caption rows repeat each image; read the paths alone rather than one dict per row.
+            items: Sequence[Any] = list(dict.fromkeys(rows["image_path"]))
+        else:
+            items = rows
+            image_feature = rows.features.get("image") if isinstance(rows, datasets.Dataset) else None
+            if isinstance(image_feature, datasets.Image) and image_feature.decode:
+                logger.warning(
+                    "Decoding every image to find its cache key; pass without_image_decoding(dataset) to build() "
+                    "and to the Trainer to key images by their bytes instead (much faster, and training then "
+                    "decodes no image)."
+                )
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.folder / LOCK_FILE):
+            # Whoever held the lock before us may have built (part of) it: start from the index on disk.
+            self._index, self._features = self._read_index(), None
+            missing: dict[str, int] = {}  # image key -> position of its first item
+            for position, item in enumerate(tqdm(items, desc="Checking the feature cache", unit="row")):
+                key = image_key(item)
+                if key not in self._index["images"] and key not in missing:
+                    missing[key] = position
+            if missing:
+                self._encode(items, missing, batch_size, num_workers, checkpoint_every)
+        logger.info("Encoder-feature cache %s holds %d images.", self.folder, len(self))
+        return self
+
+    def _pixel_batches(
+        self, items: Sequence[Any], positions: list[int], batch_size: int, num_workers: int
+    ) -> Iterator[torch.Tensor]:
+        """Pixel values of `items[positions]` in batches; the next batch is prepared on background threads (images
+        decoded in parallel) while the caller encodes the current one."""
+        chunks = [positions[start : start + batch_size] for start in range(0, len(positions), batch_size)]
+        with ThreadPoolExecutor(num_workers) as decoders, ThreadPoolExecutor(1) as prefetcher:
+
+            def prepare(chunk: list[int]) -> torch.Tensor:
+                images = list(decoders.map(lambda position: _load_rgb(items[position]), chunk))
+                return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+            upcoming = prefetcher.submit(prepare, chunks[0])
+            for next_chunk in chunks[1:] + [None]:
+                pixel_values = upcoming.result()
+                if next_chunk is not None:
+                    upcoming = prefetcher.submit(prepare, next_chunk)
+                yield pixel_values
+
+    def _encode(
+        self,
+        items: Sequence[Any],
+        missing: dict[str, int],
+        batch_size: int,
+        num_workers: int,
+        checkpoint_every: int,
+    ) -> None:
+        """Appends the features of the `missing` images after the committed rows, committing as it goes."""
+        keys = list(missing)
+        images = dict(self._index["images"])
+        first_row = self._index["rows"]
+        total_rows = first_row + len(keys)
+        writer: np.memmap | None = None
+        done = committed = 0
+        encoder = self.model.get_encoder()
+        was_training = encoder.training
+        encoder.eval()  # a frozen encoder's features are its eval-mode ones (no dropout / drop-path)
+        try:
+            pixel_batches = self._pixel_batches(items, list(missing.values()), batch_size, num_workers)
+            progress = tqdm(total=len(keys), desc="Encoding images", unit="image")
+            # `closing`: on an error, stop the prefetching threads now rather than whenever the generator is collected.
+            with torch.inference_mode(), closing(pixel_batches), progress:
+                for pixel_values in pixel_batches:
+                    features = encoder(pixel_values).last_hidden_state.to(torch.float16)
+                    if not torch.isfinite(features).all():
+                        raise ValueError(
+                            "the encoder produced features that are not finite in float16 (beyond +-65504, or NaN); "
+                            "check the encoder weights, or train without the cache."
+                        )
+                    if writer is None:
+                        writer = self._open_writer(total_rows, features.shape[1], features.shape[2])
+                    count = features.shape[0]
+                    writer[first_row + done : first_row + done + count] = features.cpu().numpy()
+                    images.update(zip(keys[done : done + count], range(first_row + done, first_row + done + count)))
+                    done += count
+                    progress.update(count)
+                    if done - committed >= checkpoint_every:
+                        self._commit(writer, images, first_row + done)
+                        committed = done
+            self._commit(writer, images, total_rows)
+        finally:
+            encoder.train(was_training)
+
+    def _open_writer(self, rows: int, tokens: int, width: int) -> np.memmap:
+        """The data file sized for `rows` rows, opened for writing. Rows the committed index names are never written;
+        a tail left by an interrupted build (named by no index) is overwritten."""
+        if self._index["rows"] and (self._index["tokens"], self._index["width"]) != (tokens, width):
+            raise ValueError(
+                f"the encoder now makes ({tokens}, {width}) features where {self.data_path} holds "
+                f"({self._index['tokens']}, {self._index['width']}); delete {self.folder} and build again."
+            )
+        descriptor = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(descriptor, rows * tokens * width * np.dtype(STORAGE_DTYPE).itemsize)
+        finally:
+            os.close(descriptor)
+        return np.memmap(self.data_path, dtype=STORAGE_DTYPE, mode="r+", shape=(rows, tokens, width))
+
+    def _commit(self, writer: np.memmap, images: dict[str, int], rows: int) -> None:
+        """Makes the first `rows` rows durable, then points the index at them (in that order, so that an index
+        never names a row that is not on disk)."""
+        writer.flush()
+        descriptor = os.open(self.data_path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        index = {
+            "identity": self.identity,
+            "rows": rows,
+            "tokens": writer.shape[1],
+            "width": writer.shape[2],
+            "dtype": np.dtype(STORAGE_DTYPE).name,
+            "data_file": DATA_FILE,
+            "images": images,
+        }
+        write_json_atomic(self.index_path, index, indent=None)  # temporary file, fsync, os.replace
+        self._index, self._features = index, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class CachedEncoderOutput(BaseModelOutput):
+    """`BaseModelOutput` holding cached features, as a batch's `encoder_outputs`.
+
+    A `ModelOutput` rather than the tuple `(features,)` that forward also accepts, because `generate` reads the
+    batch size from `encoder_outputs.last_hidden_state` (with a tuple it assumes one image). Unlike a plain
+    `ModelOutput`, it can be pinned by the DataLoader (torch's `pin_memory` would call `update`, which `ModelOutput`
+    forbids) and moved with `.to(device)`.
+    """
+
+    def pin_memory(self, device: Any = None) -> "CachedEncoderOutput":
+        return CachedEncoderOutput(last_hidden_state=self.last_hidden_state.pin_memory())
+
+    def to(self, *args: Any, **kwargs: Any) -> "CachedEncoderOutput":
+        return CachedEncoderOutput(last_hidden_state=self.last_hidden_state.to(*args, **kwargs))
+
+
+class CachedFeatureCollator:
+    """`CaptionCollator`'s batches with `encoder_outputs` read from the cache in place of `pixel_values`.
+
+    The captions are tokenised exactly as the wrapped collator does; images are never loaded (rows keyed by path
+    only cost a stat). Rows without captions (`references_per_image`) give `encoder_outputs` alone, for `generate`.
+    `dtype` is the features' dtype in the batch: float16 as stored by default (half the bytes to move to the GPU),
+    which the model casts to the decoder's dtype in forward.
+    With transformers.Trainer, set `remove_unused_columns=False` so that the image and caption columns arrive.
+    """
+
+    def __init__(self, collator: CaptionCollator, cache: EncoderFeatureCache, dtype: torch.dtype = torch.float16):
+        self.collator = collator
+        self.cache = cache
+        self.dtype = dtype
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        features = self.cache.batch_features(rows).to(self.dtype)
+        batch: dict[str, Any] = {"encoder_outputs": CachedEncoderOutput(last_hidden_state=features)}
+        batch.update(self.collator.text_batch(rows))
+        return batch
+
+
+__all__ = [
+    "CachedEncoderOutput",
+    "CachedFeatureCollator",
+    "EncoderFeatureCache",
+    "FeatureCacheMissError",
+    "encoder_fingerprint",
+    "image_key",
+    "transform_fingerprint",
+    "without_image_decoding",
+]
