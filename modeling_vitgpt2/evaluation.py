@@ -1,0 +1,513 @@
+"""Evaluation jobs behind `eval.py`: captioning a folder, scoring predictions, zero-shot CLIP, attention maps.
+
+Each job reads and checks all of its inputs (files, JSON fields, image decoding, prediction/annotation names) before
+any model runs, computes everything, and writes its outputs last, atomically; so a bad input fails with a message
+naming the file or field and leaves no output file behind.
+
+File formats (the course's, see the README):
+- predictions: `{"<image file name without extension>": "caption", ...}`, covering exactly the evaluated images;
+- annotations: COCO style, `{"images": [{"file_name", "id"}], "annotations": [{"image_id", "caption"}]}`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
+from .cider import corpus_cider
+from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
+from .io_utils import InvalidJSONError, read_json, write_json_atomic
+from .processing_vitgpt2 import ViTGPT2Processor, load_image
+from .zero_shot import ENSEMBLE, ZeroShotResult, list_images, write_predictions_csv, zero_shot_folder
+
+__all__ = [
+    "CocoReferences",
+    "ScoreReport",
+    "ScoredCaption",
+    "caption_folder",
+    "caption_images",
+    "check_images_readable",
+    "check_same_names",
+    "clip_score_extremes",
+    "compute_attention_maps",
+    "image_names",
+    "load_captioner",
+    "read_coco_references",
+    "read_predictions",
+    "run_zero_shot",
+    "score_predictions",
+    "write_attention_maps",
+    "write_extremes",
+]
+
+PathLike = Union[str, os.PathLike]
+LayerChoice = Union[int, str, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images and the captioner
+
+
+def image_names(paths: Sequence[Path]) -> list[str]:
+    """The prediction keys of image files (file names without extension); two files with one name are an error."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise ValueError(f"{seen[path.stem]} and {path} would share the prediction key {path.stem!r}; "
+                             "rename or move one of them")
+        seen[path.stem] = path
+    return list(seen)
+
+
+def check_images_readable(paths: Sequence[Path], progress: bool = True) -> None:
+    """Decodes every image once, so a missing or broken file fails (naming it) before any model runs."""
+    for path in tqdm(paths, desc="checking images", unit="image", disable=not progress):
+        load_image(path)
+
+
+def load_captioner(model_or_path, processor: Optional[ViTGPT2Processor] = None,
+                   device: Optional[Union[str, torch.device]] = None):
+    """Returns `(model, processor)` in eval mode on `device` (default: CUDA when available, else the CPU).
+
+    `model_or_path` is a loaded model (then pass its `processor`), a saved model folder or Hub id, or a peft adapter
+    folder from train.py (loaded onto the base model recorded in it); the processor is read from the same folder.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        # Imported here: training pulls in datasets and Trainer, which the CLIP-only jobs never need.
+        from .training import load_for_inference
+
+        if processor is None:
+            processor = ViTGPT2Processor.from_pretrained(model_or_path)
+        model = load_for_inference(model_or_path)
+    else:
+        model = model_or_path
+        if processor is None:
+            raise ValueError("a loaded model needs its processor: pass processor=ViTGPT2Processor.from_pretrained(...)")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), processor
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def _generation_settings(num_beams: int, max_length: Optional[int]) -> dict:
+    settings = {"num_beams": num_beams}
+    if max_length is not None:  # an explicit None would override the model's generation_config and break generate
+        settings["max_length"] = max_length
+    return settings
+
+
+@torch.inference_mode()
+def caption_images(model, processor, paths: Sequence[Path], *, num_beams: int = 3, batch_size: int = 8,
+                   max_length: Optional[int] = None, progress: bool = True) -> dict[str, str]:
+    """Captions image files in batches with beam search: `{file name without extension: caption}`, in input order."""
+    _check_batch_size(batch_size)
+    names = image_names(paths)
+    settings = _generation_settings(num_beams, max_length)
+    captions = {}
+    with tqdm(total=len(paths), desc="captioning", unit="image", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            batch = list(paths[start:start + batch_size])
+            pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(model.device)
+            sequences = model.generate(pixel_values=pixel_values, **settings)
+            captions.update(zip(names[start:start + batch_size], processor.batch_decode(sequences)))
+            bar.update(len(batch))
+    return captions
+
+
+def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3, batch_size: int = 8,
+                   max_length: Optional[int] = None, *, processor: Optional[ViTGPT2Processor] = None,
+                   output: Optional[PathLike] = None, device: Optional[Union[str, torch.device]] = None,
+                   progress: bool = True) -> dict[str, str]:
+    """Captions every image file in `images_dir` (sorted) and returns `{file name without extension: caption}`.
+
+    Args:
+        model_path_or_model: a model folder, a Hub id, a peft adapter folder from train.py, or a loaded model (then
+            pass `processor`).
+        images_dir: the folder of images; a missing folder or an unreadable image fails before the model runs.
+        num_beams, batch_size, max_length: beam width, images per `generate` call, caption length limit in tokens
+            (default: the model's generation_config).
+        output: if given, the predictions JSON is written there atomically once every image is captioned.
+    """
+    paths = list_images(images_dir)
+    image_names(paths)  # fail on clashing names before the slow part
+    check_images_readable(paths, progress)
+    model, processor = load_captioner(model_path_or_model, processor, device)
+    captions = caption_images(model, processor, paths, num_beams=num_beams, batch_size=batch_size,
+                              max_length=max_length, progress=progress)
+    if output is not None:
+        write_json_atomic(output, captions)
+    return captions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictions and references
+
+
+def _predictions_and_source(predictions: Union[PathLike, Mapping[str, str]]) -> tuple[Mapping[str, str], str]:
+    """The predictions (read if given as a file) and how to name them in messages."""
+    if isinstance(predictions, (str, os.PathLike)):
+        return read_predictions(predictions), str(predictions)
+    return predictions, "the given predictions"
+
+
+def read_predictions(path: PathLike) -> dict[str, str]:
+    """Reads a predictions file, `{"<image name>": "caption"}`, checking that every caption is a string."""
+    predictions = read_json(path, "predictions file")
+    if not isinstance(predictions, dict) or not predictions:
+        raise InvalidJSONError(f"predictions file {path} must hold a non-empty JSON object "
+                               f'{{"<image file name without extension>": "caption"}}, '
+                               f"got {type(predictions).__name__}")
+    for name, caption in predictions.items():
+        if not isinstance(caption, str):
+            raise InvalidJSONError(f"predictions file {path}: field {name!r} must be a caption string, "
+                                   f"got {caption!r}")
+    return predictions
+
+
+@dataclass(frozen=True)
+class CocoReferences:
+    """Reference captions and image file names per image name (file name without extension)."""
+
+    references: dict[str, list[str]]
+    file_names: dict[str, str]
+
+
+def read_coco_references(path: PathLike) -> CocoReferences:
+    """Reads a COCO-style captions file into the references of every image that has at least one caption.
+
+    Errors name the file and the field (`images[3].file_name`, `annotations[7].caption`, ...).
+    """
+    content = read_json(path, "annotations file")
+    if not isinstance(content, dict):
+        raise InvalidJSONError(f"annotations file {path} must hold a JSON object with 'images' and 'annotations' "
+                               f"lists, got {type(content).__name__}")
+    file_names: dict[object, str] = {}
+    for index, entry in enumerate(_coco_list(content, "images", path)):
+        _require_fields(entry, ("file_name", "id"), path, f"images[{index}]")
+        if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+            raise InvalidJSONError(f"annotations file {path}: images[{index}].file_name must be a file name string")
+        file_names[entry["id"]] = entry["file_name"]
+    references: dict[str, list[str]] = {}
+    names: dict[str, str] = {}
+    for index, entry in enumerate(_coco_list(content, "annotations", path)):
+        _require_fields(entry, ("image_id", "caption"), path, f"annotations[{index}]")
+        if entry["image_id"] not in file_names:
+            raise InvalidJSONError(f"annotations file {path}: annotations[{index}].image_id {entry['image_id']!r} "
+                                   "is not the id of any entry in 'images'")
+        if not isinstance(entry["caption"], str) or not entry["caption"].strip():
+            raise InvalidJSONError(f"annotations file {path}: annotations[{index}].caption is empty or not a string")
+        file_name = file_names[entry["image_id"]]
+        name = Path(file_name).stem
+        if names.setdefault(name, file_name) != file_name:
+            raise InvalidJSONError(f"annotations file {path}: {names[name]!r} and {file_name!r} share the prediction "
+                                   f"key {name!r}; image names must differ without their extension")
+        references.setdefault(name, []).append(entry["caption"].strip())
+    if not references:
+        raise InvalidJSONError(f"annotations file {path} has no annotations to score against")
+    return CocoReferences(references, names)
+
+
+def _coco_list(content: dict, key: str, path: PathLike) -> list:
+    if not isinstance(content.get(key), list):
+        raise InvalidJSONError(f"annotations file {path}: field {key!r} must be a list (COCO captions layout)")
+    return content[key]
+
+
+def _require_fields(entry, fields: tuple[str, ...], path: PathLike, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise InvalidJSONError(f"annotations file {path}: {where} must be an object with fields {list(fields)}")
+    for field_name in fields:
+        if field_name not in entry:
+            raise InvalidJSONError(f"annotations file {path}: {where} has no field {field_name!r}")
+
+
+def check_same_names(predictions: Mapping[str, str], expected: Sequence[str], predictions_source: str,
+                     expected_source: str) -> None:
+    """Fails, listing both differences, unless the predictions cover exactly the expected image names."""
+    missing = sorted(set(expected) - set(predictions))
+    extra = sorted(set(predictions) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"the predictions in {predictions_source} must cover exactly the images of {expected_source}: "
+            f"{len(missing)} missing {_preview(missing)}, {len(extra)} extra {_preview(extra)}. Keys are image file "
+            "names without extension; caption the same split you score."
+        )
+
+
+def _preview(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}]"
+
+
+def _clip_prefix(prefix: str) -> str:
+    """'A photo depicts' and 'A photo depicts ' both put one space between the prefix and the caption."""
+    return prefix.rstrip() + " " if prefix.strip() else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    """Corpus CIDEr-D, and CLIPScore / RefCLIPScore when a CLIP model was given (else None), with per-image values."""
+
+    cider: float
+    clip_score: Optional[float]
+    ref_clip_score: Optional[float]
+    clip_model: Optional[str]
+    clip_prefix: str
+    per_image: dict[str, dict[str, Optional[float]]]
+
+    def to_json(self) -> dict:
+        """The scores file: the corpus values and settings first, then `num_images` and `per_image`."""
+        summary = asdict(self)
+        per_image = summary.pop("per_image")
+        return {**summary, "num_images": len(per_image), "per_image": per_image}
+
+
+def score_predictions(predictions: Union[PathLike, Mapping[str, str]], annotations: PathLike,
+                      images_dir: Optional[PathLike] = None, *, clip_model: Optional[Union[str, LoadedClip]] = None,
+                      clip_prefix: str = "", batch_size: int = 32, output: Optional[PathLike] = None,
+                      progress: bool = True) -> ScoreReport:
+    """Scores captions against COCO-style references: CIDEr-D always; CLIPScore and RefCLIPScore with `clip_model`.
+
+    Args:
+        predictions: a predictions file or `{name: caption}`; its keys must equal the annotated image names.
+        annotations: the COCO-style captions file (references and image file names).
+        images_dir: the folder of the annotated images; needed for CLIPScore.
+        clip_model: a CLIP Hub id or folder (OpenAI ViT-B/32 defines the metric), or a `LoadedClip`; None skips
+            CLIPScore.
+        clip_prefix: text before each caption for CLIP: "" (the course) or "A photo depicts" (Hessel et al.).
+        output: if given, `ScoreReport.to_json()` is written there atomically.
+    """
+    predictions, source = _predictions_and_source(predictions)
+    prefix = _clip_prefix(clip_prefix)
+    coco = read_coco_references(annotations)
+    check_same_names(predictions, list(coco.references), source, str(annotations))
+    names = sorted(coco.references)
+    captions = {name: predictions[name] for name in names}
+    references = {name: coco.references[name] for name in names}
+    image_paths = None
+    if clip_model is not None:
+        if images_dir is None:
+            raise ValueError("CLIPScore needs the images: pass images_dir (eval.py score --images DIR)")
+        image_paths = {name: Path(images_dir) / coco.file_names[name] for name in names}
+        _check_files_exist(image_paths.values(), images_dir, annotations)
+
+    cider = corpus_cider(captions, references)
+    per_image = {name: {"cider": cider.per_image[name], "clip_score": None, "ref_clip_score": None}
+                 for name in names}
+    clip_mean = ref_mean = None
+    if image_paths is not None:
+        clip = clip_model if isinstance(clip_model, LoadedClip) else load_clip(clip_model)
+        result = clip_score(image_paths, captions, references, clip=clip, prefix=prefix, batch_size=batch_size,
+                            progress=progress)
+        clip_mean, ref_mean = result.score, result.ref_score
+        for name in names:
+            per_image[name].update(clip_score=result.per_image[name], ref_clip_score=result.ref_per_image[name])
+    report = ScoreReport(
+        cider=cider.score, clip_score=clip_mean, ref_clip_score=ref_mean,
+        clip_model=None if clip_model is None else _clip_name(clip_model), clip_prefix=prefix, per_image=per_image,
+    )
+    if output is not None:
+        write_json_atomic(output, report.to_json())
+    return report
+
+
+def _clip_name(clip_model: Union[str, os.PathLike, LoadedClip]) -> str:
+    return clip_model.model.name_or_path if isinstance(clip_model, LoadedClip) else str(clip_model)
+
+
+def _check_files_exist(paths, images_dir: PathLike, listed_in: PathLike) -> None:
+    if not Path(images_dir).is_dir():
+        raise FileNotFoundError(f"image folder not found: {images_dir}")
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in {listed_in} are not in {images_dir}: "
+                                f"{_preview(missing)}. Point --images at the folder of this split.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+
+def run_zero_shot(images_dir: PathLike, id2label: PathLike, templates: Sequence[str], output: PathLike, *,
+                  labels_file: Optional[PathLike] = None, ensemble: bool = False,
+                  clip_model: Union[str, LoadedClip] = DEFAULT_CLIP_MODEL, batch_size: int = 32,
+                  progress: bool = True) -> tuple[ZeroShotResult, dict]:
+    """Classifies a folder with each template and writes the course's `filename,label` CSV per template next to
+    `output` (`<output stem>.<template index>.csv`, and `.ensemble.csv`), then the summary JSON at `output`:
+    `{"accuracy": {template: accuracy}, "predictions_csv": {template: CSV file name}, ...}`.
+
+    Returns the `ZeroShotResult` and the summary. Inputs are all checked by `zero_shot_folder` before CLIP runs.
+    """
+    output = Path(output)
+    result = zero_shot_folder(images_dir, id2label, templates, labels_file=labels_file, clip=clip_model,
+                              ensemble=ensemble, batch_size=batch_size, progress=progress)
+    csv_names = {}
+    for index, template in enumerate(result.predictions):
+        suffix = ENSEMBLE if template == ENSEMBLE else str(index)
+        csv_path = output.with_name(f"{output.stem}.{suffix}.csv")
+        write_predictions_csv(csv_path, result.filenames, result.predictions[template])
+        csv_names[template] = csv_path.name
+    summary = {
+        "accuracy": result.accuracy,
+        "predictions_csv": csv_names,  # file names, in the folder of this JSON
+        "num_images": len(result.filenames),
+        "clip_model": _clip_name(clip_model),
+    }
+    write_json_atomic(output, summary)  # last, so its presence means the CSVs are complete
+    return result, summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention maps and the best / worst captions
+
+
+def compute_attention_maps(model, processor, images: Sequence[Path], *, layer: LayerChoice = REPORT_LAYERS,
+                           head: Optional[int] = None, num_beams: int = 3, max_length: Optional[int] = None,
+                           batch_size: int = 8, progress: bool = True) -> list[CaptionAttention]:
+    """Captions `images` in batches and returns each one's per-word cross-attention maps (see `attention_maps`)."""
+    _check_batch_size(batch_size)
+    results = []
+    with tqdm(total=len(images), desc="attention maps", unit="image", disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = list(images[start:start + batch_size])
+            results += caption_attention_maps_batch(model, processor, batch, layer=layer, head=head,
+                                                    num_beams=num_beams, max_length=max_length)
+            bar.update(len(batch))
+    return results
+
+
+def _save_attention(result: CaptionAttention, png_path: Path, save_arrays: bool) -> dict:
+    """Writes the figure (and with `save_arrays` an .npz beside it) and returns the paths written."""
+    written = {"png": str(draw_attention_maps(result, png_path))}
+    if save_arrays:
+        npz_path = png_path.with_suffix(".npz")
+        _save_npz_atomic(
+            npz_path,
+            caption=np.array(result.caption),
+            words=np.array(result.words, dtype=str),
+            maps=result.maps,
+            prefix_weights=result.prefix_weights,
+            layers=np.array(result.layers),
+            head=np.array(-1 if result.head is None else result.head),  # -1: the heads are averaged
+        )
+        written["npz"] = str(npz_path)
+    return written
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    """`np.savez` into a temporary file beside `path`, then a rename: never a half-written .npz under its name."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")  # savez appends .npz to other names
+    try:
+        np.savez(temporary, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_attention_maps(model_or_path, images: Sequence[PathLike], output_dir: PathLike, *,
+                         processor: Optional[ViTGPT2Processor] = None, layer: LayerChoice = REPORT_LAYERS,
+                         head: Optional[int] = None, num_beams: int = 3, max_length: Optional[int] = None,
+                         batch_size: int = 8, save_arrays: bool = False, progress: bool = True) -> list[dict]:
+    """Draws `<image stem>_attention.png` in `output_dir` for each image file (and `.npz` arrays with `save_arrays`:
+    caption, words, maps (words, grid_h, grid_w), prefix_weights, layers, head with -1 for the mean of the heads).
+
+    `layer`: 0-based decoder layer(s) with cross-attention or "all" (default (2, 3), the report's "3rd-4th layer").
+    Returns, per image, `{"image", "caption", "png"[, "npz"]}`.
+    """
+    paths = [Path(image) for image in images]
+    if not paths:
+        raise ValueError("no images given: pass at least one image file")
+    image_names(paths)  # the output names come from the stems, so they must not clash
+    check_images_readable(paths, progress)
+    model, processor = load_captioner(model_or_path, processor)
+    results = compute_attention_maps(model, processor, paths, layer=layer, head=head, num_beams=num_beams,
+                                     max_length=max_length, batch_size=batch_size, progress=progress)
+    written = []
+    for path, result in zip(paths, results):
+        files = _save_attention(result, Path(output_dir) / f"{path.stem}_attention.png", save_arrays)
+        written.append({"image": str(path), "caption": result.caption, **files})
+    return written
+
+
+@dataclass(frozen=True)
+class ScoredCaption:
+    """One image-caption pair with its CLIPScore; `name` is the prediction key, `image` the file."""
+
+    name: str
+    image: str
+    caption: str
+    clip_score: float
+
+
+def clip_score_extremes(predictions: Union[PathLike, Mapping[str, str]], images_dir: PathLike,
+                        clip_model: Union[str, LoadedClip] = DEFAULT_CLIP_MODEL, top_k: int = 1, *,
+                        clip_prefix: str = "", batch_size: int = 32,
+                        progress: bool = True) -> tuple[list[ScoredCaption], list[ScoredCaption]]:
+    """The `top_k` highest and lowest CLIPScore image-caption pairs, best first and worst first.
+
+    Every prediction needs an image in `images_dir` named `<key>.<extension>`; other images there are ignored.
+    Ties are broken by name, so the choice is reproducible.
+    """
+    predictions, source = _predictions_and_source(predictions)
+    if not 1 <= top_k <= len(predictions):
+        raise ValueError(f"top_k must be between 1 and the number of predictions ({len(predictions)}), got {top_k}")
+    image_files = list_images(images_dir)
+    available = dict(zip(image_names(image_files), image_files))
+    without_image = sorted(set(predictions) - set(available))
+    if without_image:
+        raise FileNotFoundError(f"{len(without_image)} prediction(s) in {source} have no image in {images_dir}: "
+                                f"{_preview(without_image)}. Point --images at the folder that was captioned.")
+    names = sorted(predictions)
+    images = {name: available[name] for name in names}
+    result = clip_score(images, {name: predictions[name] for name in names}, prefix=_clip_prefix(clip_prefix),
+                        clip=clip_model if isinstance(clip_model, LoadedClip) else load_clip(clip_model),
+                        batch_size=batch_size, progress=progress)
+    pairs = [ScoredCaption(name, str(images[name]), predictions[name], result.per_image[name]) for name in names]
+    best = sorted(pairs, key=lambda pair: (-pair.clip_score, pair.name))[:top_k]
+    worst = sorted(pairs, key=lambda pair: (pair.clip_score, pair.name))[:top_k]
+    return best, worst
+
+
+def write_extremes(predictions: Union[PathLike, Mapping[str, str]], images_dir: PathLike, model_or_path,
+                   output_dir: PathLike, *, clip_model: Union[str, LoadedClip] = DEFAULT_CLIP_MODEL, top_k: int = 1,
+                   clip_prefix: str = "", processor: Optional[ViTGPT2Processor] = None,
+                   layer: LayerChoice = REPORT_LAYERS, head: Optional[int] = None, num_beams: int = 3,
+                   max_length: Optional[int] = None, batch_size: int = 8, progress: bool = True) -> dict:
+    """Finds the best and worst captions by CLIPScore and draws their attention maps (course problem 3).
+
+    Writes `best_<rank>_<name>_attention.png` / `worst_<rank>_<name>_attention.png` and `extremes.json` (last) in
+    `output_dir`, and returns that summary. The maps come from captioning the image again with `model_or_path`, so
+    they show the prediction only when it was made by the same model and settings; each entry records the caption
+    drawn (`attention_caption`) next to the prediction (`caption`).
+    """
+    best, worst = clip_score_extremes(predictions, images_dir, clip_model, top_k, clip_prefix=clip_prefix,
+                                      batch_size=batch_size, progress=progress)
+    chosen = [("best", rank, pair) for rank, pair in enumerate(best, 1)]
+    chosen += [("worst", rank, pair) for rank, pair in enumerate(worst, 1)]
+    model, processor = load_captioner(model_or_path, processor)
+    maps = compute_attention_maps(model, processor, [Path(pair.image) for _, _, pair in chosen], layer=layer,
+                                  head=head, num_beams=num_beams, max_length=max_length, batch_size=batch_size,
+                                  progress=progress)
+    summary = {"clip_model": _clip_name(clip_model), "clip_prefix": _clip_prefix(clip_prefix), "best": [],
+               "worst": []}
+    for (kind, rank, pair), result in zip(chosen, maps):
+        png = draw_attention_maps(result, Path(output_dir) / f"{kind}_{rank}_{pair.name}_attention.png")
+        summary[kind].append({**asdict(pair), "rank": rank, "attention_caption": result.caption, "png": str(png)})
+    write_json_atomic(Path(output_dir) / "extremes.json", summary)
+    return summary
