@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .cider import corpus_cider
 from .configuration_vitgpt2 import ViTGPT2Config
 from .data import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
+from .hub import check_push_settings, push_training_output, without_trainer_push
 from .io_utils import write_json_atomic
 from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from .peft_setup import (
@@ -353,9 +354,12 @@ def run_training(
     peft_args: PeftArguments,
     training_args: CaptionTrainingArguments,
 ) -> dict:
-    """Trains, evaluates and saves; returns the final evaluation metrics."""
+    """Trains, evaluates and saves (and pushes, with --push_to_hub); returns the final evaluation metrics."""
+    if training_args.push_to_hub:
+        check_push_settings(training_args)  # a missing token or repo id must stop the run now, not after training
     set_seed(training_args.seed)
     state = PartialState()
+    uses_synthetic_data = data_args.uses_synthetic  # load_caption_data fills in the synthetic set's paths
     with state.main_process_first():
         train_rows, val_images = load_caption_data(data_args)
 
@@ -398,7 +402,7 @@ def run_training(
 
     trainer = CaptionTrainer(
         model=model,
-        args=training_args,
+        args=without_trainer_push(training_args),  # its push would replace our model card with a generic one
         train_dataset=train_rows,
         eval_dataset=val_images,
         data_collator=collator,
@@ -426,12 +430,23 @@ def run_training(
                     "weight_decay": training_args.weight_decay,
                     "per_device_train_batch_size": training_args.per_device_train_batch_size,
                     "num_train_epochs": training_args.num_train_epochs,
-                    "lr_scheduler_type": str(training_args.lr_scheduler_type),
+                    "max_steps": training_args.max_steps,
+                    "optim": getattr(training_args.optim, "value", training_args.optim),
+                    "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
                     "num_beams": generation.num_beams,
                 },
                 "peft": {key: value for key, value in vars(peft_args).items()},
+                "sources": {
+                    "model_name_or_path": model_args.model_name_or_path,
+                    "encoder": model_args.encoder,
+                    "decoder": model_args.decoder,
+                    "dataset_name": data_args.dataset_name,
+                    "synthetic_data": uses_synthetic_data,
+                },
             },
         )
+        if training_args.push_to_hub:
+            push_training_output(training_args, output_dir)
     return metrics
 
 
@@ -471,7 +486,12 @@ def load_for_inference(path: str | os.PathLike, **kwargs):
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        # A base built by the run travels with it (locally, and in pushed repos) as `base_model/`.
+        bundled_base = path / BASE_MODEL_FOLDER
+        if (bundled_base / "config.json").is_file():
+            base_path = str(bundled_base)
+        else:
+            base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         base = ViTGPT2ForConditionalGeneration.from_pretrained(base_path, **kwargs)
         return PeftModel.from_pretrained(base, path).eval()
     return ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()

@@ -1,0 +1,521 @@
+"""Publishing a `train.py` output folder to the Hugging Face Hub: a model card rendered from the run's results, and
+one commit holding what loading the model needs.
+
+    python -m modeling_vitgpt2.hub card outputs/lora                             # print the card
+    python -m modeling_vitgpt2.hub push outputs/lora --repo_id you/vitgpt2-lora  # [--private] [--include_checkpoints]
+    python train.py ... --push_to_hub --hub_model_id you/vitgpt2-lora            # the same push, after training
+
+What goes up:
+- full runs: config.json (with `auto_map`), the weights, generation_config.json, the configuration/modeling/processing
+  source files that `save_pretrained` copied (so `trust_remote_code=True` works without this package), the processor;
+- PEFT runs: adapter_config.json, adapter_model.safetensors, the processor (with its source file). An adapter's base
+  that exists only on this machine (the `base_model/` folder a run writes when it builds its base, or any other local
+  folder) is uploaded inside the repository as `base_model/`, with its own code, and the uploaded adapter_config.json
+  names the repository instead of the local path; a base that is already on the Hub is only referred to;
+- always: the rendered card as README.md (never peft's generic one), eval_results.json, training_summary.json,
+  train_results.json, all_results.json, eval_predictions.json, and attention_example.png when the folder has one;
+- never optimizer/scheduler/RNG states, trainer_state.json or checkpoint-* folders, unless `include_checkpoints`.
+
+The upload is one `HfApi.create_commit` made of `CommitOperationAdd`s, rather than `upload_folder` of a staging copy:
+every file is read from where it lies (no second copy of gigabytes of weights on disk), the two generated files (the
+card and a rewritten adapter_config.json) are passed as bytes, so the output folder is never written to, and the list
+of operations is exactly what lands in the repository. Files already in the repository and not in this push stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card" / "template.md"
+# Where an adapter's local base goes in the repository; also the name `training.run_training` saves it under.
+BASE_MODEL_FOLDER = "base_model"
+ATTENTION_EXAMPLE = "attention_example.png"
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+MODEL_SHARDS = "model-*-of-*.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+RESULT_FILES = (
+    "eval_results.json",
+    "training_summary.json",
+    "train_results.json",
+    "all_results.json",
+    "eval_predictions.json",
+)
+
+METHOD_TITLES = {
+    "lora": "LoRA",
+    "adapter": "bottleneck adapters",
+    "prefix": "prefix tuning",
+    "cross_attention": "cross-attention tuning",
+    "full": "full training",
+}
+METHOD_TAGS = {
+    "lora": "lora",
+    "adapter": "bottleneck-adapters",
+    "prefix": "prefix-tuning",
+    "cross_attention": "cross-attention-tuning",
+}
+TOKEN_HELP = (
+    "log in with `hf auth login`, or set HF_TOKEN to a write token from https://huggingface.co/settings/tokens"
+)
+
+
+class HubPushError(RuntimeError):
+    """The push could not happen or the Hub refused it; the message says what to do next. Nothing local changed."""
+
+
+def build_model_card(
+    output_dir: str | Path,
+    repo_id: str | None = None,
+    dataset_name: str | None = None,
+    license: str = "apache-2.0",
+    base_models: list[str] | None = None,
+    template_path: str | Path = DEFAULT_TEMPLATE,
+) -> ModelCard:
+    """The model card of a train.py output folder: metadata (library, pipeline, base models, datasets, tags,
+    license) with a `model-index` of its CIDEr (and CLIPScore), then architecture, method, hyperparameters, data,
+    usage, attention picture and limitations.
+
+    repo_id: the repository the snippets load from (`namespace/name`); a placeholder when not given.
+    dataset_name: the Hub id of the training/validation data; default: the one the run recorded, if any.
+    base_models: Hub ids of what the model was built from; default: an adapter's Hub base, or the encoder, decoder or
+        model the run recorded (never a local path).
+    """
+    return _render_card(_read_output(output_dir), repo_id, dataset_name, license, base_models, template_path)
+
+
+def require_hub_token(token: str | None = None) -> str:
+    """The token to push with: the one given, else `HF_TOKEN`, else the one `hf auth login` stored."""
+    token = token or get_token()
+    if not token:
+        raise HubPushError(f"No Hugging Face token found, so nothing can be pushed: {TOKEN_HELP}.")
+    return token
+
+
+def push_to_hub(
+    output_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    include_checkpoints: bool = False,
+    commit_message: str | None = None,
+    dataset_name: str | None = None,
+    license: str = "apache-2.0",
+    base_models: list[str] | None = None,
+) -> CommitInfo:
+    """Creates `repo_id` if needed and uploads the output folder with its rendered card in one commit.
+
+    The folder is only read. `private` applies when the repository is created; an existing repository keeps its
+    visibility. Returns the commit (`.commit_url`). Raises `HubPushError` without a token or when the Hub refuses.
+    """
+    _check_repo_id(repo_id)
+    token = require_hub_token(token)
+    output = _read_output(output_dir)
+    card = _render_card(output, repo_id, dataset_name, license, base_models, DEFAULT_TEMPLATE)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=_upload_operations(output, repo_id, card, include_checkpoints),
+            commit_message=commit_message or _default_commit_message(output, repo_id),
+        )
+    except HfHubHTTPError as error:
+        raise HubPushError(
+            f"The Hub refused the push to {repo_id}: {error}\nNo commit was made and {output.folder} is unchanged. "
+            f"Check that your token can write to {repo_id.split('/')[0]} (`hf auth whoami`); {TOKEN_HELP}; then "
+            "push again."
+        ) from error
+
+
+def check_push_settings(training_args) -> None:
+    """Fails before training, not after it, when `--push_to_hub` could not push at the end."""
+    if not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id your-namespace/model-name")
+    _check_repo_id(training_args.hub_model_id)
+    require_hub_token(training_args.hub_token)
+
+
+def without_trainer_push(training_args):
+    """The arguments to give `Trainer`: with its own push switched off, since it would replace this card by its
+    generic one (and push every checkpoint); `push_training_output` pushes once at the end instead."""
+    if not training_args.push_to_hub:
+        return training_args
+    return dataclasses.replace(training_args, push_to_hub=False)
+
+
+def push_training_output(training_args, output_dir: str | Path) -> CommitInfo:
+    """`train.py --push_to_hub`: pushes the finished output folder to `--hub_model_id`, privately with
+    `--hub_private_repo`, with its checkpoints when `--hub_strategy` is `checkpoint` or `all_checkpoints`."""
+    repo_id = training_args.hub_model_id
+    try:
+        commit = push_to_hub(
+            output_dir,
+            repo_id,
+            private=bool(training_args.hub_private_repo),
+            token=training_args.hub_token,
+            include_checkpoints=training_args.hub_strategy in ("checkpoint", "all_checkpoints"),
+        )
+    except HubPushError as error:
+        raise HubPushError(
+            f"{error}\nThe trained model is saved in {output_dir}; push it later with:\n"
+            f"  python -m modeling_vitgpt2.hub push {output_dir} --repo_id {repo_id}"
+        ) from error
+    print(f"[train] pushed to {commit.commit_url}")
+    return commit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and checking the folder
+
+
+@dataclass
+class _TrainingOutput:
+    """What a train.py output folder holds, checked before anything is uploaded."""
+
+    folder: Path
+    summary: dict
+    eval_results: dict
+    adapter_config: dict | None  # None for a full model
+    model_folder: Path | None  # config + weights: the folder itself for a full model, an adapter's local base
+    base_repo: str | None  # an adapter's base when it is on the Hub
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter_config is not None
+
+    @property
+    def method(self) -> str:
+        return self.summary["peft_method"]
+
+
+def _read_output(output_dir: str | Path) -> _TrainingOutput:
+    """Reads and checks a train.py output folder: results, weights (or adapter and its base), remote code."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give the --output_dir of a finished train.py run")
+    summary = _read_json(folder / "training_summary.json")
+    eval_results = _read_json(folder / "eval_results.json")
+    if not (folder / "adapter_config.json").is_file():
+        _check_model_folder(folder)
+        return _TrainingOutput(folder, summary, eval_results, None, folder, None)
+
+    for name in ADAPTER_FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} has adapter_config.json but no {name}: the adapter was not fully saved")
+    _check_remote_code(folder, "processor_config.json")
+    adapter_config = _read_json(folder / "adapter_config.json")
+    base_folder, base_repo = _locate_base(folder, adapter_config.get("base_model_name_or_path") or "")
+    if base_folder is not None:
+        _check_model_folder(base_folder)
+    return _TrainingOutput(folder, summary, eval_results, adapter_config, base_folder, base_repo)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: give the output folder of a finished train.py run (it writes the model, "
+            "eval_results.json and training_summary.json at the end)"
+        )
+    return json.loads(path.read_text())
+
+
+def _check_model_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has neither a model (config.json) nor an adapter (adapter_config.json)")
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors: the model was not fully saved")
+    _check_remote_code(folder, "config.json")
+    _check_remote_code(folder, "processor_config.json")
+
+
+def _check_remote_code(folder: Path, config_name: str) -> None:
+    """`trust_remote_code=True` needs the `auto_map` and every source file it names beside the weights."""
+    path = folder / config_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: save the processor with the model (processor.save_pretrained)")
+    auto_map = json.loads(path.read_text()).get("auto_map")
+    if not auto_map:
+        raise ValueError(
+            f"{path} has no auto_map, so trust_remote_code=True could not load it without this package: save it "
+            "again after `import modeling_vitgpt2`, which registers the classes for the Hub"
+        )
+    missing = sorted({reference.split(".")[0] + ".py" for reference in auto_map.values()} - set(_source_files(folder)))
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} lacks {', '.join(missing)}, which {config_name}'s auto_map names: save it again with "
+            "save_pretrained (which copies the source files) after `import modeling_vitgpt2`"
+        )
+
+
+def _locate_base(folder: Path, recorded: str) -> tuple[Path | None, str | None]:
+    """(local base folder to upload, or the Hub id to refer to) for an adapter's recorded base."""
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded), None
+    if (folder / BASE_MODEL_FOLDER / "config.json").is_file():  # the output folder was moved since training
+        return folder / BASE_MODEL_FOLDER, None
+    if _is_hub_id(recorded):
+        return None, recorded
+    raise FileNotFoundError(
+        f"the adapter's base model {recorded!r} (adapter_config.json: base_model_name_or_path) is neither a folder "
+        "here nor a Hub id: put the base model folder back there, or set base_model_name_or_path to its Hub id"
+    )
+
+
+def _present(folder: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    return {name: folder / name for name in names if (folder / name).is_file()}
+
+
+def _source_files(folder: Path) -> dict[str, Path]:
+    # The configuration/modeling/processing files save_pretrained copied beside the weights.
+    return {path.name: path for path in sorted(folder.glob("*.py"))}
+
+
+def _model_files(folder: Path) -> dict[str, Path]:
+    files = _present(folder, MODEL_FILES + PROCESSOR_FILES)
+    files.update({path.name: path for path in sorted(folder.glob(MODEL_SHARDS))})
+    files.update(_source_files(folder))
+    return files
+
+
+def _is_hub_id(name: str | None) -> bool:
+    if not name or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"repo id {repo_id!r} must look like your-namespace/model-name (the card's usage snippets name it)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The commit
+
+
+def _upload_operations(
+    output: _TrainingOutput, repo_id: str, card: ModelCard, include_checkpoints: bool = False
+) -> list[CommitOperationAdd]:
+    """The commit: repository path -> local file, or bytes for the card and a rewritten adapter_config.json."""
+    files: dict[str, Path | bytes] = {}
+    if output.is_adapter:
+        files.update(_present(output.folder, ADAPTER_FILES + PROCESSOR_FILES))
+        files.update(_source_files(output.folder))
+        if output.model_folder is not None:
+            for name, path in _model_files(output.model_folder).items():
+                files[f"{BASE_MODEL_FOLDER}/{name}"] = path
+            # peft has no field for a base in a subfolder; naming this repository at least points readers (and the
+            # card) here instead of at a folder on the training machine.
+            adapter_config = {**output.adapter_config, "base_model_name_or_path": repo_id}
+            files["adapter_config.json"] = (json.dumps(adapter_config, indent=2, sort_keys=True) + "\n").encode()
+    else:
+        files.update(_model_files(output.folder))
+    files.update(_present(output.folder, RESULT_FILES + (ATTENTION_EXAMPLE,)))
+    if include_checkpoints:
+        for checkpoint in sorted(output.folder.glob("checkpoint-*")):
+            for path in sorted(checkpoint.rglob("*")):
+                if path.is_file():
+                    files[path.relative_to(output.folder).as_posix()] = path
+    files["README.md"] = str(card).encode()
+    return [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(source) if isinstance(source, Path) else source)
+        for name, source in sorted(files.items())
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The card
+
+
+def _render_card(
+    output: _TrainingOutput,
+    repo_id: str | None,
+    dataset_name: str | None,
+    license: str,
+    base_models: list[str] | None,
+    template_path: str | Path,
+) -> ModelCard:
+    # What the run started from, as train.py records it in training_summary.json (absent from older runs).
+    sources = output.summary.get("sources", {})
+    dataset_name = dataset_name or (sources.get("dataset_name") if _is_hub_id(sources.get("dataset_name")) else None)
+    synthetic_data = bool(sources.get("synthetic_data"))
+    if dataset_name:
+        dataset_type, dataset_label = dataset_name, dataset_name
+        dataset_description = f"[`{dataset_name}`](https://huggingface.co/datasets/{dataset_name})"
+    elif synthetic_data:
+        dataset_type, dataset_label = "synthetic-shapes", "Synthetic shapes"
+        dataset_description = "the built-in synthetic set of `train.py` (coloured shapes with templated captions)"
+    else:
+        dataset_type, dataset_label = "custom", "Local validation set"
+        dataset_description = "a local dataset (not published on the Hub)"
+
+    metrics = [{"name": "CIDEr", "type": "cider", "value": output.eval_results["eval_cider"]}]
+    if "eval_clip_score" in output.eval_results:
+        metrics.append({"name": "CLIPScore", "type": "clip_score", "value": output.eval_results["eval_clip_score"]})
+    model_name = repo_id.split("/")[-1] if repo_id else output.folder.name
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="peft" if output.is_adapter else "transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=base_models if base_models is not None else _recorded_base_models(output, sources) or None,
+        datasets=[dataset_name] if dataset_name else None,
+        license=license,
+        tags=["image-captioning", "vision", "vit", "gpt2", "timm", "vitgpt2"]
+        + [tag for tag in [METHOD_TAGS.get(output.method)] if tag],
+        eval_results=[
+            EvalResult(
+                task_type="image-to-text",
+                dataset_type=dataset_type,
+                dataset_name=dataset_label,
+                dataset_split="validation",
+                metric_type=metric["type"],
+                metric_name=metric["name"],
+                metric_value=round(metric["value"], 4),
+            )
+            for metric in metrics
+        ],
+    )
+    model_folder = output.model_folder
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,  # ModelCardData moves it into the model-index, out of the template's variables
+        repo_id=repo_id or f"<your-namespace>/{model_name}",
+        is_adapter=output.is_adapter,
+        base_bundled=output.is_adapter and model_folder is not None,
+        base_repo=output.base_repo,
+        peft_method=output.method,
+        method_title=METHOD_TITLES[output.method],
+        peft=output.summary.get("peft", {}),
+        summary=output.summary,
+        config=_read_json(model_folder / "config.json") if model_folder else None,
+        generation=_optional_json(model_folder / "generation_config.json") if model_folder else None,
+        dataset_description=dataset_description,
+        synthetic_data=synthetic_data,
+        metrics=metrics,
+        has_clip_score=len(metrics) > 1,
+        attention_example=ATTENTION_EXAMPLE if (output.folder / ATTENTION_EXAMPLE).is_file() else None,
+    )
+
+
+def _recorded_base_models(output: _TrainingOutput, sources: dict) -> list[str]:
+    """Hub ids the model was built from: an adapter's Hub base, else what the run recorded starting from."""
+    if output.base_repo:
+        return [output.base_repo]
+    candidates = [sources.get("model_name_or_path"), _timm_hub_id(sources.get("encoder")), sources.get("decoder")]
+    return [name for name in candidates if _is_hub_id(name)]
+
+
+def _timm_hub_id(encoder: str | None) -> str | None:
+    """`vit_large_patch14_clip_224.openai` -> `timm/vit_large_patch14_clip_224.openai`; None for a local file."""
+    if not encoder or Path(encoder).exists():
+        return None
+    if encoder.startswith("hf-hub:"):
+        return encoder.removeprefix("hf-hub:")
+    return timm.models.get_pretrained_cfg(encoder).hf_hub_id
+
+
+def _optional_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _default_commit_message(output: _TrainingOutput, repo_id: str) -> str:
+    return (
+        f"Upload {repo_id.split('/')[-1]} ({METHOD_TITLES[output.method]}, "
+        f"CIDEr {output.eval_results['eval_cider']:.4f})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_vitgpt2.hub",
+        description="Render the model card of a train.py output folder, or push the folder to the Hugging Face Hub. "
+        f"The token comes from `hf auth login` or HF_TOKEN. Put a picture from attention_maps.draw_attention_maps "
+        f"at OUTPUT_DIR/{ATTENTION_EXAMPLE} to show it on the card.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    card_parser = commands.add_parser("card", help="print the rendered model card")
+    push_parser = commands.add_parser("push", help="upload the folder with its card in one commit")
+    for command in (card_parser, push_parser):
+        command.add_argument("output_dir", help="the --output_dir of a finished train.py run")
+        command.add_argument("--dataset_name", help="Hub id of the dataset trained and evaluated on")
+        command.add_argument("--license", default="apache-2.0", help="license id for the card (default apache-2.0)")
+        command.add_argument(
+            "--base_model", action="append", dest="base_models", help="Hub id the model was built from (repeatable)"
+        )
+    card_parser.add_argument("--repo_id", help="namespace/name the usage snippets load from")
+    push_parser.add_argument("--repo_id", required=True, help="namespace/name of the model repository")
+    push_parser.add_argument("--private", action="store_true", help="create the repository as private")
+    push_parser.add_argument(
+        "--include_checkpoints", action="store_true", help="also upload the checkpoint-* folders (for resuming)"
+    )
+    push_parser.add_argument("--commit_message", help="default: the model name, method and CIDEr")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "card":
+            print(build_model_card(args.output_dir, args.repo_id, args.dataset_name, args.license, args.base_models))
+            return
+        commit = push_to_hub(
+            args.output_dir,
+            args.repo_id,
+            private=args.private,
+            include_checkpoints=args.include_checkpoints,
+            commit_message=args.commit_message,
+            dataset_name=args.dataset_name,
+            license=args.license,
+            base_models=args.base_models,
+        )
+    except (HubPushError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from error
+    print(f"pushed {args.output_dir} to https://huggingface.co/{args.repo_id} ({commit.commit_url})")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "HubPushError",
+    "build_model_card",
+    "check_push_settings",
+    "push_to_hub",
+    "push_training_output",
+    "require_hub_token",
+    "without_trainer_push",
+]

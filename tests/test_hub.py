@@ -1,0 +1,342 @@
+"""Publishing to the Hub: the card, the single commit and what it holds, and that the uploaded files load back.
+
+The network is cut at the `HfApi` boundary: `create_repo` and `create_commit` are replaced by recorders (and
+`upload_folder`, which Trainer's own push would use, by a tripwire), so nothing leaves the machine. The recorded
+operations are written into a folder: exactly what the repository would hold, which is then loaded back.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import httpx2  # the HTTP client huggingface_hub 2.x raises its errors from
+import pytest
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, constants
+from huggingface_hub.utils import hf_raise_for_status
+from PIL import Image
+from test_training import arguments, pretrained_parts, shapes  # noqa: F401 (fixtures)
+
+from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_to_hub
+from modeling_vitgpt2.training import run_training
+
+REPO_ID = "someone/vitgpt2-test"
+RESULTS = {"eval_results.json", "training_summary.json", "train_results.json", "all_results.json",
+           "eval_predictions.json"}
+PROCESSOR = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "processing_vitgpt2.py"}
+FULL_MODEL = {"config.json", "generation_config.json", "model.safetensors", "configuration_vitgpt2.py",
+              "modeling_vitgpt2.py"} | PROCESSOR
+
+
+@pytest.fixture(scope="module")
+def full_run(shapes, pretrained_parts, tmp_path_factory):
+    """A full-training output folder with a checkpoint and an attention picture the user saved beside it."""
+    output_dir = tmp_path_factory.mktemp("runs") / "full"
+    run_training(*arguments(shapes, pretrained_parts, output_dir, peft="full", max_steps=2, save_strategy="steps",
+                            save_steps=2))
+    Image.new("RGB", (8, 8), "red").save(output_dir / "attention_example.png")
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def lora_run(shapes, pretrained_parts, tmp_path_factory):
+    """A LoRA output folder whose base was built from the pretrained parts, so it lives in OUTPUT/base_model."""
+    output_dir = tmp_path_factory.mktemp("runs") / "lora"
+    run_training(*arguments(shapes, pretrained_parts, output_dir, peft="lora", max_steps=2))
+    return output_dir
+
+
+def recording_hub(monkeypatch) -> SimpleNamespace:
+    """Records repository creations and commits instead of sending them; a token is 'logged in'."""
+    recorded = SimpleNamespace(repos=[], commits=[], folder_uploads=[])
+
+    def create_repo(self, repo_id, *, private=False, exist_ok=False, **kwargs):
+        recorded.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok, "token": self.token})
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, *, commit_message, **kwargs):
+        recorded.commits.append({"repo_id": repo_id, "operations": list(operations), "message": commit_message})
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abcd", oid="0123abcd",
+                          commit_message=commit_message, commit_description="")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: recorded.folder_uploads.append(kwargs))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return recorded
+
+
+@pytest.fixture()
+def hub(monkeypatch):
+    return recording_hub(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def repositories(full_run, lora_run, tmp_path_factory):
+    """What the Hub repository holds after pushing each run."""
+    folder = tmp_path_factory.mktemp("hub")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        hub = recording_hub(monkeypatch)
+        push_to_hub(full_run, REPO_ID)
+        push_to_hub(lora_run, REPO_ID)
+    full_commit, lora_commit = hub.commits
+    return SimpleNamespace(full=write_repository(full_commit, folder / "full"),
+                           lora=write_repository(lora_commit, folder / "lora"))
+
+
+@pytest.fixture(scope="module")
+def loaded_without_the_package(repositories, shapes, tmp_path_factory) -> dict:
+    """Both repositories loaded as a user without this package would, in one fresh interpreter (importing
+    transformers once costs more than everything else it does)."""
+    script = f"""
+        import json, sys
+        sys.modules["modeling_vitgpt2"] = None  # the classes must come from the uploaded source files
+        from peft import PeftModel
+        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+        full, lora, images = {str(repositories.full)!r}, {str(repositories.lora)!r}, {validation_images(shapes)!r}
+
+        def caption(model, processor):
+            return processor.batch_decode(model.generate(**processor(images=images)))
+
+        def pipe(captioner):
+            return [captioner(images=image, text="")[0]["generated_text"].strip() for image in images]
+
+        model = AutoModelForImageTextToText.from_pretrained(full, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(full, trust_remote_code=True)
+        results = {{"full": {{"module": type(model).__module__, "captions": caption(model, processor),
+                              "pipeline": pipe(pipeline("image-text-to-text", model=full, trust_remote_code=True))}}}}
+
+        base = AutoModelForImageTextToText.from_pretrained(lora + "/base_model", trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(lora, trust_remote_code=True)
+        base_captions = caption(base, processor)
+        model = PeftModel.from_pretrained(base, lora).eval()
+        captions = caption(model, processor)
+        merged = pipeline("image-text-to-text", model=model.merge_and_unload(), processor=processor)
+        results["lora"] = {{"module": type(base).__module__, "base": base_captions, "captions": captions,
+                            "pipeline": pipe(merged)}}
+        print(json.dumps(results))
+    """
+    folder = tmp_path_factory.mktemp("fresh-process")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(folder / "modules")}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env,
+                            cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture()
+def logged_out(monkeypatch, tmp_path):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+
+
+def files_of(commit) -> dict:
+    return {operation.path_in_repo: operation.path_or_fileobj for operation in commit["operations"]}
+
+
+def write_repository(commit, folder):
+    """What the Hub repository holds after the commit."""
+    for name, source in files_of(commit).items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            target.write_bytes(source)
+        else:
+            shutil.copyfile(source, target)
+    return folder
+
+
+def digest(folder) -> dict:
+    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def validation_images(shapes) -> list[str]:
+    return [str(path) for path in sorted(shapes.val_images.iterdir())]
+
+
+def trained_captions(output_dir, shapes) -> list[str]:
+    """The captions the trained model wrote in its final evaluation, in `validation_images` order."""
+    predictions = json.loads((output_dir / "eval_predictions.json").read_text())
+    return [predictions[path.stem] for path in sorted(shapes.val_images.iterdir())]
+
+
+def test_full_run_is_pushed_as_model_code_processor_card_and_results_in_one_commit(full_run, hub):
+    before = digest(full_run)
+    commit_info = push_to_hub(full_run, REPO_ID, private=True)
+
+    assert hub.repos == [{"repo_id": REPO_ID, "private": True, "exist_ok": True, "token": "hf_test_token"}]
+    assert len(hub.commits) == 1 and commit_info.commit_url.endswith("/commit/0123abcd")
+    assert hub.commits[0]["message"].startswith("Upload vitgpt2-test (full training, CIDEr ")
+    files = files_of(hub.commits[0])
+    assert set(files) == FULL_MODEL | RESULTS | {"attention_example.png", "README.md"}
+    # Everything but the card is uploaded from the output folder itself, unchanged.
+    assert all(source == str(full_run / name) for name, source in files.items() if name != "README.md")
+    assert digest(full_run) == before
+
+
+def test_pushed_full_model_card_carries_metrics_and_the_repository_loads_back_to_the_same_captions(
+    full_run, shapes, repositories, loaded_without_the_package
+):
+    expected = trained_captions(full_run, shapes)
+    card = ModelCard.load(repositories.full / "README.md")
+    cider = json.loads((full_run / "eval_results.json").read_text())["eval_cider"]
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.model_name == "vitgpt2-test" and card.data.license == "apache-2.0"
+    assert [(result.metric_type, result.dataset_split) for result in card.data.eval_results] == [
+        ("cider", "validation")]
+    assert card.data.eval_results[0].metric_value == pytest.approx(cider, abs=1e-4)
+    assert "![Cross-attention of each generated word over the image](attention_example.png)" in card.text
+    assert f'AutoModelForImageTextToText.from_pretrained("{REPO_ID}", trust_remote_code=True)' in card.text
+
+    model = ViTGPT2ForConditionalGeneration.from_pretrained(repositories.full).eval()
+    processor = ViTGPT2Processor.from_pretrained(repositories.full)
+    assert processor.batch_decode(model.generate(**processor(images=validation_images(shapes)))) == expected
+
+    loaded = loaded_without_the_package["full"]
+    assert loaded["module"].startswith("transformers_modules")
+    assert loaded["captions"] == expected and loaded["pipeline"] == expected
+
+
+def test_lora_run_is_pushed_as_adapter_with_its_local_base_inside_the_repository(lora_run, hub):
+    before = digest(lora_run)
+    push_to_hub(lora_run, REPO_ID)
+
+    assert len(hub.repos) == 1 and len(hub.commits) == 1
+    files = files_of(hub.commits[0])
+    base_files = {f"base_model/{name}" for name in FULL_MODEL}
+    adapter_files = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert set(files) == adapter_files | PROCESSOR | RESULTS | base_files
+    assert all(source == str(lora_run / name) for name, source in files.items()
+               if name not in ("README.md", "adapter_config.json"))
+    uploaded_config = json.loads(files["adapter_config.json"])
+    saved_config = json.loads((lora_run / "adapter_config.json").read_text())
+    assert saved_config["base_model_name_or_path"] == str((lora_run / "base_model").resolve())
+    assert uploaded_config == {**saved_config, "base_model_name_or_path": REPO_ID}
+    assert b"model-index" in files["README.md"] and b"More Information Needed" not in files["README.md"]  # not peft's
+    assert digest(lora_run) == before
+
+
+def test_pushed_adapter_loads_back_on_its_uploaded_base_to_the_same_captions(
+    lora_run, shapes, repositories, loaded_without_the_package
+):
+    card = ModelCard.load(repositories.lora / "README.md")
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
+    assert card.data.eval_results[0].metric_type == "cider"
+    assert "PeftModel.from_pretrained(base, folder)" in card.text and "attention_example" not in card.text
+
+    expected = trained_captions(lora_run, shapes)
+    loaded = loaded_without_the_package["lora"]
+    assert loaded["module"].startswith("transformers_modules")
+    assert loaded["captions"] == expected and loaded["pipeline"] == expected
+    assert loaded["base"] != expected, "the adapter must change the captions, or this test proves nothing"
+
+
+def test_adapter_on_a_hub_base_refers_to_it_instead_of_uploading_it(lora_run, hub, tmp_path):
+    adapter_only = tmp_path / "adapter"
+    shutil.copytree(lora_run, adapter_only, ignore=shutil.ignore_patterns("base_model"))
+    config = json.loads((adapter_only / "adapter_config.json").read_text())
+    (adapter_only / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/base"}))
+
+    push_to_hub(adapter_only, REPO_ID)
+    files = files_of(hub.commits[0])
+    assert not any(name.startswith("base_model/") for name in files)
+    assert files["adapter_config.json"] == str(adapter_only / "adapter_config.json")
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == ["someone/base"]
+    assert 'AutoModelForImageTextToText.from_pretrained("someone/base", trust_remote_code=True)' in card.text
+
+
+def test_checkpoints_are_uploaded_only_when_asked(full_run, hub):
+    push_to_hub(full_run, REPO_ID)
+    push_to_hub(full_run, REPO_ID, include_checkpoints=True)
+    without, with_checkpoints = (set(files_of(commit)) for commit in hub.commits)
+    assert not any(name.startswith("checkpoint-") for name in without)
+    assert {"checkpoint-2/optimizer.pt", "checkpoint-2/trainer_state.json", "checkpoint-2/model.safetensors"} <= (
+        with_checkpoints - without)
+
+
+def test_card_names_what_the_run_started_from(lora_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    summary = json.loads((run / "training_summary.json").read_text())
+    summary["sources"] = {"encoder": "vit_large_patch14_clip_224.openai", "decoder": "openai-community/gpt2",
+                          "model_name_or_path": None, "dataset_name": "yerevann/coco-karpathy", "synthetic_data": False}
+    (run / "training_summary.json").write_text(json.dumps(summary))
+    eval_results = json.loads((run / "eval_results.json").read_text())
+    (run / "eval_results.json").write_text(json.dumps({**eval_results, "eval_clip_score": 0.71234}))
+
+    card = build_model_card(run, REPO_ID)
+    assert card.data.base_model == ["timm/vit_large_patch14_clip_224.openai", "openai-community/gpt2"]
+    assert card.data.datasets == ["yerevann/coco-karpathy"]
+    assert [(result.metric_type, result.dataset_type) for result in card.data.eval_results] == [
+        ("cider", "yerevann/coco-karpathy"), ("clip_score", "yerevann/coco-karpathy")]
+    assert card.data.eval_results[1].metric_value == 0.7123 and "| CLIPScore | 0.7123 |" in card.text
+
+    summary["sources"].update(encoder=str(tmp_path / "vit.safetensors"), decoder=None, dataset_name=None,
+                              synthetic_data=True)
+    (run / "training_summary.json").write_text(json.dumps(summary))
+    (tmp_path / "vit.safetensors").touch()
+    card = build_model_card(run, REPO_ID)
+    assert card.data.base_model is None and card.data.datasets is None  # local parts are never named as bases
+    assert "trained on synthetic images of coloured shapes only" in card.text
+
+
+def test_missing_token_is_a_clear_error_and_changes_nothing(full_run, hub, logged_out):
+    before = digest(full_run)
+    with pytest.raises(HubPushError, match="hf auth login.*HF_TOKEN"):
+        push_to_hub(full_run, REPO_ID)
+    assert hub.repos == [] and hub.commits == []
+    assert digest(full_run) == before
+
+
+def test_refused_upload_is_a_clear_error_and_changes_nothing(full_run, hub, monkeypatch):
+    def refuse(self, repo_id, operations, **kwargs):
+        response = httpx2.Response(
+            403, json={"error": f"You don't have the rights to create a commit in {repo_id}"},
+            request=httpx2.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main"),
+        )
+        hf_raise_for_status(response)
+
+    monkeypatch.setattr(HfApi, "create_commit", refuse)
+    before = digest(full_run)
+    with pytest.raises(HubPushError) as error:
+        push_to_hub(full_run, REPO_ID)
+    message = str(error.value)
+    assert "refused" in message and "don't have the rights" in message
+    assert "hf auth login" in message and "HF_TOKEN" in message and "is unchanged" in message
+    assert digest(full_run) == before
+
+
+def test_command_line_prints_the_card_and_pushes(full_run, hub, capsys):
+    main(["card", str(full_run), "--repo_id", REPO_ID])
+    assert ModelCard(capsys.readouterr().out.strip()).data.eval_results[0].metric_type == "cider"
+    main(["push", str(full_run), "--repo_id", REPO_ID, "--private", "--include_checkpoints"])
+    assert hub.repos[0]["private"] and any(name.startswith("checkpoint-2/") for name in files_of(hub.commits[0]))
+    assert f"https://huggingface.co/{REPO_ID}" in capsys.readouterr().out
+
+
+def test_train_py_push_is_this_push_and_not_trainers(shapes, pretrained_parts, hub, tmp_path):
+    output_dir = tmp_path / "pushed"
+    run_training(*arguments(shapes, pretrained_parts, output_dir, peft="cross_attention", max_steps=1,
+                            push_to_hub=True, hub_model_id=REPO_ID, hub_private_repo=True))
+    assert hub.folder_uploads == [], "Trainer's own push ran: its generic card would replace ours"
+    assert [repo["repo_id"] for repo in hub.repos] == [REPO_ID] and hub.repos[0]["private"]
+    files = files_of(hub.commits[0])
+    assert "adapter_model.safetensors" in files and "base_model/model.safetensors" in files
+    assert ModelCard(files["README.md"].decode()).data.library_name == "peft"
+
+
+def test_train_py_push_without_a_token_stops_before_training(shapes, pretrained_parts, hub, logged_out, tmp_path):
+    output_dir = tmp_path / "not-started"
+    with pytest.raises(HubPushError, match="hf auth login"):
+        run_training(*arguments(shapes, pretrained_parts, output_dir, max_steps=1, push_to_hub=True,
+                                hub_model_id=REPO_ID))
+    assert not output_dir.exists()
