@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
+from .io_utils import preview_names
+
 __all__ = ["CiderResult", "corpus_cider", "ptb_tokenize", "ptb_tokenize_lines", "PUNCTUATIONS"]
 
 # Tokens pycocoevalcap removes after tokenizing. The bracket names are upper case here but the Java tokenizer
@@ -473,8 +475,8 @@ def _as_keyed(predictions, references) -> tuple[list, list[str], list[list[str]]
         if missing or extra:
             raise ValueError(
                 "predictions and references must cover the same images; "
-                f"missing predictions for {len(missing)} image(s): {_preview(missing)}; "
-                f"predictions without references for {len(extra)} image(s): {_preview(extra)}. "
+                f"missing predictions for {len(missing)} image(s): {preview_names(missing)}; "
+                f"predictions without references for {len(extra)} image(s): {preview_names(extra)}. "
                 "Generate captions for exactly the evaluated images (or drop the extra ones).")
         keys = list(references)
         candidates = [predictions[key] for key in keys]
@@ -503,11 +505,6 @@ def _as_keyed(predictions, references) -> tuple[list, list[str], list[list[str]]
     return keys, candidates, checked_references, keyed
 
 
-def _preview(names: list, limit: int = 10) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(repr(name) for name in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def corpus_cider(

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPProcessor
 
+from .io_utils import preview_names
 from .processing_vitgpt2 import ImageLike, as_rgb_image
 
 __all__ = [
@@ -160,8 +161,8 @@ def _align(images, captions, references):
         missing = [key for key in captions if key not in images]
         extra = [key for key in images if key not in captions]
         if missing or extra:
-            raise ValueError(f"captions and images must have the same keys; no image for {_preview(missing)}; "
-                             f"no caption for {_preview(extra)}")
+            raise ValueError(f"captions and images must have the same keys; no image for {preview_names(missing)}; "
+                             f"no caption for {preview_names(extra)}")
         keys = list(captions)
         image_list = [images[key] for key in keys]
         caption_list = [captions[key] for key in keys]
@@ -170,7 +171,7 @@ def _align(images, captions, references):
                 raise TypeError("captions is a dict, so references must be a dict too (image name -> [captions])")
             without = [key for key in keys if key not in references]
             if without:
-                raise ValueError(f"no references for {_preview(without)}; give references for every captioned image")
+                raise ValueError(f"no references for {preview_names(without)}; give references for every captioned image")
             references = [references[key] for key in keys]
     else:
         if isinstance(images, Mapping) or isinstance(references, Mapping):
@@ -197,11 +198,6 @@ def _align(images, captions, references):
     return keyed, keys, image_list, caption_list, references
 
 
-def _preview(names: list, limit: int = 10) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(repr(name) for name in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def clip_score(

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
 from .cider import corpus_cider
 from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
-from .io_utils import InvalidJSONError, read_json, write_json_atomic
+from .io_utils import InvalidJSONError, preview_names, read_json, write_json_atomic
 from .processing_vitgpt2 import ViTGPT2Processor, load_image
 from .zero_shot import ENSEMBLE, ZeroShotResult, list_images, write_predictions_csv, zero_shot_folder
 
@@ -240,14 +240,11 @@ def check_same_names(predictions: Mapping[str, str], expected: Sequence[str], pr
     if missing or extra:
         raise ValueError(
             f"the predictions in {predictions_source} must cover exactly the images of {expected_source}: "
-            f"{len(missing)} missing {_preview(missing)}, {len(extra)} extra {_preview(extra)}. Keys are image file "
-            "names without extension; caption the same split you score."
+            f"{len(missing)} missing ({preview_names(missing)}), {len(extra)} extra ({preview_names(extra)}). Keys are "
+            "image file names without extension; caption the same split you score."
         )
 
 
-def _preview(names: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(repr(name) for name in names[:limit])
-    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}]"
 
 
 def _clip_prefix(prefix: str) -> str:
@@ -336,7 +333,7 @@ def _check_files_exist(paths, images_dir: PathLike, listed_in: PathLike) -> None
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) listed in {listed_in} are not in {images_dir}: "
-                                f"{_preview(missing)}. Point --images at the folder of this split.")
+                                f"{preview_names(missing)}. Point --images at the folder of this split.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,7 +469,7 @@ def clip_score_extremes(predictions: Union[PathLike, Mapping[str, str]], images_
     without_image = sorted(set(predictions) - set(available))
     if without_image:
         raise FileNotFoundError(f"{len(without_image)} prediction(s) in {source} have no image in {images_dir}: "
-                                f"{_preview(without_image)}. Point --images at the folder that was captioned.")
+                                f"{preview_names(without_image)}. Point --images at the folder that was captioned.")
     names = sorted(predictions)
     images = {name: available[name] for name in names}
     result = clip_score(images, {name: predictions[name] for name in names}, prefix=_clip_prefix(clip_prefix),

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["InvalidJSONError", "read_json", "write_json_atomic", "write_text_atomic"]
+__all__ = ["InvalidJSONError", "preview_names", "read_json", "write_json_atomic", "write_text_atomic"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -91,3 +91,12 @@ def read_json(path: PathLike, what: str = "JSON file") -> Any:
             f"{what} {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}. "
             "Fix the file (a trailing comma or a missing quote is the usual cause)."
         ) from error
+
+
+def preview_names(names, limit: int = 10) -> str:
+    """The first `limit` names for an error message, and how many more there are ("none" when empty)."""
+    names = list(names)
+    if not names:
+        return "none"
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -88,3 +88,49 @@ def tiny_model(tiny_tokenizer):
 def real_photos(shared_data) -> list[Path]:
     folder = shared_data / "real_images"
     return [folder / "git_examples" / "1.jpg", folder / "git_examples" / "2.jpg", folder / "skimage" / "astronaut.png"]
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine thread hand-offs make them many times
+    slower; modules of tiny-model tests opt in with `pytestmark = pytest.mark.usefixtures("single_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_clip(folder: Path, seed: int = 1) -> Path:
+    """A randomly initialised CLIP small enough for CPU tests, with a byte-level BPE tokenizer built offline.
+
+    The vocabulary is every byte symbol with and without CLIP's end-of-word marker and no merges, so any text
+    tokenizes (one token per character); the image side takes 32x32 inputs. With seed 1 the untrained model gives
+    the real test images cosines of both signs (so both sides of max(cos, 0) are exercised) and zero-shot
+    predictions that vary between images; the tests check these premises rather than trust them.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols + [symbol + "</w>" for symbol in symbols]:
+        vocab.setdefault(symbol, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -19,20 +19,13 @@ from modeling_vitgpt2.attention_maps import (
     group_tokens_into_words,
 )
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 GRID = 4
 NUM_BEAMS = 3
 MAX_LENGTH = 32
 # Decoder block 1 has no cross-attention, so layer numbers and positions in `cross_attentions` differ.
 CROSS_LAYERS = [0, 2]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine thread hand-offs make them ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_image(seed: int, size=(80, 64)) -> Image.Image:

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers import CLIPModel, CLIPProcessor
 
 from modeling_vitgpt2.clip_score import (
     DEFAULT_CLIP_MODEL,
@@ -19,35 +18,9 @@ from modeling_vitgpt2.clip_score import (
 )
 from modeling_vitgpt2.processing_vitgpt2 import ImageLoadError
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
-
-
-def save_tiny_clip(folder: Path, seed: int = 1) -> Path:
-    """A randomly initialised CLIP small enough for CPU tests, with a byte-level BPE tokenizer built offline.
-
-    The vocabulary is every byte symbol with and without CLIP's end-of-word marker and no merges, so any text
-    tokenizes (one token per character); the image side takes 32x32 inputs. With seed 1 the untrained model gives
-    the real test images cosines of both signs (so both sides of max(cos, 0) are exercised) and zero-shot
-    predictions that vary between images; the tests check these premises rather than trust them.
-    """
-    symbols = list(bytes_to_unicode().values())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for symbol in symbols + [symbol + "</w>" for symbol in symbols]:
-        vocab.setdefault(symbol, len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
 
 
 @torch.no_grad()
@@ -62,20 +35,6 @@ def direct_embeddings(folder: Path, image_paths, texts):
     text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     text = text.pooler_output
     return images / images.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The models here are tiny: one thread avoids thread overhead and contention, many times faster on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import save_tiny_clip
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.peft_setup import PeftArguments
 from modeling_vitgpt2.synthetic import train_caption_tokenizer, write_synthetic_coco
@@ -162,8 +163,6 @@ def test_missing_images_are_all_listed_before_training(shapes, pretrained_parts,
 
 
 def test_evaluation_every_epoch_keeps_the_best_checkpoint_by_cider(shapes, pretrained_parts, tmp_path):
-    from test_clip_score import save_tiny_clip
-
     from modeling_vitgpt2.clip_score import clip_score
 
     output_dir = tmp_path / "epochs"

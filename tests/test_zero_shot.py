@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from test_clip_score import direct_embeddings, save_tiny_clip
+from test_clip_score import direct_embeddings
 
 from modeling_vitgpt2.clip_score import load_clip
 from modeling_vitgpt2.io_utils import InvalidJSONError, read_json, write_json_atomic, write_text_atomic
@@ -17,6 +17,8 @@ from modeling_vitgpt2.zero_shot import (
     write_predictions_csv,
     zero_shot_folder,
 )
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 TEMPLATES = ["This is a photo of {object}", "This is not a photo of {object}", "No {object}, no score."]
 # class id -> (class name, source images under ../shared/data/real_images)
@@ -30,20 +32,6 @@ CLASSES = {
     6: ("page of text", ["skimage/page.png"]),
     7: ("dog", ["clipscore_example/image2.jpg"]),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The models here are tiny: one thread avoids thread overhead and contention, many times faster on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")
