@@ -1,0 +1,562 @@
+"""LoRA training speed of ViTGPT2ForConditionalGeneration ("ours") against transformers' VisionEncoderDecoderModel
+("peer"), with and without the encoder-feature cache.
+
+Both start from the same random weights: a ViTModel + GPT-2 (cross-attention in every block)
+VisionEncoderDecoderModel is built and converted with `ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder`,
+dropout off everywhere. Both train the same LoRA set-up: rank 4 on the decoder's self-attention `c_attn`/`c_proj`
+(`fan_in_fan_out`), cross-attention and its LayerNorm fully trained (`modules_to_save`, plus the peer's
+`enc_to_dec_proj` where the widths differ), encoder frozen; ours through `apply_peft(model, "lora", ...)`. They see
+the same random images and random-token captions in the same order, with the same batch size, AdamW settings and
+seed, in a plain training loop, so their per-step losses must agree. Three stacks run:
+
+- `peer`: VisionEncoderDecoderModel + peft, from pixels (the encoder runs every step);
+- `ours`: our model + `apply_peft`, from pixels;
+- `ours_cached`: our model + `apply_peft`, from `EncoderFeatureCache` features (`train.py --cache_encoder_features`):
+  a timed pre-pass encodes every image once, then every epoch reads float16 features.
+
+Each stack lives in its own process, so that its peak memory is its own, and the parent runs their epochs in turn
+(peer, ours, ours_cached, peer, ...), so that a change in the machine's load hits all three alike.
+
+    python benchmarks/bench_train.py --size tiny --threads 1          # seconds; what tests/test_bench_train.py runs
+    python benchmarks/bench_train.py --size small --profile --output benchmarks/results/train_cpu_fp32_small.json
+    python benchmarks/bench_train.py --size real --output benchmarks/results/train_cpu_fp32_real.json
+
+See benchmarks/README.md for the FLOP formula and how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+from bench_generate import describe_machine, matmul_gflops, synchronize, write_report
+from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+from modeling_vitgpt2.feature_cache import EncoderFeatureCache
+from modeling_vitgpt2.peft_setup import PeftArguments, apply_peft, count_parameters
+from modeling_vitgpt2.synthetic import train_caption_tokenizer
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    image_size: int
+    patch_size: int
+    encoder_width: int
+    encoder_layers: int
+    encoder_heads: int
+    encoder_mlp_width: int
+    decoder_width: int
+    decoder_layers: int
+    decoder_heads: int
+    vocab_size: int
+    num_images: int
+    batch_size: int
+    epochs: int
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # patches + CLS
+
+
+SIZES = {
+    # tiny and small: encoder as wide as decoder, so the peer has no `enc_to_dec_proj` and both stacks train exactly
+    # the same parameters (the loss curves agree to float rounding).
+    "tiny": BenchSize(
+        image_size=28, patch_size=14, encoder_width=32, encoder_layers=2, encoder_heads=2, encoder_mlp_width=64,
+        decoder_width=32, decoder_layers=2, decoder_heads=2, vocab_size=300, num_images=16, batch_size=4, epochs=2,
+    ),
+    "small": BenchSize(
+        image_size=224, patch_size=16, encoder_width=256, encoder_layers=6, encoder_heads=4, encoder_mlp_width=1024,
+        decoder_width=256, decoder_layers=4, decoder_heads=4, vocab_size=8192, num_images=128, batch_size=8, epochs=3,
+    ),
+    # ViT-L/14 at 224 px + GPT-2 small. The peer trains `enc_to_dec_proj` (1024 -> 768) and then each layer's
+    # key/value projection, where ours trains the two folded into one matrix: the same function at step 0, but a
+    # different parametrisation, so the loss curves drift apart slightly after the first step.
+    "real": BenchSize(
+        image_size=224, patch_size=14, encoder_width=1024, encoder_layers=24, encoder_heads=16, encoder_mlp_width=4096,
+        decoder_width=768, decoder_layers=12, decoder_heads=12, vocab_size=50257, num_images=16, batch_size=8,
+        epochs=2,
+    ),
+}
+STACKS = ("peer", "ours", "ours_cached")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DATA_FILE = "data.pt"
+TEN_EPOCHS = 10
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    dtype: str
+    device: str
+    threads: int
+    lora_rank: int
+    lora_alpha: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The models and the data (built once, in the parent, and saved for the stacks to load)
+
+
+def build_models(size: BenchSize, seed: int) -> tuple[VisionEncoderDecoderModel, ViTGPT2ForConditionalGeneration]:
+    """The peer with random weights and dropout off, and ours converted from it (dropout off too)."""
+    torch.manual_seed(seed)
+    end_of_text = size.vocab_size - 1
+    encoder = ViTConfig(
+        hidden_size=size.encoder_width, num_hidden_layers=size.encoder_layers, num_attention_heads=size.encoder_heads,
+        intermediate_size=size.encoder_mlp_width, image_size=size.image_size, patch_size=size.patch_size,
+        layer_norm_eps=1e-6,  # timm's, so that the converted encoder computes exactly the same function
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    decoder = GPT2Config(
+        n_embd=size.decoder_width, n_layer=size.decoder_layers, n_head=size.decoder_heads, vocab_size=size.vocab_size,
+        add_cross_attention=True, is_decoder=True, bos_token_id=end_of_text, eos_token_id=end_of_text,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end_of_text
+    peer = VisionEncoderDecoderModel(config=config)
+    ours = ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(peer)
+    # The conversion does not carry dropout over; saved with these, our model loads without any.
+    ours.config.resid_pdrop = ours.config.embd_pdrop = ours.config.attn_pdrop = 0.0
+    return peer, ours
+
+
+def image_processor_for(model: ViTGPT2ForConditionalGeneration) -> ViTGPT2Processor:
+    """The transform both the parent (pixel inputs) and the feature cache's pre-pass apply, so both see one set of
+    pixels. The processor needs a tokenizer, but the captions here are token ids already: a minimal one."""
+    return ViTGPT2Processor.from_timm_model(model.encoder.model, train_caption_tokenizer(["random pixels"]))
+
+
+def random_labels(count: int, positions: int, end_of_text: int, rng: np.random.Generator) -> torch.Tensor:
+    """Captions of random tokens and random length (3/4 of the positions or more), closed by the end token and
+    padded with -100. The model prepends the start token, so a caption is at most `positions + 1` tokens long
+    counting its start and end."""
+    labels = np.full((count, positions), -100, dtype=np.int64)
+    for row in labels:
+        length = rng.integers(3 * (positions - 1) // 4, positions)  # caption tokens before the end token
+        row[:length] = rng.integers(0, end_of_text, length)
+        row[length] = end_of_text
+    return torch.from_numpy(labels)
+
+
+def write_dataset(folder: Path, size: BenchSize, caption_tokens: int, processor: ViTGPT2Processor, seed: int) -> None:
+    """Random RGB images as PNG files (the feature cache keys and reads files, as in training), their pixel values
+    and one caption per image, saved in `folder`."""
+    rng = np.random.default_rng(seed)
+    image_paths = []
+    for index in range(size.num_images):
+        path = folder / f"image_{index:04d}.png"
+        Image.fromarray(rng.integers(0, 256, (size.image_size, size.image_size, 3), dtype=np.uint8)).save(path)
+        image_paths.append(str(path))
+    data = {
+        "image_paths": image_paths,
+        "pixel_values": processor(images=image_paths)["pixel_values"],
+        "labels": random_labels(size.num_images, caption_tokens, size.vocab_size - 1, rng),
+    }
+    torch.save(data, folder / DATA_FILE)
+
+
+def step_flops(size: BenchSize, images: int, caption_tokens: int) -> dict[str, float]:
+    """Useful FLOPs of one training step on `images` images with one caption each: 2 per multiply-add of the weight
+    matrices (biases, norms, softmax, attention products and LoRA's rank-r matrices ignored). A frozen matrix costs
+    a forward and an input-gradient product (4 per weight and token); a trained one also its weight gradient (6); the
+    image-token key/value projection is trained but its input (the frozen encoder's output) needs no gradient (4).
+    The encoder runs forward only (as bench_generate.py counts it). See benchmarks/README.md."""
+    tokens, width, mlp = size.image_tokens, size.encoder_width, size.encoder_mlp_width
+    encoder = images * size.encoder_layers * (2 * tokens * (4 * width**2 + 2 * width * mlp) + 4 * tokens**2 * width)
+
+    d_model, layers = size.decoder_width, size.decoder_layers
+    frozen_text_weights = layers * 12 * d_model**2 + size.vocab_size * d_model  # self-attention, MLP, LM head
+    trained_text_weights = layers * 2 * d_model**2  # cross-attention query and output projections
+    trained_image_weights = layers * width * 2 * d_model  # cross-attention keys/values, folded as in our model
+    text_positions = images * caption_tokens
+    decoder = text_positions * (4 * frozen_text_weights + 6 * trained_text_weights)
+    decoder += images * tokens * 4 * trained_image_weights
+    return {"encoder": float(encoder), "decoder": float(decoder)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training stack, in its own process
+
+
+class TrainingStack:
+    """A model with LoRA, its AdamW optimizer and the data, trained one epoch per call; `name` is one of STACKS."""
+
+    def __init__(self, name: str, folder: Path, settings: TrainSettings):
+        self.name, self.folder, self.settings = name, folder, settings
+        torch.set_num_threads(settings.threads)
+        self.device = torch.device(settings.device)
+        data = torch.load(folder / DATA_FILE)
+        self.image_paths, self.pixel_values, self.labels = data["image_paths"], data["pixel_values"], data["labels"]
+        if name == "peer":
+            base = VisionEncoderDecoderModel.from_pretrained(folder / "peer")
+            torch.manual_seed(settings.seed)  # LoRA's A matrices are random: same seed, same modules, same order
+            model = get_peft_model(base, self.peer_lora_config(base))
+        else:
+            base = ViTGPT2ForConditionalGeneration.from_pretrained(folder / "ours")
+            torch.manual_seed(settings.seed)
+            arguments = PeftArguments(
+                peft="lora", lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0
+            )
+            model = apply_peft(base, "lora", arguments)
+        self.model = model.to(self.device).train()
+        self.trainable_params = count_parameters(self.model)[0]
+        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+        # As Trainer --bf16 does: bfloat16 autocast over fp32 weights.
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.dtype == "bf16")
+        self.cache: EncoderFeatureCache | None = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.memory_after_load_mib = self.peak_memory_mib()
+
+    def peer_lora_config(self, base: VisionEncoderDecoderModel) -> LoraConfig:
+        """Our `apply_peft(model, "lora", ...)` set-up, in the peer's module names."""
+        modules_to_save = ["crossattention", "ln_cross_attn"]
+        if getattr(base, "enc_to_dec_proj", None) is not None:
+            modules_to_save.append("enc_to_dec_proj")  # part of the new image-to-text path: trained like it
+        return LoraConfig(
+            r=self.settings.lora_rank,
+            lora_alpha=self.settings.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=r"decoder\.transformer\.h\.\d+\.attn\.(c_attn|c_proj)",  # not crossattention's
+            fan_in_fan_out=True,
+            modules_to_save=modules_to_save,
+        )
+
+    def peak_memory_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        # Linux reports kibibytes. The process was forked from the parent before it built anything, so this counts
+        # the interpreter and libraries (alike in every stack) plus this stack's own weights, activations and state.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+    def prepass(self) -> float:
+        """Builds the encoder-feature cache (fingerprint and pre-pass) and trains from it from now on; seconds."""
+        base = self.model.get_base_model()
+        processor = image_processor_for(base)
+        synchronize(self.device)
+        started = time.perf_counter()
+        cache = EncoderFeatureCache(self.folder / "feature-cache", base, processor)
+        self.cache = cache.build(self.image_paths, batch_size=self.settings.batch_size, num_workers=2)
+        synchronize(self.device)
+        return time.perf_counter() - started
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self.labels), batch_size):
+            rows = slice(start, start + batch_size)
+            labels = self.labels[rows].to(self.device)
+            if self.cache is None:
+                yield {"pixel_values": self.pixel_values[rows].to(self.device), "labels": labels}
+            else:  # float16 features as stored; the model casts them to its own dtype
+                features = self.cache.batch_features(self.image_paths[rows]).to(self.device)
+                yield {"encoder_outputs": (features,), "labels": labels}
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        with self.autocast:
+            return self.model(**batch).loss
+
+    def train_step(self, batch: dict) -> torch.Tensor:
+        loss = self.loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def warm_up(self) -> None:
+        """A forward and backward on one sample, gradients dropped (the weights do not change): the one-off costs
+        of a first call (thread pools, memory first touched) would otherwise land in the first timed epoch."""
+        self.loss(next(self.batches(1))).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def epoch(self) -> dict:
+        """One pass over the data; its seconds and per-step losses."""
+        synchronize(self.device)
+        started = time.perf_counter()
+        losses = [self.train_step(batch) for batch in self.batches(self.settings.batch_size)]
+        synchronize(self.device)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "losses": torch.stack(losses).float().tolist()}  # read after timing: no syncs
+
+    def profile_step(self, top: int) -> list[dict]:
+        """Top ops by self time of one training step on the first batch (run after the timed epochs: it trains)."""
+        batch = next(self.batches(self.settings.batch_size))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            self.train_step(batch)
+            synchronize(self.device)
+        self_time = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        events = profiler.key_averages()
+        total = sum(getattr(event, self_time) for event in events)
+        ranked = sorted(events, key=lambda event: getattr(event, self_time), reverse=True)[:top]
+        return [
+            {
+                "op": event.key,
+                "calls": event.count,
+                "self_ms": getattr(event, self_time) / 1e3,
+                "percent": 100 * getattr(event, self_time) / total,
+            }
+            for event in ranked
+        ]
+
+    def summary(self) -> dict:
+        return {
+            "trainable_params": self.trainable_params,
+            "memory_after_load_mib": self.memory_after_load_mib,
+            "peak_memory_mib": self.peak_memory_mib(),
+        }
+
+
+class StackFailed(RuntimeError):
+    """An error in a stack process, carrying its traceback text."""
+
+
+def serve(connection) -> None:
+    """A stack process: builds its `TrainingStack`, then runs the methods the parent asks for until told to stop.
+    An error goes back to the parent as its traceback text."""
+    try:
+        stack = TrainingStack(*connection.recv())
+        connection.send(None)
+        while (request := connection.recv()) is not None:
+            method, args = request
+            connection.send(getattr(stack, method)(*args))
+    except Exception:
+        connection.send(StackFailed(traceback.format_exc()))
+
+
+class StackProcess:
+    """The parent's handle on a stack process."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext, name: str):
+        self.name = name
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(target=serve, args=(child_end,), name=name, daemon=True)
+        self.process.start()
+
+    def _answer(self):
+        answer = self.connection.recv()
+        if isinstance(answer, StackFailed):
+            raise StackFailed(f"stack {self.name} failed:\n{answer}")
+        return answer
+
+    def open(self, folder: Path, settings: TrainSettings) -> None:
+        self.connection.send((self.name, folder, settings))
+        self._answer()
+
+    def call(self, method: str, *args):
+        self.connection.send((method, args))
+        return self._answer()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--num_images", type=int, help="samples per epoch (one caption each); default: by --size")
+    parser.add_argument("--batch_size", type=int, help="default: by --size")
+    parser.add_argument("--epochs", type=int, help="timed epochs per stack; default: by --size")
+    parser.add_argument("--caption_tokens", type=int, default=20, help="decoder positions per caption (start included)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight_decay", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="bf16 = bfloat16 autocast, as Trainer --bf16")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads (1 keeps tiny runs quick on a loaded machine)")
+    parser.add_argument("--profile", action="store_true", help="after the epochs, profile one step of each stack")
+    parser.add_argument("--profile_top", type=int, default=12, help="how many ops --profile lists")
+    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    return parser.parse_args()
+
+
+def cuda_available() -> bool:
+    # The NVML check leaves CUDA uninitialised in this process, which the stacks' forked processes need.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    return torch.cuda.is_available()
+
+
+def print_table(report: dict) -> None:
+    stacks = report["stacks"]
+    print(f"\n{'stack':<12} {'epoch s (each)':<24} {'median s':>8} {'samples/s':>9} {'%matmul':>7} "
+          f"{'trainable':>11} {'mem after load':>14} {'peak mem':>9}")
+    for name in STACKS:
+        stack = stacks[name]
+        epochs = " ".join(f"{seconds:.2f}" for seconds in stack["epoch_s"])
+        print(f"{name:<12} {epochs:<24} {stack['median_epoch_s']:>8.2f} {stack['samples_per_s']:>9.2f} "
+              f"{100 * stack['fraction_of_matmul']:>6.1f}% {stack['trainable_params']:>11,} "
+              f"{stack['memory_after_load_mib']:>10.0f} MiB {stack['peak_memory_mib']:>5.0f} MiB")
+    ten = report["ten_epochs_s"]
+    print(f"\npre-pass (feature cache, {report['num_images']} images): {stacks['ours_cached']['prepass_s']:.2f} s")
+    print(f"speedup, ours over peer, per epoch from pixels: {report['speedup']:.2f}x")
+    print(f"{TEN_EPOCHS} epochs: peer {ten['peer']:.1f} s, ours {ten['ours']:.1f} s, ours with the cache "
+          f"{ten['ours_cached']:.1f} s (pre-pass + {TEN_EPOCHS} epochs): "
+          f"speedup_10_epochs_with_cache {report['speedup_10_epochs_with_cache']:.2f}x")
+    print(f"%matmul: share of the measured {report['matmul_gflops']:.1f} GFLOP/s matmul throughput reached "
+          "(useful FLOPs / epoch time)")
+
+    print(f"\n{'step':>4} {'peer loss':>10} {'ours loss':>10} {'|diff|':>9} {'cached loss':>11}")
+    for step, (peer, ours, cached) in enumerate(
+        zip(stacks["peer"]["losses"], stacks["ours"]["losses"], stacks["ours_cached"]["losses"])
+    ):
+        print(f"{step:>4} {peer:>10.5f} {ours:>10.5f} {abs(peer - ours):>9.2e} {cached:>11.5f}")
+    print(f"loss_max_abs_diff (peer vs ours): {report['loss_max_abs_diff']:.2e}; peer vs ours from the cache (float16 "
+          f"features): {report['loss_max_abs_diff_cached']:.2e}")
+
+
+def print_profile(name: str, ops: list[dict]) -> None:
+    print(f"\n{name}: top ops of one training step (self time)")
+    for op in ops:
+        print(f"  {op['op']:<40} {op['calls']:>7} calls {op['self_ms']:>10.1f} ms {op['percent']:>6.1f}%")
+
+
+def max_abs_diff(first: list[float], second: list[float]) -> float:
+    return max(abs(a - b) for a, b in zip(first, second, strict=True))
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    transformers.logging.set_verbosity_error()
+    command = shlex.join(["python", *sys.argv])
+    device = torch.device(arguments.device)
+    if device.type == "cuda" and not cuda_available():
+        print("skipped: --device cuda asked for, but no CUDA device is available")
+        write_report({"command": command, "skipped": "no CUDA device", "machine": describe_machine(torch.device("cpu"))},
+                     arguments.output)
+        return
+
+    # Fork the stacks before this process runs any torch op: an OpenMP thread pool or a CUDA context started before
+    # a fork does not work in the child. Forked (not spawned) so that they do not import torch again.
+    context = multiprocessing.get_context("fork")
+    processes = {name: StackProcess(context, name) for name in STACKS}
+
+    overrides = {key: getattr(arguments, key) for key in ("num_images", "batch_size", "epochs")}
+    size = replace(SIZES[arguments.size], **{key: value for key, value in overrides.items() if value})
+    settings = TrainSettings(
+        batch_size=size.batch_size, lr=arguments.lr, weight_decay=arguments.weight_decay, seed=arguments.seed,
+        dtype=arguments.dtype, device=device.type, threads=arguments.threads, lora_rank=PeftArguments.lora_rank,
+        lora_alpha=PeftArguments.lora_alpha,
+    )
+    torch.set_num_threads(arguments.threads)
+    machine = describe_machine(device)
+    print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} using {machine['torch_threads']} "
+          f"threads, transformers {machine['transformers']}" + (f", {machine['gpu']}" if machine["gpu"] else ""))
+    load_at_start = os.getloadavg()[0]
+    matmul_at_start = matmul_gflops(DTYPES[arguments.dtype], device)
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
+        folder = Path(scratch)
+        peer, ours = build_models(size, arguments.seed)
+        peer_has_projection = getattr(peer, "enc_to_dec_proj", None) is not None
+        peer.save_pretrained(folder / "peer")
+        ours.save_pretrained(folder / "ours")
+        write_dataset(folder, size, arguments.caption_tokens, image_processor_for(ours), arguments.seed)
+        del peer, ours
+
+        for process in processes.values():
+            process.open(folder, settings)
+        prepass_s = processes["ours_cached"].call("prepass")
+        for process in processes.values():
+            process.call("warm_up")
+        epochs = {name: [] for name in STACKS}
+        for epoch in range(size.epochs):
+            for name, process in processes.items():  # in turn, so that load changes hit every stack alike
+                epochs[name].append(process.call("epoch"))
+            print(f"epoch {epoch + 1}/{size.epochs} done", file=sys.stderr)
+        profiles = (
+            {name: process.call("profile_step", arguments.profile_top) for name, process in processes.items()}
+            if arguments.profile
+            else None
+        )
+        summaries = {name: process.call("summary") for name, process in processes.items()}
+        for process in processes.values():
+            process.close()
+
+    matmul = statistics.mean([matmul_at_start, matmul_gflops(DTYPES[arguments.dtype], device)])
+    load_average = {"start": load_at_start, "end": os.getloadavg()[0]}
+    flops = {kind: size.num_images / size.batch_size * value
+             for kind, value in step_flops(size, size.batch_size, arguments.caption_tokens).items()}
+    epoch_flops = {"peer": flops["encoder"] + flops["decoder"], "ours": flops["encoder"] + flops["decoder"],
+                   "ours_cached": flops["decoder"]}
+    stacks = {}
+    for name in STACKS:
+        epoch_s = [epoch["seconds"] for epoch in epochs[name]]
+        median_epoch_s = statistics.median(epoch_s)
+        stacks[name] = {
+            "epoch_s": epoch_s,
+            "median_epoch_s": median_epoch_s,
+            "samples_per_s": size.num_images / median_epoch_s,
+            "fraction_of_matmul": epoch_flops[name] / median_epoch_s / 1e9 / matmul,
+            **summaries[name],
+            "losses": [loss for epoch in epochs[name] for loss in epoch["losses"]],
+        }
+    stacks["ours_cached"]["prepass_s"] = prepass_s
+    ten_epochs_s = {
+        "peer": TEN_EPOCHS * stacks["peer"]["median_epoch_s"],
+        "ours": TEN_EPOCHS * stacks["ours"]["median_epoch_s"],
+        "ours_cached": prepass_s + TEN_EPOCHS * stacks["ours_cached"]["median_epoch_s"],
+    }
+    report = {
+        "command": command,
+        "machine": machine,
+        "size": arguments.size,
+        "model": asdict(size) | {"image_tokens": size.image_tokens, "peer_has_enc_to_dec_proj": peer_has_projection},
+        "dtype": arguments.dtype,
+        "device": device.type,
+        "num_images": size.num_images,
+        "batch_size": size.batch_size,
+        "epochs": size.epochs,
+        "caption_tokens": arguments.caption_tokens,
+        "optimizer": {"name": "AdamW", "lr": arguments.lr, "weight_decay": arguments.weight_decay},
+        "lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha, "dropout": 0.0},
+        "seed": arguments.seed,
+        "load_average": load_average,
+        "matmul_gflops": matmul,
+        "epoch_flops": epoch_flops,
+        "memory_measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss)",
+        "speedup": stacks["peer"]["median_epoch_s"] / stacks["ours"]["median_epoch_s"],
+        "ten_epochs_s": ten_epochs_s,
+        "speedup_10_epochs_with_cache": ten_epochs_s["peer"] / ten_epochs_s["ours_cached"],
+        "loss_max_abs_diff": max_abs_diff(stacks["peer"]["losses"], stacks["ours"]["losses"]),
+        "loss_max_abs_diff_cached": max_abs_diff(stacks["peer"]["losses"], stacks["ours_cached"]["losses"]),
+        "stacks": stacks,
+    }
+    print_table(report)
+    print(f"1-minute load average: {load_average['start']:.1f} at start, {load_average['end']:.1f} at end "
+          f"({machine['cores']} cores)")
+    if profiles is not None:
+        report["profile"] = profiles
+        for name in STACKS:
+            print_profile(name, profiles[name])
+    write_report(report, arguments.output)
+
+
+if __name__ == "__main__":
+    main()
