@@ -14,8 +14,9 @@ seed, in a plain training loop, so their per-step losses must agree. Three stack
 - `ours_cached`: our model + `apply_peft`, from `EncoderFeatureCache` features (`train.py --cache_encoder_features`):
   a timed pre-pass encodes every image once, then every epoch reads float16 features.
 
-Each stack lives in its own process, so that its peak memory is its own, and the parent runs their epochs in turn
-(peer, ours, ours_cached, peer, ...), so that a change in the machine's load hits all three alike.
+Each stack lives in its own process, so that its peak memory is its own, and the parent has them train step by step
+in turn (peer, ours, ours_cached, peer, ...), so that a change in the machine's load hits all three alike; an epoch's
+time is the sum of its steps' times.
 
     python benchmarks/bench_train.py --size tiny --threads 1          # seconds; what tests/test_bench_train.py runs
     python benchmarks/bench_train.py --size small --profile --output benchmarks/results/train_cpu_fp32_small.json
@@ -27,6 +28,7 @@ See benchmarks/README.md for the FLOP formula and how to read the output.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import resource
@@ -177,8 +179,8 @@ def write_dataset(folder: Path, size: BenchSize, caption_tokens: int, processor:
     torch.save(data, folder / DATA_FILE)
 
 
-def step_flops(size: BenchSize, images: int, caption_tokens: int) -> dict[str, float]:
-    """Useful FLOPs of one training step on `images` images with one caption each: 2 per multiply-add of the weight
+def training_flops(size: BenchSize, images: int, caption_tokens: int) -> dict[str, float]:
+    """Useful FLOPs of training once on `images` images with one caption each: 2 per multiply-add of the weight
     matrices (biases, norms, softmax, attention products and LoRA's rank-r matrices ignored). A frozen matrix costs
     a forward and an input-gradient product (4 per weight and token); a trained one also its weight gradient (6); the
     image-token key/value projection is trained but its input (the frozen encoder's output) needs no gradient (4).
@@ -263,15 +265,15 @@ class TrainingStack:
         synchronize(self.device)
         return time.perf_counter() - started
 
-    def batches(self, batch_size: int):
-        for start in range(0, len(self.labels), batch_size):
-            rows = slice(start, start + batch_size)
-            labels = self.labels[rows].to(self.device)
-            if self.cache is None:
-                yield {"pixel_values": self.pixel_values[rows].to(self.device), "labels": labels}
-            else:  # float16 features as stored; the model casts them to its own dtype
-                features = self.cache.batch_features(self.image_paths[rows]).to(self.device)
-                yield {"encoder_outputs": (features,), "labels": labels}
+    def batch(self, index: int, batch_size: int) -> dict:
+        """Batch `index` of an epoch, in the data's fixed order."""
+        rows = slice(index * batch_size, (index + 1) * batch_size)
+        labels = self.labels[rows].to(self.device)
+        if self.cache is None:
+            return {"pixel_values": self.pixel_values[rows].to(self.device), "labels": labels}
+        # float16 features as stored; the model casts them to its own dtype
+        features = self.cache.batch_features(self.image_paths[rows]).to(self.device)
+        return {"encoder_outputs": (features,), "labels": labels}
 
     def loss(self, batch: dict) -> torch.Tensor:
         with self.autocast:
@@ -287,21 +289,21 @@ class TrainingStack:
     def warm_up(self) -> None:
         """A forward and backward on one sample, gradients dropped (the weights do not change): the one-off costs
         of a first call (thread pools, memory first touched) would otherwise land in the first timed epoch."""
-        self.loss(next(self.batches(1))).backward()
+        self.loss(self.batch(0, 1)).backward()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def epoch(self) -> dict:
-        """One pass over the data; its seconds and per-step losses."""
+    def step(self, index: int) -> tuple[float, float]:
+        """Trains on batch `index`; the seconds it took (reading the batch included) and its loss."""
         synchronize(self.device)
         started = time.perf_counter()
-        losses = [self.train_step(batch) for batch in self.batches(self.settings.batch_size)]
+        loss = self.train_step(self.batch(index, self.settings.batch_size))
         synchronize(self.device)
         seconds = time.perf_counter() - started
-        return {"seconds": seconds, "losses": torch.stack(losses).float().tolist()}  # read after timing: no syncs
+        return seconds, loss.item()  # read after timing, so that no step waits for the device twice
 
     def profile_step(self, top: int) -> list[dict]:
         """Top ops by self time of one training step on the first batch (run after the timed epochs: it trains)."""
-        batch = next(self.batches(self.settings.batch_size))
+        batch = self.batch(0, self.settings.batch_size)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with profile(activities=activities) as profiler:
             self.train_step(batch)
@@ -485,10 +487,14 @@ def main() -> None:
         prepass_s = processes["ours_cached"].call("prepass")
         for process in processes.values():
             process.call("warm_up")
-        epochs = {name: [] for name in STACKS}
+        steps_per_epoch = math.ceil(size.num_images / size.batch_size)
+        steps = {name: [] for name in STACKS}  # (seconds, loss) of every step, epoch after epoch
+        load_per_epoch = []
         for epoch in range(size.epochs):
-            for name, process in processes.items():  # in turn, so that load changes hit every stack alike
-                epochs[name].append(process.call("epoch"))
+            for index in range(steps_per_epoch):
+                for name, process in processes.items():  # step by step in turn: load changes hit every stack alike
+                    steps[name].append(process.call("step", index))
+            load_per_epoch.append(os.getloadavg()[0])
             print(f"epoch {epoch + 1}/{size.epochs} done", file=sys.stderr)
         profiles = (
             {name: process.call("profile_step", arguments.profile_top) for name, process in processes.items()}
@@ -500,14 +506,14 @@ def main() -> None:
             process.close()
 
     matmul = statistics.mean([matmul_at_start, matmul_gflops(DTYPES[arguments.dtype], device)])
-    load_average = {"start": load_at_start, "end": os.getloadavg()[0]}
-    flops = {kind: size.num_images / size.batch_size * value
-             for kind, value in step_flops(size, size.batch_size, arguments.caption_tokens).items()}
+    load_average = {"start": load_at_start, "per_epoch": load_per_epoch, "end": os.getloadavg()[0]}
+    flops = training_flops(size, size.num_images, arguments.caption_tokens)
     epoch_flops = {"peer": flops["encoder"] + flops["decoder"], "ours": flops["encoder"] + flops["decoder"],
                    "ours_cached": flops["decoder"]}
     stacks = {}
     for name in STACKS:
-        epoch_s = [epoch["seconds"] for epoch in epochs[name]]
+        step_s = [seconds for seconds, _ in steps[name]]
+        epoch_s = [sum(step_s[start : start + steps_per_epoch]) for start in range(0, len(step_s), steps_per_epoch)]
         median_epoch_s = statistics.median(epoch_s)
         stacks[name] = {
             "epoch_s": epoch_s,
@@ -515,7 +521,7 @@ def main() -> None:
             "samples_per_s": size.num_images / median_epoch_s,
             "fraction_of_matmul": epoch_flops[name] / median_epoch_s / 1e9 / matmul,
             **summaries[name],
-            "losses": [loss for epoch in epochs[name] for loss in epoch["losses"]],
+            "losses": [loss for _, loss in steps[name]],
         }
     stacks["ours_cached"]["prepass_s"] = prepass_s
     ten_epochs_s = {
