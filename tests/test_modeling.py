@@ -164,3 +164,14 @@ def test_encoder_width_mismatch_is_reported(tiny_tokenizer):
 
 def test_weights_are_tied(tiny_model):
     assert tiny_model.lm_head.weight.data_ptr() == tiny_model.decoder.wte.weight.data_ptr()
+
+
+def test_lm_head_inference_form_is_the_same_product_as_training(tiny_model):
+    # Under no_grad on CPU the LM head computes (weight @ hidden.T).T, BLAS's fast form for a few rows.
+    hidden = torch.randn(2, 5, tiny_model.config.n_embd, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        inference = tiny_model.lm_head(hidden)
+    training = tiny_model.lm_head(hidden)
+    assert training.requires_grad and not inference.requires_grad
+    assert inference.shape == (2, 5, tiny_model.config.vocab_size) and inference.is_contiguous()
+    torch.testing.assert_close(inference, training.detach())
