@@ -12,7 +12,8 @@ seed, in a plain training loop, so their per-step losses must agree. Three stack
 - `peer`: VisionEncoderDecoderModel + peft, from pixels (the encoder runs every step);
 - `ours`: our model + `apply_peft`, from pixels;
 - `ours_cached`: our model + `apply_peft`, from `EncoderFeatureCache` features (`train.py --cache_encoder_features`):
-  a timed pre-pass encodes every image once, then every epoch reads float16 features.
+  a timed pre-pass encodes every image once and pages the idle encoder out to a memory-mapped file
+  (`page_out_encoder`, as `train.py` does), then every epoch reads float16 features.
 
 Each stack lives in its own process, so that its peak memory is its own, and the parent has them train step by step
 in turn (peer, ours, ours_cached, peer, ...), so that a change in the machine's load hits all three alike; an epoch's
@@ -50,7 +51,7 @@ from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, Visi
 
 from bench_generate import describe_machine, matmul_gflops, synchronize, write_report
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.feature_cache import EncoderFeatureCache
+from modeling_vitgpt2.feature_cache import EncoderFeatureCache, page_out_encoder
 from modeling_vitgpt2.peft_setup import PeftArguments, apply_peft, count_parameters
 from modeling_vitgpt2.synthetic import train_caption_tokenizer
 
@@ -254,13 +255,15 @@ class TrainingStack:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
     def prepass(self) -> float:
-        """Builds the encoder-feature cache (fingerprint and pre-pass) and trains from it from now on; seconds."""
+        """Builds the encoder-feature cache (fingerprint and pre-pass), pages the idle encoder out, and trains from the
+        cache from now on; seconds."""
         base = self.model.get_base_model()
         processor = image_processor_for(base)
         synchronize(self.device)
         started = time.perf_counter()
         cache = EncoderFeatureCache(self.folder / "feature-cache", base, processor)
         self.cache = cache.build(self.image_paths, batch_size=self.settings.batch_size, num_workers=2)
+        page_out_encoder(base, self.folder / "feature-cache")  # as train.py does once training starts
         synchronize(self.device)
         return time.perf_counter() - started
 

@@ -3,7 +3,8 @@
 Training with a frozen ViT spends most of every step re-encoding the same images. `EncoderFeatureCache.build(rows)`
 encodes every unique image once (a batched pre-pass under `torch.inference_mode`, with a progress bar) into a float16
 memmap on disk, and `CachedFeatureCollator` then hands the model `encoder_outputs` read from it, so the encoder never
-runs during training or evaluation (`train.py --cache_encoder_features`).
+runs during training or evaluation (`train.py --cache_encoder_features`). `page_out_encoder` then moves the idle
+encoder's weights into a memory-mapped file for the length of training, out of RAM or off the GPU.
 
 What a cache is keyed by, so that any change recomputes:
 
@@ -469,6 +470,40 @@ class EncoderFeatureCache:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The idle encoder
+
+
+def page_out_encoder(model: torch.nn.Module, folder: PathLike) -> None:
+    """Moves a frozen encoder's weights out of memory into a memory-mapped file in `folder`, on the CPU.
+
+    Training from cached features never runs the encoder, yet its weights (1.2 GB for ViT-L/14 in float32) would sit
+    in RAM, or on the GPU, for the whole run. Afterwards they are file-backed pages that the kernel reads back only
+    when they are used (saving the full model, captioning pixels) and may drop again under memory pressure. The file
+    is unlinked at once: the mapping keeps its data alive until the weights are freed, and nothing stays on disk, so
+    `folder` must be on a disk (a RAM-backed tmpfs would save nothing); the feature cache's folder is one. Bring the
+    encoder back with `model.get_encoder().to(device)` before running it on another device.
+
+    Measured on CPU with ViT-L/14 + GPT-2 built by `from_encoder_decoder_pretrained`: 2.78 -> 1.62 GB resident. Weights
+    that `from_pretrained` mapped from a safetensors file gain nothing on CPU: they are file pages already, and that
+    file's mapping stays alive for the decoder's weights in it.
+    """
+    encoder = model.get_encoder()
+    trainable = [name for name, parameter in encoder.named_parameters() if parameter.requires_grad]
+    if trainable:
+        raise ValueError(f"only a frozen encoder can be paged out; {trainable[0]} is trainable")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"paged-out-encoder-{os.getpid()}.pt"
+    try:
+        torch.save({name: tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}, path)
+        mapped = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    finally:
+        path.unlink(missing_ok=True)
+    # assign=True makes the mapped tensors the weights (requires_grad is kept), so the resident copies are freed.
+    encoder.load_state_dict(mapped, assign=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Batches
 
 
@@ -518,6 +553,7 @@ __all__ = [
     "FeatureCacheMissError",
     "encoder_fingerprint",
     "image_key",
+    "page_out_encoder",
     "transform_fingerprint",
     "without_image_decoding",
 ]

@@ -14,7 +14,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
+from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .cider import corpus_cider
@@ -395,10 +395,12 @@ def run_training(
 
     collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
     eval_collator = collator
+    callbacks = []
     if data_args.cache_encoder_features:
-        collator, eval_collator = _feature_cache_collators(
+        collator, eval_collator, page_out = _feature_cache_collators(
             data_args, training_args, peft_args, model, processor, collator, train_rows, val_images
         )
+        callbacks.append(page_out)
 
     trainer = CaptionTrainer(
         model=model,
@@ -409,6 +411,7 @@ def run_training(
         processing_class=processor,
         eval_collator=eval_collator,
         clip_model=data_args.clip_model,
+        callbacks=callbacks,
     )
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     metrics = trainer.evaluate()
@@ -466,18 +469,44 @@ def save_trained_model(model, processor: ViTGPT2Processor, output_dir: Path, mer
     processor.save_pretrained(output_dir)
 
 
+class PageOutEncoderCallback(TrainerCallback):
+    """With `--cache_encoder_features` nothing runs the encoder while training, so its weights wait in a memory-mapped
+    file (`page_out_encoder`) from the start of training, after the Trainer has placed the model, and go back to the
+    model's device at the end, so that the trained model can caption pixels again."""
+
+    def __init__(self, model: ViTGPT2ForConditionalGeneration, folder: Path):
+        self.model, self.folder = model, folder
+        self.device: torch.device | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from .feature_cache import page_out_encoder
+
+        self.device = next(self.model.get_encoder().parameters()).device
+        try:
+            page_out_encoder(self.model, self.folder)
+        except OSError as error:  # a full disk costs the memory saving, not the run
+            logger.warning("Keeping the encoder in memory: paging it out to %s failed (%s).", self.folder, error)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.device is not None:
+            self.model.get_encoder().to(self.device)
+
+
 def _feature_cache_collators(data_args, training_args, peft_args, model, processor, collator, train_rows, val_images):
     from .feature_cache import CachedFeatureCollator, EncoderFeatureCache
 
     if peft_args.train_encoder:
         raise ValueError("--cache_encoder_features needs a frozen encoder; drop --train_encoder")
-    cache_dir = data_args.feature_cache_dir or str(Path(training_args.output_dir).parent / "feature-cache")
+    cache_dir = Path(data_args.feature_cache_dir or Path(training_args.output_dir).parent / "feature-cache")
     base = model.get_base_model() if is_peft_model(model) else model
+    # The pre-pass runs wherever the encoder is: on the training device, where Trainer would put the model anyway.
+    base.to(training_args.device)
     cache = EncoderFeatureCache(cache_dir, base, processor)
     # One call per dataset: `build` reads a dataset's `image_path` column directly, without a dict per row.
     cache.build(train_rows, batch_size=training_args.per_device_eval_batch_size)
     cache.build(val_images, batch_size=training_args.per_device_eval_batch_size)
-    return CachedFeatureCollator(collator, cache), CachedFeatureCollator(collator, cache)
+    collators = CachedFeatureCollator(collator, cache), CachedFeatureCollator(collator, cache)
+    return *collators, PageOutEncoderCallback(base, cache_dir)
 
 
 def load_for_inference(path: str | os.PathLike, **kwargs):

@@ -26,6 +26,7 @@ from modeling_vitgpt2.feature_cache import (
     EncoderFeatureCache,
     FeatureCacheMissError,
     image_key,
+    page_out_encoder,
     without_image_decoding,
 )
 
@@ -414,3 +415,23 @@ def test_an_image_missing_from_the_cache_is_named(frozen_model, tiny_processor, 
 def test_a_trainable_encoder_is_refused(tiny_model, tiny_processor, rows, cache_dir):
     with pytest.raises(ValueError, match="requires_grad_"):
         EncoderFeatureCache(cache_dir, tiny_model, tiny_processor).build(rows)
+
+
+def test_a_paged_out_encoder_computes_the_same_from_a_deleted_file_mapping(frozen_model, cache_dir):
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    encoder = frozen_model.get_encoder()
+    with torch.inference_mode():
+        before = encoder(pixels).last_hidden_state
+    page_out_encoder(frozen_model, cache_dir)
+    with torch.inference_mode():
+        assert torch.equal(encoder(pixels).last_hidden_state, before)
+    assert not any(parameter.requires_grad for parameter in encoder.parameters())
+    assert list(cache_dir.iterdir()) == []  # unlinked at once; the mapping holds the data
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the weights now live in the mapping of the deleted file
+        assert f"paged-out-encoder-{os.getpid()}.pt (deleted)" in maps.read_text()
+
+
+def test_only_a_frozen_encoder_is_paged_out(tiny_model, cache_dir):
+    with pytest.raises(ValueError, match="frozen"):
+        page_out_encoder(tiny_model, cache_dir)

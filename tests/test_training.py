@@ -222,4 +222,27 @@ def test_training_from_cached_encoder_features_matches_training_from_images(shap
     run_training(model_args, data_args, peft_args, training_args)
 
     assert len(list((tmp_path / "feature-cache").glob("*/features.f16"))) == 1
+    assert not list((tmp_path / "feature-cache").glob("paged-out-encoder-*"))  # the idle encoder left no file
     assert losses(cached_dir) == pytest.approx(losses(plain_dir), abs=1e-3)
+
+
+def test_cached_training_pages_the_idle_encoder_out_and_saves_it_intact(shapes, pretrained_parts, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from modeling_vitgpt2 import feature_cache
+
+    paged_out = []
+    page_out_encoder = feature_cache.page_out_encoder
+    monkeypatch.setattr(
+        feature_cache, "page_out_encoder", lambda model, folder: paged_out.append(page_out_encoder(model, folder))
+    )
+    model_args, data_args, peft_args, training_args = arguments(
+        shapes, pretrained_parts, tmp_path / "run", peft="full", max_steps=2
+    )
+    data_args.cache_encoder_features, data_args.feature_cache_dir = True, str(tmp_path / "feature-cache")
+    run_training(model_args, data_args, peft_args, training_args)
+
+    assert len(paged_out) == 1
+    saved = load_for_inference(tmp_path / "run").encoder.model.state_dict()
+    for name, tensor in load_file(pretrained_parts[0]).items():  # the full model was saved from the mapped weights
+        assert torch.equal(saved[name], tensor), name
