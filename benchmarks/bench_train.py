@@ -29,6 +29,7 @@ See benchmarks/README.md for the FLOP formula and how to read the output.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
@@ -98,6 +99,10 @@ SIZES = {
     ),
 }
 STACKS = ("peer", "ours", "ours_cached")
+# The columns of torch.profiler's memory timeline (torch/profiler/_memory_profiler.py, _CATEGORY_TO_COLORS).
+MEMORY_CATEGORIES = (
+    "parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail", "unknown",
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DATA_FILE = "data.pt"
 TEN_EPOCHS = 10
@@ -324,6 +329,28 @@ class TrainingStack:
             for event in ranked
         ]
 
+    def memory_step(self) -> dict:
+        """Where the memory of one training step on the first batch goes: torch.profiler's memory timeline (every
+        tensor allocation, by what the tensor is) at the moment the step's tracked allocations peak, in MiB. Unlike
+        peak RSS, it leaves out the interpreter and libraries and says which tensors make the difference."""
+        batch = self.batch(0, self.settings.batch_size)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as profiler:
+            self.train_step(batch)
+            synchronize(self.device)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "timeline.json"
+            device = "cpu" if self.device.type == "cpu" else f"cuda:{torch.cuda.current_device()}"
+            profiler.export_memory_timeline(str(path), device=device)
+            _, sizes = json.loads(path.read_text())
+        # Column 0 is unused, then one column per category in the profiler's order.
+        totals = [sum(row) for row in sizes]
+        peak = sizes[totals.index(max(totals))]
+        return {
+            "peak_mib": max(totals) / 2**20,
+            "at_peak_mib": {category: size / 2**20 for category, size in zip(MEMORY_CATEGORIES, peak[1:])},
+        }
+
     def summary(self) -> dict:
         return {
             "trainable_params": self.trainable_params,
@@ -397,6 +424,8 @@ def parse_arguments() -> argparse.Namespace:
                         help="torch CPU threads (1 keeps tiny runs quick on a loaded machine)")
     parser.add_argument("--profile", action="store_true", help="after the epochs, profile one step of each stack")
     parser.add_argument("--profile_top", type=int, default=12, help="how many ops --profile lists")
+    parser.add_argument("--memory_profile", action="store_true",
+                        help="after the epochs, break one step's peak tensor memory of each stack down by category")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -433,6 +462,15 @@ def print_table(report: dict) -> None:
         print(f"{step:>4} {peer:>10.5f} {ours:>10.5f} {abs(peer - ours):>9.2e} {cached:>11.5f}")
     print(f"loss_max_abs_diff (peer vs ours): {report['loss_max_abs_diff']:.2e}; peer vs ours from the cache (float16 "
           f"features): {report['loss_max_abs_diff_cached']:.2e}")
+
+
+def print_memory(memory: dict) -> None:
+    print("\ntensor memory at the peak of one step (MiB, torch.profiler memory timeline)")
+    print(f"{'stack':<12} {'peak':>7} " + " ".join(f"{category[:10]:>10}" for category in MEMORY_CATEGORIES))
+    for name in STACKS:
+        sizes = memory[name]["at_peak_mib"]
+        print(f"{name:<12} {memory[name]['peak_mib']:>7.1f} "
+              + " ".join(f"{sizes[category]:>10.1f}" for category in MEMORY_CATEGORIES))
 
 
 def print_profile(name: str, ops: list[dict]) -> None:
@@ -503,6 +541,11 @@ def main() -> None:
             if arguments.profile
             else None
         )
+        memory = (
+            {name: process.call("memory_step") for name, process in processes.items()}
+            if arguments.memory_profile
+            else None
+        )
         summaries = {name: process.call("summary") for name, process in processes.items()}
         for process in processes.values():
             process.close()
@@ -561,6 +604,9 @@ def main() -> None:
     print_table(report)
     print(f"1-minute load average: {load_average['start']:.1f} at start, {load_average['end']:.1f} at end "
           f"({machine['cores']} cores)")
+    if memory is not None:
+        report["memory_profile"] = memory
+        print_memory(memory)
     if profiles is not None:
         report["profile"] = profiles
         for name in STACKS:

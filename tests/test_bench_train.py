@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH_TRAIN = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 STACKS = ("peer", "ours", "ours_cached")
 
@@ -13,7 +15,8 @@ def test_train_benchmark_reports_matching_loss_curves(tmp_path):
     output = tmp_path / "tmp.json"
     finished = subprocess.run(
         # One thread: tiny ops on two threads crawl when other jobs load the machine.
-        [sys.executable, str(BENCH_TRAIN), "--size", "tiny", "--threads", "1", "--output", str(output)],
+        [sys.executable, str(BENCH_TRAIN), "--size", "tiny", "--threads", "1", "--memory_profile",
+         "--output", str(output)],
         capture_output=True, text=True, timeout=300,
     )
     assert finished.returncode == 0, finished.stderr
@@ -37,3 +40,10 @@ def test_train_benchmark_reports_matching_loss_curves(tmp_path):
     assert report["stacks"]["ours_cached"]["prepass_s"] > 0
     # The same modules train in both stacks (tiny has no enc_to_dec_proj).
     assert report["stacks"]["peer"]["trainable_params"] == report["stacks"]["ours"]["trainable_params"]
+
+    # The memory breakdown: the frozen encoder's weights are part of a step from pixels only.
+    memory = report["memory_profile"]
+    for name in STACKS:
+        assert memory[name]["peak_mib"] == pytest.approx(sum(memory[name]["at_peak_mib"].values()))
+        assert memory[name]["at_peak_mib"]["optimizer_state"] > 0 and memory[name]["at_peak_mib"]["activation"] > 0
+    assert memory["ours_cached"]["at_peak_mib"]["parameter"] < memory["ours"]["at_peak_mib"]["parameter"]

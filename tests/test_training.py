@@ -226,7 +226,9 @@ def test_training_from_cached_encoder_features_matches_training_from_images(shap
     assert losses(cached_dir) == pytest.approx(losses(plain_dir), abs=1e-3)
 
 
-def test_cached_training_pages_the_idle_encoder_out_and_saves_it_intact(shapes, pretrained_parts, tmp_path, monkeypatch):
+def test_cached_training_pages_the_idle_encoder_out_and_saves_it_intact(
+    shapes, pretrained_parts, tmp_path, monkeypatch
+):
     from safetensors.torch import load_file
 
     from modeling_vitgpt2 import feature_cache
