@@ -14,10 +14,8 @@ See benchmarks/README.md for the FLOP formula and how to read the output.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -27,44 +25,39 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
-from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
-from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+from common import (
+    ModelShape,
+    build_models,
+    cuda_available,
+    describe_machine,
+    matmul_gflops,
+    print_profile,
+    synchronize,
+    timed,
+    top_ops,
+    write_report,
+)
 
 
 @dataclass(frozen=True)
-class ModelSize:
-    image_size: int
-    patch_size: int
-    encoder_width: int
-    encoder_layers: int
-    encoder_heads: int
-    encoder_mlp_width: int
-    decoder_width: int
-    decoder_layers: int
-    decoder_heads: int
-    vocab_size: int
+class GenerateSize(ModelShape):
     batch_sizes: tuple[int, ...]
-
-    @property
-    def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1  # patches + CLS
 
 
 SIZES = {
     # The encoder is wider than the decoder at every size, so the peer needs its `enc_to_dec_proj` as at real size.
-    "tiny": ModelSize(
+    "tiny": GenerateSize(
         image_size=28, patch_size=14, encoder_width=48, encoder_layers=2, encoder_heads=2, encoder_mlp_width=96,
         decoder_width=32, decoder_layers=2, decoder_heads=2, vocab_size=300, batch_sizes=(1, 2, 4, 8),
     ),
-    "small": ModelSize(
+    "small": GenerateSize(
         image_size=112, patch_size=14, encoder_width=256, encoder_layers=4, encoder_heads=4, encoder_mlp_width=1024,
         decoder_width=192, decoder_layers=4, decoder_heads=4, vocab_size=8192, batch_sizes=(1, 4, 8, 16),
     ),
     # ViT-L/14 at 224 px (the CLIP tower this project captions with) + GPT-2 small.
-    "real": ModelSize(
+    "real": GenerateSize(
         image_size=224, patch_size=14, encoder_width=1024, encoder_layers=24, encoder_heads=16, encoder_mlp_width=4096,
         decoder_width=768, decoder_layers=12, decoder_heads=12, vocab_size=50257, batch_sizes=(1, 4, 8),
     ),
@@ -72,26 +65,7 @@ SIZES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build_models(size: ModelSize, seed: int) -> tuple[ViTGPT2ForConditionalGeneration, VisionEncoderDecoderModel]:
-    torch.manual_seed(seed)
-    end_of_text = size.vocab_size - 1
-    encoder = ViTConfig(
-        hidden_size=size.encoder_width, num_hidden_layers=size.encoder_layers, num_attention_heads=size.encoder_heads,
-        intermediate_size=size.encoder_mlp_width, image_size=size.image_size, patch_size=size.patch_size,
-        layer_norm_eps=1e-6,  # timm's, so that the converted encoder computes exactly the same function
-    )
-    decoder = GPT2Config(
-        n_embd=size.decoder_width, n_layer=size.decoder_layers, n_head=size.decoder_heads, vocab_size=size.vocab_size,
-        add_cross_attention=True, is_decoder=True, bos_token_id=end_of_text, eos_token_id=end_of_text,
-    )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end_of_text
-    peer = VisionEncoderDecoderModel(config=config).eval()
-    ours = ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(peer).eval()
-    return ours, peer
-
-
-def generate_flops(size: ModelSize, images: int, num_beams: int, new_tokens: int) -> dict[str, float]:
+def generate_flops(size: GenerateSize, images: int, num_beams: int, new_tokens: int) -> dict[str, float]:
     """Useful FLOPs of one `generate` call: 2 per multiply-add of the weight matrices and attention products (biases,
     norms, softmax, embeddings and beam bookkeeping ignored). See benchmarks/README.md for the formula.
 
@@ -114,32 +88,6 @@ def generate_flops(size: ModelSize, images: int, num_beams: int, new_tokens: int
     per_beam = sum(step(context_length) for context_length in range(1, new_tokens + 1))
     decode = images * cross_keys_values + images * num_beams * per_beam
     return {"encoder": float(encoder), "decode": float(decode)}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(function, device: torch.device):
-    synchronize(device)
-    start = time.perf_counter()
-    result = function()
-    synchronize(device)
-    return time.perf_counter() - start, result
-
-
-def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """The machine's dense matrix-multiply throughput at this dtype: the ceiling the models' matmuls can approach.
-
-    Timed with `F.linear`, the kernel of `nn.Linear` (most of the encoder's FLOPs): on CPUs without bf16
-    instructions its bf16 path is about ten times faster than `torch.mm`'s. The fastest run is kept, since other
-    processes on the machine can only slow a run down.
-    """
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    F.linear(a, b)  # warm-up: thread pool and kernel selection
-    seconds = min(timed(lambda: F.linear(a, b), device)[0] for _ in range(repeats))
-    return 2 * n**3 / seconds / 1e9
 
 
 class EncoderClock:
@@ -194,36 +142,7 @@ def profile_decoding(model, pixels: torch.Tensor, settings: dict, device: torch.
     with profile(activities=activities) as profiler:
         model.generate(encoder_outputs=encoder_outputs, **settings)
         synchronize(device)
-    self_time = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = profiler.key_averages()
-    total = sum(getattr(event, self_time) for event in events)
-    ranked = sorted(events, key=lambda event: getattr(event, self_time), reverse=True)[:top]
-    return [
-        {
-            "op": event.key,
-            "calls": event.count,
-            "self_ms": getattr(event, self_time) / 1e3,
-            "percent": 100 * getattr(event, self_time) / total,
-        }
-        for event in ranked
-    ]
-
-
-def describe_machine(device: torch.device) -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    model_names = [
-        line.split(":", 1)[1].strip()
-        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-        if line.startswith("model name")
-    ]
-    return {
-        "cpu": model_names[0] if model_names else platform.processor(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None,
-    }
+    return top_ops(profiler, device, top)
 
 
 def print_table(rows: list[dict], matmul: float) -> None:
@@ -245,12 +164,6 @@ def print_table(rows: list[dict], matmul: float) -> None:
     print(f"%mm: share of the measured {matmul:.1f} GFLOP/s matmul throughput reached (useful FLOPs / time)")
 
 
-def print_profile(name: str, ops: list[dict]) -> None:
-    print(f"\n{name}: top ops of the decode loop (self time)")
-    for op in ops:
-        print(f"  {op['op']:<40} {op['calls']:>7} calls {op['self_ms']:>10.1f} ms {op['percent']:>6.1f}%")
-
-
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="tiny")
@@ -267,19 +180,12 @@ def parse_arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def write_report(report: dict, output: Path | None) -> None:
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {output}")
-
-
 def main() -> None:
     arguments = parse_arguments()
     transformers.logging.set_verbosity_error()  # generate's warnings about the pad token repeat on every call
     command = shlex.join(["python", *sys.argv])
     device = torch.device(arguments.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not cuda_available():
         print("skipped: --device cuda asked for, but no CUDA device is available")
         write_report({"command": command, "skipped": "no CUDA device", "machine": describe_machine(device)},
                      arguments.output)
@@ -300,8 +206,8 @@ def main() -> None:
     matmul = matmul_gflops(dtype, device)
     print(f"matmul throughput ({arguments.dtype}, {device.type}): {matmul:.1f} GFLOP/s")
 
-    ours, peer = build_models(size, arguments.seed)
-    models = {"peer": peer.to(device=device, dtype=dtype), "ours": ours.to(device=device, dtype=dtype)}
+    peer, ours = build_models(size, arguments.seed)
+    models = {"peer": peer.eval().to(device=device, dtype=dtype), "ours": ours.eval().to(device=device, dtype=dtype)}
     clocks = {name: EncoderClock(model.get_encoder(), device) for name, model in models.items()}
     print(f"size {arguments.size} ({size.image_tokens} image tokens), {arguments.dtype}, beams {arguments.num_beams}, "
           f"{arguments.new_tokens} new tokens, median of {arguments.repeats} runs after a warm-up\n")
@@ -364,7 +270,7 @@ def main() -> None:
                for name, model in models.items()},
         }
         for name in models:
-            print_profile(name, report["profile"][name])
+            print_profile(f"{name}: top ops of the decode loop (self time)", report["profile"][name])
     write_report(report, arguments.output)
 
 

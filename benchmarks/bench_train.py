@@ -48,9 +48,20 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
-from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+from transformers import VisionEncoderDecoderModel
 
-from bench_generate import describe_machine, matmul_gflops, synchronize, write_report
+from common import (
+    ModelShape,
+    build_models,
+    cuda_available,
+    describe_machine,
+    matmul_gflops,
+    print_profile,
+    synchronize,
+    top_ops,
+    write_report,
+)
+
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.feature_cache import EncoderFeatureCache, page_out_encoder
 from modeling_vitgpt2.peft_setup import PeftArguments, apply_peft, count_parameters
@@ -58,24 +69,10 @@ from modeling_vitgpt2.synthetic import train_caption_tokenizer
 
 
 @dataclass(frozen=True)
-class BenchSize:
-    image_size: int
-    patch_size: int
-    encoder_width: int
-    encoder_layers: int
-    encoder_heads: int
-    encoder_mlp_width: int
-    decoder_width: int
-    decoder_layers: int
-    decoder_heads: int
-    vocab_size: int
+class BenchSize(ModelShape):
     num_images: int
     batch_size: int
     epochs: int
-
-    @property
-    def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1  # patches + CLS
 
 
 SIZES = {
@@ -123,30 +120,6 @@ class TrainSettings:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The models and the data (built once, in the parent, and saved for the stacks to load)
-
-
-def build_models(size: BenchSize, seed: int) -> tuple[VisionEncoderDecoderModel, ViTGPT2ForConditionalGeneration]:
-    """The peer with random weights and dropout off, and ours converted from it (dropout off too)."""
-    torch.manual_seed(seed)
-    end_of_text = size.vocab_size - 1
-    encoder = ViTConfig(
-        hidden_size=size.encoder_width, num_hidden_layers=size.encoder_layers, num_attention_heads=size.encoder_heads,
-        intermediate_size=size.encoder_mlp_width, image_size=size.image_size, patch_size=size.patch_size,
-        layer_norm_eps=1e-6,  # timm's, so that the converted encoder computes exactly the same function
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    decoder = GPT2Config(
-        n_embd=size.decoder_width, n_layer=size.decoder_layers, n_head=size.decoder_heads, vocab_size=size.vocab_size,
-        add_cross_attention=True, is_decoder=True, bos_token_id=end_of_text, eos_token_id=end_of_text,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end_of_text
-    peer = VisionEncoderDecoderModel(config=config)
-    ours = ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(peer)
-    # The conversion does not carry dropout over; saved with these, our model loads without any.
-    ours.config.resid_pdrop = ours.config.embd_pdrop = ours.config.attn_pdrop = 0.0
-    return peer, ours
 
 
 def image_processor_for(model: ViTGPT2ForConditionalGeneration) -> ViTGPT2Processor:
@@ -315,19 +288,7 @@ class TrainingStack:
         with profile(activities=activities) as profiler:
             self.train_step(batch)
             synchronize(self.device)
-        self_time = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        events = profiler.key_averages()
-        total = sum(getattr(event, self_time) for event in events)
-        ranked = sorted(events, key=lambda event: getattr(event, self_time), reverse=True)[:top]
-        return [
-            {
-                "op": event.key,
-                "calls": event.count,
-                "self_ms": getattr(event, self_time) / 1e3,
-                "percent": 100 * getattr(event, self_time) / total,
-            }
-            for event in ranked
-        ]
+        return top_ops(profiler, self.device, top)
 
     def memory_step(self) -> dict:
         """Where the memory of one training step on the first batch goes: torch.profiler's memory timeline (every
@@ -430,12 +391,6 @@ def parse_arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def cuda_available() -> bool:
-    # The NVML check leaves CUDA uninitialised in this process, which the stacks' forked processes need.
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    return torch.cuda.is_available()
-
-
 def print_table(report: dict) -> None:
     stacks = report["stacks"]
     print(f"\n{'stack':<12} {'epoch s (each)':<24} {'best s':>8} {'samples/s':>9} {'%matmul':>7} "
@@ -471,12 +426,6 @@ def print_memory(memory: dict) -> None:
         sizes = memory[name]["at_peak_mib"]
         print(f"{name:<12} {memory[name]['peak_mib']:>7.1f} "
               + " ".join(f"{sizes[category]:>10.1f}" for category in MEMORY_CATEGORIES))
-
-
-def print_profile(name: str, ops: list[dict]) -> None:
-    print(f"\n{name}: top ops of one training step (self time)")
-    for op in ops:
-        print(f"  {op['op']:<40} {op['calls']:>7} calls {op['self_ms']:>10.1f} ms {op['percent']:>6.1f}%")
 
 
 def max_abs_diff(first: list[float], second: list[float]) -> float:
@@ -610,7 +559,7 @@ def main() -> None:
     if profiles is not None:
         report["profile"] = profiles
         for name in STACKS:
-            print_profile(name, profiles[name])
+            print_profile(f"{name}: top ops of one training step (self time)", profiles[name])
     write_report(report, arguments.output)
 
 
