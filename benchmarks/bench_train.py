@@ -293,7 +293,8 @@ class TrainingStack:
     def memory_step(self) -> dict:
         """Where the memory of one training step on the first batch goes: torch.profiler's memory timeline (every
         tensor allocation, by what the tensor is) at the moment the step's tracked allocations peak, in MiB. Unlike
-        peak RSS, it leaves out the interpreter and libraries and says which tensors make the difference."""
+        peak RSS, it leaves out the interpreter and libraries and says which tensors make the difference. torch marks
+        `export_memory_timeline` deprecated in favour of CUDA-only tools; on CPU it is still the only such view."""
         batch = self.batch(0, self.settings.batch_size)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as profiler:
@@ -485,6 +486,8 @@ def main() -> None:
                     steps[name].append(process.call("step", index))
             load_per_epoch.append(os.getloadavg()[0])
             print(f"epoch {epoch + 1}/{size.epochs} done", file=sys.stderr)
+        # Peak RSS first: the profilers' own bookkeeping would add to it.
+        summaries = {name: process.call("summary") for name, process in processes.items()}
         profiles = (
             {name: process.call("profile_step", arguments.profile_top) for name, process in processes.items()}
             if arguments.profile
@@ -495,7 +498,6 @@ def main() -> None:
             if arguments.memory_profile
             else None
         )
-        summaries = {name: process.call("summary") for name, process in processes.items()}
         for process in processes.values():
             process.close()
 
