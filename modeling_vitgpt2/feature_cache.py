@@ -40,13 +40,16 @@ decoded and its pixels hashed, to find its key, once per row.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import logging
+import mmap
 import os
+import sys
 from contextlib import closing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +79,7 @@ INDEX_FILE = "index.json"
 DATA_FILE = "features.f16"
 LOCK_FILE = "build.lock"
 STORAGE_DTYPE = np.float16
+MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)  # Linux's value; Python builds on older headers lack the name
 
 
 class FeatureCacheMissError(LookupError):
@@ -483,9 +487,10 @@ def page_out_encoder(model: torch.nn.Module, folder: PathLike) -> None:
     `folder` must be on a disk (a RAM-backed tmpfs would save nothing); the feature cache's folder is one. Bring the
     encoder back with `model.get_encoder().to(device)` before running it on another device.
 
-    Measured on CPU with ViT-L/14 + GPT-2 built by `from_encoder_decoder_pretrained`: 2.78 -> 1.62 GB resident. Weights
-    that `from_pretrained` mapped from a safetensors file gain nothing on CPU: they are file pages already, and that
-    file's mapping stays alive for the decoder's weights in it.
+    The old weights' pages are handed back too (`reclaim_pages`): freeing the tensors alone would not release weights
+    that `from_pretrained` mapped from a safetensors file, since that mapping stays alive for the decoder's weights.
+    Measured on CPU with ViT-L/14 + GPT-2: 2.40 -> 1.24 GB resident after loading with `from_pretrained`, 2.78 ->
+    1.62 GB after building with `from_encoder_decoder_pretrained`.
     """
     encoder = model.get_encoder()
     trainable = [name for name, parameter in encoder.named_parameters() if parameter.requires_grad]
@@ -494,13 +499,46 @@ def page_out_encoder(model: torch.nn.Module, folder: PathLike) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"paged-out-encoder-{os.getpid()}.pt"
+    resident = encoder.state_dict()
     try:
-        torch.save({name: tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}, path)
+        torch.save({name: tensor.detach().cpu() for name, tensor in resident.items()}, path)
+        with open(path, "rb") as written:
+            # Write it back now rather than in the background during the first epochs, where the writeback of
+            # ViT-L's 1.2 GB made training steps 15-20% slower on a 2-core machine.
+            os.fsync(written.fileno())
         mapped = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     finally:
         path.unlink(missing_ok=True)
-    # assign=True makes the mapped tensors the weights (requires_grad is kept), so the resident copies are freed.
+    # assign=True makes the mapped tensors the weights (requires_grad is kept).
     encoder.load_state_dict(mapped, assign=True)
+    reclaim_pages(resident.values())  # while `resident` still holds them, so no page is freed memory
+
+
+def reclaim_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Asks Linux to reclaim the memory pages wholly inside these CPU tensors' storages (`madvise(MADV_PAGEOUT)`,
+    Linux 5.4+); returns the bytes asked for, 0 elsewhere.
+
+    The advice never changes what the memory holds: pages of a file mapping are dropped and read back from the file
+    if touched again; anonymous pages go to swap, or stay where there is none. Only whole pages inside a storage are
+    named, so a neighbouring tensor's pages are left alone. Python's `mmap` module offers this only for mappings it
+    made itself, hence `ctypes`.
+    """
+    if sys.platform != "linux":
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    page = mmap.PAGESIZE
+    advised = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            continue
+        storage = tensor.untyped_storage()
+        start = -(-storage.data_ptr() // page) * page
+        end = (storage.data_ptr() + storage.nbytes()) // page * page
+        if end > start and madvise(start, end - start, MADV_PAGEOUT) == 0:
+            advised += end - start
+    return advised
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -554,6 +592,7 @@ __all__ = [
     "encoder_fingerprint",
     "image_key",
     "page_out_encoder",
+    "reclaim_pages",
     "transform_fingerprint",
     "without_image_decoding",
 ]

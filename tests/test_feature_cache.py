@@ -3,8 +3,10 @@ change (encoder, transform, image file), atomic builds, float16 memmap on disk, 
 
 import io
 import json
+import mmap
 import os
 import pickle
+import sys
 import threading
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from modeling_vitgpt2.feature_cache import (
     FeatureCacheMissError,
     image_key,
     page_out_encoder,
+    reclaim_pages,
     without_image_decoding,
 )
 
@@ -435,3 +438,13 @@ def test_a_paged_out_encoder_computes_the_same_from_a_deleted_file_mapping(froze
 def test_only_a_frozen_encoder_is_paged_out(tiny_model, cache_dir):
     with pytest.raises(ValueError, match="frozen"):
         page_out_encoder(tiny_model, cache_dir)
+
+
+def test_reclaimed_pages_keep_their_contents():
+    weights = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB: whole pages inside it
+    expected = weights.clone()
+    advised = reclaim_pages([weights, torch.zeros(2)])  # a tensor smaller than a page is skipped
+    if sys.platform == "linux" and tuple(map(int, os.uname().release.split("-")[0].split(".")[:2])) >= (5, 4):
+        # MADV_PAGEOUT's first kernel
+        assert 4 * 2**20 - 2 * mmap.PAGESIZE <= advised <= 4 * 2**20
+    assert torch.equal(weights, expected)
