@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import profile
 
 from common import (
     ModelShape,
@@ -34,6 +34,7 @@ from common import (
     describe_machine,
     matmul_gflops,
     print_profile,
+    profiler_activities,
     synchronize,
     timed,
     top_ops,
@@ -138,8 +139,7 @@ def profile_decoding(model, pixels: torch.Tensor, settings: dict, device: torch.
     """Top ops by self time of one decode loop; the encoder runs beforehand, so its ops do not crowd the list."""
     with torch.inference_mode():
         encoder_outputs = model.get_encoder()(pixel_values=pixels)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
+    with profile(activities=profiler_activities(device)) as profiler:
         model.generate(encoder_outputs=encoder_outputs, **settings)
         synchronize(device)
     return top_ops(profiler, device, top)

@@ -47,7 +47,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import profile
 from transformers import VisionEncoderDecoderModel
 
 from common import (
@@ -57,6 +57,7 @@ from common import (
     describe_machine,
     matmul_gflops,
     print_profile,
+    profiler_activities,
     synchronize,
     top_ops,
     write_report,
@@ -284,8 +285,7 @@ class TrainingStack:
     def profile_step(self, top: int) -> list[dict]:
         """Top ops by self time of one training step on the first batch (run after the timed epochs: it trains)."""
         batch = self.batch(0, self.settings.batch_size)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        with profile(activities=activities) as profiler:
+        with profile(activities=profiler_activities(self.device)) as profiler:
             self.train_step(batch)
             synchronize(self.device)
         return top_ops(profiler, self.device, top)
@@ -296,8 +296,9 @@ class TrainingStack:
         peak RSS, it leaves out the interpreter and libraries and says which tensors make the difference. torch marks
         `export_memory_timeline` deprecated in favour of CUDA-only tools; on CPU it is still the only such view."""
         batch = self.batch(0, self.settings.batch_size)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as profiler:
+        with profile(
+            activities=profiler_activities(self.device), profile_memory=True, record_shapes=True, with_stack=True
+        ) as profiler:
             self.train_step(batch)
             synchronize(self.device)
         with tempfile.TemporaryDirectory() as scratch:

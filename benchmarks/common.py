@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 from torch.nn import functional as F
+from torch.profiler import ProfilerActivity
 from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
@@ -46,8 +47,9 @@ def build_models(
     torch.manual_seed(seed)
     end_of_text = shape.vocab_size - 1
     encoder = ViTConfig(
-        hidden_size=shape.encoder_width, num_hidden_layers=shape.encoder_layers, num_attention_heads=shape.encoder_heads,
-        intermediate_size=shape.encoder_mlp_width, image_size=shape.image_size, patch_size=shape.patch_size,
+        hidden_size=shape.encoder_width, num_hidden_layers=shape.encoder_layers,
+        num_attention_heads=shape.encoder_heads, intermediate_size=shape.encoder_mlp_width,
+        image_size=shape.image_size, patch_size=shape.patch_size,
         layer_norm_eps=1e-6,  # timm's, so that the converted encoder computes exactly the same function
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
@@ -112,6 +114,11 @@ def describe_machine(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None,
     }
+
+
+def profiler_activities(device: torch.device) -> list[ProfilerActivity]:
+    """What `torch.profiler.profile` records on `device`: the CPU always, the GPU's kernels on CUDA runs."""
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
 
 def top_ops(profiler, device: torch.device, top: int) -> list[dict]:
