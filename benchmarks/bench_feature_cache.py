@@ -37,6 +37,8 @@ from modeling_vitgpt2.data import CaptionCollator  # noqa: E402
 from modeling_vitgpt2.feature_cache import CachedFeatureCollator, EncoderFeatureCache  # noqa: E402
 from modeling_vitgpt2.synthetic import describe_scene, random_scene, train_caption_tokenizer  # noqa: E402
 
+from common import synchronize, write_report  # noqa: E402  (this folder, as the other benchmarks)
+
 SIZES = {
     "tiny": dict(
         config=dict(
@@ -64,11 +66,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="run the steps under bfloat16 autocast, as Trainer --bf16")
     parser.add_argument("--output", type=Path, help="also write the results here as JSON")
     return parser.parse_args()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -205,11 +202,8 @@ def main() -> None:
         # Other work on the machine inflates CPU timings; the 1-minute load average puts them in context.
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    print(json.dumps(results, indent=2))
+    write_report(results, args.output)
 
 
 if __name__ == "__main__":
