@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import timm
@@ -35,7 +36,9 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, M
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card" / "template.md"
+# Package data, so that wheel installs render cards too; `model_card/template.md` at the top of the checkout is a
+# link to this file, the one copy people edit.
+TEMPLATE_RESOURCE = "model_card_template.md"
 # Where an adapter's local base goes in the repository; also the name `training.run_training` saves it under.
 BASE_MODEL_FOLDER = "base_model"
 ATTENTION_EXAMPLE = "attention_example.png"
@@ -90,7 +93,7 @@ def build_model_card(
     dataset_name: str | None = None,
     license: str = "apache-2.0",
     base_models: list[str] | None = None,
-    template_path: str | Path = DEFAULT_TEMPLATE,
+    template_path: str | Path | None = None,
 ) -> ModelCard:
     """The model card of a train.py output folder: metadata (library, pipeline, base models, datasets, tags,
     license) with a `model-index` of its CIDEr (and CLIPScore), then architecture, method, hyperparameters, data,
@@ -100,6 +103,7 @@ def build_model_card(
     dataset_name: the Hub id of the training/validation data; default: the one the run recorded, if any.
     base_models: Hub ids of what the model was built from; default: an adapter's Hub base, or the encoder, decoder or
         model the run recorded (never a local path).
+    template_path: a Jinja card template of your own; default: the packaged `model_card/template.md`.
     """
     return _render_card(_read_output(output_dir), repo_id, dataset_name, license, base_models, template_path)
 
@@ -131,7 +135,7 @@ def push_to_hub(
     _check_repo_id(repo_id)
     token = require_hub_token(token)
     output = _read_output(output_dir)
-    card = _render_card(output, repo_id, dataset_name, license, base_models, DEFAULT_TEMPLATE)
+    card = _render_card(output, repo_id, dataset_name, license, base_models, None)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -364,7 +368,7 @@ def _render_card(
     dataset_name: str | None,
     license: str,
     base_models: list[str] | None,
-    template_path: str | Path,
+    template_path: str | Path | None,
 ) -> ModelCard:
     # What the run started from, as train.py records it in training_summary.json (absent from older runs).
     sources = output.summary.get("sources", {})
@@ -409,7 +413,7 @@ def _render_card(
     model_folder = output.model_folder
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=_read_template(template_path),
         model_name=model_name,  # ModelCardData moves it into the model-index, out of the template's variables
         repo_id=repo_id or f"<your-namespace>/{model_name}",
         is_adapter=output.is_adapter,
@@ -427,6 +431,12 @@ def _render_card(
         has_clip_score=len(metrics) > 1,
         attention_example=ATTENTION_EXAMPLE if (output.folder / ATTENTION_EXAMPLE).is_file() else None,
     )
+
+
+def _read_template(template_path: str | Path | None) -> str:
+    if template_path is not None:
+        return Path(template_path).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath(TEMPLATE_RESOURCE).read_text(encoding="utf-8")
 
 
 def _recorded_base_models(output: _TrainingOutput, sources: dict) -> list[str]:
