@@ -301,6 +301,32 @@ def upsample_map(attention_map: np.ndarray, size: tuple[int, int]) -> np.ndarray
     return F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def _display_image(result: CaptionAttention) -> Image.Image:
+    display = result.image.copy()
+    display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+    return display
+
+
+def attention_overlay(
+    result: CaptionAttention, word: int, alpha: float = 0.5, cmap: str = "jet", display: Image.Image | None = None
+) -> Image.Image:
+    """One word's panel as an RGB picture: `result.maps[word]` upsampled over the image the encoder saw, coloured
+    with `cmap` on its own scale (0 to the map's maximum) and blended with weight `alpha`.
+
+    The image is shrunk to at most DISPLAY_MAX_SIDE pixels (or `display` is used as it is). This is what each
+    word's panel of `build_attention_figure` shows, and what the demo page shows per word.
+    """
+    from matplotlib import colormaps
+
+    if display is None:
+        display = _display_image(result)
+    attention = upsample_map(result.maps[word], display.size)
+    colours = colormaps[cmap](attention / max(float(attention.max()), 1e-12))[..., :3]
+    pixels = np.asarray(display.convert("RGB"), dtype=np.float32) / 255.0
+    blended = (1.0 - alpha) * pixels + alpha * colours
+    return Image.fromarray(np.clip(np.round(blended * 255.0), 0, 255).astype(np.uint8))
+
+
 def build_attention_figure(result: CaptionAttention, columns: int = 5, alpha: float = 0.5, cmap: str = "jet"):
     """A matplotlib `Figure` (Agg canvas, no pyplot state): the image titled with the caption, then one panel per word.
 
@@ -312,8 +338,7 @@ def build_attention_figure(result: CaptionAttention, columns: int = 5, alpha: fl
 
     if columns < 1:
         raise ValueError(f"columns must be at least 1, got {columns}")
-    display = result.image.copy()
-    display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+    display = _display_image(result)
     pixels = np.asarray(display)
     caption_lines = textwrap.wrap(result.caption, CAPTION_WRAP_CHARS) or ["(empty caption)"]
     title_inches = len(caption_lines) * CAPTION_LINE_INCHES + 0.1
@@ -334,13 +359,12 @@ def build_attention_figure(result: CaptionAttention, columns: int = 5, alpha: fl
         width = (PANEL_INCHES - 2 * gap) / (columns * PANEL_INCHES)
         height = (image_inches - 2 * gap) / (rows * row_inches)
         axes = figure.add_axes((left, bottom, width, height))
-        axes.imshow(pixels)
         axes.set_axis_off()
         if panel == 0:
+            axes.imshow(pixels)
             axes.set_title("\n".join(caption_lines), fontsize=9)
             continue
-        attention = upsample_map(result.maps[panel - 1], display.size)
-        axes.imshow(attention, cmap=cmap, alpha=alpha, vmin=0.0, vmax=max(float(attention.max()), 1e-12))
+        axes.imshow(attention_overlay(result, panel - 1, alpha=alpha, cmap=cmap, display=display))
         axes.set_title(result.words[panel - 1], fontsize=10)
     return figure
 
@@ -376,6 +400,7 @@ def draw_attention_maps(
 __all__ = [
     "CaptionAttention",
     "REPORT_LAYERS",
+    "attention_overlay",
     "build_attention_figure",
     "caption_attention_maps",
     "caption_attention_maps_batch",

@@ -60,6 +60,11 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(
+            f"refusing to decode image {path}: {str(error).rstrip('.')}. Shrink it to at most "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels."
+        ) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(
             f"cannot read image {path}: {error}. Check that the file is a complete image "

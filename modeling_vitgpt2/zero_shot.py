@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ZeroShotResult",
     "class_id_from_filename",
+    "class_probabilities",
     "classify_images",
     "format_predictions_csv",
     "list_images",
@@ -167,6 +168,22 @@ def _class_embeddings(clip: LoadedClip, class_names: Sequence[str], templates: S
     return dict(zip(templates, embeddings.split(len(class_names))))
 
 
+def _similarities(images, class_names, templates, clip, ensemble, batch_size, device, progress):
+    """Cosine similarities per template, each (num_images, num_classes), and the loaded CLIP."""
+    templates = validate_templates(templates)
+    if not class_names:
+        raise ValueError("no class names to choose from")
+    if len(images) == 0:
+        raise ValueError("no images to classify")
+    clip = resolve_clip(clip, device)
+    image_embeddings = embed_images(clip, list(images), batch_size=batch_size, progress=progress)
+    per_template = _class_embeddings(clip, class_names, templates, 8 * batch_size, progress)
+    if ensemble:
+        mean = torch.stack(list(per_template.values())).mean(dim=0)
+        per_template[ENSEMBLE] = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return {name: image_embeddings @ text.T for name, text in per_template.items()}, clip
+
+
 def classify_images(
     images: Sequence,
     class_names: Sequence[str],
@@ -183,18 +200,29 @@ def classify_images(
     Indices point into `class_names`. With `ensemble=True` the per-class text embedding is the renormalised mean of
     the normalised embeddings of all templates (Radford et al., 2021).
     """
-    templates = validate_templates(templates)
-    if not class_names:
-        raise ValueError("no class names to choose from")
-    if len(images) == 0:
-        raise ValueError("no images to classify")
-    clip = resolve_clip(clip, device)
-    image_embeddings = embed_images(clip, list(images), batch_size=batch_size, progress=progress)
-    per_template = _class_embeddings(clip, class_names, templates, 8 * batch_size, progress)
-    if ensemble:
-        mean = torch.stack(list(per_template.values())).mean(dim=0)
-        per_template[ENSEMBLE] = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return {name: (image_embeddings @ text.T).argmax(dim=-1).tolist() for name, text in per_template.items()}
+    similarities, _ = _similarities(images, class_names, templates, clip, ensemble, batch_size, device, progress)
+    return {name: values.argmax(dim=-1).tolist() for name, values in similarities.items()}
+
+
+def class_probabilities(
+    images: Sequence,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    *,
+    clip: ClipLike = DEFAULT_CLIP_MODEL,
+    ensemble: bool = False,
+    batch_size: int = 32,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """CLIP's probabilities over `class_names` per template: `{template: (num_images, num_classes)}` (+ `ENSEMBLE`).
+
+    The softmax of the cosine similarities times CLIP's learned `logit_scale`, as `CLIPModel`'s `logits_per_image`;
+    the most probable class is `classify_images`'s prediction.
+    """
+    similarities, clip = _similarities(images, class_names, templates, clip, ensemble, batch_size, device, progress)
+    scale = clip.model.logit_scale.detach().float().exp().cpu()
+    return {name: (scale * values).softmax(dim=-1) for name, values in similarities.items()}
 
 
 @dataclass(frozen=True)

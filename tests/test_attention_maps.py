@@ -12,6 +12,8 @@ from conftest import TINY_CAPTIONS, tiny_config_kwargs
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.attention_maps import (
     PANEL_INCHES,
+    CaptionAttention,
+    attention_overlay,
     build_attention_figure,
     caption_attention_maps,
     caption_attention_maps_batch,
@@ -263,6 +265,26 @@ def test_drawing_writes_one_png_with_a_panel_per_word(captioner, pair, tmp_path)
         result, words=[f"w{i}" for i in range(7)], maps=np.random.default_rng(0).random((7, GRID, GRID))
     )
     assert len(build_attention_figure(many, columns=3).axes) == 8
+
+
+def test_a_word_overlay_blends_its_own_scaled_map_over_the_image():
+    from matplotlib import colormaps
+
+    # One hot patch (row 1, column 2 of a 4x4 grid) on a grey 80x80 image: 20 px per patch.
+    maps = np.zeros((1, GRID, GRID), dtype=np.float32)
+    maps[0, 1, 2] = 0.01  # tiny absolute weight: the overlay scales it to its own maximum
+    result = CaptionAttention(
+        image=Image.new("RGB", (80, 80), (128, 128, 128)), caption="w", words=["w"], maps=maps,
+        prefix_weights=np.array([0.99]), word_spans=[(0, 1)], tokens=["w"], token_ids=[0], token_maps=maps,
+        token_prefix_weights=np.array([0.99]), layers=[0], head=None,
+    )
+    assert np.array_equal(np.asarray(attention_overlay(result, 0, alpha=0.0)), np.asarray(result.image))
+    hot_only = np.asarray(attention_overlay(result, 0, alpha=1.0))
+    jet = (np.asarray(colormaps["jet"]([1.0, 0.0]))[:, :3] * 255).round()
+    assert np.abs(hot_only[30, 50] - jet[0]).max() <= 1  # the hot patch's centre gets the top of the scale
+    assert np.abs(hot_only[70, 10] - jet[1]).max() <= 1  # a far corner the bottom
+    half = np.asarray(attention_overlay(result, 0, alpha=0.5)).astype(float)
+    assert np.abs(half[30, 50] - (128 + jet[0]) / 2).max() <= 1
 
 
 def test_an_interrupted_drawing_leaves_the_old_png_and_no_temporary_file(pair, tmp_path, monkeypatch):

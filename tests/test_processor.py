@@ -36,6 +36,14 @@ def test_unreadable_image_files_are_named(tiny_processor, tmp_path, content):
         tiny_processor(images=[path])
 
 
+def test_decompression_bombs_are_refused_by_name(tiny_processor, tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 megapixels in a ~50 kB file
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ImageLoadError, match="bomb.png.*decompression bomb"):
+        tiny_processor(images=[path])
+
+
 def test_missing_image_file_is_named(tiny_processor, tmp_path):
     with pytest.raises(ImageLoadError, match="nowhere.png"):
         tiny_processor(images=str(tmp_path / "nowhere.png"))

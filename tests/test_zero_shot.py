@@ -11,6 +11,8 @@ from modeling_vitgpt2.clip_score import load_clip
 from modeling_vitgpt2.io_utils import InvalidJSONError, read_json, write_json_atomic, write_text_atomic
 from modeling_vitgpt2.zero_shot import (
     ENSEMBLE,
+    class_probabilities,
+    classify_images,
     format_predictions_csv,
     load_id2label,
     read_labels_file,
@@ -90,6 +92,30 @@ def test_ensemble_matches_the_direct_mean_of_template_embeddings(tiny_clip, clip
     expected = _direct_predictions(tiny_clip, images, class_names, TEMPLATES, ensemble=True)[ENSEMBLE]
     assert result.predictions[ENSEMBLE] == [list(CLASSES)[index] for index in expected]
     assert set(result.accuracy) == set(TEMPLATES) | {ENSEMBLE}
+
+
+def test_probabilities_are_clips_own_softmax_and_agree_with_the_predictions(tiny_clip, clip, course_data):
+    from transformers import CLIPModel, CLIPProcessor
+
+    images, _ = course_data
+    paths = sorted(images.iterdir())
+    class_names = [name for name, _ in CLASSES.values()]
+    probabilities = class_probabilities(paths, class_names, TEMPLATES[:2], clip=clip, ensemble=True, progress=False)
+    predictions = classify_images(paths, class_names, TEMPLATES[:2], clip=clip, ensemble=True, progress=False)
+
+    # The reference: CLIPModel's own forward, logits_per_image over one template's prompts.
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    pictures = [Image.open(path).convert("RGB") for path in paths]
+    for template in TEMPLATES[:2]:
+        inputs = processor(text=[template.replace("{object}", name) for name in class_names], images=pictures,
+                           return_tensors="pt", padding=True)
+        with torch.no_grad():
+            expected = model(**inputs).logits_per_image.softmax(dim=-1)
+        torch.testing.assert_close(probabilities[template], expected, atol=1e-5, rtol=1e-4)
+    for name, values in probabilities.items():
+        torch.testing.assert_close(values.sum(dim=-1), torch.ones(len(paths)))
+        assert values.argmax(dim=-1).tolist() == predictions[name]
+    assert set(probabilities) == {*TEMPLATES[:2], ENSEMBLE}
 
 
 def test_labels_file_gives_the_same_ground_truth_as_course_names(clip, course_data, tmp_path):
