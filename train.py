@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from modeling_vitgpt2.hub import check_push_settings, push_training_output, without_trainer_push
 from modeling_vitgpt2.training import (
     CaptionTrainingArguments,
     DataArguments,
@@ -40,13 +41,23 @@ def parse_arguments(argv: list[str]):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def main() -> None:
-    model_args, data_args, peft_args, training_args = parse_arguments(sys.argv[1:])
-    metrics = run_training(model_args, data_args, peft_args, training_args)
+def train(model_args, data_args, peft_args, training_args) -> dict:
+    """Trains and saves, then pushes the output folder with its model card when `--push_to_hub` asks."""
+    if training_args.push_to_hub:
+        check_push_settings(training_args)  # a missing token or repo id must stop the run now, not after training
+    # Trainer's own push would replace the model card with a generic one: the push happens once, below.
+    metrics = run_training(model_args, data_args, peft_args, without_trainer_push(training_args))
     if training_args.process_index == 0:
         summary = " | ".join(f"{key}: {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
         print(f"[train] final evaluation: {summary}")
         print(f"[train] saved to {training_args.output_dir}")
+        if training_args.push_to_hub:
+            push_training_output(training_args, training_args.output_dir)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(*parse_arguments(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

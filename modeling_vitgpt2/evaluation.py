@@ -24,6 +24,7 @@ from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_m
 from .cider import corpus_cider
 from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
 from .io_utils import InvalidJSONError, preview_names, read_json, write_json_atomic
+from .loading import load_for_inference
 from .processing_vitgpt2 import ViTGPT2Processor, load_image
 from .zero_shot import ENSEMBLE, ZeroShotResult, list_images, write_predictions_csv, zero_shot_folder
 
@@ -80,9 +81,6 @@ def load_captioner(model_or_path, processor: Optional[ViTGPT2Processor] = None,
     folder from train.py (loaded onto the base model recorded in it); the processor is read from the same folder.
     """
     if isinstance(model_or_path, (str, os.PathLike)):
-        # Imported here: training pulls in datasets and Trainer, which the CLIP-only jobs never need.
-        from .training import load_for_inference
-
         if processor is None:
             processor = ViTGPT2Processor.from_pretrained(model_or_path)
         model = load_for_inference(model_or_path)

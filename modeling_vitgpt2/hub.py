@@ -36,11 +36,11 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, M
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .loading import BASE_MODEL_FOLDER
+
 # Package data, so that wheel installs render cards too; `model_card/template.md` at the top of the checkout is a
 # link to this file, the one copy people edit.
 TEMPLATE_RESOURCE = "model_card_template.md"
-# Where an adapter's local base goes in the repository; also the name `training.run_training` saves it under.
-BASE_MODEL_FOLDER = "base_model"
 ATTENTION_EXAMPLE = "attention_example.png"
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")

@@ -20,8 +20,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .cider import corpus_cider
 from .configuration_vitgpt2 import ViTGPT2Config
 from .data import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
-from .hub import check_push_settings, push_training_output, without_trainer_push
 from .io_utils import write_json_atomic
+from .loading import BASE_MODEL_FOLDER
 from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from .peft_setup import (
     PeftArguments,
@@ -33,12 +33,12 @@ from .peft_setup import (
     resolve_method,
 )
 from .processing_vitgpt2 import ViTGPT2Processor
-from .synthetic import train_caption_tokenizer, write_synthetic_coco
+from .synthetic import write_synthetic_coco
+from .tokenization import train_caption_tokenizer
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
-BASE_MODEL_FOLDER = "base_model"
 
 
 @dataclass
@@ -354,9 +354,14 @@ def run_training(
     peft_args: PeftArguments,
     training_args: CaptionTrainingArguments,
 ) -> dict:
-    """Trains, evaluates and saves (and pushes, with --push_to_hub); returns the final evaluation metrics."""
+    """Trains, evaluates and saves; returns the final evaluation metrics. Publishing is the Hub layer's job:
+    `train.py --push_to_hub` calls `modeling_vitgpt2.hub.push_training_output` once this returns."""
     if training_args.push_to_hub:
-        check_push_settings(training_args)  # a missing token or repo id must stop the run now, not after training
+        raise ValueError(
+            "run_training does not push: Trainer's own push would replace the model card with a generic one. Train "
+            "with push_to_hub=False, then call modeling_vitgpt2.hub.push_training_output(training_args, output_dir) "
+            "(train.py --push_to_hub does both)"
+        )
     set_seed(training_args.seed)
     state = PartialState()
     uses_synthetic_data = data_args.uses_synthetic  # load_caption_data fills in the synthetic set's paths
@@ -404,7 +409,7 @@ def run_training(
 
     trainer = CaptionTrainer(
         model=model,
-        args=without_trainer_push(training_args),  # its push would replace our model card with a generic one
+        args=training_args,
         train_dataset=train_rows,
         eval_dataset=val_images,
         data_collator=collator,
@@ -448,8 +453,6 @@ def run_training(
                 },
             },
         )
-        if training_args.push_to_hub:
-            push_training_output(training_args, output_dir)
     return metrics
 
 
@@ -509,23 +512,6 @@ def _feature_cache_collators(data_args, training_args, peft_args, model, process
     return *collators, PageOutEncoderCallback(base, cache_dir)
 
 
-def load_for_inference(path: str | os.PathLike, **kwargs):
-    """Loads a trained output folder: a full model, or a peft adapter on the base model recorded in it."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        # A base built by the run travels with it (locally, and in pushed repos) as `base_model/`.
-        bundled_base = path / BASE_MODEL_FOLDER
-        if (bundled_base / "config.json").is_file():
-            base_path = str(bundled_base)
-        else:
-            base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = ViTGPT2ForConditionalGeneration.from_pretrained(base_path, **kwargs)
-        return PeftModel.from_pretrained(base, path).eval()
-    return ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
-
-
 __all__ = [
     "CaptionTrainer",
     "CaptionTrainingArguments",
@@ -533,6 +519,5 @@ __all__ = [
     "ModelArguments",
     "PeftArguments",
     "load_caption_data",
-    "load_for_inference",
     "run_training",
 ]

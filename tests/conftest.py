@@ -33,7 +33,7 @@ TINY_CAPTIONS = [
 
 def build_tiny_tokenizer(save_dir: Path):
     """A byte-level BPE tokenizer shaped like GPT-2's (`<|endoftext|>` is start, end and pad), trained offline."""
-    from modeling_vitgpt2.synthetic import train_caption_tokenizer
+    from modeling_vitgpt2.tokenization import train_caption_tokenizer
 
     return train_caption_tokenizer(TINY_CAPTIONS * 4, vocab_size=300, save_dir=save_dir)
 

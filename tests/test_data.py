@@ -22,7 +22,8 @@ from modeling_vitgpt2.data import (
     load_hf_captions,
     references_per_image,
 )
-from modeling_vitgpt2.synthetic import draw_scene, random_scene, train_caption_tokenizer, write_synthetic_coco
+from modeling_vitgpt2.synthetic import draw_scene, random_scene, write_synthetic_coco
+from modeling_vitgpt2.tokenization import train_caption_tokenizer
 
 NUM_TRAIN, NUM_VAL, CAPTIONS_PER_IMAGE = 8, 5, 4
 

@@ -21,9 +21,9 @@ from modeling_vitgpt2.synthetic import (
     draw_scene,
     object_box,
     random_scene,
-    train_caption_tokenizer,
     write_synthetic_coco,
 )
+from modeling_vitgpt2.tokenization import train_caption_tokenizer
 
 IMAGE_SIZE = 64
 

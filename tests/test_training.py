@@ -15,12 +15,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from conftest import save_tiny_clip
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.peft_setup import PeftArguments
-from modeling_vitgpt2.synthetic import train_caption_tokenizer, write_synthetic_coco
+from modeling_vitgpt2.loading import load_for_inference
+from modeling_vitgpt2.synthetic import write_synthetic_coco
+from modeling_vitgpt2.tokenization import train_caption_tokenizer
 from modeling_vitgpt2.training import (
     CaptionTrainingArguments,
     DataArguments,
     ModelArguments,
-    load_for_inference,
     run_training,
 )
 

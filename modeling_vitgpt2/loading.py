@@ -1,0 +1,31 @@
+"""Loading a trained output folder for inference: a full model, or a peft adapter on the base model it records."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+
+__all__ = ["BASE_MODEL_FOLDER", "load_for_inference"]
+
+# Where a run saves the base model it built for its adapter, and where a pushed adapter repository carries it.
+BASE_MODEL_FOLDER = "base_model"
+
+
+def load_for_inference(path: str | os.PathLike, **kwargs):
+    """Loads a trained output folder: a full model, or a peft adapter on the base model recorded in it."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        # A base built by the run travels with it (locally, and in pushed repos) as `base_model/`.
+        bundled_base = path / BASE_MODEL_FOLDER
+        if (bundled_base / "config.json").is_file():
+            base_path = str(bundled_base)
+        else:
+            base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = ViTGPT2ForConditionalGeneration.from_pretrained(base_path, **kwargs)
+        return PeftModel.from_pretrained(base, path).eval()
+    return ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()

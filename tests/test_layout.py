@@ -1,0 +1,62 @@
+"""The package's layout: data flows downhill through the layers."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "modeling_vitgpt2"
+
+# Lowest first. A module may import from its own layer and the layers below it, never from one above: the model does
+# not know about data, training does not publish, evaluation does not train. A new module gets a row here.
+LAYERS = {
+    "utilities": {"io_utils"},
+    "model": {"configuration_vitgpt2", "modeling_vitgpt2", "processing_vitgpt2", "tokenization", "loading",
+              "peft_setup"},
+    "data": {"synthetic", "data", "feature_cache"},
+    "metrics": {"cider", "clip_score"},
+    "training": {"training"},
+    "evaluation": {"evaluation", "zero_shot", "attention_maps"},
+    "hub": {"hub"},
+}
+RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
+LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
+
+
+def modules() -> list[Path]:
+    return sorted(path for path in PACKAGE.glob("*.py") if path.stem != "__init__")
+
+
+def package_imports(path: Path) -> set[str]:
+    """The package modules `path` imports, at its top or inside functions alike."""
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                imported.add(node.module.split(".")[0])
+            elif node.level == 1:
+                imported.update(alias.name for alias in node.names)
+            elif node.module and node.module.startswith("modeling_vitgpt2."):
+                imported.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("modeling_vitgpt2."))
+    return imported
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted({path.stem for path in modules()} - set(RANK))
+    assert not unplaced, f"give {unplaced} a layer in LAYERS of {__file__}"
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda path: path.stem)
+def test_no_import_runs_back_up_the_layers(path):
+    upward = {
+        name: LAYER_OF[name] for name in package_imports(path) if name in RANK and RANK[name] > RANK[path.stem]
+    }
+    assert not upward, f"{path.stem} ({LAYER_OF[path.stem]} layer) imports from higher layers: {upward}"
+
+
+def test_the_import_graph_checker_sees_function_level_imports(tmp_path):
+    module = tmp_path / "example.py"
+    module.write_text("def load():\n    from .training import run_training\n    from . import hub\n")
+    assert package_imports(module) == {"training", "hub"}
