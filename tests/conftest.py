@@ -60,6 +60,33 @@ def tiny_config_kwargs(tokenizer, **overrides):
     return kwargs
 
 
+def random_image(seed: int, size, mode: str = "RGB"):
+    """A PIL image of uniform noise, `size = (width, height)`."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def fit_tiny_captions(model, processor, steps: int = 60):
+    """Fits a tiny model briefly to TINY_CAPTIONS on noise images, so that it writes real multi-token words and stops
+    with the end token (a random model babbles bytes until max_length). Returns the model in eval mode."""
+    side = max(model.encoder.model.patch_embed.img_size)
+    batch = processor.tokenize_captions(TINY_CAPTIONS)
+    pixel_values = processor(images=[random_image(seed, (side, side)) for seed in range(len(TINY_CAPTIONS))])[
+        "pixel_values"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(pixel_values=pixel_values, decoder_input_ids=batch["decoder_input_ids"],
+                     labels=batch["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_CAPTIONS, tiny_config_kwargs
+from conftest import fit_tiny_captions, random_image, tiny_config_kwargs
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.attention_maps import (
     PANEL_INCHES,
@@ -28,10 +28,7 @@ NUM_BEAMS = 3
 MAX_LENGTH = 32
 # Decoder block 1 has no cross-attention, so layer numbers and positions in `cross_attentions` differ.
 CROSS_LAYERS = [0, 2]
-
-
-def random_image(seed: int, size=(80, 64)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+SIZE = (80, 64)  # test images are not square, and larger than the model's 56 px input
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +46,7 @@ def captioner(tiny_tokenizer):
     )
     model = ViTGPT2ForConditionalGeneration(config)
     processor = ViTGPT2Processor.from_timm_model(model.encoder.model, tiny_tokenizer)
-    batch = processor.tokenize_captions(TINY_CAPTIONS)
-    pixel_values = processor(images=[random_image(index, (56, 56)) for index in range(len(TINY_CAPTIONS))])[
-        "pixel_values"
-    ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(60):
-        inputs = dict(pixel_values=pixel_values, decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"])
-        loss = model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), processor
+    return fit_tiny_captions(model, processor), processor
 
 
 def beam_search(model, processor, images):
@@ -79,7 +64,7 @@ def pair(captioner):
     `beam_indices` pads it with -1). Its rows in `cross_attentions` start at NUM_BEAMS."""
     model, processor = captioner
     for seed in range(10, 60):
-        images = [random_image(seed), random_image(seed + 100)]
+        images = [random_image(seed, SIZE), random_image(seed + 100, SIZE)]
         rows = beam_search(model, processor, images).beam_indices[1]
         if (rows[rows >= 0] != NUM_BEAMS).any() and (rows < 0).any():
             break
@@ -128,7 +113,7 @@ def test_maps_follow_the_final_beam(captioner, pair):
 
 def test_greedy_search_maps_match_teacher_forcing(captioner):
     model, processor = captioner
-    image = random_image(5)
+    image = random_image(5, SIZE)
     result = caption_attention_maps(model, processor, image, layer=0, num_beams=1, max_length=MAX_LENGTH)
     reference = teacher_forced_cross_attentions(model, processor, image, result.token_ids)[0][0].mean(dim=0)
     np.testing.assert_allclose(result.token_maps, reference[:, 1:].reshape(-1, GRID, GRID).numpy(), atol=1e-6)
@@ -149,7 +134,8 @@ def test_each_map_with_its_cls_weight_sums_to_one(captioner, pair):
     np.testing.assert_allclose(result.token_maps.sum(axis=(1, 2)) + result.token_prefix_weights, 1.0, atol=1e-5)
     np.testing.assert_allclose(result.maps.sum(axis=(1, 2)) + result.prefix_weights, 1.0, atol=1e-5)
     assert (result.maps >= 0).all() and (result.prefix_weights > 0).all()
-    one_head = caption_attention_maps(model, processor, random_image(3), layer="all", head=1, max_length=MAX_LENGTH)
+    one_head = caption_attention_maps(model, processor, random_image(3, SIZE), layer="all", head=1,
+                                      max_length=MAX_LENGTH)
     np.testing.assert_allclose(one_head.maps.sum(axis=(1, 2)) + one_head.prefix_weights, 1.0, atol=1e-5)
 
 
@@ -172,7 +158,7 @@ def test_words_group_sub_word_tokens_and_skip_the_end_token(captioner, pair, tin
 
 def test_all_layers_are_averaged_and_heads_can_be_picked(captioner):
     model, processor = captioner
-    image = random_image(7)
+    image = random_image(7, SIZE)
 
     def run(**choice):
         return caption_attention_maps(model, processor, image, max_length=MAX_LENGTH, **choice)
@@ -204,7 +190,7 @@ def test_all_layers_are_averaged_and_heads_can_be_picked(captioner):
 def test_invalid_layer_or_head_says_what_exists(captioner, choice, message):
     model, processor = captioner
     with pytest.raises(ValueError, match=message):
-        caption_attention_maps(model, processor, random_image(0), **choice)
+        caption_attention_maps(model, processor, random_image(0, SIZE), **choice)
 
 
 def test_attention_implementation_and_mode_are_restored(captioner, monkeypatch):
@@ -219,7 +205,7 @@ def test_attention_implementation_and_mode_are_restored(captioner, monkeypatch):
     model.train()
     monkeypatch.setattr(model, "generate", failing_generate)
     with pytest.raises(RuntimeError, match="interrupted"):
-        caption_attention_maps(model, processor, random_image(0), layer=0)
+        caption_attention_maps(model, processor, random_image(0, SIZE), layer=0)
     assert seen == {"implementation": "eager", "training": False}
     assert model.config._attn_implementation == "sdpa" and model.training
     model.eval()
@@ -324,7 +310,7 @@ def test_an_empty_caption_gives_no_words_and_an_image_only_figure(captioner, tmp
     model, processor = captioner
     end = processor.tokenizer.eos_token_id
     # `forced_bos_token_id` forces the first generated token: the end token makes the caption empty.
-    result = caption_attention_maps(model, processor, random_image(1), layer=0, forced_bos_token_id=end)
+    result = caption_attention_maps(model, processor, random_image(1, SIZE), layer=0, forced_bos_token_id=end)
     assert result.caption == "" and result.words == [] and result.token_ids == [end]
     assert result.maps.shape == (0, GRID, GRID) and result.prefix_weights.shape == (0,)
     assert result.token_maps.shape == (1, GRID, GRID)

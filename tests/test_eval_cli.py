@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from test_clip_score import direct_embeddings
 
-from conftest import TINY_CAPTIONS, tiny_config_kwargs
+from conftest import TINY_CAPTIONS, fit_tiny_captions, random_image, tiny_config_kwargs
 from modeling_vitgpt2 import ImageLoadError, ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.cider import corpus_cider
 from modeling_vitgpt2.evaluation import (
@@ -42,11 +42,6 @@ PREDICTIONS = {"beach": "a couple of boats in a large body of water", "forest": 
                "street": "two green triangles next to a yellow star"}
 
 
-def random_image(seed: int, size, mode: str = "RGB") -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels).convert(mode)
-
-
 @pytest.fixture(scope="module")
 def captioner_dir(tiny_tokenizer, tmp_path_factory):
     """A tiny captioner fitted briefly to the tiny captions (so it writes words, not random bytes), saved with its
@@ -54,17 +49,7 @@ def captioner_dir(tiny_tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer)))
     processor = ViTGPT2Processor.from_timm_model(model.encoder.model, tiny_tokenizer)
-    batch = processor.tokenize_captions(TINY_CAPTIONS)
-    pixel_values = processor(images=[random_image(seed, (28, 28)) for seed in range(len(TINY_CAPTIONS))])[
-        "pixel_values"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(60):
-        loss = model(pixel_values=pixel_values, decoder_input_ids=batch["decoder_input_ids"],
-                     labels=batch["labels"]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_tiny_captions(model, processor)
     folder = tmp_path_factory.mktemp("captioner")
     model.eval().save_pretrained(folder)
     processor.save_pretrained(folder)

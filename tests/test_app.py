@@ -1,0 +1,266 @@
+"""The demo page (app.py) as its visitors meet it: `python app.py` serving on localhost, driven through
+gradio_client and in a real headless Chromium (the OS package, driven by Playwright).
+
+One server serves the whole module (starting it costs the imports of torch and Gradio); a tiny captioner fitted
+for a moment to the tiny captions (so it writes words) and a tiny CLIP are saved first and loaded by the app the way
+users' folders are. The photo is a real one from ../shared/data when present, else a generated scene.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import fit_tiny_captions, tiny_config_kwargs
+
+gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the [test] extra (gradio_client)")
+pytest.importorskip("gradio", reason="the demo page needs the [demo] extra (gradio)")
+
+from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor  # noqa: E402
+from modeling_vitgpt2.attention_maps import attention_overlay, caption_attention_maps  # noqa: E402
+from modeling_vitgpt2.zero_shot import ENSEMBLE, class_probabilities  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_PHOTO = REPO.parent / "shared" / "data" / "real_images" / "git_examples" / "1.jpg"
+SERVER_START_SECONDS = 180
+# Flags for a headless Chromium running as root on a machine without network access.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Set to a path (e.g. docs/demo_page.png) to keep the browser test's screenshot; the README's comes from here.
+SCREENSHOT_ENV = "DEMO_SCREENSHOT"
+
+
+@pytest.fixture(scope="module")
+def captioner_dir(tiny_tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer)))
+    processor = ViTGPT2Processor.from_timm_model(model.encoder.model, tiny_tokenizer)
+    fit_tiny_captions(model, processor)
+    folder = tmp_path_factory.mktemp("captioner")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(captioner_dir):
+    """The saved captioner as a user loads it, to compare the page with."""
+    model = ViTGPT2ForConditionalGeneration.from_pretrained(captioner_dir).eval()
+    return model, ViTGPT2Processor.from_pretrained(captioner_dir)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    """A real photo when ../shared/data is there; otherwise a generated scene, so the page is still tested."""
+    if REAL_PHOTO.is_file():
+        return REAL_PHOTO
+    import random
+
+    from modeling_vitgpt2.synthetic import draw_scene, random_scene
+
+    path = tmp_path_factory.mktemp("photo") / "scene.png"
+    draw_scene(random_scene(random.Random(0)), 160).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("hostile")
+    files = {"not-an-image": folder / "holiday.jpg", "bomb": folder / "bomb.png", "1x1": folder / "dot.png"}
+    files["not-an-image"].write_text("hello, I am a text file with an image's name")
+    Image.new("1", (20000, 20000)).save(files["bomb"])  # 400 megapixels in ~50 kB
+    Image.new("RGB", (1, 1), "red").save(files["1x1"])
+    return files
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(captioner_dir, tiny_clip, photo, tmp_path_factory):
+    """`python app.py --model ... --clip_model ...` on a free localhost port, started as a user starts it."""
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("app")
+    log = (workdir / "server.log").open("w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--model", str(captioner_dir), "--clip_model", str(tiny_clip),
+         "--examples", str(photo), "--server_port", str(port)],
+        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited with {process.returncode}:\n{(workdir / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not serve {url} within {SERVER_START_SECONDS} s:\n"
+                            f"{(workdir / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return gradio_client.Client(server, verbose=False)
+
+
+def caption_on_page(client, image: Path, num_beams=3, max_new_tokens=12, length_penalty=1.0, layers=("all",),
+                    head="mean"):
+    return client.predict(gradio_client.handle_file(str(image)), num_beams, max_new_tokens, length_penalty,
+                          list(layers), head, api_name="/caption")
+
+
+@pytest.mark.parametrize("num_beams, max_new_tokens, length_penalty", [(3, 12, 1.0), (1, 12, 1.0), (4, 8, 2.0)])
+def test_caption_is_model_generate_with_the_same_settings(client, loaded, photo, num_beams, max_new_tokens,
+                                                          length_penalty):
+    model, processor = loaded
+    with torch.no_grad():
+        output = model.generate(**processor(images=[photo]), num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                length_penalty=length_penalty, num_return_sequences=num_beams, output_scores=True,
+                                return_dict_in_generate=True)
+        expected = processor.batch_decode(model.generate(**processor(images=[photo]), num_beams=num_beams,
+                                                         max_new_tokens=max_new_tokens, length_penalty=length_penalty))
+    caption, beams, panels, note = caption_on_page(client, photo, num_beams, max_new_tokens, length_penalty)
+
+    assert caption == expected[0] and caption.strip()  # and the premise: the model wrote something
+    rows = beams["data"]
+    assert [row[0] for row in rows] == list(range(1, num_beams + 1))
+    assert [row[1] for row in rows] == processor.batch_decode(output.sequences)
+    if num_beams > 1:
+        np.testing.assert_allclose([row[2] for row in rows], output.sequences_scores.tolist(), atol=1e-4)
+    assert note == ""
+    # One panel per word of the caption, labelled with the word, each a real picture.
+    assert [panel["caption"] for panel in panels] == caption.split()
+    for panel in panels:
+        with Image.open(panel["image"]) as picture:
+            assert min(picture.size) > 0
+
+
+def test_panels_are_the_attention_maps_of_the_chosen_layer_and_head(client, loaded, photo):
+    model, processor = loaded
+    caption, _, panels, _ = caption_on_page(client, photo, layers=["1"], head="1")
+    result = caption_attention_maps(model, processor, photo, layer=[1], head=1, num_beams=3, max_new_tokens=12)
+    assert result.caption == caption and len(panels) == len(result.words) > 0
+    averaged = caption_on_page(client, photo, layers=["all"], head="mean")[2]
+    different = 0
+    for index, (panel, other) in enumerate(zip(panels, averaged)):
+        with Image.open(panel["image"]) as shown, Image.open(other["image"]) as shown_averaged:
+            expected = np.asarray(attention_overlay(result, index), dtype=int)
+            assert np.abs(np.asarray(shown.convert("RGB"), dtype=int) - expected).max() == 0
+            different += not np.array_equal(np.asarray(shown), np.asarray(shown_averaged))
+    assert different > 0  # the selectors change what is shown
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("not-an-image", "holiday.jpg is not an image this page can read: cannot identify image file"),
+    ("bomb", "bomb.png is too large to decode safely: .*decompression bomb"),
+    ("1x1", "The image is 1x1 pixels; the model needs at least 14 pixels on each side"),
+])
+def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, hostile_files, photo, kind, message):
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        caption_on_page(client, hostile_files[kind])
+    assert caption_on_page(client, photo, max_new_tokens=4)[0]
+
+
+def test_zero_shot_gives_clips_probabilities_per_template(client, tiny_clip, photo):
+    templates = ["a photo of {object}.", "a drawing of {object}."]
+    plot = client.predict(gradio_client.handle_file(str(photo)), "dog, cat, diagram", "\n".join(templates),
+                          api_name="/zero_shot")
+    rows = plot["value"]["data"] if "value" in plot else plot["data"]
+    expected = class_probabilities([photo], ["dog", "cat", "diagram"], templates, clip=str(tiny_clip), ensemble=True,
+                                   progress=False)
+    shown = {(row[1], row[0]): row[2] for row in rows}  # (template, prompt) -> probability
+    assert len(shown) == 3 * 3
+    for template, probabilities in expected.items():
+        label = "ensemble of the templates" if template == ENSEMBLE else template
+        for name, value in zip(["dog", "cat", "diagram"], probabilities[0].tolist()):
+            prompt = name if template == ENSEMBLE else template.replace("{object}", name)
+            assert shown[(label, prompt)] == pytest.approx(value, abs=1e-5)
+    with pytest.raises(gradio_client.exceptions.AppError, match="no {object} placeholder"):
+        client.predict(gradio_client.handle_file(str(photo)), "dog, cat", "a photo", api_name="/zero_shot")
+
+
+def test_without_the_default_model_it_says_in_one_line_how_to_make_it(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "app.py")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "app.py: no model at outputs/synthetic-default: make it with `python train.py` (about 10 minutes on 2 CPU "
+        "cores), or pass --model a model folder, adapter folder or Hub id"
+    ]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Chromium is not installed (`apt-get install -y chromium`; .ci/run installs it)")
+    return path
+
+
+def test_in_a_real_browser(server, photo, hostile_files, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs the [test] extra")
+    browser_path = chromium()
+    with playwright.sync_playwright() as driver:
+        context = driver.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=browser_path, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 1000},
+        )
+        try:
+            page = context.new_page()
+            page.goto(server, wait_until="networkidle", timeout=60_000)
+            page.locator("#caption-image input[type=file]").set_input_files(str(photo))
+            page.wait_for_function("document.querySelector('#caption-text textarea').value.trim().length > 0",
+                                   timeout=60_000)
+            caption = page.locator("#caption-text textarea").input_value()
+            panels = page.locator("#attention-panels img")
+            playwright.expect(panels).to_have_count(len(caption.split()), timeout=30_000)
+            page.wait_for_function("[...document.querySelectorAll('#attention-panels img')]"
+                                   ".every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
+            for index in range(panels.count()):
+                box = panels.nth(index).bounding_box()
+                assert box is not None and box["width"] > 0 and box["height"] > 0
+            screenshot = tmp_path / "demo_page.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            if os.environ.get(SCREENSHOT_ENV):
+                shutil.copyfile(screenshot, os.environ[SCREENSHOT_ENV])
+
+            # A text file named like a photo: the page says so, and the next upload is captioned again.
+            page.get_by_label("Remove Image").click()
+            page.locator("#caption-image input[type=file]").set_input_files(str(hostile_files["not-an-image"]))
+            toast = page.locator("[data-testid='toast-body']")
+            playwright.expect(toast).to_contain_text("holiday.jpg is not an image this page can read",
+                                                     timeout=30_000)
+        finally:
+            context.close()
+    with Image.open(screenshot) as picture:
+        assert picture.width == 1280 and picture.height >= 1000
