@@ -76,13 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--images", required=True, help="folder of images")
     caption.add_argument("--output", required=True, help='predictions JSON: {"<file name without extension>": "..."}')
 
-    score = commands.add_parser("score", help="CIDEr-D, and CLIPScore/RefCLIPScore with --clip_model")
+    score = commands.add_parser("score", help="CIDEr, BLEU-1..4, ROUGE-L, METEOR, caption diversity; CLIPScore and "
+                                              "RefCLIPScore with --clip_model")
     score.add_argument("--predictions", required=True)
     score.add_argument("--annotations", required=True, help="COCO-style captions JSON of the same split")
     score.add_argument("--images", help="folder of the annotated images (needed for CLIPScore)")
     score.add_argument("--clip_model",
                        help="CLIP Hub id or folder (CLIPScore is defined with openai/clip-vit-base-patch32)")
     add_clip_prefix(score)
+    score.add_argument("--train_annotations",
+                       help="COCO-style captions JSON of the training split: adds the share of captions copied from it")
+    score.add_argument("--metrics", nargs="+", metavar="NAME",
+                       help="registered metrics to compute (default: all): cider bleu rouge_l meteor clip_score "
+                            "diversity copied")
     score.add_argument("--output", required=True, help="scores JSON with per-image values")
 
     zero_shot = commands.add_parser("zero-shot", help="CLIP zero-shot accuracy per prompt template")
@@ -129,14 +135,16 @@ def run(args) -> None:
                                              output=args.output)
         print(f"captioned {len(captions)} images -> {args.output}")
     elif args.command == "score":
+        from modeling_vitgpt2.metrics import format_metric, metric_names
+
         report = evaluation.score_predictions(args.predictions, args.annotations, args.images,
                                               clip_model=args.clip_model, clip_prefix=args.clip_prefix,
+                                              train_annotations=args.train_annotations, metrics=args.metrics,
                                               output=args.output)
-        if report.clip_score is None:
-            print(f"CIDEr: {report.cider:.4f} | CLIPScore: skipped (no --clip_model)")
-        else:
-            print(f"CIDEr: {report.cider:.4f} | CLIPScore: {report.clip_score:.4f} | "
-                  f"RefCLIPScore: {report.ref_clip_score:.4f}")
+        for name, reason in report.skipped.items():
+            print(f"{name} skipped: {reason}", file=sys.stderr)
+        print(" | ".join(f"{display}: {format_metric(key, report.metrics[key])}"
+                         for key, display in metric_names().items() if key in report.metrics))
     elif args.command == "zero-shot":
         result, summary = evaluation.run_zero_shot(args.images, args.labels, args.templates, args.output,
                                                    labels_file=args.labels_file, ensemble=args.ensemble,

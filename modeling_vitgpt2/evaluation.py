@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
-from .cider import corpus_cider
 from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
 from .io_utils import InvalidJSONError, preview_names, read_json, write_json_atomic
 from .loading import load_for_inference
@@ -256,13 +255,17 @@ def _clip_prefix(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class ScoreReport:
-    """Corpus CIDEr-D, and CLIPScore / RefCLIPScore when a CLIP model was given (else None), with per-image values."""
+    """Corpus scores of one predictions file: every registered metric (`metrics.METRICS`) that could run, in
+    `metrics`; those that could not, with the reason, in `skipped`; and per-image values. `cider`, `clip_score` and
+    `ref_clip_score` repeat the headline values (None when CLIPScore was skipped)."""
 
     cider: float
     clip_score: Optional[float]
     ref_clip_score: Optional[float]
     clip_model: Optional[str]
     clip_prefix: str
+    metrics: dict[str, float]
+    skipped: dict[str, str]
     per_image: dict[str, dict[str, Optional[float]]]
 
     def to_json(self) -> dict:
@@ -274,9 +277,12 @@ class ScoreReport:
 
 def score_predictions(predictions: Union[PathLike, Mapping[str, str]], annotations: PathLike,
                       images_dir: Optional[PathLike] = None, *, clip_model: Optional[Union[str, LoadedClip]] = None,
-                      clip_prefix: str = "", batch_size: int = 32, output: Optional[PathLike] = None,
-                      progress: bool = True) -> ScoreReport:
-    """Scores captions against COCO-style references: CIDEr-D always; CLIPScore and RefCLIPScore with `clip_model`.
+                      clip_prefix: str = "", train_annotations: Optional[PathLike] = None,
+                      metrics: Optional[Sequence[str]] = None, batch_size: int = 32,
+                      output: Optional[PathLike] = None, progress: bool = True) -> ScoreReport:
+    """Scores captions against COCO-style references with every registered metric (`metrics.METRICS`): CIDEr,
+    BLEU-1..4, ROUGE-L, METEOR (with Java), caption diversity; CLIPScore and RefCLIPScore with `clip_model`; the share
+    copied from the training set with `train_annotations`. A metric that cannot run is listed in `skipped`.
 
     Args:
         predictions: a predictions file or `{name: caption}`; its keys must equal the annotated image names.
@@ -285,36 +291,37 @@ def score_predictions(predictions: Union[PathLike, Mapping[str, str]], annotatio
         clip_model: a CLIP Hub id or folder (OpenAI ViT-B/32 defines the metric), or a `LoadedClip`; None skips
             CLIPScore.
         clip_prefix: text before each caption for CLIP: "" (the course) or "A photo depicts" (Hessel et al.).
+        train_annotations: the training split's COCO-style captions file, for the share of copied captions.
+        metrics: registered metric names to run (default: all).
         output: if given, `ScoreReport.to_json()` is written there atomically.
     """
+    from .metrics import compute_metrics
+
     predictions, source = _predictions_and_source(predictions)
     prefix = _clip_prefix(clip_prefix)
     coco = read_coco_references(annotations)
     check_same_names(predictions, list(coco.references), source, str(annotations))
+    training_captions = None
+    if train_annotations is not None:
+        training_captions = [ref for refs in read_coco_references(train_annotations).references.values() for ref in refs]
     names = sorted(coco.references)
     captions = {name: predictions[name] for name in names}
     references = {name: coco.references[name] for name in names}
-    image_paths = None
+    image_paths = clip = None
     if clip_model is not None:
         if images_dir is None:
             raise ValueError("CLIPScore needs the images: pass images_dir (eval.py score --images DIR)")
         image_paths = {name: Path(images_dir) / coco.file_names[name] for name in names}
         _check_files_exist(image_paths.values(), images_dir, annotations)
-
-    cider = corpus_cider(captions, references)
-    per_image = {name: {"cider": cider.per_image[name], "clip_score": None, "ref_clip_score": None}
-                 for name in names}
-    clip_mean = ref_mean = None
-    if image_paths is not None:
         clip = clip_model if isinstance(clip_model, LoadedClip) else load_clip(clip_model)
-        result = clip_score(image_paths, captions, references, clip=clip, prefix=prefix, batch_size=batch_size,
-                            progress=progress)
-        clip_mean, ref_mean = result.score, result.ref_score
-        for name in names:
-            per_image[name].update(clip_score=result.per_image[name], ref_clip_score=result.ref_per_image[name])
+
+    result = compute_metrics(captions, references, training_captions=training_captions, images=image_paths,
+                             clip=clip, clip_prefix=prefix, metrics=metrics, batch_size=batch_size, progress=progress)
     report = ScoreReport(
-        cider=cider.score, clip_score=clip_mean, ref_clip_score=ref_mean,
-        clip_model=None if clip_model is None else _clip_name(clip_model), clip_prefix=prefix, per_image=per_image,
+        cider=result.values.get("cider"), clip_score=result.values.get("clip_score"),
+        ref_clip_score=result.values.get("ref_clip_score"),
+        clip_model=None if clip_model is None else _clip_name(clip_model), clip_prefix=prefix,
+        metrics=result.values, skipped=result.skipped, per_image=result.per_image,
     )
     if output is not None:
         write_json_atomic(output, report.to_json())

@@ -37,6 +37,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .loading import BASE_MODEL_FOLDER
+from .metrics import format_metric, metric_names
 
 # Package data, so that wheel installs render cards too; `model_card/template.md` at the top of the checkout is a
 # link to this file, the one copy people edit.
@@ -384,9 +385,9 @@ def _render_card(
         dataset_type, dataset_label = "custom", "Local validation set"
         dataset_description = "a local dataset (not published on the Hub)"
 
-    metrics = [{"name": "CIDEr", "type": "cider", "value": output.eval_results["eval_cider"]}]
-    if "eval_clip_score" in output.eval_results:
-        metrics.append({"name": "CLIPScore", "type": "clip_score", "value": output.eval_results["eval_clip_score"]})
+    metrics = [{"name": display, "type": key, "value": output.eval_results[f"eval_{key}"],
+                "text": format_metric(key, output.eval_results[f"eval_{key}"])}
+               for key, display in metric_names().items() if f"eval_{key}" in output.eval_results]
     model_name = repo_id.split("/")[-1] if repo_id else output.folder.name
     card_data = ModelCardData(
         model_name=model_name,
@@ -428,7 +429,7 @@ def _render_card(
         dataset_description=dataset_description,
         synthetic_data=synthetic_data,
         metrics=metrics,
-        has_clip_score=len(metrics) > 1,
+        has_clip_score="eval_clip_score" in output.eval_results,
         attention_example=ATTENTION_EXAMPLE if (output.folder / ATTENTION_EXAMPLE).is_file() else None,
     )
 

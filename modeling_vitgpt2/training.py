@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .cider import corpus_cider
 from .configuration_vitgpt2 import ViTGPT2Config
 from .data import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
 from .io_utils import write_json_atomic
 from .loading import BASE_MODEL_FOLDER
+from .metrics import compute_metrics
 from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from .peft_setup import (
     PeftArguments,
@@ -284,27 +284,33 @@ class CaptionTrainer(Seq2SeqTrainer):
         for part in gather_object([captions]):
             predictions.update(part)
         references = {row["image_name"]: row["references"] for row in images}
-        cider = corpus_cider(predictions, references)
-        metrics = {f"{metric_key_prefix}_cider": cider.score, f"{metric_key_prefix}_images": len(predictions)}
-        if self.clip_model:
-            metrics[f"{metric_key_prefix}_clip_score"] = self._clip_score(images, predictions)
-        elif state.is_main_process and not getattr(self, "_told_clip_skipped", False):
-            logger.info("CLIPScore skipped: no --clip_model given")
-            self._told_clip_skipped = True
+        sources = {row["image_name"]: row.get("image_path") or row.get("image") for row in images}
+        scores = compute_metrics(predictions, references, during_training=True, clip=self._loaded_clip(),
+                                 images=sources if self.clip_model else None,
+                                 training_captions=self._training_captions(), progress=state.is_main_process)
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in scores.values.items()}
+        metrics[f"{metric_key_prefix}_images"] = len(predictions)
+        if state.is_main_process and scores.skipped and not getattr(self, "_told_skipped", False):
+            for name, reason in scores.skipped.items():
+                logger.info("%s skipped during evaluation: %s", name, reason)
+            self._told_skipped = True
         if state.is_main_process:
             write_json_atomic(Path(self.args.output_dir) / "eval_predictions.json", predictions)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _clip_score(self, images, predictions: dict[str, str]) -> float:
-        from .clip_score import clip_score, load_clip
+    def _loaded_clip(self):
+        from .clip_score import load_clip
 
-        if self._clip is None:
+        if self.clip_model and self._clip is None:
             self._clip = load_clip(self.clip_model, device=self.args.device)
-        sources = {row["image_name"]: row.get("image_path") or row.get("image") for row in images}
-        result = clip_score(sources, predictions, clip=self._clip, progress=PartialState().is_main_process)
-        return float(result.score)
+        return self._clip
+
+    def _training_captions(self) -> list[str] | None:
+        if self.train_dataset is None or "caption" not in self.train_dataset.column_names:
+            return None
+        return list(self.train_dataset["caption"])
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

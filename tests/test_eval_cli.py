@@ -175,11 +175,11 @@ def test_score_matches_corpus_cider_and_direct_clip_scores(cli, tiny_clip, data)
     assert scores["ref_clip_score"] == pytest.approx(sum(ref_per_image) / len(names), abs=1e-5)
     assert list(scores["per_image"]) == names and scores["num_images"] == len(names)
     for index, name in enumerate(names):
-        assert scores["per_image"][name] == pytest.approx(
-            {"cider": cider.per_image[name], "clip_score": clip_per_image[index],
-             "ref_clip_score": ref_per_image[index]}, abs=1e-5)
-    assert line == (f"CIDEr: {scores['cider']:.4f} | CLIPScore: {scores['clip_score']:.4f} | "
-                    f"RefCLIPScore: {scores['ref_clip_score']:.4f}")
+        assert {key: scores["per_image"][name][key] for key in ("cider", "clip_score", "ref_clip_score")} == (
+            pytest.approx({"cider": cider.per_image[name], "clip_score": clip_per_image[index],
+                           "ref_clip_score": ref_per_image[index]}, abs=1e-5))
+    assert line.startswith(f"CIDEr: {scores['cider']:.4f} | BLEU-1: ")
+    assert f"| CLIPScore: {scores['clip_score']:.4f} | RefCLIPScore: {scores['ref_clip_score']:.4f} |" in line
 
 
 def test_zero_shot_accuracy_and_csvs_match_a_direct_argmax(cli, tiny_clip, data):
@@ -278,8 +278,10 @@ def test_cli_errors_in_process(data, tiny_clip, tmp_path, capsys):
         assert not (tmp_path / "out").exists()
 
     assert main(["score", "--predictions", str(data / "preds.json"), "--annotations", str(data / "val.json"),
-                 "--output", str(tmp_path / "cider.json")]) == 0
-    assert capsys.readouterr().out.strip().endswith("| CLIPScore: skipped (no --clip_model)")
+                 "--metrics", "cider", "clip_score", "--output", str(tmp_path / "cider.json")]) == 0
+    output = capsys.readouterr()
+    assert output.out.strip() == f"CIDEr: {corpus_cider(PREDICTIONS, references(data)).score:.4f}"
+    assert "clip_score skipped: CLIPScore needs a CLIP model" in output.err
     scores = json.loads((tmp_path / "cider.json").read_text())
     assert scores["clip_score"] is None and scores["clip_model"] is None
     assert scores["cider"] == pytest.approx(corpus_cider(PREDICTIONS, references(data)).score)

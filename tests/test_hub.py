@@ -25,6 +25,7 @@ from test_training import arguments, pretrained_parts, shapes  # noqa: F401 (fix
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_to_hub
+from modeling_vitgpt2.metrics import metric_names
 from modeling_vitgpt2.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,9 +202,14 @@ def test_pushed_full_model_card_carries_metrics_and_the_repository_loads_back_to
     cider = json.loads((full_run / "eval_results.json").read_text())["eval_cider"]
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
     assert card.data.model_name == "vitgpt2-test" and card.data.license == "apache-2.0"
+    run_metrics = json.loads((full_run / "eval_results.json").read_text())
+    # every registered metric the run evaluated, in the registry's order
+    expected_types = [key for key in metric_names() if f"eval_{key}" in run_metrics]
+    assert expected_types[:6] == ["cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l"]
     assert [(result.metric_type, result.dataset_split) for result in card.data.eval_results] == [
-        ("cider", "validation")]
+        (key, "validation") for key in expected_types]
     assert card.data.eval_results[0].metric_value == pytest.approx(cider, abs=1e-4)
+    assert f"| BLEU-4 | {run_metrics['eval_bleu_4']:.4f} |" in card.text
     assert "![Cross-attention of each generated word over the image](attention_example.png)" in card.text
     assert f'AutoModelForImageTextToText.from_pretrained("{REPO_ID}", trust_remote_code=True)' in card.text
 
@@ -287,9 +293,9 @@ def test_card_names_what_the_run_started_from(lora_run, tmp_path):
     card = build_model_card(run, REPO_ID)
     assert card.data.base_model == ["timm/vit_large_patch14_clip_224.openai", "openai-community/gpt2"]
     assert card.data.datasets == ["yerevann/coco-karpathy"]
-    assert [(result.metric_type, result.dataset_type) for result in card.data.eval_results] == [
-        ("cider", "yerevann/coco-karpathy"), ("clip_score", "yerevann/coco-karpathy")]
-    assert card.data.eval_results[1].metric_value == 0.7123 and "| CLIPScore | 0.7123 |" in card.text
+    results = {result.metric_type: result for result in card.data.eval_results}
+    assert {result.dataset_type for result in card.data.eval_results} == {"yerevann/coco-karpathy"}
+    assert results["clip_score"].metric_value == 0.7123 and "| CLIPScore | 0.7123 |" in card.text
 
     summary["sources"].update(encoder=str(tmp_path / "vit.safetensors"), decoder=None, dataset_name=None,
                               synthetic_data=True)
