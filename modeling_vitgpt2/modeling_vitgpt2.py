@@ -27,16 +27,22 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_vitgpt2 import ViTGPT2Config
 
 logger = logging.get_logger(__name__)
+
+# What a captioner built from pretrained parts decodes with unless told otherwise; saved in its
+# generation_config.json (never set in `__init__`, where it would override a loaded generation_config.json).
+CAPTION_GENERATION_DEFAULTS = {"num_beams": 3, "max_length": 40}
 
 
 def eager_attention_forward(
@@ -50,15 +56,18 @@ def eager_attention_forward(
     is_causal: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention that also returns its weights. `attention_mask` is boolean, True where a key may be seen."""
+    """Plain attention that also returns its weights. `attention_mask` is transformers' 4-D mask: additive (0 or the
+    dtype's minimum, as `create_causal_mask` makes it for eager) or boolean (True where a key may be seen)."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if is_causal and attention_mask is None:
         query_length, key_length = scores.shape[-2:]
         attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=scores.device).tril(
             diagonal=key_length - query_length
         )
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2)
@@ -75,6 +84,98 @@ def _attention_function(config: ViTGPT2Config, output_attentions: bool) -> Calla
         )
         return eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+class ViTGPT2ImageLayer(DynamicLayer):
+    """One layer's cross-attention keys/values, stored once per image and read as one row per decoder row.
+
+    All decoder rows of an image (its beams, its sampled sequences) attend to the same keys/values, so they are kept
+    once per image (`image_keys`, `image_values`: `(images, heads, image_tokens, head_dim)`) with `rows_per_image`;
+    the model reads them in that form, and beam search never has to reorder or copy them. `keys`/`values` present
+    them as transformers' cache utilities expect, one row per decoder row (a copy, made when read).
+    """
+
+    def __init__(self, **kwargs):
+        self.rows_per_image = 1
+        super().__init__(**kwargs)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._per_row(self.image_keys)
+
+    @keys.setter
+    def keys(self, keys: torch.Tensor | None) -> None:
+        self.image_keys = keys
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._per_row(self.image_values)
+
+    @values.setter
+    def values(self, values: torch.Tensor | None) -> None:
+        self.image_values = values
+
+    def _per_row(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None or self.rows_per_image == 1 or tensor.numel() == 0:
+            return tensor
+        return tensor.repeat_interleave(self.rows_per_image, dim=0)
+
+    def share(self, keys: torch.Tensor, values: torch.Tensor, rows: int) -> None:
+        """Stores one image's keys/values per row of `keys`, for `rows` decoder rows in all."""
+        self.lazy_initialization(keys, values)
+        self.image_keys, self.image_values = keys, values
+        self.rows_per_image = rows // keys.shape[0]
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized or self.image_keys.numel() == 0:
+            return 0
+        return self.image_keys.shape[-2]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # Beam search reorders an image's beams only among themselves, and they share one copy: nothing moves.
+        if self.rows_per_image == 1 and self.get_seq_length() > 0:
+            self.image_keys = self.image_keys.index_select(0, beam_idx.to(self.image_keys.device))
+            self.image_values = self.image_values.index_select(0, beam_idx.to(self.image_values.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.rows_per_image *= repeats
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.image_keys, self.image_values = self.keys[indices, ...], self.values[indices, ...]
+            self.rows_per_image = 1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """The image tokens are never cropped: only the text (self-attention) cache is."""
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self.image_keys = self.image_keys.to("cpu", non_blocking=True)
+            self.image_values = self.image_values.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.image_keys.device != self.device:
+            self.image_keys = self.image_keys.to(self.device, non_blocking=True)
+            self.image_values = self.image_values.to(self.device, non_blocking=True)
+
+
+class ViTGPT2ImageCache(DynamicCache):
+    """The cross-attention half of the model's `EncoderDecoderCache`: a `DynamicCache` of `ViTGPT2ImageLayer`s."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=ViTGPT2ImageLayer)
+
+
+def _encoder_decoder_cache(cache: Cache | None) -> EncoderDecoderCache:
+    """The cache this model decodes with: any self-attention cache (dynamic or static) with a `ViTGPT2ImageCache`."""
+    if cache is None:
+        return EncoderDecoderCache(DynamicCache(), ViTGPT2ImageCache())
+    if not isinstance(cache, EncoderDecoderCache):
+        return EncoderDecoderCache(cache, ViTGPT2ImageCache())
+    if not isinstance(cache.cross_attention_cache, ViTGPT2ImageCache) and not any(cache.is_updated.values()):
+        # `generate` builds a plain (dynamic or static) cross-attention cache; nothing is in it yet.
+        cache.cross_attention_cache = ViTGPT2ImageCache()
+    return cache
 
 
 class ViTGPT2SelfAttention(nn.Module):
@@ -96,6 +197,8 @@ class ViTGPT2SelfAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        prefix_keys: torch.Tensor | None,
+        prefix_values: torch.Tensor | None,
         cache: EncoderDecoderCache | None,
         output_attentions: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -106,6 +209,11 @@ class ViTGPT2SelfAttention(nn.Module):
         )
         if cache is not None:
             key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
+        if prefix_keys is not None:
+            # The prefix stays out of the cache: training (with or without gradient checkpointing) and every decoding
+            # step prepend the same learned vectors.
+            key = torch.cat([prefix_keys.expand(rows, -1, -1, -1), key], dim=2)
+            value = torch.cat([prefix_values.expand(rows, -1, -1, -1), value], dim=2)
         attend = _attention_function(self.config, output_attentions)
         output, weights = attend(
             self,
@@ -144,11 +252,13 @@ class ViTGPT2CrossAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def image_keys_values(
-        self, image_tokens: torch.Tensor, cache: EncoderDecoderCache | None
+        self, image_tokens: torch.Tensor, rows: int, cache: EncoderDecoderCache | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the image tokens, projected on the first call and then read back from the cache."""
         if cache is not None and cache.is_updated.get(self.layer_idx):
             cached = cache.cross_attention_cache.layers[self.layer_idx]
+            if isinstance(cached, ViTGPT2ImageLayer):
+                return cached.image_keys, cached.image_values
             return cached.keys, cached.values
         images, tokens, _ = image_tokens.shape
         heads_shape = (images, tokens, self.num_heads, self.head_dim)
@@ -157,7 +267,10 @@ class ViTGPT2CrossAttention(nn.Module):
             for part in self.c_attn(image_tokens).split(self.config.n_embd, dim=2)
         )
         if cache is not None:
-            key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+            cross = cache.cross_attention_cache
+            while len(cross.layers) <= self.layer_idx:
+                cross.layers.append(cross.layer_class_to_replicate())
+            cross.layers[self.layer_idx].share(key, value, rows)
             cache.is_updated[self.layer_idx] = True
         return key, value
 
@@ -169,7 +282,7 @@ class ViTGPT2CrossAttention(nn.Module):
         output_attentions: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows, length, width = hidden_states.shape
-        key, value = self.image_keys_values(image_tokens, cache)
+        key, value = self.image_keys_values(image_tokens, rows, cache)
         images = key.shape[0]
         rows_per_image = rows // images
         query = self.q_attn(hidden_states).view(images, rows_per_image * length, self.num_heads, self.head_dim)
@@ -185,7 +298,9 @@ class ViTGPT2CrossAttention(nn.Module):
             is_causal=False,
         )
         output = self.resid_dropout(self.c_proj(output.reshape(rows, length, width)))
-        if weights is not None:
+        if weights is not None and rows_per_image > 1:
+            # One row per decoder row, as transformers returns them (a regrouped copy; with one row per image the
+            # weights are returned as computed, inside the autograd graph).
             weights = (
                 weights.view(images, self.num_heads, rows_per_image, length, -1)
                 .transpose(1, 2)
@@ -223,8 +338,10 @@ class ViTGPT2Adapter(nn.Module):
 class ViTGPT2Prefix(nn.Module):
     """Learned keys/values that every block's self-attention sees before the caption (prefix tuning).
 
-    They are written into the self-attention cache before the first token, so training and every `generate`
-    call (cached or not, any number of beams) see the same prefix; positions count from the caption's start.
+    They are prepended to the self-attention's keys/values at every call rather than written into the cache, so
+    training (gradient checkpointing included, whose recomputation must not see them twice) and every `generate`
+    call (cached or not, any number of beams, dynamic or static cache) see the same prefix; positions count from
+    the caption's start.
     """
 
     def __init__(self, config: ViTGPT2Config):
@@ -235,13 +352,6 @@ class ViTGPT2Prefix(nn.Module):
     @property
     def length(self) -> int:
         return self.keys_values.shape[3]
-
-    def prefill(self, cache: EncoderDecoderCache, rows: int) -> None:
-        for layer_idx, (keys, values) in enumerate(self.keys_values):
-            cache.self_attention_cache.update(
-                keys.unsqueeze(0).expand(rows, -1, -1, -1), values.unsqueeze(0).expand(rows, -1, -1, -1), layer_idx
-            )
-        cache.prefix_length = self.length
 
 
 class ViTGPT2Block(GradientCheckpointingLayer):
@@ -269,10 +379,16 @@ class ViTGPT2Block(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         image_tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        prefix_keys: torch.Tensor | None = None,
+        prefix_values: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        attended, self_weights = self.attn(self.ln_1(hidden_states), attention_mask, cache, output_attentions)
+        # Tensors that need gradients are positional (reentrant checkpointing tracks only those); `cache` is a
+        # keyword so that gradient checkpointing can drop it.
+        attended, self_weights = self.attn(
+            self.ln_1(hidden_states), attention_mask, prefix_keys, prefix_values, cache, output_attentions
+        )
         if self.attn_adapter is not None:
             attended = self.attn_adapter(attended)
         hidden_states = hidden_states + attended
@@ -292,7 +408,8 @@ class ViTGPT2Encoder(nn.Module):
     """A timm ViT returning all its tokens (CLS first) after the final norm, as `BaseModelOutput`.
 
     A thin module rather than transformers' `TimmWrapperModel`, whose forward rejects the `output_attentions`
-    argument that `generate` passes to every encoder.
+    argument that `generate` passes to every encoder. Per-block hidden states and attention weights are collected
+    with hooks on timm's blocks, so any timm ViT whose blocks have an `attn.attn_drop` works unchanged.
     """
 
     main_input_name = "pixel_values"
@@ -329,61 +446,167 @@ class ViTGPT2Encoder(nn.Module):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool = True,
-    ) -> BaseModelOutput:
+    ) -> BaseModelOutput | tuple:
         self.check_pixel_values(pixel_values)
         parameter = next(self.model.parameters())
-        tokens = self.model.forward_features(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-        return BaseModelOutput(last_hidden_state=tokens)
+        pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+        if not (output_attentions or output_hidden_states):
+            output = BaseModelOutput(last_hidden_state=self.model.forward_features(pixel_values))
+            return output if return_dict else output.to_tuple()
+
+        blocks = list(self.model.blocks)
+        hidden_states, attentions, hooks = [], [], []
+        if output_hidden_states:
+            # The blocks' input (the embedded patches), then every block's output, as transformers' ViT returns them.
+            hooks.append(blocks[0].register_forward_pre_hook(lambda module, args: hidden_states.append(args[0])))
+            hooks.extend(
+                block.register_forward_hook(lambda module, args, output: hidden_states.append(output))
+                for block in blocks
+            )
+        fused = [block.attn.fused_attn for block in blocks]
+        if output_attentions:
+            # timm's unfused path computes softmax(q k^T) and passes it through `attn_drop` before multiplying the
+            # values: the hook returns exactly the weights the block uses (still in the autograd graph).
+            for block in blocks:
+                block.attn.fused_attn = False
+                hooks.append(
+                    block.attn.attn_drop.register_forward_hook(lambda module, args, output: attentions.append(output))
+                )
+        try:
+            tokens = self.model.forward_features(pixel_values)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for block, was_fused in zip(blocks, fused):
+                block.attn.fused_attn = was_fused
+        output = BaseModelOutput(
+            last_hidden_state=tokens,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
 
 
-class ViTGPT2Decoder(nn.Module):
-    """GPT-2's transformer (token and position embeddings, blocks, final norm) with cross-attention blocks."""
+class ViTGPT2PreTrainedModel(PreTrainedModel):
+    config: ViTGPT2Config
+    config_class = ViTGPT2Config
+    # The decoder is the part a GPT-2 checkpoint fills (as `transformer` in GPT2LMHeadModel).
+    base_model_prefix = "decoder"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTGPT2Block"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    # Decoding steps run under `torch.compile(fullgraph=True)` with a static self-attention cache.
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, (ViTGPT2SelfAttention, ViTGPT2CrossAttention, ViTGPT2MLP)):
+            # GPT-2's scheme: residual projections scaled by 1/sqrt(number of residual branches).
+            branches = 2 * self.config.n_layer + len(
+                [i for i in range(self.config.n_layer) if self.config.has_cross_attention(i)]
+            )
+            init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range / branches**0.5)
+        if isinstance(module, ViTGPT2Adapter):
+            # A new adapter must start as the identity, so adding one does not change a pretrained model.
+            init.zeros_(module.up.weight)
+            init.zeros_(module.up.bias)
+        if isinstance(module, ViTGPT2Prefix):
+            init.normal_(module.keys_values, mean=0.0, std=self.config.initializer_range)
+
+
+class ViTGPT2Decoder(ViTGPT2PreTrainedModel):
+    """GPT-2's transformer (token and position embeddings, blocks, final norm) with cross-attention blocks: what
+    `GPT2Model` is to GPT-2, the base model under the captioning head, taking the image tokens as
+    `encoder_hidden_states`."""
+
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
 
     def __init__(self, config: ViTGPT2Config):
-        super().__init__()
+        super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([ViTGPT2Block(config, layer_idx) for layer_idx in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.prefix = ViTGPT2Prefix(config) if config.prefix_length else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.wte = embeddings
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        image_tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: EncoderDecoderCache | None,
-        output_attentions: bool,
-        output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
+        """input_ids `(rows, length)`; encoder_hidden_states `(images, image_tokens, encoder_hidden_size)` with
+        `rows` a multiple of `images` (each image's rows adjacent); attention_mask `(rows, past + length)` or 4-D."""
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        image_tokens = encoder_hidden_states
         rows, length = input_ids.shape
         if rows % image_tokens.shape[0]:
             raise ValueError(
                 f"{rows} decoder rows cannot share {image_tokens.shape[0]} images: the rows must be a whole number "
                 "of rows per image (each image's rows adjacent)."
             )
-        if self.prefix is not None and (cache is None or cache.get_seq_length() == 0):
-            # Without a cache (training, use_cache=False) a throwaway one carries the prefix into attention.
-            cache = cache if cache is not None else EncoderDecoderCache(DynamicCache(), DynamicCache())
-            self.prefix.prefill(cache, rows)
         past_length = cache.get_seq_length() if cache is not None else 0
-        prefix_length = getattr(cache, "prefix_length", 0)
-        positions = self._positions(attention_mask, past_length - prefix_length, length, input_ids.device)
-        if positions.max() >= self.wpe.num_embeddings:
+        if isinstance(past_length, int) and past_length + length > self.wpe.num_embeddings:
             raise ValueError(
-                f"caption position {int(positions.max())} is beyond the decoder's {self.wpe.num_embeddings} positions; "
-                "lower max_length / max_new_tokens."
+                f"caption position {past_length + length - 1} is beyond the decoder's {self.wpe.num_embeddings} "
+                "positions; lower max_length / max_new_tokens."
             )
+        if attention_mask is not None and attention_mask.ndim == 2:
+            # Left-padded prompts: count only real tokens, so every caption starts at position 0.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        else:
+            positions = (torch.arange(length, device=input_ids.device) + past_length).unsqueeze(0)
         hidden_states = self.drop(self.wte(input_ids) + self.wpe(positions))
-        mask = self._self_attention_mask(attention_mask, past_length, length, input_ids.device)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=cache,
+            allow_is_causal_skip=self.prefix is None,
+        )
+        prefix_keys = prefix_values = None
+        if self.prefix is not None:
+            if mask is not None:
+                # Every caption token may see the whole prefix.
+                mask = F.pad(mask, (self.prefix.length, 0), value=True if mask.dtype == torch.bool else 0.0)
+            prefix_keys, prefix_values = self.prefix.keys_values.unbind(1)
 
         all_hidden, self_attentions, cross_attentions = [], [], []
-        for block in self.h:
+        for layer_idx, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             hidden_states, self_weights, cross_weights = block(
-                hidden_states, image_tokens, mask, cache, output_attentions
+                hidden_states,
+                image_tokens,
+                mask,
+                prefix_keys[layer_idx] if prefix_keys is not None else None,
+                prefix_values[layer_idx] if prefix_values is not None else None,
+                cache=cache,
+                output_attentions=output_attentions,
             )
             if output_attentions:
                 self_attentions.append(self_weights)
@@ -392,46 +615,14 @@ class ViTGPT2Decoder(nn.Module):
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
-        return (
-            hidden_states,
-            tuple(all_hidden) if output_hidden_states else None,
-            tuple(self_attentions) if output_attentions else None,
-            tuple(cross_attentions) if output_attentions else None,
+        output = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(self_attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions else None,
         )
-
-    @staticmethod
-    def _positions(
-        attention_mask: torch.Tensor | None, past_text_length: int, length: int, device: torch.device
-    ) -> torch.Tensor:
-        if attention_mask is None or bool(attention_mask.all()):
-            return torch.arange(past_text_length, past_text_length + length, device=device).unsqueeze(0)
-        # Left-padded prompts: count only real tokens, so every caption starts at position 0.
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-
-    @staticmethod
-    def _self_attention_mask(
-        attention_mask: torch.Tensor | None, past_length: int, length: int, device: torch.device
-    ) -> torch.Tensor | None:
-        """Boolean (rows|1, 1, length, past+length) mask, or None when plain causal attention is exact."""
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded and (past_length == 0 or length == 1):
-            return None
-        key_length = past_length + length
-        mask = torch.ones(length, key_length, dtype=torch.bool, device=device).tril(diagonal=past_length)[None, None]
-        if padded:
-            keys = attention_mask.bool()
-            if keys.shape[-1] < key_length:  # the mask covers the text only, not a prefix or earlier steps
-                keys = F.pad(keys, (key_length - keys.shape[-1], 0), value=True)
-            mask = mask & keys[:, None, None, -key_length:]
-            # A padding query that may see nothing would give NaNs; let every query see itself.
-            mask = mask | _own_diagonal(length, key_length, past_length, device)[None, None]
-        return mask
-
-
-def _own_diagonal(length: int, key_length: int, offset: int, device: torch.device) -> torch.Tensor:
-    eye = torch.zeros(length, key_length, dtype=torch.bool, device=device)
-    eye[torch.arange(length), offset + torch.arange(length)] = True
-    return eye
+        return output if return_dict else output.to_tuple()
 
 
 class ViTGPT2LMHead(nn.Linear):
@@ -454,37 +645,6 @@ class ViTGPT2LMHead(nn.Linear):
         return logits.reshape(*hidden_states.shape[:-1], self.out_features)
 
 
-class ViTGPT2PreTrainedModel(PreTrainedModel):
-    config: ViTGPT2Config
-    config_class = ViTGPT2Config
-    base_model_prefix = "vitgpt2"
-    main_input_name = "pixel_values"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["ViTGPT2Block"]
-    _supports_sdpa = True
-    _supports_attention_backend = True
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, Conv1D):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        if isinstance(module, (ViTGPT2SelfAttention, ViTGPT2CrossAttention, ViTGPT2MLP)):
-            # GPT-2's scheme: residual projections scaled by 1/sqrt(number of residual branches).
-            branches = 2 * self.config.n_layer + len(
-                [i for i in range(self.config.n_layer) if self.config.has_cross_attention(i)]
-            )
-            init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range / branches**0.5)
-        if isinstance(module, ViTGPT2Adapter):
-            # A new adapter must start as the identity, so adding one does not change a pretrained model.
-            init.zeros_(module.up.weight)
-            init.zeros_(module.up.bias)
-        if isinstance(module, ViTGPT2Prefix):
-            init.normal_(module.keys_values, mean=0.0, std=self.config.initializer_range)
-
-
 class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
     """Image captioning: `generate(pixel_values=...)` writes captions; `forward(..., labels=...)` returns the loss."""
 
@@ -496,11 +656,9 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
         self.decoder = ViTGPT2Decoder(config)
         self.lm_head = ViTGPT2LMHead(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
-        self.generation_config.num_beams = 3
-        self.generation_config.max_length = 40
 
     def get_encoder(self, modality: str | None = None) -> ViTGPT2Encoder:
-        return self.encoder
+        return self.encoder if modality in (None, "image") else super().get_encoder(modality)
 
     def get_decoder(self) -> ViTGPT2Decoder:
         return self.decoder
@@ -517,6 +675,7 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, embeddings: nn.Linear) -> None:
         self.lm_head = embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -535,19 +694,31 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
         pixel_values (`(images, 3, H, W)`): images prepared by `ViTGPT2Processor`; or pass `encoder_outputs`.
         decoder_input_ids (`(rows, length)`): `[start] + caption tokens`; derived from `labels` when omitted. `rows`
             may be a multiple of `images` (several captions per image, each image's rows adjacent).
+        decoder_attention_mask: `(rows, past + length)` padding mask (1 = real token), or a prepared 4-D mask.
+        cache: an `EncoderDecoderCache` from an earlier call (any self-attention cache; the cross-attention half
+            keeps one copy of each image's keys/values), or a self-attention `Cache` to start from.
         labels (`(rows, length)`): `caption tokens + [end]`, -100 where no loss is wanted; aligned with the logits.
         num_items_in_batch: the number of label tokens in the whole (accumulated) batch, from `Trainer`, so the loss
             is their mean across gradient-accumulation steps rather than a mean of per-step means.
+        past_key_values: the former name of `cache`, still accepted (with a deprecation warning).
         """
-        output_attentions = bool(output_attentions)
-        output_hidden_states = bool(output_hidden_states)
-        return_dict = return_dict if return_dict is not None else True
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if encoder_outputs is None:
             if pixel_values is None:
                 raise ValueError("pass `pixel_values` (from ViTGPT2Processor) or precomputed `encoder_outputs`")
-            encoder_outputs = self.encoder(pixel_values)
+            encoder_outputs = self.encoder(
+                pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+            )
         elif isinstance(encoder_outputs, (tuple, list)):
-            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=encoder_outputs[0],
+                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+            )
         # Cached features may be stored in half precision; the decoder computes in its own dtype.
         image_tokens = encoder_outputs.last_hidden_state.to(self.lm_head.weight.dtype)
 
@@ -558,20 +729,19 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
 
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and cache is None:
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        elif cache is not None and not isinstance(cache, EncoderDecoderCache):
-            cache = EncoderDecoderCache(cache, DynamicCache())
+        if use_cache or cache is not None:
+            cache = _encoder_decoder_cache(cache)
 
-        hidden_states, decoder_hidden_states, self_attentions, cross_attentions = self.decoder(
+        decoded = self.decoder(
             decoder_input_ids,
             image_tokens,
-            decoder_attention_mask,
-            cache if use_cache or cache is not None else None,
-            output_attentions,
-            output_hidden_states,
+            attention_mask=decoder_attention_mask,
+            cache=cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(decoded.last_hidden_state)
 
         loss = None
         if labels is not None:
@@ -585,12 +755,15 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             cache=cache if use_cache else None,
-            decoder_hidden_states=decoder_hidden_states,
-            decoder_attentions=self_attentions,
-            cross_attentions=cross_attentions,
+            decoder_hidden_states=decoded.hidden_states,
+            decoder_attentions=decoded.attentions,
+            cross_attentions=decoded.cross_attentions,
             encoder_last_hidden_state=image_tokens,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
+
 
     @classmethod
     def from_encoder_decoder_pretrained(
@@ -660,6 +833,7 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
             f"Newly initialised (not in {decoder!r}; train them): {len(newly_initialized)} tensors of the "
             f"cross-attention: {newly_initialized}"
         )
+        model.generation_config.update(**CAPTION_GENERATION_DEFAULTS)
         model.config._name_or_path = f"{architecture}+{decoder}"
         return (model, {"newly_initialized": newly_initialized}) if output_loading_info else model
 
@@ -755,11 +929,12 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
         # never padded, so a batch of them needs no mask.
         return super()._prepare_special_tokens(generation_config, None, device=device, batch_size=batch_size)
 
-    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> EncoderDecoderCache:
-        # Beam search only ever reorders the rows of one image among themselves, and those rows share the image's
-        # keys/values, so only the self-attention cache moves.
-        cache.self_attention_cache.reorder_cache(beam_idx)
-        return cache
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is not None:
+            # Whatever self-attention cache `generate` chose (dynamic, static, offloaded), the cross-attention half
+            # keeps one copy of each image's keys/values for all of its rows.
+            model_kwargs["cache"] = _encoder_decoder_cache(model_kwargs["cache"])
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:

@@ -56,12 +56,18 @@ def test_cached_and_uncached_decoding_give_identical_captions(tiny_model, num_be
     assert torch.equal(cached, uncached)
 
 
-def test_three_beams_is_the_default(tiny_model):
+def test_generation_settings_come_from_generation_config_json(tiny_model, tmp_path):
+    # The model's defaults (3 beams, 40 tokens) live in the saved generation_config.json, never in __init__, so a
+    # user's or a checkpoint's settings are what `generate` uses.
+    assert tiny_model.generation_config.num_beams in (None, 1)
+    tiny_model.generation_config.num_beams = 2
+    tiny_model.save_pretrained(tmp_path)
+    loaded = ViTGPT2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.generation_config.num_beams == 2
     pixels = random_pixels(2, seed=2)
-    assert tiny_model.generation_config.num_beams == 3
     assert torch.equal(
-        tiny_model.generate(pixel_values=pixels, **GENERATE),
-        tiny_model.generate(pixel_values=pixels, num_beams=3, **GENERATE),
+        loaded.generate(pixel_values=pixels, **GENERATE),
+        loaded.generate(pixel_values=pixels, num_beams=2, **GENERATE),
     )
 
 

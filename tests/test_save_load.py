@@ -19,6 +19,8 @@ from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 @pytest.fixture()
 def saved_folder(tiny_model, tiny_processor, tmp_path):
     folder = tmp_path / "captioner"
+    # Generation settings travel in generation_config.json (the model's __init__ sets none).
+    tiny_model.generation_config.num_beams = 3
     tiny_model.save_pretrained(folder)
     tiny_processor.save_pretrained(folder)
     return folder
@@ -50,6 +52,7 @@ def test_saved_folder_holds_safetensors_config_code_and_processor(saved_folder):
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_vitgpt2.ViTGPT2ForConditionalGeneration"
     assert config["auto_map"]["AutoConfig"] == "configuration_vitgpt2.ViTGPT2Config"
     assert json.loads((saved_folder / "generation_config.json").read_text())["num_beams"] == 3
+    assert ViTGPT2ForConditionalGeneration.from_pretrained(saved_folder).generation_config.num_beams == 3
 
 
 def test_round_trip_gives_identical_generations(tiny_model, tiny_processor, saved_folder, images):

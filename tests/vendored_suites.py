@@ -1,0 +1,78 @@
+"""Imports the third-party test suites in `../shared/vendor/` under package names of their own.
+
+transformers' and peft's test folders are both Python packages named `tests`, like this project's folder, so they
+cannot all be on `sys.path` as `tests`. Each is loaded here as its own package (`transformers_suites`,
+`peft_suites`) straight from the vendor folder, never copied; test modules that use them skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+VENDOR = Path(__file__).resolve().parents[1].parent / "shared" / "vendor"
+
+
+def _load_package(alias: str, root: Path) -> types.ModuleType:
+    if alias in sys.modules:
+        return sys.modules[alias]
+    init = root / "__init__.py"
+    if not init.is_file():
+        pytest.skip(f"third-party test suites not found at {root}", allow_module_level=True)
+    spec = importlib.util.spec_from_file_location(alias, init, submodule_search_locations=[str(root)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+def transformers_suites() -> types.SimpleNamespace:
+    """transformers 5.24's `ModelTesterMixin`, `GenerationTesterMixin` and `ConfigTester`."""
+    pytest.importorskip("parameterized", reason="transformers' test suites need `parameterized` (the `test` extra)")
+    alias = "transformers_suites"
+    package = _load_package(alias, VENDOR / "transformers-tests" / "tests")
+    export = importlib.import_module(f"{alias}.exporters.test_export")
+    # generation/test_utils.py imports `tests.exporters.test_export` by its absolute name: let that one import
+    # resolve to the copy loaded above, then put back whatever `tests` meant before.
+    borrowed = {"tests": package, "tests.exporters": sys.modules[f"{alias}.exporters"], "tests.exporters.test_export": export}
+    saved = {name: sys.modules.get(name) for name in borrowed}
+    sys.modules.update(borrowed)
+    try:
+        generation = importlib.import_module(f"{alias}.generation.test_utils")
+        modeling = importlib.import_module(f"{alias}.test_modeling_common")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    configuration = importlib.import_module(f"{alias}.test_configuration_common")
+    return types.SimpleNamespace(
+        ModelTesterMixin=modeling.ModelTesterMixin,
+        GenerationTesterMixin=generation.GenerationTesterMixin,
+        ConfigTester=configuration.ConfigTester,
+        floats_tensor=modeling.floats_tensor,
+        ids_tensor=modeling.ids_tensor,
+        random_attention_mask=modeling.random_attention_mask,
+        modeling=modeling,
+        generation=generation,
+    )
+
+
+def peft_suites() -> types.SimpleNamespace:
+    """peft 0.21.2's `PeftCommonTester`."""
+    if importlib.util.find_spec("diffusers") is None:
+        # testing_common.py imports diffusers at module level for its Stable Diffusion helpers only, which these
+        # tests never call: a stand-in module keeps that import from failing without installing diffusers.
+        stub = types.ModuleType("diffusers")
+        stub.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
+        sys.modules.setdefault("diffusers", stub)
+    alias = "peft_suites"
+    _load_package(alias, VENDOR / "peft-tests" / "tests")
+    common = importlib.import_module(f"{alias}.testing_common")
+    return types.SimpleNamespace(PeftCommonTester=common.PeftCommonTester, testing_common=common)
