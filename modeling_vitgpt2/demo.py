@@ -28,13 +28,12 @@ from PIL import Image
 from .attention_maps import REPORT_LAYERS, attention_overlay, caption_attention_maps, cross_attention_layers
 from .clip_score import load_clip
 from .evaluation import load_captioner
+from .hub import SPACE_MODEL_FOLDER
 from .processing_vitgpt2 import ImageLoadError, load_image
 from .zero_shot import ENSEMBLE, class_probabilities
 
 DEFAULT_MODEL = "outputs/synthetic-default"
-# Where `hub space` puts a model pushed from a local folder, and where the Space's README is (the working folder).
-SPACE_MODEL_FOLDER = "model"
-SPACE_README = "README.md"
+SPACE_README = "README.md"  # in the working folder, where a Space runs app.py
 # The default run's validation images (python train.py writes them), and a Space's own examples/ folder.
 DEFAULT_EXAMPLE_FOLDERS = ("examples", "outputs/synthetic-shapes/val")
 MAX_EXAMPLES = 8
@@ -46,17 +45,18 @@ USAGE_ERROR = 2
 
 
 def space_model(folder: Path = Path(".")) -> str | None:
-    """The model of a Hub Space (None outside one): the one its README names under `models:`, else its `model/`."""
+    """The model of a Hub Space (None outside one): the `model/` folder pushed with it, else the model repository
+    its README names under `models:`."""
     from huggingface_hub import metadata_load
 
     readme = folder / SPACE_README
     metadata = metadata_load(readme) if readme.is_file() else None
     if not metadata or metadata.get("sdk") != "gradio":
         return None
-    if metadata.get("models"):
-        return metadata["models"][0]
     bundled = folder / SPACE_MODEL_FOLDER
-    return str(bundled) if bundled.is_dir() else None
+    if bundled.is_dir():
+        return str(bundled)
+    return metadata["models"][0] if metadata.get("models") else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

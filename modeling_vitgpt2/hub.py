@@ -4,6 +4,7 @@ one commit holding what loading the model needs.
     python -m modeling_vitgpt2.hub card outputs/lora                             # print the card
     python -m modeling_vitgpt2.hub push outputs/lora --repo_id you/vitgpt2-lora  # [--private] [--include_checkpoints]
     python train.py ... --push_to_hub --hub_model_id you/vitgpt2-lora            # the same push, after training
+    python -m modeling_vitgpt2.hub space you/vitgpt2-lora --repo_id you/vitgpt2-demo  # the demo page as a Space
 
 What goes up:
 - full runs: config.json (with `auto_map`), the weights, generation_config.json, the configuration/modeling/processing
@@ -20,6 +21,11 @@ The upload is one `HfApi.create_commit` made of `CommitOperationAdd`s, rather th
 every file is read from where it lies (no second copy of gigabytes of weights on disk), the two generated files (the
 card and a rewritten adapter_config.json) are passed as bytes, so the output folder is never written to, and the list
 of operations is exactly what lands in the repository. Files already in the repository and not in this push stay.
+
+A Space (`push_space`) is one commit too: `app.py` (the demo page, `modeling_vitgpt2/demo.py`), this package's source
+under `modeling_vitgpt2/`, a `requirements.txt` pinning every dependency to the version installed here (the tested
+one; Gradio is pinned by the README's `sdk_version`), and a README whose Space metadata names the model repository
+(`models:`), which the page loads. A local output folder instead goes up inside the Space, as `model/`.
 """
 
 from __future__ import annotations
@@ -27,12 +33,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+from importlib import metadata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import timm
-from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    SpaceCard,
+    SpaceCardData,
+    get_token,
+)
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -43,6 +61,32 @@ from .metrics import format_metric, metric_names
 # link to this file, the one copy people edit.
 TEMPLATE_RESOURCE = "model_card_template.md"
 ATTENTION_EXAMPLE = "attention_example.png"
+DISTRIBUTION = "modeling-vitgpt2"
+# Where `push_space` puts a model pushed from a local folder; the page loads it from there.
+SPACE_MODEL_FOLDER = "model"
+SPACE_APP = '''"""The demo page of modeling-vitgpt2 (modeling_vitgpt2/demo.py)."""
+
+from modeling_vitgpt2.demo import main
+
+main()
+'''
+SPACE_README = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+Upload an image: {{ model_link }} captions it with beam search (every beam with its score), and each word of the
+caption shows where in the image the decoder's cross-attention looked while writing it (choose the decoder layers
+and the head; click a panel to see it large).
+
+The page is `app.py` of modeling-vitgpt2, whose source is in `modeling_vitgpt2/` here; `requirements.txt` pins the
+versions it was tested with, and the Gradio version is {{ gradio_version }}. To run it on your machine:
+
+```bash
+pip install -r requirements.txt gradio=={{ gradio_version }} && python app.py
+```
+"""
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 MODEL_SHARDS = "model-*-of-*.safetensors"
@@ -95,6 +139,7 @@ def build_model_card(
     license: str = "apache-2.0",
     base_models: list[str] | None = None,
     template_path: str | Path | None = None,
+    space_id: str | None = None,
 ) -> ModelCard:
     """The model card of a train.py output folder: metadata (library, pipeline, base models, datasets, tags,
     license) with a `model-index` of its CIDEr (and CLIPScore), then architecture, method, hyperparameters, data,
@@ -105,8 +150,10 @@ def build_model_card(
     base_models: Hub ids of what the model was built from; default: an adapter's Hub base, or the encoder, decoder or
         model the run recorded (never a local path).
     template_path: a Jinja card template of your own; default: the packaged `model_card/template.md`.
+    space_id: a Space running the demo page for this model (`push_space`); the card links it.
     """
-    return _render_card(_read_output(output_dir), repo_id, dataset_name, license, base_models, template_path)
+    return _render_card(_read_output(output_dir), repo_id, dataset_name, license, base_models, template_path,
+                        space_id)
 
 
 def require_hub_token(token: str | None = None) -> str:
@@ -127,6 +174,7 @@ def push_to_hub(
     dataset_name: str | None = None,
     license: str = "apache-2.0",
     base_models: list[str] | None = None,
+    space_id: str | None = None,
 ) -> CommitInfo:
     """Creates `repo_id` if needed and uploads the output folder with its rendered card in one commit.
 
@@ -136,7 +184,7 @@ def push_to_hub(
     _check_repo_id(repo_id)
     token = require_hub_token(token)
     output = _read_output(output_dir)
-    card = _render_card(output, repo_id, dataset_name, license, base_models, None)
+    card = _render_card(output, repo_id, dataset_name, license, base_models, None, space_id)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -151,6 +199,91 @@ def push_to_hub(
             f"Check that your token can write to {repo_id.split('/')[0]} (`hf auth whoami`); {TOKEN_HELP}; then "
             "push again."
         ) from error
+
+
+def push_space(
+    model: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    license: str = "apache-2.0",
+    commit_message: str | None = None,
+) -> CommitInfo:
+    """Creates the Gradio Space `repo_id` if needed and pushes the demo page for `model` in one commit.
+
+    model: a model repository on the Hub (the Space's README names it and the page loads it from there), or a
+        train.py output folder (uploaded into the Space as `model/`, with its card).
+    Raises `HubPushError` without a token or when the Hub refuses; `ValueError` for a bad repo id or a model that
+    is neither. Gradio must be installed: the Space is pinned to its version here, the one the page is tested with.
+    """
+    _check_repo_id(repo_id)
+    token = require_hub_token(token)
+    operations = _space_operations(model, repo_id, license)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        return api.create_commit(
+            repo_id=repo_id,
+            repo_type="space",
+            operations=operations,
+            commit_message=commit_message or f"Demo page for {model}",
+        )
+    except HfHubHTTPError as error:
+        raise HubPushError(
+            f"The Hub refused the push to the Space {repo_id}: {error}\nNo commit was made. Check that your token "
+            f"can write to {repo_id.split('/')[0]} (`hf auth whoami`); {TOKEN_HELP}; then push again."
+        ) from error
+
+
+def space_requirements() -> str:
+    """requirements.txt for a Space: this package's dependencies, each pinned to the version installed here."""
+    from packaging.requirements import Requirement
+
+    try:
+        declared = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        raise HubPushError(f"{DISTRIBUTION} is not installed, so its dependencies are unknown: pip install -e .") \
+            from None
+    names = [Requirement(line).name for line in declared if Requirement(line).marker is None]  # extras have markers
+    return "".join(f"{name}=={metadata.version(name)}\n" for name in names)
+
+
+def _space_operations(model: str | Path, repo_id: str, license: str) -> list[CommitOperationAdd]:
+    try:
+        gradio_version = metadata.version("gradio")
+    except metadata.PackageNotFoundError:
+        raise HubPushError("Gradio is not installed: pip install -e \".[demo]\"; the Space is pinned to the Gradio "
+                           "version the page is tested with here") from None
+    files: dict[str, str | bytes] = {"app.py": SPACE_APP.encode(), "requirements.txt": space_requirements().encode()}
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.iterdir()):
+        if path.is_file() and path.suffix in (".py", ".md"):
+            files[f"{package.name}/{path.name}"] = str(path)
+
+    if Path(model).is_dir():
+        output = _read_output(model)
+        card = _render_card(output, None, None, license, None, None, space_id=repo_id)
+        for operation in _upload_operations(output, repo_id, card):
+            files[f"{SPACE_MODEL_FOLDER}/{operation.path_in_repo}"] = operation.path_or_fileobj
+        models = _recorded_base_models(output, output.summary.get("sources", {}))
+        model_link = f"the model in `{SPACE_MODEL_FOLDER}/` (trained with {METHOD_TITLES[output.method]})"
+    elif _is_hub_id(str(model)):
+        models = [str(model)]
+        model_link = f"[{model}](https://huggingface.co/{model})"
+    else:
+        raise ValueError(f"{model} is neither a folder here nor a Hub model id: give the model repository the Space "
+                         "should load (namespace/name) or a train.py output folder")
+    title = repo_id.split("/")[-1]
+    card_data = SpaceCardData(
+        title=title, sdk="gradio", sdk_version=gradio_version, app_file="app.py", models=models or None,
+        license=license, python_version=f"{sys.version_info.major}.{sys.version_info.minor}", emoji="🖼️",
+        colorFrom="blue", colorTo="indigo", pinned=False,
+        short_description="Caption an image and see where each word looked",
+    )
+    readme = SpaceCard.from_template(card_data, template_str=SPACE_README, title=title, model_link=model_link,
+                                     gradio_version=gradio_version)
+    files["README.md"] = str(readme).encode()
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source) for name, source in sorted(files.items())]
 
 
 def check_push_settings(training_args) -> None:
@@ -370,6 +503,7 @@ def _render_card(
     license: str,
     base_models: list[str] | None,
     template_path: str | Path | None,
+    space_id: str | None = None,
 ) -> ModelCard:
     # What the run started from, as train.py records it in training_summary.json (absent from older runs).
     sources = output.summary.get("sources", {})
@@ -431,6 +565,7 @@ def _render_card(
         metrics=metrics,
         has_clip_score="eval_clip_score" in output.eval_results,
         attention_example=ATTENTION_EXAMPLE if (output.folder / ATTENTION_EXAMPLE).is_file() else None,
+        space_id=space_id,
     )
 
 
@@ -482,6 +617,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     card_parser = commands.add_parser("card", help="print the rendered model card")
     push_parser = commands.add_parser("push", help="upload the folder with its card in one commit")
+    space_parser = commands.add_parser("space", help="push the demo page (app.py) as a Gradio Space, in one commit")
+    space_parser.add_argument("model", help="the model repository the Space loads (namespace/name), or a train.py "
+                                            "output folder to upload into the Space")
+    space_parser.add_argument("--repo_id", required=True, help="namespace/name of the Space")
+    space_parser.add_argument("--private", action="store_true", help="create the Space as private")
+    space_parser.add_argument("--license", default="apache-2.0", help="license id for the Space (default apache-2.0)")
     for command in (card_parser, push_parser):
         command.add_argument("output_dir", help="the --output_dir of a finished train.py run")
         command.add_argument("--dataset_name", help="Hub id of the dataset trained and evaluated on")
@@ -490,6 +631,9 @@ def main(argv: list[str] | None = None) -> None:
             "--base_model", action="append", dest="base_models", help="Hub id the model was built from (repeatable)"
         )
     card_parser.add_argument("--repo_id", help="namespace/name the usage snippets load from")
+    for command in (card_parser, push_parser):
+        command.add_argument("--space", dest="space_id", help="namespace/name of a Space with the demo page for this "
+                                                              "model (`space` pushes one); the card links it")
     push_parser.add_argument("--repo_id", required=True, help="namespace/name of the model repository")
     push_parser.add_argument("--private", action="store_true", help="create the repository as private")
     push_parser.add_argument(
@@ -500,7 +644,13 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         if args.command == "card":
-            print(build_model_card(args.output_dir, args.repo_id, args.dataset_name, args.license, args.base_models))
+            print(build_model_card(args.output_dir, args.repo_id, args.dataset_name, args.license, args.base_models,
+                                   space_id=args.space_id))
+            return
+        if args.command == "space":
+            commit = push_space(args.model, args.repo_id, private=args.private, license=args.license)
+            print(f"pushed the demo page for {args.model} to https://huggingface.co/spaces/{args.repo_id} "
+                  f"({commit.commit_url})")
             return
         commit = push_to_hub(
             args.output_dir,
@@ -511,6 +661,7 @@ def main(argv: list[str] | None = None) -> None:
             dataset_name=args.dataset_name,
             license=args.license,
             base_models=args.base_models,
+            space_id=args.space_id,
         )
     except (HubPushError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
@@ -525,6 +676,7 @@ __all__ = [
     "HubPushError",
     "build_model_card",
     "check_push_settings",
+    "push_space",
     "push_to_hub",
     "push_training_output",
     "require_hub_token",

@@ -1,6 +1,12 @@
 """Shared test set-up: everything runs offline on tiny models built from configs."""
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -161,3 +167,39 @@ def save_tiny_clip(folder: Path, seed: int = 1) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@contextlib.contextmanager
+def serving_app(app: Path, arguments: list[str], cwd: Path, start_seconds: float = 180):
+    """Runs `python app.py ARGUMENTS` in `cwd` as a user starts the demo page, on a free localhost port, and yields
+    its URL once it answers; stops it afterwards. A start that fails shows the server's log."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = cwd / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, str(app), *arguments, "--server_port", str(port)], cwd=cwd,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + start_seconds
+        try:
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"{app} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{app} did not serve {url} within {start_seconds} s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()

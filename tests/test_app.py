@@ -8,11 +8,8 @@ users' folders are. The photo is a real one from ../shared/data when present, el
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fit_tiny_captions, tiny_config_kwargs
+from conftest import fit_tiny_captions, serving_app, tiny_config_kwargs
 
 gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the [test] extra (gradio_client)")
 pytest.importorskip("gradio", reason="the demo page needs the [demo] extra (gradio)")
@@ -33,7 +30,6 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_PHOTO = REPO.parent / "shared" / "data" / "real_images" / "git_examples" / "1.jpg"
-SERVER_START_SECONDS = 180
 # Flags for a headless Chromium running as root on a machine without network access.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -84,49 +80,12 @@ def hostile_files(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(captioner_dir, tiny_clip, photo, tmp_path_factory):
     """`python app.py --model ... --clip_model ...` on a free localhost port, started as a user starts it."""
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("app")
-    log = (workdir / "server.log").open("w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "app.py"), "--model", str(captioner_dir), "--clip_model", str(tiny_clip),
-         "--examples", str(photo), "--server_port", str(port)],
-        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{(workdir / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not serve {url} within {SERVER_START_SECONDS} s:\n"
-                            f"{(workdir / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    arguments = ["--model", str(captioner_dir), "--clip_model", str(tiny_clip), "--examples", str(photo)]
+    with serving_app(REPO / "app.py", arguments, cwd=tmp_path_factory.mktemp("app")) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

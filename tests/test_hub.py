@@ -23,13 +23,16 @@ from huggingface_hub.utils import hf_raise_for_status
 from PIL import Image
 from test_training import arguments, pretrained_parts, shapes  # noqa: F401 (fixtures)
 
+from conftest import serving_app
+
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_to_hub
+from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_space, push_to_hub
 from modeling_vitgpt2.metrics import metric_names
 from modeling_vitgpt2.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "someone/vitgpt2-test"
+SPACE_ID = "someone/vitgpt2-demo"
 RESULTS = {"eval_results.json", "training_summary.json", "train_results.json", "all_results.json",
            "eval_predictions.json"}
 PROCESSOR = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "processing_vitgpt2.py"}
@@ -65,14 +68,16 @@ def lora_run(shapes, pretrained_parts, tmp_path_factory):
 
 def recording_hub(monkeypatch) -> SimpleNamespace:
     """Records repository creations and commits instead of sending them; a token is 'logged in'."""
-    recorded = SimpleNamespace(repos=[], commits=[], folder_uploads=[])
+    recorded = SimpleNamespace(repos=[], repo_options=[], commits=[], folder_uploads=[])
 
     def create_repo(self, repo_id, *, private=False, exist_ok=False, **kwargs):
         recorded.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok, "token": self.token})
+        recorded.repo_options.append(kwargs)
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def create_commit(self, repo_id, operations, *, commit_message, **kwargs):
-        recorded.commits.append({"repo_id": repo_id, "operations": list(operations), "message": commit_message})
+    def create_commit(self, repo_id, operations, *, commit_message, repo_type=None, **kwargs):
+        recorded.commits.append({"repo_id": repo_id, "operations": list(operations), "message": commit_message,
+                                 "repo_type": repo_type})
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abcd", oid="0123abcd",
                           commit_message=commit_message, commit_description="")
 
@@ -357,3 +362,74 @@ def test_train_py_push_without_a_token_stops_before_training(shapes, pretrained_
         train_script().train(*arguments(shapes, pretrained_parts, output_dir, max_steps=1, push_to_hub=True,
                                 hub_model_id=REPO_ID))
     assert not output_dir.exists()
+
+
+def package_files() -> set[str]:
+    package = REPO / "modeling_vitgpt2"
+    return {f"modeling_vitgpt2/{path.name}" for path in package.iterdir() if path.suffix in (".py", ".md")}
+
+
+def test_space_is_the_page_its_package_pinned_requirements_and_a_readme_naming_the_model(hub, tmp_path):
+    from importlib import metadata
+
+    from huggingface_hub import SpaceCard
+
+    from modeling_vitgpt2.demo import space_model
+
+    commit_info = push_space(REPO_ID, SPACE_ID, private=True)
+
+    assert hub.repos == [{"repo_id": SPACE_ID, "private": True, "exist_ok": True, "token": "hf_test_token"}]
+    assert hub.repo_options == [{"repo_type": "space", "space_sdk": "gradio"}]
+    assert len(hub.commits) == 1 and hub.commits[0]["repo_type"] == "space" and commit_info.oid == "0123abcd"
+    files = files_of(hub.commits[0])
+    assert set(files) == {"app.py", "requirements.txt", "README.md"} | package_files()
+    space = write_repository(hub.commits[0], tmp_path / "space")
+
+    metadata_ = SpaceCard.load(space / "README.md").data
+    assert (metadata_.sdk, metadata_.app_file, metadata_.models) == ("gradio", "app.py", [REPO_ID])
+    assert metadata_.sdk_version == metadata.version("gradio")
+    assert f"https://huggingface.co/{REPO_ID}" in SpaceCard.load(space / "README.md").text
+    pins = dict(line.split("==") for line in (space / "requirements.txt").read_text().splitlines())
+    assert {"torch", "transformers", "peft", "timm", "huggingface_hub"} <= set(pins) and "gradio" not in pins
+    assert all(metadata.version(name) == version for name, version in pins.items())  # what is tested here
+    assert space_model(space) == REPO_ID  # the page, started in the Space, loads the model repository
+    assert space_model(tmp_path) is None  # and outside a Space, the default
+
+
+def test_space_from_a_local_folder_carries_the_model_and_serves_its_captions(full_run, shapes, hub, tmp_path):
+    gradio_client = pytest.importorskip("gradio_client", reason="needs the [test] extra")
+    push_space(full_run, SPACE_ID)
+    files = files_of(hub.commits[0])
+    assert {"model/config.json", "model/model.safetensors", "model/README.md", "app.py"} <= set(files)
+    assert all(files[f"model/{name}"] == str(full_run / name) for name in FULL_MODEL)
+    assert f"https://huggingface.co/spaces/{SPACE_ID}" in files["model/README.md"].decode()
+    space = write_repository(hub.commits[0], tmp_path / "space")
+
+    # Started the way a Space starts it: `python app.py` in the repository, no arguments (but a free port).
+    image = validation_images(shapes)[0]
+    with serving_app(space / "app.py", [], cwd=space) as url:
+        caption = gradio_client.Client(url, verbose=False).predict(
+            gradio_client.handle_file(image), 3, 20, 1.0, ["all"], "mean", api_name="/caption")[0]
+    model = ViTGPT2ForConditionalGeneration.from_pretrained(full_run).eval()
+    processor = ViTGPT2Processor.from_pretrained(full_run)
+    expected = processor.batch_decode(model.generate(**processor(images=[image]), num_beams=3, max_new_tokens=20))
+    assert caption == expected[0]
+
+
+def test_model_card_links_the_space_when_one_is_given(full_run, hub, capsys):
+    link = f"https://huggingface.co/spaces/{SPACE_ID}"
+    assert link in build_model_card(full_run, REPO_ID, space_id=SPACE_ID).text
+    assert "huggingface.co/spaces/" not in build_model_card(full_run, REPO_ID).text
+    main(["push", str(full_run), "--repo_id", REPO_ID, "--space", SPACE_ID])
+    assert link in files_of(hub.commits[0])["README.md"].decode()
+
+
+def test_space_push_errors_say_what_to_do(hub, logged_out, monkeypatch, tmp_path):
+    with pytest.raises(HubPushError, match="hf auth login"):
+        push_space(REPO_ID, SPACE_ID)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with pytest.raises(ValueError, match="neither a folder here nor a Hub model id"):
+        push_space(str(tmp_path / "no-such-run"), SPACE_ID)
+    with pytest.raises(SystemExit, match="your-namespace/model-name"):
+        main(["space", REPO_ID, "--repo_id", "not a repo id"])
+    assert hub.commits == []
