@@ -14,7 +14,7 @@ LAYERS = {
     "model": {"configuration_vitgpt2", "modeling_vitgpt2", "processing_vitgpt2", "tokenization", "loading",
               "peft_setup"},
     "data": {"synthetic", "data", "feature_cache"},
-    "metrics": {"cider", "clip_score"},
+    "metrics": {"cider", "clip_score", "metrics"},
     "training": {"training"},
     "evaluation": {"evaluation", "zero_shot", "attention_maps"},
     "hub": {"hub"},
