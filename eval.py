@@ -51,7 +51,10 @@ def add_captioner_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_beams", type=positive_int, default=3)
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per generate call")
     parser.add_argument("--max_length", type=positive_int, default=None,
-                        help="caption length limit in tokens (default: the model's generation_config)")
+                        help="caption length limit in tokens, start token included (default: the model's "
+                             "generation_config)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=None,
+                        help="limit on generated tokens; takes precedence over --max_length, as in `generate`")
 
 
 def add_attention_options(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +135,7 @@ def run(args) -> None:
     if args.command == "caption":
         captions = evaluation.caption_folder(args.model, args.images, num_beams=args.num_beams,
                                              batch_size=args.batch_size, max_length=args.max_length,
-                                             output=args.output)
+                                             max_new_tokens=args.max_new_tokens, output=args.output)
         print(f"captioned {len(captions)} images -> {args.output}")
     elif args.command == "score":
         from modeling_vitgpt2.metrics import format_metric, metric_names
@@ -155,15 +158,16 @@ def run(args) -> None:
     elif args.command == "attention":
         written = evaluation.write_attention_maps(
             args.model, args.images, args.output_dir, layer=layer, head=args.head,
-            num_beams=args.num_beams, max_length=args.max_length, batch_size=args.batch_size,
-            save_arrays=args.save_arrays)
+            num_beams=args.num_beams, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, save_arrays=args.save_arrays)
         for entry in written:
             print(f"{entry['png']}: {entry['caption']}")
     elif args.command == "extremes":
         summary = evaluation.write_extremes(
             args.predictions, args.images, args.model, args.output_dir, clip_model=args.clip_model,
             top_k=args.top_k, clip_prefix=args.clip_prefix, layer=layer, head=args.head,
-            num_beams=args.num_beams, max_length=args.max_length, batch_size=args.batch_size)
+            num_beams=args.num_beams, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size)
         for kind in ("best", "worst"):
             for entry in summary[kind]:
                 print(f"{kind} {entry['rank']}: CLIPScore {entry['clip_score']:.4f}  {entry['name']}: "

@@ -97,20 +97,24 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
-def _generation_settings(num_beams: int, max_length: Optional[int]) -> dict:
+def _generation_settings(num_beams: int, max_length: Optional[int], max_new_tokens: Optional[int] = None) -> dict:
     settings = {"num_beams": num_beams}
-    if max_length is not None:  # an explicit None would override the model's generation_config and break generate
+    # An explicit None would override the model's generation_config and break generate.
+    if max_length is not None:
         settings["max_length"] = max_length
+    if max_new_tokens is not None:
+        settings["max_new_tokens"] = max_new_tokens
     return settings
 
 
 @torch.inference_mode()
 def caption_images(model, processor, paths: Sequence[Path], *, num_beams: int = 3, batch_size: int = 8,
-                   max_length: Optional[int] = None, progress: bool = True) -> dict[str, str]:
+                   max_length: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                   progress: bool = True) -> dict[str, str]:
     """Captions image files in batches with beam search: `{file name without extension: caption}`, in input order."""
     _check_batch_size(batch_size)
     names = image_names(paths)
-    settings = _generation_settings(num_beams, max_length)
+    settings = _generation_settings(num_beams, max_length, max_new_tokens)
     captions = {}
     with tqdm(total=len(paths), desc="captioning", unit="image", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
@@ -125,7 +129,7 @@ def caption_images(model, processor, paths: Sequence[Path], *, num_beams: int = 
 def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3, batch_size: int = 8,
                    max_length: Optional[int] = None, *, processor: Optional[ViTGPT2Processor] = None,
                    output: Optional[PathLike] = None, device: Optional[Union[str, torch.device]] = None,
-                   progress: bool = True) -> dict[str, str]:
+                   max_new_tokens: Optional[int] = None, progress: bool = True) -> dict[str, str]:
     """Captions every image file in `images_dir` (sorted) and returns `{file name without extension: caption}`.
 
     Args:
@@ -134,6 +138,7 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
         images_dir: the folder of images; a missing folder or an unreadable image fails before the model runs.
         num_beams, batch_size, max_length: beam width, images per `generate` call, caption length limit in tokens
             (default: the model's generation_config).
+        max_new_tokens: limit on generated tokens; takes precedence over `max_length`, as in `generate`.
         output: if given, the predictions JSON is written there atomically once every image is captioned.
     """
     paths = list_images(images_dir)
@@ -141,7 +146,7 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
     check_images_readable(paths, progress)
     model, processor = load_captioner(model_path_or_model, processor, device)
     captions = caption_images(model, processor, paths, num_beams=num_beams, batch_size=batch_size,
-                              max_length=max_length, progress=progress)
+                              max_length=max_length, max_new_tokens=max_new_tokens, progress=progress)
     if output is not None:
         write_json_atomic(output, captions)
     return captions
@@ -380,7 +385,8 @@ def run_zero_shot(images_dir: PathLike, id2label: PathLike, templates: Sequence[
 
 def compute_attention_maps(model, processor, images: Sequence[Path], *, layer: LayerChoice = REPORT_LAYERS,
                            head: Optional[int] = None, num_beams: int = 3, max_length: Optional[int] = None,
-                           batch_size: int = 8, progress: bool = True) -> list[CaptionAttention]:
+                           max_new_tokens: Optional[int] = None, batch_size: int = 8,
+                           progress: bool = True) -> list[CaptionAttention]:
     """Captions `images` in batches and returns each one's per-word cross-attention maps (see `attention_maps`)."""
     _check_batch_size(batch_size)
     results = []
@@ -388,7 +394,7 @@ def compute_attention_maps(model, processor, images: Sequence[Path], *, layer: L
         for start in range(0, len(images), batch_size):
             batch = list(images[start:start + batch_size])
             results += caption_attention_maps_batch(model, processor, batch, layer=layer, head=head,
-                                                    num_beams=num_beams, max_length=max_length)
+                                                    **_generation_settings(num_beams, max_length, max_new_tokens))
             bar.update(len(batch))
     return results
 
@@ -425,7 +431,8 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
 def write_attention_maps(model_or_path, images: Sequence[PathLike], output_dir: PathLike, *,
                          processor: Optional[ViTGPT2Processor] = None, layer: LayerChoice = REPORT_LAYERS,
                          head: Optional[int] = None, num_beams: int = 3, max_length: Optional[int] = None,
-                         batch_size: int = 8, save_arrays: bool = False, progress: bool = True) -> list[dict]:
+                         max_new_tokens: Optional[int] = None, batch_size: int = 8, save_arrays: bool = False,
+                         progress: bool = True) -> list[dict]:
     """Draws `<image stem>_attention.png` in `output_dir` for each image file (and `.npz` arrays with `save_arrays`:
     caption, words, maps (words, grid_h, grid_w), prefix_weights, layers, head with -1 for the mean of the heads).
 
@@ -439,7 +446,8 @@ def write_attention_maps(model_or_path, images: Sequence[PathLike], output_dir: 
     check_images_readable(paths, progress)
     model, processor = load_captioner(model_or_path, processor)
     results = compute_attention_maps(model, processor, paths, layer=layer, head=head, num_beams=num_beams,
-                                     max_length=max_length, batch_size=batch_size, progress=progress)
+                                     max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     progress=progress)
     written = []
     for path, result in zip(paths, results):
         files = _save_attention(result, Path(output_dir) / f"{path.stem}_attention.png", save_arrays)
@@ -490,7 +498,8 @@ def write_extremes(predictions: Union[PathLike, Mapping[str, str]], images_dir: 
                    output_dir: PathLike, *, clip_model: Union[str, LoadedClip] = DEFAULT_CLIP_MODEL, top_k: int = 1,
                    clip_prefix: str = "", processor: Optional[ViTGPT2Processor] = None,
                    layer: LayerChoice = REPORT_LAYERS, head: Optional[int] = None, num_beams: int = 3,
-                   max_length: Optional[int] = None, batch_size: int = 8, progress: bool = True) -> dict:
+                   max_length: Optional[int] = None, max_new_tokens: Optional[int] = None, batch_size: int = 8,
+                   progress: bool = True) -> dict:
     """Finds the best and worst captions by CLIPScore and draws their attention maps (course problem 3).
 
     Writes `best_<rank>_<name>_attention.png` / `worst_<rank>_<name>_attention.png` and `extremes.json` (last) in
@@ -504,7 +513,8 @@ def write_extremes(predictions: Union[PathLike, Mapping[str, str]], images_dir: 
     chosen += [("worst", rank, pair) for rank, pair in enumerate(worst, 1)]
     model, processor = load_captioner(model_or_path, processor)
     maps = compute_attention_maps(model, processor, [Path(pair.image) for _, _, pair in chosen], layer=layer,
-                                  head=head, num_beams=num_beams, max_length=max_length, batch_size=batch_size,
+                                  head=head, num_beams=num_beams, max_length=max_length,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   progress=progress)
     summary = {"clip_model": _clip_name(clip_model), "clip_prefix": _clip_prefix(clip_prefix), "best": [],
                "worst": []}

@@ -54,7 +54,11 @@ class PeftArguments:
     )
     adapter_bottleneck: int = field(default=64, metadata={"help": "Width of the bottleneck adapters."})
     num_virtual_tokens: int = field(default=100, metadata={"help": "Prefix length for prefix tuning."})
-    train_encoder: bool = field(default=False, metadata={"help": "Also train the image encoder (frozen by default)."})
+    train_encoder: bool | None = field(
+        default=None,
+        metadata={"help": "Train the image encoder too. Default: yes for a model trained from scratch (its encoder "
+                  "starts random), no for pretrained weights."},
+    )
     max_trainable_params: int | None = field(
         default=None, metadata={"help": "Refuse to start when more parameters than this would train (e.g. 35000000)."}
     )
@@ -65,6 +69,10 @@ class PeftArguments:
 
 
 def resolve_method(arguments: PeftArguments, from_scratch: bool) -> str:
+    """The method to use, filling in the defaults that depend on the start: a model trained from scratch trains
+    fully, encoder included; pretrained weights get LoRA with the encoder frozen."""
+    if arguments.train_encoder is None:
+        arguments.train_encoder = from_scratch
     return arguments.peft or ("full" if from_scratch else "lora")
 
 
@@ -81,7 +89,7 @@ def apply_peft(model: nn.Module, method: str, arguments: PeftArguments) -> nn.Mo
     """Freezes what the method does not train and wraps the model with peft where the method uses it."""
     if method == "full":
         for parameter in model.encoder.parameters():
-            parameter.requires_grad = arguments.train_encoder
+            parameter.requires_grad = bool(arguments.train_encoder)
         return model
 
     encoder = ["encoder"] if arguments.train_encoder else []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,26 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 
 
+# What `python train.py` trains when it builds a model from scratch; `--model_config` changes single fields of it.
+# Sized with the synthetic set's defaults to finish in minutes on 2 CPU cores.
+DEFAULT_SCRATCH_MODEL = {
+    "encoder_name": "vit_base_patch16_224",
+    "encoder_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 128, "depth": 3, "num_heads": 4},
+    "encoder_hidden_size": 128,
+    "n_positions": 64,
+    "n_embd": 128,
+    "n_layer": 3,
+    "n_head": 4,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+# A run whose first steps predict more than this many seconds says so, with its size, while it can still be stopped.
+LONG_RUN_SECONDS = 3600
+# --model_config fields that leave a from-scratch model the default's size.
+SIZE_NEUTRAL_FIELDS = {"resid_pdrop", "embd_pdrop", "attn_pdrop", "initializer_range", "layer_norm_epsilon"}
+
+
 @dataclass
 class ModelArguments:
     """Which captioner to train: an existing one, pretrained parts, or a new one from a config."""
@@ -58,8 +79,10 @@ class ModelArguments:
     )
     model_config: str | None = field(
         default=None,
-        metadata={"help": "JSON of ViTGPT2Config fields: the whole model when training from scratch, or overrides "
-                  "(encoder_kwargs, cross_attention_layers, dropouts) with --encoder/--decoder."},
+        metadata={"help": "JSON of ViTGPT2Config fields. From scratch: changes to the built-in small model "
+                  "(DEFAULT_SCRATCH_MODEL: a 3-layer, 128-wide ViT and GPT-2 on 64 px images); with "
+                  "--encoder/--decoder or --model_name_or_path: overrides (encoder_kwargs, cross_attention_layers, "
+                  "dropouts)."},
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
@@ -113,28 +136,60 @@ class DataArguments:
 
 @dataclass
 class CaptionTrainingArguments(Seq2SeqTrainingArguments):
-    """`Seq2SeqTrainingArguments` with the course recipe's defaults (AdamW 3e-5, wd 1e-5, batch 64, 10 epochs,
-    cosine schedule, beam 3) and evaluation by CIDEr every epoch, keeping the best checkpoint."""
+    """`Seq2SeqTrainingArguments` whose defaults are the built-in default job (`python train.py`: the small model from
+    scratch on the synthetic set, AdamW 1e-3, batch 32, 4 epochs, cosine schedule, beam 3), with evaluation by CIDEr
+    every epoch, keeping the best checkpoint. `configs/course_lora.yaml` holds the original report's recipe.
 
-    output_dir: str = field(default="outputs/captioner", metadata={"help": "Where the model and metrics go."})
-    learning_rate: float = field(default=3e-5)
-    weight_decay: float = field(default=1e-5)
-    per_device_train_batch_size: int = field(default=64)
-    per_device_eval_batch_size: int = field(default=32)
-    num_train_epochs: float = field(default=10.0)
+    Generation options also take transformers' `generate` names: `num_beams` (= `generation_num_beams`),
+    `max_length` (= `generation_max_length`) and `max_new_tokens`."""
+
+    output_dir: str = field(default="outputs/synthetic-default", metadata={"help": "Where the model and metrics go."})
+    learning_rate: float = field(default=1e-3)
+    weight_decay: float = field(default=0.01)
+    warmup_steps: float = field(default=100)
+    per_device_train_batch_size: int = field(default=32)
+    per_device_eval_batch_size: int = field(default=64)
+    num_train_epochs: float = field(default=4.0)
     lr_scheduler_type: str = field(default="cosine")
     eval_strategy: str = field(default="epoch")
     save_strategy: str = field(default="epoch")
-    save_total_limit: int | None = field(default=2)
+    save_total_limit: int | None = field(default=1)
     load_best_model_at_end: bool = field(default=True)
     metric_for_best_model: str | None = field(default="cider")
     greater_is_better: bool | None = field(default=True)
-    logging_steps: float = field(default=10)
+    logging_steps: float = field(default=50)
+    seed: int = field(default=0)
     remove_unused_columns: bool = field(default=False)
     predict_with_generate: bool = field(default=True)
-    generation_num_beams: int | None = field(default=3)
-    generation_max_length: int | None = field(default=40)
+    generation_num_beams: int | None = field(default=None, metadata={"help": "The same as --num_beams."})
+    generation_max_length: int | None = field(default=None, metadata={"help": "The same as --max_length."})
+    num_beams: int | None = field(default=None, metadata={"help": "Beams for captions (validation and the saved "
+                                                            "generation_config.json). Default: 3."})
+    max_length: int | None = field(default=None, metadata={"help": "Caption length limit in tokens, the start token "
+                                                             "included. Default: 40."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Limit on generated tokens; takes precedence "
+                                                                 "over --max_length, as in `generate`."})
     merge: bool = field(default=False, metadata={"help": "Save PEFT runs as a merged full model."})
+
+    def __post_init__(self):
+        self.num_beams = self.generation_num_beams = _one_value("num_beams", self.num_beams, self.generation_num_beams, 3)
+        self.max_length = self.generation_max_length = _one_value(
+            "max_length", self.max_length, self.generation_max_length, 40
+        )
+        super().__post_init__()
+
+    def generation_settings(self) -> dict:
+        """The keyword arguments of `generate` these arguments ask for."""
+        settings = {"num_beams": self.num_beams, "max_length": self.max_length}
+        if self.max_new_tokens is not None:
+            settings["max_new_tokens"] = self.max_new_tokens
+        return settings
+
+
+def _one_value(name: str, value, alias_value, default):
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(f"--{name} {value} and --generation_{name} {alias_value} disagree: give one of them")
+    return value if value is not None else alias_value if alias_value is not None else default
 
 
 def _json_argument(value: str | dict | None, name: str) -> dict:
@@ -199,6 +254,9 @@ def build_processor_and_model(
     """(processor, base model, trained from scratch?) from whichever source the arguments name."""
     model_config = _json_argument(model_args.model_config, "model_config")
     attention = {"attn_implementation": model_args.attn_implementation}
+    from_scratch = not (model_args.model_name_or_path or model_args.encoder or model_args.decoder)
+    if from_scratch:
+        model_config = {**DEFAULT_SCRATCH_MODEL, **model_config}
     if model_args.model_name_or_path:
         processor = ViTGPT2Processor.from_pretrained(model_args.model_name_or_path)
         model = ViTGPT2ForConditionalGeneration.from_pretrained(
@@ -260,10 +318,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        settings = {
-            "num_beams": gen_kwargs.get("num_beams", self.args.generation_num_beams),
-            "max_length": gen_kwargs.get("max_length", self.args.generation_max_length),
-        }
+        settings = {**self.args.generation_settings(), **gen_kwargs}
         my_rows = list(range(state.process_index, len(images), state.num_processes))
         batch_size = self.args.per_device_eval_batch_size
         captions = {}
@@ -380,8 +435,7 @@ def run_training(
         model_args, config_overrides(method, peft_args), list(train_rows["caption"])
     )
     generation = model.generation_config
-    generation.num_beams = training_args.generation_num_beams or generation.num_beams
-    generation.max_length = training_args.generation_max_length or generation.max_length
+    generation.update(**training_args.generation_settings())
 
     output_dir = Path(training_args.output_dir)
     if method != "full" and (not model_args.model_name_or_path or config_overrides(method, peft_args)):
@@ -402,11 +456,17 @@ def run_training(
     )
     if state.is_main_process:
         print(f"[train] method={method} trainable={trainable:,} total={total:,} ({100 * trainable / total:.2f}%)")
+        if from_scratch and _changes_default_size(model_args):
+            default_total = sum(p.numel() for p in _default_scratch_model(len(processor.tokenizer)).parameters())
+            print(
+                f"[train] NOTE: training a model of {total:,} parameters from scratch, not the built-in default's "
+                f"{default_total:,} (--model_config changes its size). The time per step shows after the first steps."
+            )
     check_trainable_budget(trainable, peft_args.max_trainable_params, method)
 
     collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
     eval_collator = collator
-    callbacks = []
+    callbacks = [RunTimeEstimate(trainable, total)]
     if data_args.cache_encoder_features:
         collator, eval_collator, page_out = _feature_cache_collators(
             data_args, training_args, peft_args, model, processor, collator, train_rows, val_images
@@ -478,6 +538,64 @@ def save_trained_model(model, processor: ViTGPT2Processor, output_dir: Path, mer
     processor.save_pretrained(output_dir)
 
 
+def _changes_default_size(model_args: ModelArguments) -> bool:
+    changed = _json_argument(model_args.model_config, "model_config")
+    # The default tokenizer_vocab_size is the default model's.
+    return model_args.tokenizer_vocab_size != ModelArguments.tokenizer_vocab_size or any(
+        changed[name] != DEFAULT_SCRATCH_MODEL.get(name) for name in set(changed) - SIZE_NEUTRAL_FIELDS
+    )
+
+
+def _default_scratch_model(vocab_size: int) -> ViTGPT2ForConditionalGeneration:
+    return ViTGPT2ForConditionalGeneration(ViTGPT2Config(**DEFAULT_SCRATCH_MODEL, vocab_size=vocab_size))
+
+
+class RunTimeEstimate(TrainerCallback):
+    """After the first steps, says how long the training steps will take, and warns with the model's size when
+    that is over an hour (`LONG_RUN_SECONDS`), while the run can still be stopped cheaply. The first step is left
+    out of the rate: it pays for warm-up."""
+
+    def __init__(self, trainable: int, total: int, measured_steps: int = 3, clock=time.perf_counter):
+        self.trainable, self.total, self.measured_steps, self.clock = trainable, total, measured_steps, clock
+        self.started: float | None = None
+        self.start_step = 0
+        self.estimate: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.estimate is not None:
+            return
+        if self.started is None:
+            self.started, self.start_step = self.clock(), state.global_step
+            return
+        measured = state.global_step - self.start_step
+        if measured < self.measured_steps:
+            return
+        per_step = (self.clock() - self.started) / measured
+        self.estimate = per_step * (state.max_steps - state.global_step)
+        if not state.is_world_process_zero:
+            return
+        message = (
+            f"[train] {per_step:.2f} s per step: about {_duration(self.estimate)} for the remaining "
+            f"{state.max_steps - state.global_step:,} of {state.max_steps:,} steps (evaluation not included)"
+        )
+        if self.estimate > LONG_RUN_SECONDS:
+            message += (
+                f"\n[train] WARNING: this run is long: {self.total:,} parameters ({self.trainable:,} trained). Stop "
+                "it (Ctrl-C) and shrink it (--max_steps, --num_train_epochs, a smaller --model_config) if that is "
+                "not what you meant."
+            )
+            logger.warning(message)
+        print(message, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class PageOutEncoderCallback(TrainerCallback):
     """With `--cache_encoder_features` nothing runs the encoder while training, so its weights wait in a memory-mapped
     file (`page_out_encoder`) from the start of training, after the Trainer has placed the model, and go back to the
@@ -505,7 +623,7 @@ def _feature_cache_collators(data_args, training_args, peft_args, model, process
     from .feature_cache import CachedFeatureCollator, EncoderFeatureCache
 
     if peft_args.train_encoder:
-        raise ValueError("--cache_encoder_features needs a frozen encoder; drop --train_encoder")
+        raise ValueError("--cache_encoder_features needs a frozen encoder: pass --train_encoder false")
     cache_dir = Path(data_args.feature_cache_dir or Path(training_args.output_dir).parent / "feature-cache")
     base = model.get_base_model() if is_peft_model(model) else model
     # The pre-pass runs wherever the encoder is: on the training device, where Trainer would put the model anyway.

@@ -14,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,17 @@ def shared_data() -> Path:
 
 
 import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def train_script():
+    """train.py as a module: its argument parsing, and `train`, the wiring that pushes after training."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 TINY_CAPTIONS = [
     "a red circle on the left",

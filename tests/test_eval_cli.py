@@ -110,7 +110,7 @@ def cli(captioner_dir, tiny_clip, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
     commands = {
         "caption": ["caption", "--model", captioner_dir, "--images", data / "photos", "--output", out / "preds.json",
-                    "--batch_size", 2, "--max_length", 12],
+                    "--batch_size", 2, "--max_new_tokens", 11],
         "score": ["score", "--predictions", data / "preds.json", "--annotations", data / "val.json",
                   "--images", data / "photos", "--clip_model", tiny_clip, "--output", out / "scores.json"],
         "zero-shot": ["zero-shot", "--clip_model", tiny_clip, "--images", data / "p1_val", "--labels",
@@ -147,7 +147,8 @@ def test_caption_writes_one_caption_per_image_as_batch_of_one_would(cli, caption
     with torch.no_grad():
         one_by_one = {name: processor.batch_decode(model.generate(
             **processor(images=photo_paths(data, [name])), num_beams=3, max_length=12))[0] for name in PHOTOS}
-    assert predictions == one_by_one  # batches of 2 keep each caption with its own image
+    # Batches of 2 keep each caption with its own image; 11 new tokens after the start token are max_length 12.
+    assert predictions == one_by_one
 
 
 def test_score_matches_corpus_cider_and_direct_clip_scores(cli, tiny_clip, data):

@@ -6,14 +6,12 @@ operations are written into a folder: exactly what the repository would hold, wh
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx2  # the HTTP client huggingface_hub 2.x raises its errors from
@@ -30,7 +28,6 @@ from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_spac
 from modeling_vitgpt2.metrics import metric_names
 from modeling_vitgpt2.training import run_training
 
-REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "someone/vitgpt2-test"
 SPACE_ID = "someone/vitgpt2-demo"
 RESULTS = {"eval_results.json", "training_summary.json", "train_results.json", "all_results.json",
@@ -38,14 +35,6 @@ RESULTS = {"eval_results.json", "training_summary.json", "train_results.json", "
 PROCESSOR = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "processing_vitgpt2.py"}
 FULL_MODEL = {"config.json", "generation_config.json", "model.safetensors", "configuration_vitgpt2.py",
               "modeling_vitgpt2.py"} | PROCESSOR
-
-
-def train_script():
-    """train.py, whose wiring does the push after training (the training layer never imports the Hub layer)."""
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -345,9 +334,9 @@ def test_command_line_prints_the_card_and_pushes(full_run, hub, capsys):
     assert f"https://huggingface.co/{REPO_ID}" in capsys.readouterr().out
 
 
-def test_train_py_push_is_this_push_and_not_trainers(shapes, pretrained_parts, hub, tmp_path):
+def test_train_py_push_is_this_push_and_not_trainers(shapes, pretrained_parts, hub, train_script, tmp_path):
     output_dir = tmp_path / "pushed"
-    train_script().train(*arguments(shapes, pretrained_parts, output_dir, peft="cross_attention", max_steps=1,
+    train_script.train(*arguments(shapes, pretrained_parts, output_dir, peft="cross_attention", max_steps=1,
                             push_to_hub=True, hub_model_id=REPO_ID, hub_private_repo=True))
     assert hub.folder_uploads == [], "Trainer's own push ran: its generic card would replace ours"
     assert [repo["repo_id"] for repo in hub.repos] == [REPO_ID] and hub.repos[0]["private"]
@@ -356,10 +345,11 @@ def test_train_py_push_is_this_push_and_not_trainers(shapes, pretrained_parts, h
     assert ModelCard(files["README.md"].decode()).data.library_name == "peft"
 
 
-def test_train_py_push_without_a_token_stops_before_training(shapes, pretrained_parts, hub, logged_out, tmp_path):
+def test_train_py_push_without_a_token_stops_before_training(shapes, pretrained_parts, hub, logged_out, train_script,
+                                                            tmp_path):
     output_dir = tmp_path / "not-started"
     with pytest.raises(HubPushError, match="hf auth login"):
-        train_script().train(*arguments(shapes, pretrained_parts, output_dir, max_steps=1, push_to_hub=True,
+        train_script.train(*arguments(shapes, pretrained_parts, output_dir, max_steps=1, push_to_hub=True,
                                 hub_model_id=REPO_ID))
     assert not output_dir.exists()
 

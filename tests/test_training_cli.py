@@ -103,28 +103,96 @@ def test_two_processes_train_and_score_every_image_once(pretrained_parts, tmp_pa
     assert set(predictions) == {path.stem for path in odd.val_images.iterdir()}
 
 
+def default_model_size(vocab_size: int) -> int:
+    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
+    from modeling_vitgpt2.training import DEFAULT_SCRATCH_MODEL
+
+    model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**DEFAULT_SCRATCH_MODEL, vocab_size=vocab_size))
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def test_flags_change_the_default_job_and_nothing_else(train_script):
+    model_args, data_args, peft_args, training_args = train_script.parse_arguments(
+        ["--output_dir", "x", "--num_train_epochs", "1"]
+    )
+    bare = train_script.parse_arguments([])
+    assert training_args.output_dir == "x" and training_args.num_train_epochs == 1
+    assert (model_args, data_args, peft_args) == bare[:3]
+    assert data_args.uses_synthetic and model_args.model_config is None
+    for name in ("learning_rate", "per_device_train_batch_size", "warmup_steps", "num_beams", "max_length", "seed"):
+        assert getattr(training_args, name) == getattr(bare[3], name), name
+
+
+def test_a_config_file_comes_first_and_flags_override_it(train_script, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 3e-5\nnum_train_epochs: 2\npeft: lora\nmodel_config: {n_layer: 2}\n")
+    model_args, _, peft_args, training_args = train_script.parse_arguments(
+        [str(config), "--learning_rate", "1e-4", "--max_new_tokens", "9"]
+    )
+    assert training_args.learning_rate == 1e-4 and training_args.num_train_epochs == 2 and peft_args.peft == "lora"
+    assert model_args.model_config == {"n_layer": 2}
+    assert training_args.generation_settings() == {"num_beams": 3, "max_length": 40, "max_new_tokens": 9}
+    # The shipped course recipe parses too.
+    _, _, peft_args, training_args = train_script.parse_arguments([str(REPO / "configs" / "course_lora.yaml")])
+    assert peft_args.peft == "lora" and training_args.learning_rate == 3e-5
+
+
+def test_a_config_file_with_an_unknown_option_is_refused_naming_it(train_script, tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("learning_rate: 1e-4\nlearnig_rate: 1e-3\n")
+    with pytest.raises(SystemExit, match=r"typo.yaml: unknown option\(s\) learnig_rate"):
+        train_script.parse_arguments([str(config)])
+
+
+def test_generation_names_agree_or_are_refused(train_script):
+    *_, training_args = train_script.parse_arguments(["--generation_num_beams", "2", "--max_length", "12"])
+    assert training_args.num_beams == training_args.generation_num_beams == 2
+    assert training_args.max_length == training_args.generation_max_length == 12
+    with pytest.raises(ValueError, match="disagree"):
+        train_script.parse_arguments(["--num_beams", "2", "--generation_num_beams", "4"])
+
+
+def test_first_steps_predict_the_run_time_and_warn_when_it_is_long(capsys):
+    from types import SimpleNamespace
+
+    from modeling_vitgpt2.training import RunTimeEstimate
+
+    ticks = iter([0.0, 6.0])  # 3 steps measured after the first: 2 s per step
+    estimate = RunTimeEstimate(trainable=1_000, total=422_000_000, clock=lambda: next(ticks))
+    for step in (1, 4):
+        estimate.on_step_end(None, SimpleNamespace(global_step=step, max_steps=2_004, is_world_process_zero=True), None)
+    assert estimate.estimate == pytest.approx(4_000)
+    out = capsys.readouterr().out
+    assert "about 67 min for the remaining 2,000 of 2,004 steps" in out
+    assert "WARNING: this run is long: 422,000,000 parameters (1,000 trained)" in out
+
+    ticks = iter([0.0, 3.0])
+    short = RunTimeEstimate(trainable=10, total=10, clock=lambda: next(ticks))
+    for step in (1, 4):
+        short.on_step_end(None, SimpleNamespace(global_step=step, max_steps=10, is_world_process_zero=True), None)
+    assert "WARNING" not in capsys.readouterr().out
+
+
 def test_default_pipeline_end_to_end_at_reduced_size(tmp_path):
-    """`python train.py` with the built-in default config, shrunk: writes the synthetic set, trains a model from
-    scratch, evaluates CIDEr, and leaves a folder that captions new synthetic images through `from_pretrained`."""
+    """`python train.py` with flags only, shrunk: the built-in default job writes the synthetic set, trains the
+    default small model from scratch, evaluates CIDEr, and leaves a folder that captions new synthetic images
+    through `from_pretrained`."""
     output_dir = tmp_path / "default"
     command = [
-        sys.executable, "train.py", "configs/synthetic_default.yaml",
+        sys.executable, "train.py", "--output_dir", str(output_dir), "--num_train_epochs", "1",
+        "--synthetic_dir", str(tmp_path / "shapes"), "--synthetic_train_images", "40", "--synthetic_val_images", "6",
+        "--disable_tqdm", "true", "--max_new_tokens", "12",
     ]
-    overrides = {
-        "output_dir": str(output_dir), "synthetic_dir": str(tmp_path / "shapes"), "synthetic_train_images": 40,
-        "synthetic_val_images": 6, "num_train_epochs": 1, "disable_tqdm": True,
-    }
-    config = tmp_path / "reduced.yaml"
-    import yaml
-
-    content = yaml.safe_load((REPO / "configs" / "synthetic_default.yaml").read_text())
-    content.update(overrides)
-    config.write_text(yaml.safe_dump(content))
-    command[-1] = str(config)
-    subprocess.run(command, cwd=REPO, env=environment(), check=True, capture_output=True)
+    result = subprocess.run(command, cwd=REPO, env=environment(), check=True, capture_output=True, text=True)
+    assert "s per step: about" in result.stdout and "NOTE" not in result.stdout
 
     metrics = json.loads((output_dir / "eval_results.json").read_text())
     assert metrics["eval_images"] == 6 and 0.0 <= metrics["eval_cider"]
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    vocab_size = json.loads((output_dir / "config.json").read_text())["vocab_size"]
+    assert summary["total_parameters"] == summary["trainable_parameters"] == default_model_size(vocab_size)
+    assert summary["total_parameters"] < 3_000_000  # the small default, never the 422M ViT-L/14 + GPT-2
+    assert json.loads((output_dir / "generation_config.json").read_text())["max_new_tokens"] == 12
     script = (
         "import sys, json\n"
         "from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor\n"
@@ -140,3 +208,16 @@ def test_default_pipeline_end_to_end_at_reduced_size(tmp_path):
                             capture_output=True, text=True, check=True)
     caption = json.loads(result.stdout.strip().splitlines()[-1])[0]
     assert isinstance(caption, str) and caption
+
+
+def test_a_from_scratch_model_of_another_size_says_so_up_front(tmp_path):
+    output_dir = tmp_path / "wider"
+    command = [
+        sys.executable, "train.py", "--output_dir", str(output_dir), "--max_steps", "1", "--eval_strategy", "no",
+        "--save_strategy", "no", "--load_best_model_at_end", "false", "--model_config", '{"n_layer": 4}',
+        "--synthetic_dir", str(tmp_path / "shapes"), "--synthetic_train_images", "8", "--synthetic_val_images", "2",
+        "--disable_tqdm", "true",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=environment(), check=True, capture_output=True, text=True)
+    total = json.loads((output_dir / "training_summary.json").read_text())["total_parameters"]
+    assert f"NOTE: training a model of {total:,} parameters from scratch, not the built-in default's" in result.stdout
