@@ -17,7 +17,7 @@ LAYERS = {
     "metrics": {"cider", "clip_score", "metrics"},
     "training": {"training"},
     "evaluation": {"evaluation", "zero_shot", "attention_maps"},
-    "hub": {"hub"},
+    "publishing and apps": {"hub", "demo"},
     "demo": {"demo"},
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
