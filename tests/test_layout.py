@@ -18,7 +18,6 @@ LAYERS = {
     "training": {"training"},
     "evaluation": {"evaluation", "zero_shot", "attention_maps"},
     "publishing and apps": {"hub", "demo"},
-    "demo": {"demo"},
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
