@@ -105,6 +105,18 @@ class Demo:
         self.min_side = max(patch) if isinstance(patch, (tuple, list)) else int(patch)
 
     @property
+    def longest_caption(self) -> int:
+        """New tokens the decoder has positions for (the start token takes one)."""
+        return self.model.config.n_positions - 1
+
+    @property
+    def default_new_tokens(self) -> int:
+        """The model's own caption length limit (generation_config.json), in new tokens; else transformers' 20."""
+        generation = self.model.generation_config
+        limit = generation.max_new_tokens or (generation.max_length - 1 if generation.max_length else 20)
+        return min(limit, self.longest_caption)
+
+    @property
     def default_layers(self) -> list[str]:
         chosen = REPORT_LAYERS if set(REPORT_LAYERS) <= set(self.layers) else self.layers
         return [str(layer) for layer in chosen]
@@ -158,6 +170,12 @@ class Demo:
             note = f"The maps follow the caption the model wrote with eager attention: \"{result.caption}\"."
         return captions[0], beams, panels, note
 
+    def refresh(self, upload, *settings):
+        """`caption` for the page's own events: a removed image empties the outputs instead of being an error."""
+        if not upload:
+            return "", [], [], ""
+        return self.caption(upload, *settings)
+
     def zero_shot(self, upload, class_names: str, templates: str):
         """CLIP's probability per class and template, as rows of a bar chart."""
         if self.clip is None:
@@ -206,26 +224,28 @@ def build_page(demo: Demo, examples: list[str], title: str):
                         gr.Examples(examples=examples, inputs=image, label="Examples")
                     with gr.Accordion("Generation", open=False):
                         num_beams = gr.Slider(1, 8, value=3, step=1, label="Beams")
-                        max_new_tokens = gr.Slider(1, 60, value=20, step=1, label="Maximum new tokens")
+                        max_new_tokens = gr.Slider(1, demo.longest_caption, value=demo.default_new_tokens, step=1,
+                                                   label="Maximum new tokens")
                         length_penalty = gr.Slider(-2.0, 2.0, value=1.0, step=0.1, label="Length penalty",
                                                    info="above 0 favours longer captions, below 0 shorter ones")
                     run = gr.Button("Caption", variant="primary")
                 with gr.Column(scale=2):
                     caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption-text")
                     beams = gr.Dataframe(headers=["beam", "caption", "score"], label="Beams (score: length-"
-                                         "penalised log-probability, as beam search ranks them)", interactive=False)
+                                         "penalised log-probability, as beam search ranks them)", interactive=False,
+                                         wrap=True, column_widths=["10%", "75%", "15%"])
                     with gr.Row():
                         layers = gr.Dropdown(layer_choices, value=demo.default_layers, multiselect=True,
                                              label="Decoder layers (0-based, averaged)")
                         head = gr.Dropdown(head_choices, value=MEAN_OF_HEADS, label="Attention head")
-                    panels = gr.Gallery(label="Where each word looked", columns=5, object_fit="contain",
+                    panels = gr.Gallery(label="Where each word looked", columns=6, object_fit="contain",
                                         height="auto", format="png", elem_id="attention-panels")
                     note = gr.Markdown()
             inputs = [image, num_beams, max_new_tokens, length_penalty, layers, head]
             outputs = [caption, beams, panels, note]
             run.click(demo.caption, inputs, outputs, preprocess=False, api_name="caption")
             for trigger in (image.change, layers.input, head.input):
-                trigger(demo.caption, inputs, outputs, preprocess=False, api_visibility="private",
+                trigger(demo.refresh, inputs, outputs, preprocess=False, api_visibility="private",
                         trigger_mode="always_last")
         if demo.clip is not None:
             with gr.Tab("Zero-shot (CLIP)"):

@@ -33,8 +33,9 @@ REAL_PHOTO = REPO.parent / "shared" / "data" / "real_images" / "git_examples" / 
 # Flags for a headless Chromium running as root on a machine without network access.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-# Set to a path (e.g. docs/demo_page.png) to keep the browser test's screenshot; the README's comes from here.
-SCREENSHOT_ENV = "DEMO_SCREENSHOT"
+# The README's screenshot comes from the browser test: DEMO_SCREENSHOT keeps it at a path, DEMO_MODEL (and
+# DEMO_IMAGE) open the page on another model (and upload another image) for it.
+SCREENSHOT_ENV, MODEL_ENV, IMAGE_ENV = "DEMO_SCREENSHOT", "DEMO_MODEL", "DEMO_IMAGE"
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,18 @@ def server(captioner_dir, tiny_clip, photo, tmp_path_factory):
     arguments = ["--model", str(captioner_dir), "--clip_model", str(tiny_clip), "--examples", str(photo)]
     with serving_app(REPO / "app.py", arguments, cwd=tmp_path_factory.mktemp("app")) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def page(server, photo, tmp_path_factory):
+    """(URL, image to upload) for the browser test: the module's server and photo, unless DEMO_MODEL is set."""
+    image = Path(os.environ.get(IMAGE_ENV) or photo)
+    if not os.environ.get(MODEL_ENV):
+        yield server, image
+        return
+    arguments = ["--model", os.environ[MODEL_ENV], "--examples", str(image)]
+    with serving_app(REPO / "app.py", arguments, cwd=tmp_path_factory.mktemp("app")) as url:
+        yield url, image
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +199,8 @@ def chromium() -> str:
     return path
 
 
-def test_in_a_real_browser(server, photo, hostile_files, tmp_path):
+def test_in_a_real_browser(page, hostile_files, tmp_path):
+    url, photo = page
     playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs the [test] extra")
     browser_path = chromium()
     with playwright.sync_playwright() as driver:
@@ -195,30 +209,34 @@ def test_in_a_real_browser(server, photo, hostile_files, tmp_path):
             viewport={"width": 1280, "height": 1000},
         )
         try:
-            page = context.new_page()
-            page.goto(server, wait_until="networkidle", timeout=60_000)
-            page.locator("#caption-image input[type=file]").set_input_files(str(photo))
-            page.wait_for_function("document.querySelector('#caption-text textarea').value.trim().length > 0",
+            tab = context.new_page()
+            tab.goto(url, wait_until="networkidle", timeout=60_000)
+            tab.locator("#caption-image input[type=file]").set_input_files(str(photo))
+            tab.wait_for_function("document.querySelector('#caption-text textarea').value.trim().length > 0",
                                    timeout=60_000)
-            caption = page.locator("#caption-text textarea").input_value()
-            panels = page.locator("#attention-panels img")
+            caption = tab.locator("#caption-text textarea").input_value()
+            panels = tab.locator("#attention-panels img")
             playwright.expect(panels).to_have_count(len(caption.split()), timeout=30_000)
-            page.wait_for_function("[...document.querySelectorAll('#attention-panels img')]"
+            tab.wait_for_function("[...document.querySelectorAll('#attention-panels img')]"
                                    ".every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
             for index in range(panels.count()):
                 box = panels.nth(index).bounding_box()
                 assert box is not None and box["width"] > 0 and box["height"] > 0
             screenshot = tmp_path / "demo_page.png"
-            page.screenshot(path=str(screenshot), full_page=True)
+            tab.screenshot(path=str(screenshot), full_page=True)
             if os.environ.get(SCREENSHOT_ENV):
                 shutil.copyfile(screenshot, os.environ[SCREENSHOT_ENV])
 
             # A text file named like a photo: the page says so, and the next upload is captioned again.
-            page.get_by_label("Remove Image").click()
-            page.locator("#caption-image input[type=file]").set_input_files(str(hostile_files["not-an-image"]))
-            toast = page.locator("[data-testid='toast-body']")
+            tab.get_by_label("Remove Image").click()
+            tab.locator("#caption-image input[type=file]").set_input_files(str(hostile_files["not-an-image"]))
+            toast = tab.locator("[data-testid='toast-body']")
             playwright.expect(toast).to_contain_text("holiday.jpg is not an image this page can read",
                                                      timeout=30_000)
+            tab.get_by_label("Remove Image").click()
+            playwright.expect(tab.locator("#caption-text textarea")).to_have_value("", timeout=30_000)
+            tab.locator("#caption-image input[type=file]").set_input_files(str(photo))
+            playwright.expect(tab.locator("#caption-text textarea")).to_have_value(caption, timeout=60_000)
         finally:
             context.close()
     with Image.open(screenshot) as picture:
