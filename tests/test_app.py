@@ -164,6 +164,14 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, hostile_
     assert caption_on_page(client, photo, max_new_tokens=4)[0]
 
 
+def test_requests_queue_and_each_gets_its_own_answer(client, photo):
+    settings = [(3, 12, 1.0), (1, 5, 1.0), (2, 8, 1.0)]
+    jobs = [client.submit(gradio_client.handle_file(str(photo)), *setting, ["all"], "mean", api_name="/caption")
+            for setting in settings]  # submitted at once; the page runs one at a time
+    answers = [job.result(timeout=120)[0] for job in jobs]
+    assert answers == [caption_on_page(client, photo, *setting)[0] for setting in settings]
+
+
 def test_zero_shot_gives_clips_probabilities_per_template(client, tiny_clip, photo):
     templates = ["a photo of {object}.", "a drawing of {object}."]
     plot = client.predict(gradio_client.handle_file(str(photo)), "dog, cat, diagram", "\n".join(templates),

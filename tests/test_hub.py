@@ -26,6 +26,7 @@ from conftest import serving_app
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_space, push_to_hub
 from modeling_vitgpt2.metrics import metric_names
+from modeling_vitgpt2.loading import load_for_inference
 from modeling_vitgpt2.training import run_training
 
 REPO_ID = "someone/vitgpt2-test"
@@ -386,12 +387,14 @@ def test_space_is_the_page_its_package_pinned_requirements_and_a_readme_naming_t
     assert space_model(tmp_path) is None  # and outside a Space, the default
 
 
-def test_space_from_a_local_folder_carries_the_model_and_serves_its_captions(full_run, shapes, hub, tmp_path):
+@pytest.mark.parametrize("run", ["full_run", "lora_run"])
+def test_space_from_a_local_folder_carries_the_model_and_serves_its_captions(run, request, shapes, hub, tmp_path):
     gradio_client = pytest.importorskip("gradio_client", reason="needs the [test] extra")
-    push_space(full_run, SPACE_ID)
+    output_dir = request.getfixturevalue(run)
+    push_space(output_dir, SPACE_ID)
     files = files_of(hub.commits[0])
-    assert {"model/config.json", "model/model.safetensors", "model/README.md", "app.py"} <= set(files)
-    assert all(files[f"model/{name}"] == str(full_run / name) for name in FULL_MODEL)
+    weights = "model/model.safetensors" if run == "full_run" else "model/base_model/model.safetensors"
+    assert {weights, "model/README.md", "app.py"} <= set(files)
     assert f"https://huggingface.co/spaces/{SPACE_ID}" in files["model/README.md"].decode()
     space = write_repository(hub.commits[0], tmp_path / "space")
 
@@ -400,8 +403,8 @@ def test_space_from_a_local_folder_carries_the_model_and_serves_its_captions(ful
     with serving_app(space / "app.py", [], cwd=space) as url:
         caption = gradio_client.Client(url, verbose=False).predict(
             gradio_client.handle_file(image), 3, 20, 1.0, ["all"], "mean", api_name="/caption")[0]
-    model = ViTGPT2ForConditionalGeneration.from_pretrained(full_run).eval()
-    processor = ViTGPT2Processor.from_pretrained(full_run)
+    model = load_for_inference(output_dir)  # the output folder where it was trained, as eval.py loads it
+    processor = ViTGPT2Processor.from_pretrained(output_dir)
     expected = processor.batch_decode(model.generate(**processor(images=[image]), num_beams=3, max_new_tokens=20))
     assert caption == expected[0]
 
