@@ -27,6 +27,15 @@ COLOURS = {
     "yellow": (230, 190, 20),
     "purple": (140, 60, 180),
 }
+# Colours only the "shifted" domain draws: new pixels that need new words, for studies of adapting a trained captioner.
+SHIFTED_COLOURS = {
+    "orange": (245, 130, 20),
+    "pink": (240, 120, 190),
+    "cyan": (30, 190, 210),
+}
+PALETTE = {**COLOURS, **SHIFTED_COLOURS}
+# "shapes" is the default set; "shifted" draws two old and three new colours and words its captions differently.
+DOMAINS = {"shapes": tuple(COLOURS), "shifted": ("red", "blue", *SHIFTED_COLOURS)}
 # Half the side of an object's bounding box, as a fraction of the image side.
 SIZES = {"large": 0.11, "small": 0.06}
 # Centre of each position's region, as fractions (x, y) of the image side; listed in the order captions name them.
@@ -68,7 +77,7 @@ class ShapeObject:
     def __post_init__(self):
         for value, allowed in (
             (self.shape, SHAPES),
-            (self.colour, COLOURS),
+            (self.colour, PALETTE),
             (self.size, SIZES),
             (self.position, POSITIONS),
         ):
@@ -92,14 +101,15 @@ class Scene:
             raise ValueError(f"two objects share a position in {positions}; give each object its own position")
 
 
-def random_scene(rng: random.Random) -> Scene:
-    """Draws a scene: 1-3 objects, each at its own position with a random shape, colour, size and small nudge."""
+def random_scene(rng: random.Random, colours: Sequence[str] = tuple(COLOURS)) -> Scene:
+    """Draws a scene: 1-3 objects, each at its own position with a random shape, colour (from `colours`), size and
+    small nudge."""
     count = rng.randint(1, MAX_OBJECTS)
     positions = rng.sample(list(POSITIONS), count)
     objects = tuple(
         ShapeObject(
             shape=rng.choice(SHAPES),
-            colour=rng.choice(list(COLOURS)),
+            colour=rng.choice(list(colours)),
             size=rng.choice(list(SIZES)),
             position=position,
             offset=(rng.uniform(-MAX_JITTER, MAX_JITTER), rng.uniform(-MAX_JITTER, MAX_JITTER)),
@@ -125,7 +135,7 @@ def draw_scene(scene: Scene, image_size: int = 64) -> Image.Image:
     for obj in scene.objects:
         left, top, right, bottom = object_box(obj, image_size)
         middle_x, middle_y = (left + right) / 2, (top + bottom) / 2
-        fill = COLOURS[obj.colour]
+        fill = PALETTE[obj.colour]
         if obj.shape == "circle":
             draw.ellipse((left, top, right, bottom), fill=fill)
         elif obj.shape == "square":
@@ -150,7 +160,7 @@ def _join(phrases: Sequence[str]) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def describe_scene(scene: Scene) -> list[str]:
+def describe_scene(scene: Scene, domain: str = "shapes") -> list[str]:
     """Four differently worded captions, all correct, for the scene (lower case, no final full stop).
 
     For a large red circle on the left and a small blue square on the right:
@@ -159,6 +169,8 @@ def describe_scene(scene: Scene) -> list[str]:
       - on the left is a large red circle and on the right is a small blue square
       - two shapes on a white background: a big red circle on the left and a little blue square on the right
     """
+    if domain == "shifted":
+        return _describe_shifted(scene)
     objects = _in_caption_order(scene)
     plain = [f"a {o.size} {o.colour} {o.shape} {_WHERE[o.position]}" for o in objects]
     alternative = [
@@ -172,6 +184,25 @@ def describe_scene(scene: Scene) -> list[str]:
         "there is " + _join(alternative),
         _join(location_first),
         counted + _join(alternative),
+    ]
+
+
+def _describe_shifted(scene: Scene) -> list[str]:
+    """The "shifted" domain's four captions: other words and sentence shapes than `describe_scene`'s, e.g.
+
+      - the image shows a large orange circle on the left and a small pink square on the right
+      - two objects: orange circle on the left and pink square on the right
+      - on the left we see a large orange circle and on the right we see a small pink square
+      - large orange circle on the left and small pink square on the right
+    """
+    objects = _in_caption_order(scene)
+    count = len(objects)
+    return [
+        "the image shows " + _join([f"a {o.size} {o.colour} {o.shape} {_WHERE[o.position]}" for o in objects]),
+        f"{_COUNT_WORDS[count]} {'object' if count == 1 else 'objects'}: "
+        + _join([f"{o.colour} {o.shape} {_WHERE[o.position]}" for o in objects]),
+        _join([f"{_WHERE[o.position]} we see a {o.size} {o.colour} {o.shape}" for o in objects]),
+        _join([f"{o.size} {o.colour} {o.shape} {_WHERE[o.position]}" for o in objects]),
     ]
 
 
@@ -194,19 +225,20 @@ def _write_split(
     image_size: int,
     image_ids: Iterator[int],
     annotation_ids: Iterator[int],
+    domain: str,
 ) -> None:
     # A separate random stream per split, so changing num_train does not change the validation images.
-    rng = random.Random(f"synthetic-shapes:{seed}:{split}")
+    rng = random.Random(f"synthetic-shapes:{seed}:{split}" + ("" if domain == "shapes" else f":{domain}"))
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(count):
         image_id = next(image_ids)
         file_name = f"{split}_{index:06d}.png"
-        scene = random_scene(rng)
+        scene = random_scene(rng, DOMAINS[domain])
         draw_scene(scene, image_size).save(image_dir / file_name, format="PNG")
         images.append({"file_name": file_name, "id": image_id})
-        for caption in describe_scene(scene):
+        for caption in describe_scene(scene, domain):
             annotations.append({"image_id": image_id, "caption": caption, "id": next(annotation_ids)})
     with open(root / f"{split}.json", "w", encoding="utf-8") as handle:
         json.dump({"images": images, "annotations": annotations}, handle, indent=1)
@@ -218,17 +250,21 @@ def write_synthetic_coco(
     num_val: int = 200,
     seed: int = 0,
     image_size: int = 64,
+    domain: str = "shapes",
 ) -> SyntheticCocoPaths:
     """Writes the synthetic shapes dataset as `train.json`, `val.json`, `train/*.png` and `val/*.png` under `out_dir`.
 
     The same arguments always give byte-identical files. Image ids and annotation ids are unique across both splits.
-    Each image has the four captions of `describe_scene`.
+    Each image has the four captions of `describe_scene` in `domain` ("shapes", or "shifted": new colours and new
+    phrasing, the target of the built-in PEFT study).
     """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown synthetic domain {domain!r}; choose one of {list(DOMAINS)}")
     root = Path(out_dir)
     # Shared counters keep ids unique across the splits, as in one COCO release.
     image_ids, annotation_ids = itertools.count(), itertools.count()
-    _write_split(root, "train", num_train, seed, image_size, image_ids, annotation_ids)
-    _write_split(root, "val", num_val, seed, image_size, image_ids, annotation_ids)
+    _write_split(root, "train", num_train, seed, image_size, image_ids, annotation_ids, domain)
+    _write_split(root, "val", num_val, seed, image_size, image_ids, annotation_ids, domain)
     return SyntheticCocoPaths(
         root=root,
         train_json=root / "train.json",

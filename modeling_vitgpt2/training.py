@@ -119,6 +119,11 @@ class DataArguments:
     synthetic_train_images: int = field(default=2000, metadata={"help": "Synthetic training images."})
     synthetic_val_images: int = field(default=200, metadata={"help": "Synthetic validation images."})
     synthetic_image_size: int = field(default=64, metadata={"help": "Synthetic image side in pixels."})
+    synthetic_domain: str = field(
+        default="shapes",
+        metadata={"help": "shapes, or shifted: new colours and caption phrasing (the built-in study's target).",
+                  "choices": ["shapes", "shifted"]},
+    )
     clip_model: str | None = field(
         default=None, metadata={"help": "CLIP model (folder or id) for CLIPScore during evaluation; skipped if unset."}
     )
@@ -216,6 +221,7 @@ def load_caption_data(data_args: DataArguments) -> tuple[datasets.Dataset, datas
             num_train=data_args.synthetic_train_images,
             num_val=data_args.synthetic_val_images,
             image_size=data_args.synthetic_image_size,
+            domain=data_args.synthetic_domain,
         )
         data_args.train_json, data_args.train_images = str(paths.train_json), str(paths.train_images)
         data_args.val_json, data_args.val_images = str(paths.val_json), str(paths.val_images)
@@ -414,9 +420,11 @@ def run_training(
     data_args: DataArguments,
     peft_args: PeftArguments,
     training_args: CaptionTrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict:
     """Trains, evaluates and saves; returns the final evaluation metrics. Publishing is the Hub layer's job:
-    `train.py --push_to_hub` calls `modeling_vitgpt2.hub.push_training_output` once this returns."""
+    `train.py --push_to_hub` calls `modeling_vitgpt2.hub.push_training_output` once this returns. `callbacks` are
+    added to the Trainer's (the study uses them to show progress)."""
     if training_args.push_to_hub:
         raise ValueError(
             "run_training does not push: Trainer's own push would replace the model card with a generic one. Train "
@@ -466,7 +474,7 @@ def run_training(
 
     collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
     eval_collator = collator
-    callbacks = [RunTimeEstimate(trainable, total)]
+    callbacks = [RunTimeEstimate(trainable, total), *(callbacks or [])]
     if data_args.cache_encoder_features:
         collator, eval_collator, page_out = _feature_cache_collators(
             data_args, training_args, peft_args, model, processor, collator, train_rows, val_images

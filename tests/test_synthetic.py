@@ -181,3 +181,20 @@ def test_tokenizer_round_trip_and_offline_save_load(tmp_path):
     assert type(reloaded) is GPT2Tokenizer
     assert reloaded.pad_token_id == reloaded.eos_token_id == reloaded.bos_token_id == tokenizer.eos_token_id
     assert reloaded(captions[:20])["input_ids"] == tokenizer(captions[:20])["input_ids"]
+
+
+def test_shifted_domain_draws_new_colours_and_words_captions_differently(tmp_path):
+    from modeling_vitgpt2.synthetic import DOMAINS, SHIFTED_COLOURS
+
+    shifted = write_synthetic_coco(tmp_path / "shifted", num_train=30, num_val=4, seed=0, domain="shifted")
+    default = write_synthetic_coco(tmp_path / "default", num_train=30, num_val=4, seed=0)
+    shifted_captions = [a["caption"] for a in json.loads(shifted.train_json.read_text())["annotations"]]
+    default_captions = [a["caption"] for a in json.loads(default.train_json.read_text())["annotations"]]
+    shifted_words = {word for caption in shifted_captions for word in caption.replace(":", "").split()}
+    default_words = {word for caption in default_captions for word in caption.replace(":", "").split()}
+    assert set(SHIFTED_COLOURS) & shifted_words and not set(SHIFTED_COLOURS) & default_words
+    assert {"image", "shows", "we", "see"} <= shifted_words - default_words
+    assert not set(shifted_captions) & set(default_captions)
+    assert set(DOMAINS["shifted"]) - set(COLOURS) == set(SHIFTED_COLOURS)
+    with pytest.raises(ValueError, match="unknown synthetic domain"):
+        write_synthetic_coco(tmp_path / "x", num_train=1, num_val=1, domain="stripes")

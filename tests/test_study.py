@@ -1,0 +1,180 @@
+"""A whole (tiny) PEFT study in one call: shared feature cache, a failing variant, resumption, and a report whose
+every number is what `eval.py score` computes on the variant's saved predictions."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import eval as eval_cli
+from conftest import build_tiny_tokenizer, tiny_config_kwargs
+from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+from modeling_vitgpt2 import study as study_module
+from modeling_vitgpt2.metrics import format_metric, metric_names
+from modeling_vitgpt2.modeling_vitgpt2 import ViTGPT2Encoder
+from modeling_vitgpt2.synthetic import draw_scene, random_scene
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+TRAIN_IMAGES, VAL_IMAGES, TOP_K = 12, 6, 1
+
+
+@pytest.fixture(scope="module")
+def study_file(tmp_path_factory, tiny_clip):
+    root = tmp_path_factory.mktemp("study")
+    tokenizer = build_tiny_tokenizer(root / "tokenizer")
+    torch.manual_seed(0)
+    model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tokenizer)))
+    model.save_pretrained(root / "base")
+    ViTGPT2Processor.from_timm_model(model.encoder.model, tokenizer).save_pretrained(root / "base")
+    classes = root / "classes"
+    classes.mkdir()
+    import random
+
+    for index in range(4):
+        draw_scene(random_scene(random.Random(index)), 32).save(classes / f"{index % 2}_{index}.png")
+    (root / "id2label.json").write_text(json.dumps({"0": "circle", "1": "square"}))
+    spec = {
+        "name": "tiny",
+        "base": {"model": str(root / "base")},
+        "data": {"synthetic_domain": "shifted", "synthetic_train_images": TRAIN_IMAGES,
+                 "synthetic_val_images": VAL_IMAGES, "synthetic_image_size": 28, "max_caption_length": 24},
+        "recipe": {"learning_rate": 0.01, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 8,
+                   "num_train_epochs": 2, "logging_steps": 1, "save_total_limit": None, "generation_num_beams": 2,
+                   "generation_max_length": 12, "seed": 0, "dataloader_num_workers": 0},
+        "variants": [{"name": "lora", "peft": "lora", "lora_rank": 2},
+                     {"name": "cross", "peft": "cross_attention"},
+                     {"name": "broken", "peft": "lora", "max_trainable_params": 1}],
+        "clip_model": str(tiny_clip),
+        "metrics": ["cider", "bleu", "rouge_l", "clip_score", "diversity", "copied"],  # METEOR: no JVM start here
+        "zero_shot": {"images": str(classes), "labels": str(root / "id2label.json"),
+                      "templates": ["a photo of a {object}.", "a {object}"], "ensemble": True},
+        "extremes": {"top_k": TOP_K},
+        "side_by_side": 2,
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_study(study_file, tmp_path_factory):
+    """Runs the study once, counting the images the encoder sees."""
+    encoded = []
+    original = ViTGPT2Encoder.forward
+
+    def counting(self, pixel_values, *args, **kwargs):
+        encoded.append(pixel_values.shape[0])
+        return original(self, pixel_values, *args, **kwargs)
+
+    ViTGPT2Encoder.forward = counting
+    try:
+        output_dir = tmp_path_factory.mktemp("run") / "study"
+        results = study_module.run_study(study_module.load_study(study_file), output_dir)
+    finally:
+        ViTGPT2Encoder.forward = original
+    return output_dir, results, sum(encoded)
+
+
+def test_frozen_encoder_variants_share_one_feature_cache(finished_study):
+    output_dir, results, encoded_images = finished_study
+    assert [row["status"] for row in results["rows"]] == ["ok", "ok", "ok", "failed"]
+    # every training and validation image once for the whole study (base evaluation included), plus the extremes'
+    # attention maps, which need the pixels
+    assert encoded_images == TRAIN_IMAGES + VAL_IMAGES + 2 * TOP_K
+    assert len(list((output_dir / "feature-cache").glob("encoder-features-*"))) == 1
+
+
+def test_a_failing_variant_is_reported_and_the_others_still_run(finished_study, study_file, tmp_path, capsys):
+    output_dir, results, _ = finished_study
+    broken = results["rows"][-1]
+    assert broken["name"] == "broken" and "max_trainable_params" in broken["error"]
+    report = (output_dir / "report.md").read_text()
+    assert "FAILED: ValueError: --peft lora trains" in report
+    assert json.loads((output_dir / "variants" / "broken" / "study_result.json").read_text())["status"] == "failed"
+    with open(output_dir / "results.csv") as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["ok", "ok", "ok", "failed"]
+
+    bad = tmp_path / "bad.yaml"
+    spec = yaml.safe_load(study_file.read_text())
+    spec["variants"][0]["lora_rnk"] = 4
+    bad.write_text(yaml.safe_dump(spec))
+    assert study_module.main([str(bad), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "variants[0] has keys that are not train.py arguments: ['lora_rnk']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_reported_number_is_what_eval_py_score_computes(finished_study, tmp_path, capsys):
+    output_dir, results, _ = finished_study
+    data = output_dir / "data"
+    report = (output_dir / "report.md").read_text()
+    html = (output_dir / "report.html").read_text()
+    names = metric_names()
+    for row in results["rows"][:3]:
+        scores_file = tmp_path / f"{row['name']}.json"
+        assert eval_cli.main(["score", "--predictions", str(output_dir / "variants" / row["name"] /
+                                                               "eval_predictions.json"),
+                              "--annotations", str(data / "val.json"), "--images", str(data / "val"),
+                              "--clip_model", results["clip_model"], "--train_annotations", str(data / "train.json"),
+                              "--output", str(scores_file)]) == 0
+        scored = json.loads(scores_file.read_text())
+        for key, value in row["metrics"].items():
+            assert value == scored["metrics"][key], (row["name"], key)
+        assert {"cider", "bleu_4", "rouge_l", "clip_score", "distinct_1", "copied_from_training"} <= set(row["metrics"])
+        table_line = next(line for line in report.splitlines() if line.startswith(f"| {row['name']} |"))
+        for key in ("cider", "clip_score", "bleu_4", "rouge_l"):
+            assert f"| {format_metric(key, scored['metrics'][key])} |" in table_line, (row["name"], key)
+            assert f"<td>{format_metric(key, scored['metrics'][key])}</td>" in html
+    capsys.readouterr()
+    header = next(line for line in report.splitlines() if line.startswith("| Variant |"))
+    for column in ("Trainable %", names["cider"], names["clip_score"], names["bleu_4"], names["rouge_l"],
+                   "Train time", "Peak memory", "Best epoch"):
+        assert f"| {column} |" in header
+    assert report.splitlines().index(header) + 2 == report.splitlines().index(
+        next(line for line in report.splitlines() if line.startswith("| base |")))  # the base model is row one
+    assert "| a photo of a {object}. |" in report and "| ensemble |" in report.lower()
+    for figure in ("cider_vs_parameters", "val_cider_per_epoch", "train_loss"):
+        assert (output_dir / "figures" / f"{figure}.png").is_file()
+        assert f"figures/{figure}.png" in report
+    assert "src=\"data:image/png;base64," in html and "figures/" not in html  # self-contained
+    extremes = results["extremes"]
+    assert extremes["by"] == "clip_score" and len(extremes["best"]) == len(extremes["worst"]) == TOP_K
+    assert all((output_dir / entry["png"]).is_file() for entry in extremes["best"] + extremes["worst"])
+    side = results["side_by_side"]
+    assert len(side) == 2 and set(side[0]["captions"]) == {"base", "lora", "cross"} and side[0]["references"]
+    assert results["rows"][1]["log_history"] and results["rows"][1]["best_epoch"] in (1, 2)
+
+
+def test_rerun_skips_finished_variants_and_resumes_an_interrupted_one(finished_study, study_file, monkeypatch):
+    output_dir, first, _ = finished_study
+    cross = output_dir / "variants" / "cross"
+    checkpoints = sorted(cross.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert len(checkpoints) == 2
+    # as if killed during its second epoch: the first checkpoint complete, nothing after it
+    shutil.rmtree(checkpoints[1])
+    for leftover in ("study_result.json", "eval_predictions.json", "scores.json", "adapter_model.safetensors"):
+        (cross / leftover).unlink()
+
+    calls = []
+    real = study_module.run_variant.__globals__["run_training"] if "run_training" in \
+        study_module.run_variant.__globals__ else None
+    from modeling_vitgpt2 import training
+
+    original = training.run_training
+
+    def spy(model_args, data_args, peft_args, training_args, callbacks=None):
+        calls.append((training_args.output_dir, training_args.resume_from_checkpoint))
+        return original(model_args, data_args, peft_args, training_args, callbacks=callbacks)
+
+    monkeypatch.setattr(training, "run_training", spy)
+    assert real is None  # imported at call time, so the spy is the one used
+    second = study_module.run_study(study_module.load_study(study_file), output_dir, show_progress=False)
+    assert calls[0] == (str(cross), str(checkpoints[0]))
+    assert [call[0] for call in calls] == [str(cross), str(output_dir / "variants" / "broken")]  # failed: retried
+    rows = {row["name"]: row for row in second["rows"]}
+    assert rows["lora"] == {row["name"]: row for row in first["rows"]}["lora"]
+    assert rows["cross"]["status"] == "ok" and rows["cross"]["resumed_from"] == str(checkpoints[0])
+    assert (cross / "eval_predictions.json").is_file()
