@@ -19,6 +19,7 @@ A study is a YAML file (see `configs/studies/`):
     clip_model: openai/clip-vit-base-patch32      # optional: CLIPScore, extremes by CLIPScore, zero-shot
     metrics: [cider, bleu, rouge_l, meteor, clip_score, diversity, copied]      # optional: default all
     zero_shot: {images: p1_data/val, labels: p1_data/id2label.json, templates: [...], ensemble: true}
+    torch_threads: 1                              # optional: CPU threads for torch (default: torch's choice)
     extremes: {variant: lora_r4, top_k: 2, layer: [2, 3]}   # default: the best variant by CIDEr, top 2, the
                                                   # report's 3rd-4th decoder layers (all layers if it has fewer)
     side_by_side: 4                               # validation images shown with every variant's caption
@@ -66,7 +67,7 @@ BUILTIN_STUDY = REPO_ROOT / "configs" / "studies" / "synthetic_peft.yaml"
 RESULT_FILE = "study_result.json"
 BASE_ROW = "base"
 STUDY_KEYS = {"name", "base", "data", "recipe", "variants", "clip_model", "clip_prefix", "metrics", "zero_shot",
-              "extremes", "side_by_side", "output_dir"}
+              "extremes", "side_by_side", "output_dir", "torch_threads"}
 # The headline columns of the PEFT table (all registry values are in results.json / results.csv).
 TABLE_METRICS = ("cider", "clip_score", "bleu_4", "rouge_l", "meteor")
 # The study prints its own progress lines, and logs to nothing unless the recipe says otherwise.
@@ -96,6 +97,7 @@ class Study:
     extremes: dict = field(default_factory=dict)
     side_by_side: int = 4
     output_dir: Optional[str] = None
+    torch_threads: Optional[int] = None
 
 
 def _argument_names() -> set[str]:
@@ -178,7 +180,10 @@ def load_study(path) -> Study:
     side_by_side = content.get("side_by_side", 4)
     if not isinstance(side_by_side, int) or side_by_side < 0:
         raise fail("'side_by_side'", "must be a number of images (0 or more)")
-    return Study(path=path, name=str(content.get("name") or path.stem), base=base, data=sections["data"],
+    threads = content.get("torch_threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise fail("'torch_threads'", "must be a positive number of CPU threads")
+    return Study(path=path, torch_threads=threads, name=str(content.get("name") or path.stem), base=base, data=sections["data"],
                  recipe=sections["recipe"], variants=variants, clip_model=content.get("clip_model"),
                  clip_prefix=content.get("clip_prefix") or "", metrics=metrics, zero_shot=zero_shot,
                  extremes=extremes, side_by_side=side_by_side, output_dir=content.get("output_dir"))
@@ -489,6 +494,8 @@ def run_study(study: Study, output_dir, *, show_progress: bool = True) -> dict:
     """Runs (or resumes) every part of the study and writes the report; returns the results.json content."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if study.torch_threads:
+        torch.set_num_threads(study.torch_threads)
     progress = StudyProgress(len(study.variants), enabled=show_progress)
     progress.say(f"study {study.name!r} ({study.path}) -> {output_dir}: {len(study.variants)} variants")
     ensure_base_model(study, progress)

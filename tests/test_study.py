@@ -178,3 +178,15 @@ def test_rerun_skips_finished_variants_and_resumes_an_interrupted_one(finished_s
     assert rows["lora"] == {row["name"]: row for row in first["rows"]}["lora"]
     assert rows["cross"]["status"] == "ok" and rows["cross"]["resumed_from"] == str(checkpoints[0])
     assert (cross / "eval_predictions.json").is_file()
+
+
+def test_shipped_studies_load():
+    builtin = study_module.load_study(study_module.BUILTIN_STUDY)
+    assert [name for name, _ in builtin.variants] == [
+        "lora_r4", "lora_r8", "adapter_64", "prefix_100", "cross_attention", "full"]
+    assert builtin.data["synthetic_domain"] == "shifted" and builtin.base["model"] == "outputs/synthetic-default"
+    course = study_module.load_study(study_module.REPO_ROOT / "configs" / "studies" / "course_peft.yaml")
+    assert [(name, overrides["peft"]) for name, overrides in course.variants] == [
+        ("lora_r4", "lora"), ("lora_r8", "lora"), ("adapter_64", "adapter"), ("prefix_100", "prefix")]
+    assert course.zero_shot["templates"] == [
+        "This is a photo of {object}", "This is not a photo of {object}", "No {object}, no score."]
