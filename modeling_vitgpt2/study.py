@@ -8,9 +8,9 @@ attention maps.
 A study is a YAML file (see `configs/studies/`):
 
     name: my-study
-    base: {model: outputs/synthetic-default, train_config: configs/synthetic_default.yaml}
+    base: {model: outputs/synthetic-default, train_config: default}
           # or {model: <Hub id or folder>}, or {encoder: <timm name>, decoder: <GPT-2 id>}; train_config trains a
-          # missing base folder first (with that train.py config, into `model`)
+          # missing base folder first, into `model`: "default" is train.py's default job, else a train.py YAML
     data: {train_json: ..., train_images: ..., val_json: ..., val_images: ...}   # or synthetic_* options
     recipe: {learning_rate: 0.001, num_train_epochs: 3, ...}                     # any train.py argument
     variants:                                                                    # each: a name and overrides
@@ -364,13 +364,14 @@ def ensure_base_model(study: Study, progress: StudyProgress) -> None:
     train_config = study.base.get("train_config")
     if not model or not train_config or (Path(model) / "config.json").is_file():
         return
-    config_path = Path(train_config)
-    if not config_path.is_file() and (REPO_ROOT / config_path).is_file():
-        config_path = REPO_ROOT / config_path
-    if not config_path.is_file():
-        raise StudyConfigError(f"study file {study.path}: base.train_config {train_config} not found")
-    progress.say(f"base model {model} not found: training it first with {config_path} (train.py's run)")
-    values = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    if train_config == "default":
+        values, source = {}, "train.py's default job"
+    else:
+        config_path = Path(train_config)
+        if not config_path.is_file():
+            raise StudyConfigError(f"study file {study.path}: base.train_config {train_config} not found")
+        values, source = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}, str(config_path)
+    progress.say(f"base model {model} not found: training it first ({source})")
     values["output_dir"] = model
     run_training(*_parse_arguments(values))
 
@@ -578,13 +579,15 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
     entries = [("best", rank, name) for rank, name in enumerate(best, 1)]
     entries += [("worst", rank, name) for rank, name in enumerate(worst, 1)]
     paths = [Path(data.val_images) / file_names[name] for _, _, name in entries]
-    generation = model.generation_config
+    # the settings the variant's predictions were generated with
+    *_, settings = _parse_arguments({**RUN_DEFAULTS, **study.recipe, **data.arguments, **_base_arguments(study),
+                                     "output_dir": str(folder)})
     layer = study.extremes.get("layer")
     if layer is None:  # the report's 3rd-4th layers where the model has them, else the mean of all
         available = cross_attention_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
         layer = list(REPORT_LAYERS) if set(REPORT_LAYERS) <= set(available) else "all"
-    maps = compute_attention_maps(model, processor, paths, layer=layer, num_beams=generation.num_beams,
-                                  max_length=generation.max_length, progress=False)
+    maps = compute_attention_maps(model, processor, paths, layer=layer, num_beams=settings.generation_num_beams,
+                                  max_length=settings.generation_max_length, progress=False)
     summary = {"variant": row["name"], "by": by, "layers": layer, "best": [], "worst": []}
     for (kind, rank, name), path, result in zip(entries, paths, maps):
         png = draw_attention_maps(result, output_dir / "extremes" / f"{kind}_{rank}_{name}_attention.png")

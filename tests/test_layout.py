@@ -17,6 +17,7 @@ LAYERS = {
     "metrics": {"cider", "clip_score", "metrics"},
     "training": {"training"},
     "evaluation": {"evaluation", "zero_shot", "attention_maps"},
+    "studies": {"study"},
     "publishing and apps": {"hub", "demo"},
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

@@ -42,7 +42,7 @@ def study_file(tmp_path_factory, tiny_clip):
         "base": {"model": str(root / "base")},
         "data": {"synthetic_domain": "shifted", "synthetic_train_images": TRAIN_IMAGES,
                  "synthetic_val_images": VAL_IMAGES, "synthetic_image_size": 28, "max_caption_length": 24},
-        "recipe": {"learning_rate": 0.01, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 8,
+        "recipe": {"learning_rate": 0.01, "warmup_steps": 0, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 8,
                    "num_train_epochs": 2, "logging_steps": 1, "save_total_limit": None, "generation_num_beams": 2,
                    "generation_max_length": 12, "seed": 0, "dataloader_num_workers": 0},
         "variants": [{"name": "lora", "peft": "lora", "lora_rank": 2},
