@@ -56,6 +56,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .loading import BASE_MODEL_FOLDER
 from .metrics import format_metric, metric_names
+from .peft_setup import peft_method
 
 # Package data, so that wheel installs render cards too; `model_card/template.md` at the top of the checkout is a
 # link to this file, the one copy people edit.
@@ -110,19 +111,6 @@ RESULT_FILES = (
     "eval_predictions.json",
 )
 
-METHOD_TITLES = {
-    "lora": "LoRA",
-    "adapter": "bottleneck adapters",
-    "prefix": "prefix tuning",
-    "cross_attention": "cross-attention tuning",
-    "full": "full training",
-}
-METHOD_TAGS = {
-    "lora": "lora",
-    "adapter": "bottleneck-adapters",
-    "prefix": "prefix-tuning",
-    "cross_attention": "cross-attention-tuning",
-}
 TOKEN_HELP = (
     "log in with `hf auth login`, or set HF_TOKEN to a write token from https://huggingface.co/settings/tokens"
 )
@@ -266,7 +254,7 @@ def _space_operations(model: str | Path, repo_id: str, license: str) -> list[Com
         for operation in _upload_operations(output, repo_id, card):
             files[f"{SPACE_MODEL_FOLDER}/{operation.path_in_repo}"] = operation.path_or_fileobj
         models = _recorded_base_models(output, output.summary.get("sources", {}))
-        model_link = f"the model in `{SPACE_MODEL_FOLDER}/` (trained with {METHOD_TITLES[output.method]})"
+        model_link = f"the model in `{SPACE_MODEL_FOLDER}/` (trained with {peft_method(output.method).title})"
     elif _is_hub_id(str(model)):
         models = [str(model)]
         model_link = f"[{model}](https://huggingface.co/{model})"
@@ -505,6 +493,7 @@ def _render_card(
     template_path: str | Path | None,
     space_id: str | None = None,
 ) -> ModelCard:
+    method = peft_method(output.method)  # the registered record: title, tag and what trained
     # What the run started from, as train.py records it in training_summary.json (absent from older runs).
     sources = output.summary.get("sources", {})
     dataset_name = dataset_name or (sources.get("dataset_name") if _is_hub_id(sources.get("dataset_name")) else None)
@@ -531,7 +520,7 @@ def _render_card(
         datasets=[dataset_name] if dataset_name else None,
         license=license,
         tags=["image-captioning", "vision", "vit", "gpt2", "timm", "vitgpt2"]
-        + [tag for tag in [METHOD_TAGS.get(output.method)] if tag],
+        + [tag for tag in [method.tag] if tag],
         eval_results=[
             EvalResult(
                 task_type="image-to-text",
@@ -555,7 +544,8 @@ def _render_card(
         base_bundled=output.is_adapter and model_folder is not None,
         base_repo=output.base_repo,
         peft_method=output.method,
-        method_title=METHOD_TITLES[output.method],
+        method_title=method.title,
+        method_description=method.describe(output.summary.get("peft", {})),
         peft=output.summary.get("peft", {}),
         summary=output.summary,
         config=_read_json(model_folder / "config.json") if model_folder else None,
@@ -598,7 +588,7 @@ def _optional_json(path: Path) -> dict | None:
 
 def _default_commit_message(output: _TrainingOutput, repo_id: str) -> str:
     return (
-        f"Upload {repo_id.split('/')[-1]} ({METHOD_TITLES[output.method]}, "
+        f"Upload {repo_id.split('/')[-1]} ({peft_method(output.method).title}, "
         f"CIDEr {output.eval_results['eval_cider']:.4f})"
     )
 

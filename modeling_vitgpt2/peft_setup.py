@@ -1,7 +1,12 @@
-"""Parameter-efficient fine-tuning set-up: which weights train for each method, through `peft`.
+"""Parameter-efficient fine-tuning: the registry of methods, and setting a model up for one of them through `peft`.
+
+A method is one `PeftMethod` record in `PEFT_METHODS`: its `--peft` name, the title and Hub tag its model card
+shows, a sentence saying what trains, the model-config fields its own modules need, and the peft config that
+freezes everything else. `train.py`, the model card and the Hub code all read the record, so adding a method is
+`register_peft_method(PeftMethod(...))`, imported before training or publishing.
 
 Every method trains the newly initialised cross-attention (and its LayerNorm) fully, since no pretrained weights
-exist for it; the encoder stays frozen unless asked. The methods:
+exist for it; the encoder stays frozen unless asked. The built-in methods:
 
 - `lora`: LoRA (rank 4 by default) on the decoder's self-attention projections (`peft.LoraConfig`).
 - `adapter`: bottleneck adapters after the self-attention and after the cross-attention of every block.
@@ -19,15 +24,76 @@ saves a standard peft adapter folder that `PeftModel.from_pretrained(base, folde
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from peft import LNTuningConfig, LoraConfig, PeftModel, get_peft_model
+from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
-PEFT_METHODS = ("lora", "adapter", "prefix", "cross_attention", "full")
+__all__ = [
+    "CROSS_ATTENTION",
+    "CROSS_ATTENTION_NORM",
+    "PEFT_METHODS",
+    "PeftArguments",
+    "PeftMethod",
+    "apply_peft",
+    "check_trainable_budget",
+    "config_overrides",
+    "count_parameters",
+    "is_peft_model",
+    "layer_norm_tuning",
+    "peft_method",
+    "register_peft_method",
+    "resolve_method",
+]
+
 CROSS_ATTENTION_NORM = "ln_cross_attn"
 CROSS_ATTENTION = "crossattention"
 DEFAULT_LORA_TARGETS = r"decoder\.h\.\d+\.attn\.(c_attn|c_proj)"
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """One fine-tuning method, as `train.py --peft`, the model card and the Hub code know it.
+
+    peft_config: `(arguments, always_trained)` -> the peft config that trains the method's weights plus the modules
+        named in `always_trained` (the new cross-attention, and the encoder when asked) as `modules_to_save`;
+        None for a method that trains the model without a peft wrapper.
+    describe: `(the run's PeftArguments as a dict)` -> the model card's sentence on what trained.
+    model_config: `(arguments)` -> ViTGPT2Config fields the method's own modules need when the base model is built.
+    """
+
+    name: str
+    title: str
+    describe: Callable[[dict], str]
+    peft_config: Callable[[PeftArguments, list[str]], PeftConfig] | None
+    tag: str | None = None
+    model_config: Callable[[PeftArguments], dict] = lambda arguments: {}
+
+    @property
+    def uses_peft(self) -> bool:
+        return self.peft_config is not None
+
+
+PEFT_METHODS: dict[str, PeftMethod] = {}
+
+
+def register_peft_method(method: PeftMethod, exist_ok: bool = False) -> PeftMethod:
+    if method.name in PEFT_METHODS and not exist_ok:
+        raise ValueError(f"a PEFT method named {method.name!r} is already registered")
+    PEFT_METHODS[method.name] = method
+    return method
+
+
+def peft_method(name: str) -> PeftMethod:
+    """The registered method called `name`; an error listing the registered ones otherwise."""
+    try:
+        return PEFT_METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown PEFT method {name!r}: registered are {', '.join(PEFT_METHODS)} (add one with "
+            "modeling_vitgpt2.peft_setup.register_peft_method, imported before training or publishing)"
+        ) from None
 
 
 @dataclass
@@ -37,9 +103,8 @@ class PeftArguments:
     peft: str | None = field(
         default=None,
         metadata={
-            "help": "lora | adapter | prefix | cross_attention | full. Default: full for a model trained from scratch, "
-            "lora for pretrained weights.",
-            "choices": list(PEFT_METHODS),
+            "help": "A registered method (modeling_vitgpt2.peft_setup.PEFT_METHODS): lora | adapter | prefix | "
+            "cross_attention | full. Default: full for a model trained from scratch, lora for pretrained weights."
         },
     )
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
@@ -64,8 +129,80 @@ class PeftArguments:
     )
 
     def __post_init__(self):
-        if self.peft is not None and self.peft not in PEFT_METHODS:
-            raise ValueError(f"--peft {self.peft!r} is not one of {', '.join(PEFT_METHODS)}")
+        if self.peft is not None:
+            peft_method(self.peft)
+
+
+def layer_norm_tuning(own_modules: list[str]) -> Callable[[PeftArguments, list[str]], PeftConfig]:
+    """The peft config of a method whose trained weights are modules of the model (`own_modules`): peft saves them,
+    with the cross-attention, as `modules_to_save`, and tunes the cross-attention's LayerNorm."""
+
+    def config(arguments: PeftArguments, always_trained: list[str]) -> PeftConfig:
+        modules = [name for name in always_trained if name != CROSS_ATTENTION_NORM] + own_modules
+        return LNTuningConfig(target_modules=[CROSS_ATTENTION_NORM], modules_to_save=modules)
+
+    return config
+
+
+def _lora_config(arguments: PeftArguments, always_trained: list[str]) -> PeftConfig:
+    return LoraConfig(
+        r=arguments.lora_rank,
+        lora_alpha=arguments.lora_alpha,
+        lora_dropout=arguments.lora_dropout,
+        target_modules=arguments.lora_target_modules or DEFAULT_LORA_TARGETS,
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
+        modules_to_save=always_trained,
+    )
+
+
+def _describe_lora(peft: dict) -> str:
+    targets = peft.get("lora_target_modules")
+    where = f"the decoder modules `{'`, `'.join(targets)}`" if targets else "the decoder's self-attention projections"
+    return (
+        f"LoRA (rank {peft['lora_rank']}, alpha {peft['lora_alpha']}, dropout {peft['lora_dropout']}) on {where}; "
+        "the newly initialised cross-attention and its LayerNorm train fully."
+    )
+
+
+for _method in (
+    PeftMethod(
+        name="lora", title="LoRA", tag="lora", describe=_describe_lora, peft_config=_lora_config,
+    ),
+    PeftMethod(
+        name="adapter",
+        title="bottleneck adapters",
+        tag="bottleneck-adapters",
+        describe=lambda peft: (
+            f"Bottleneck adapters (width {peft['adapter_bottleneck']}, Houlsby et al.) after the self-attention and "
+            "the cross-attention of every block; the newly initialised cross-attention and its LayerNorm train fully."
+        ),
+        peft_config=layer_norm_tuning(["attn_adapter", "cross_adapter"]),
+        model_config=lambda arguments: {"adapter_bottleneck": arguments.adapter_bottleneck},
+    ),
+    PeftMethod(
+        name="prefix",
+        title="prefix tuning",
+        tag="prefix-tuning",
+        describe=lambda peft: (
+            f"Prefix tuning: {peft['num_virtual_tokens']} learned key/value vectors prepended to every block's "
+            "self-attention, in training and in generation alike; the newly initialised cross-attention and its "
+            "LayerNorm train fully."
+        ),
+        peft_config=layer_norm_tuning(["prefix"]),
+        model_config=lambda arguments: {"prefix_length": arguments.num_virtual_tokens},
+    ),
+    PeftMethod(
+        name="cross_attention",
+        title="cross-attention tuning",
+        tag="cross-attention-tuning",
+        describe=lambda peft: "Only the cross-attention (and its LayerNorm) trains; the rest of the decoder is frozen.",
+        peft_config=layer_norm_tuning([]),
+    ),
+    PeftMethod(
+        name="full", title="full training", describe=lambda peft: "The whole decoder trains.", peft_config=None,
+    ),
+):
+    register_peft_method(_method)
 
 
 def resolve_method(arguments: PeftArguments, from_scratch: bool) -> str:
@@ -78,36 +215,18 @@ def resolve_method(arguments: PeftArguments, from_scratch: bool) -> str:
 
 def config_overrides(method: str, arguments: PeftArguments) -> dict:
     """Model-config fields the method's modules need, given when the base model is built or loaded."""
-    if method == "adapter":
-        return {"adapter_bottleneck": arguments.adapter_bottleneck}
-    if method == "prefix":
-        return {"prefix_length": arguments.num_virtual_tokens}
-    return {}
+    return peft_method(method).model_config(arguments)
 
 
 def apply_peft(model: nn.Module, method: str, arguments: PeftArguments) -> nn.Module:
     """Freezes what the method does not train and wraps the model with peft where the method uses it."""
-    if method == "full":
+    record = peft_method(method)
+    if not record.uses_peft:
         for parameter in model.encoder.parameters():
             parameter.requires_grad = bool(arguments.train_encoder)
         return model
-
-    encoder = ["encoder"] if arguments.train_encoder else []
-    if method == "lora":
-        config = LoraConfig(
-            r=arguments.lora_rank,
-            lora_alpha=arguments.lora_alpha,
-            lora_dropout=arguments.lora_dropout,
-            target_modules=arguments.lora_target_modules or DEFAULT_LORA_TARGETS,
-            fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
-            modules_to_save=[CROSS_ATTENTION, CROSS_ATTENTION_NORM] + encoder,
-        )
-    else:
-        own_modules = {"adapter": ["attn_adapter", "cross_adapter"], "prefix": ["prefix"], "cross_attention": []}
-        config = LNTuningConfig(
-            target_modules=[CROSS_ATTENTION_NORM],
-            modules_to_save=[CROSS_ATTENTION] + own_modules[method] + encoder,
-        )
+    always_trained = [CROSS_ATTENTION, CROSS_ATTENTION_NORM] + (["encoder"] if arguments.train_encoder else [])
+    config = record.peft_config(arguments, always_trained)
     with warnings.catch_warnings():
         # LN tuning warns about any LayerNorm subclass it does not list, although it copies them generically.
         warnings.filterwarnings("ignore", message="Unsupported layer type")

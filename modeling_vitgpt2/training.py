@@ -31,6 +31,7 @@ from .peft_setup import (
     config_overrides,
     count_parameters,
     is_peft_model,
+    peft_method,
     resolve_method,
 )
 from .processing_vitgpt2 import ViTGPT2Processor
@@ -446,7 +447,7 @@ def run_training(
     generation.update(**training_args.generation_settings())
 
     output_dir = Path(training_args.output_dir)
-    if method != "full" and (not model_args.model_name_or_path or config_overrides(method, peft_args)):
+    if peft_method(method).uses_peft and (not model_args.model_name_or_path or config_overrides(method, peft_args)):
         # A PEFT adapter needs its base model. One built here (from scratch, from pretrained parts, or with new
         # adapter/prefix modules) is saved once so that `PeftModel.from_pretrained(base, OUTPUT_DIR)` finds it.
         base_dir = output_dir / BASE_MODEL_FOLDER

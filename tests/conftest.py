@@ -215,3 +215,89 @@ def serving_app(app: Path, arguments: list[str], cwd: Path, start_seconds: float
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training runs on tiny local "pretrained" parts (the tests of training, train.py, the Hub and PEFT methods share them)
+
+ENCODER_KWARGS = {"img_size": 32, "patch_size": 16, "embed_dim": 48, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    from modeling_vitgpt2.synthetic import write_synthetic_coco
+
+    return write_synthetic_coco(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=4, seed=1, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def pretrained_parts(tmp_path_factory, shapes):
+    """A timm weights file and a GPT-2 folder (with its tokenizer), as users get them from the Hub."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling_vitgpt2.tokenization import train_caption_tokenizer
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=0, **ENCODER_KWARGS)
+    save_file(vit.state_dict(), folder / "vit.safetensors")
+    captions = [a["caption"] for a in json.loads(shapes.train_json.read_text())["annotations"]]
+    tokenizer = train_caption_tokenizer(captions * 5, vocab_size=400, save_dir=folder / "gpt2")
+    end = tokenizer.eos_token_id
+    gpt2 = GPT2LMHeadModel(
+        # A wider initialisation than GPT-2's 0.02 gives this untrained decoder logits far from uniform, like a
+        # pretrained one, so that a few steps of LoRA visibly move the loss.
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=64,
+                   bos_token_id=end, eos_token_id=end, initializer_range=0.3)
+    )
+    gpt2.save_pretrained(folder / "gpt2")
+    return folder / "vit.safetensors", folder / "gpt2"
+
+
+def training_arguments(shapes, pretrained_parts, output_dir, peft="lora", **training):
+    """The four argument groups of `run_training` for a few fast steps on the tiny parts; `training` overrides."""
+    import json
+
+    from modeling_vitgpt2.peft_setup import PeftArguments
+    from modeling_vitgpt2.training import CaptionTrainingArguments, DataArguments, ModelArguments
+
+    encoder, decoder = pretrained_parts
+    model_args = ModelArguments(
+        encoder=str(encoder),
+        decoder=str(decoder),
+        model_config=json.dumps({"encoder_name": "vit_large_patch14_clip_224.openai", "encoder_kwargs": ENCODER_KWARGS}),
+    )
+    data_args = DataArguments(
+        train_json=str(shapes.train_json), train_images=str(shapes.train_images),
+        val_json=str(shapes.val_json), val_images=str(shapes.val_images), max_caption_length=24,
+    )
+    peft_args = PeftArguments(peft=peft, adapter_bottleneck=8, num_virtual_tokens=4)
+    settings = dict(
+        output_dir=str(output_dir), learning_rate=1e-2, weight_decay=0.0, per_device_train_batch_size=8,
+        per_device_eval_batch_size=8, max_steps=8, logging_steps=1, eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False, generation_num_beams=2, generation_max_length=12, lr_scheduler_type="constant",
+        use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    settings.update(training)
+    return model_args, data_args, peft_args, CaptionTrainingArguments(**settings)
+
+
+@torch.no_grad()
+def direct_embeddings(folder: Path, image_paths, texts):
+    """Unit image and text embeddings computed by hand with the plain transformers API."""
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    pixels = processor(images=[Image.open(path).convert("RGB") for path in image_paths], return_tensors="pt")
+    images = model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output
+    # CLIP's context is 77 tokens; longer texts are truncated (the tiny tokenizer spends one token per character)
+    tokens = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True, max_length=77)
+    text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    text = text.pooler_output
+    return images / images.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPModel, CLIPProcessor
 
+from conftest import direct_embeddings
 from modeling_vitgpt2.clip_score import (
     DEFAULT_CLIP_MODEL,
     HESSEL_PREFIX,
@@ -21,20 +21,6 @@ from modeling_vitgpt2.processing_vitgpt2 import ImageLoadError
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
-
-
-@torch.no_grad()
-def direct_embeddings(folder: Path, image_paths, texts):
-    """Unit image and text embeddings computed by hand with the plain transformers API."""
-    model = CLIPModel.from_pretrained(folder).eval()
-    processor = CLIPProcessor.from_pretrained(folder)
-    pixels = processor(images=[Image.open(path).convert("RGB") for path in image_paths], return_tensors="pt")
-    images = model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output
-    # CLIP's context is 77 tokens; longer texts are truncated (the tiny tokenizer spends one token per character)
-    tokens = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True, max_length=77)
-    text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-    text = text.pooler_output
-    return images / images.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
 
 
 @pytest.fixture(scope="module")

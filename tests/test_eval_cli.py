@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_clip_score import direct_embeddings
 
-from conftest import TINY_CAPTIONS, fit_tiny_captions, random_image, tiny_config_kwargs
+from conftest import TINY_CAPTIONS, direct_embeddings, fit_tiny_captions, random_image, tiny_config_kwargs
 from modeling_vitgpt2 import ImageLoadError, ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.cider import corpus_cider
 from modeling_vitgpt2.evaluation import (

@@ -19,10 +19,8 @@ import pytest
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, constants
 from huggingface_hub.utils import hf_raise_for_status
 from PIL import Image
-from test_training import arguments, pretrained_parts, shapes  # noqa: F401 (fixtures)
 
-from conftest import serving_app
-
+from conftest import REPO, serving_app, training_arguments
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_space, push_to_hub
 from modeling_vitgpt2.metrics import metric_names
@@ -42,7 +40,7 @@ FULL_MODEL = {"config.json", "generation_config.json", "model.safetensors", "con
 def full_run(shapes, pretrained_parts, tmp_path_factory):
     """A full-training output folder with a checkpoint and an attention picture the user saved beside it."""
     output_dir = tmp_path_factory.mktemp("runs") / "full"
-    run_training(*arguments(shapes, pretrained_parts, output_dir, peft="full", max_steps=2, save_strategy="steps",
+    run_training(*training_arguments(shapes, pretrained_parts, output_dir, peft="full", max_steps=2, save_strategy="steps",
                             save_steps=2))
     Image.new("RGB", (8, 8), "red").save(output_dir / "attention_example.png")
     return output_dir
@@ -52,7 +50,7 @@ def full_run(shapes, pretrained_parts, tmp_path_factory):
 def lora_run(shapes, pretrained_parts, tmp_path_factory):
     """A LoRA output folder whose base was built from the pretrained parts, so it lives in OUTPUT/base_model."""
     output_dir = tmp_path_factory.mktemp("runs") / "lora"
-    run_training(*arguments(shapes, pretrained_parts, output_dir, peft="lora", max_steps=2))
+    run_training(*training_arguments(shapes, pretrained_parts, output_dir, peft="lora", max_steps=2))
     return output_dir
 
 
@@ -337,7 +335,7 @@ def test_command_line_prints_the_card_and_pushes(full_run, hub, capsys):
 
 def test_train_py_push_is_this_push_and_not_trainers(shapes, pretrained_parts, hub, train_script, tmp_path):
     output_dir = tmp_path / "pushed"
-    train_script.train(*arguments(shapes, pretrained_parts, output_dir, peft="cross_attention", max_steps=1,
+    train_script.train(*training_arguments(shapes, pretrained_parts, output_dir, peft="cross_attention", max_steps=1,
                             push_to_hub=True, hub_model_id=REPO_ID, hub_private_repo=True))
     assert hub.folder_uploads == [], "Trainer's own push ran: its generic card would replace ours"
     assert [repo["repo_id"] for repo in hub.repos] == [REPO_ID] and hub.repos[0]["private"]
@@ -350,7 +348,7 @@ def test_train_py_push_without_a_token_stops_before_training(shapes, pretrained_
                                                             tmp_path):
     output_dir = tmp_path / "not-started"
     with pytest.raises(HubPushError, match="hf auth login"):
-        train_script.train(*arguments(shapes, pretrained_parts, output_dir, max_steps=1, push_to_hub=True,
+        train_script.train(*training_arguments(shapes, pretrained_parts, output_dir, max_steps=1, push_to_hub=True,
                                 hub_model_id=REPO_ID))
     assert not output_dir.exists()
 

@@ -6,74 +6,19 @@ Each run goes through `run_training`, the function behind `train.py`, with the s
 import json
 
 import pytest
-import timm
 import torch
 from peft import PeftModel
-from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import save_tiny_clip
+from conftest import save_tiny_clip, training_arguments
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.peft_setup import PeftArguments
 from modeling_vitgpt2.loading import load_for_inference
-from modeling_vitgpt2.synthetic import write_synthetic_coco
-from modeling_vitgpt2.tokenization import train_caption_tokenizer
 from modeling_vitgpt2.training import (
     CaptionTrainingArguments,
     DataArguments,
     ModelArguments,
     run_training,
 )
-
-ENCODER_KWARGS = {"img_size": 32, "patch_size": 16, "embed_dim": 48, "depth": 1, "num_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return write_synthetic_coco(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=4, seed=1, image_size=32)
-
-
-@pytest.fixture(scope="module")
-def pretrained_parts(tmp_path_factory, shapes):
-    """A timm weights file and a GPT-2 folder (with its tokenizer), as users get them from the Hub."""
-    folder = tmp_path_factory.mktemp("pretrained")
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=0, **ENCODER_KWARGS)
-    save_file(vit.state_dict(), folder / "vit.safetensors")
-    captions = [a["caption"] for a in json.loads(shapes.train_json.read_text())["annotations"]]
-    tokenizer = train_caption_tokenizer(captions * 5, vocab_size=400, save_dir=folder / "gpt2")
-    end = tokenizer.eos_token_id
-    gpt2 = GPT2LMHeadModel(
-        # A wider initialisation than GPT-2's 0.02 gives this untrained decoder logits far from uniform, like a
-        # pretrained one, so that a few steps of LoRA visibly move the loss.
-        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=64,
-                   bos_token_id=end, eos_token_id=end, initializer_range=0.3)
-    )
-    gpt2.save_pretrained(folder / "gpt2")
-    return folder / "vit.safetensors", folder / "gpt2"
-
-
-def arguments(shapes, pretrained_parts, output_dir, peft="lora", **training):
-    encoder, decoder = pretrained_parts
-    model_args = ModelArguments(
-        encoder=str(encoder),
-        decoder=str(decoder),
-        model_config=json.dumps({"encoder_name": "vit_large_patch14_clip_224.openai", "encoder_kwargs": ENCODER_KWARGS}),
-    )
-    data_args = DataArguments(
-        train_json=str(shapes.train_json), train_images=str(shapes.train_images),
-        val_json=str(shapes.val_json), val_images=str(shapes.val_images), max_caption_length=24,
-    )
-    peft_args = PeftArguments(peft=peft, adapter_bottleneck=8, num_virtual_tokens=4)
-    settings = dict(
-        output_dir=str(output_dir), learning_rate=1e-2, weight_decay=0.0, per_device_train_batch_size=8,
-        per_device_eval_batch_size=8, max_steps=8, logging_steps=1, eval_strategy="no", save_strategy="no",
-        load_best_model_at_end=False, generation_num_beams=2, generation_max_length=12, lr_scheduler_type="constant",
-        use_cpu=True, seed=0, disable_tqdm=True,
-    )
-    settings.update(training)
-    return model_args, data_args, peft_args, CaptionTrainingArguments(**settings)
-
 
 def captions_of(model, processor, shapes):
     images = sorted(shapes.val_images.iterdir())
@@ -84,7 +29,7 @@ def captions_of(model, processor, shapes):
 @pytest.mark.parametrize("peft", ["lora", "adapter", "prefix", "cross_attention", "full"])
 def test_every_method_trains_saves_and_reloads_to_identical_captions(shapes, pretrained_parts, tmp_path, peft):
     output_dir = tmp_path / peft
-    args = arguments(shapes, pretrained_parts, output_dir, peft=peft, save_strategy="steps", save_steps=8)
+    args = training_arguments(shapes, pretrained_parts, output_dir, peft=peft, save_strategy="steps", save_steps=8)
     metrics = run_training(*args)
 
     losses = [entry["loss"] for entry in json.loads(
@@ -116,8 +61,8 @@ def test_every_method_trains_saves_and_reloads_to_identical_captions(shapes, pre
 
 def test_merged_adapter_gives_the_same_captions_as_the_adapter(shapes, pretrained_parts, tmp_path):
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
-    run_training(*arguments(shapes, pretrained_parts, adapter_dir, peft="lora", max_steps=3))
-    run_training(*arguments(shapes, pretrained_parts, merged_dir, peft="lora", max_steps=3, merge=True))
+    run_training(*training_arguments(shapes, pretrained_parts, adapter_dir, peft="lora", max_steps=3))
+    run_training(*training_arguments(shapes, pretrained_parts, merged_dir, peft="lora", max_steps=3, merge=True))
     assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
     processor = ViTGPT2Processor.from_pretrained(merged_dir)
     merged = ViTGPT2ForConditionalGeneration.from_pretrained(merged_dir).eval()
@@ -126,7 +71,7 @@ def test_merged_adapter_gives_the_same_captions_as_the_adapter(shapes, pretraine
 
 def test_prefix_reaches_generation(shapes, pretrained_parts, tmp_path):
     output_dir = tmp_path / "prefix"
-    run_training(*arguments(shapes, pretrained_parts, output_dir, peft="prefix", max_steps=2))
+    run_training(*training_arguments(shapes, pretrained_parts, output_dir, peft="prefix", max_steps=2))
     model = load_for_inference(output_dir)
     processor = ViTGPT2Processor.from_pretrained(output_dir)
     before = captions_of(model, processor, shapes)
@@ -141,7 +86,7 @@ def test_prefix_reaches_generation(shapes, pretrained_parts, tmp_path):
 
 
 def test_too_many_trainable_parameters_refuse_to_start(shapes, pretrained_parts, tmp_path):
-    model_args, data_args, peft_args, training_args = arguments(shapes, pretrained_parts, tmp_path / "out", peft="full")
+    model_args, data_args, peft_args, training_args = training_arguments(shapes, pretrained_parts, tmp_path / "out", peft="full")
     peft_args.max_trainable_params = 1000
     with pytest.raises(ValueError, match="max_trainable_params"):
         run_training(model_args, data_args, peft_args, training_args)
@@ -156,7 +101,7 @@ def test_missing_images_are_all_listed_before_training(shapes, pretrained_parts,
     removed = sorted(images.iterdir())[:2]
     for path in removed:
         path.unlink()
-    model_args, data_args, peft_args, training_args = arguments(shapes, pretrained_parts, tmp_path / "out")
+    model_args, data_args, peft_args, training_args = training_arguments(shapes, pretrained_parts, tmp_path / "out")
     data_args.train_images = str(images)
     with pytest.raises(ValueError) as error:
         run_training(model_args, data_args, peft_args, training_args)
@@ -167,7 +112,7 @@ def test_evaluation_every_epoch_keeps_the_best_checkpoint_by_cider(shapes, pretr
     from modeling_vitgpt2.clip_score import clip_score
 
     output_dir = tmp_path / "epochs"
-    args = arguments(
+    args = training_arguments(
         shapes, pretrained_parts, output_dir, peft="cross_attention", max_steps=-1, num_train_epochs=2,
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
     )
@@ -202,7 +147,7 @@ def test_hf_imagefolder_layout_trains(shapes, pretrained_parts, tmp_path):
             for name, texts in captions.items():
                 shutil.copy(source / name, folder / split / name)
                 metadata.write(json.dumps({"file_name": name, "captions": texts}) + "\n")
-    model_args, data_args, peft_args, training_args = arguments(shapes, pretrained_parts, tmp_path / "out", max_steps=2)
+    model_args, data_args, peft_args, training_args = training_arguments(shapes, pretrained_parts, tmp_path / "out", max_steps=2)
     data_args.train_json = data_args.train_images = data_args.val_json = data_args.val_images = None
     data_args.dataset_name, data_args.caption_column = str(folder), "captions"
     metrics = run_training(model_args, data_args, peft_args, training_args)
@@ -215,8 +160,8 @@ def test_training_from_cached_encoder_features_matches_training_from_images(shap
         return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
     plain_dir, cached_dir = tmp_path / "images", tmp_path / "cached"
-    run_training(*arguments(shapes, pretrained_parts, plain_dir, max_steps=4, save_strategy="steps", save_steps=4))
-    model_args, data_args, peft_args, training_args = arguments(
+    run_training(*training_arguments(shapes, pretrained_parts, plain_dir, max_steps=4, save_strategy="steps", save_steps=4))
+    model_args, data_args, peft_args, training_args = training_arguments(
         shapes, pretrained_parts, cached_dir, max_steps=4, save_strategy="steps", save_steps=4
     )
     data_args.cache_encoder_features, data_args.feature_cache_dir = True, str(tmp_path / "feature-cache")
@@ -239,7 +184,7 @@ def test_cached_training_pages_the_idle_encoder_out_and_saves_it_intact(
     monkeypatch.setattr(
         feature_cache, "page_out_encoder", lambda model, folder: paged_out.append(page_out_encoder(model, folder))
     )
-    model_args, data_args, peft_args, training_args = arguments(
+    model_args, data_args, peft_args, training_args = training_arguments(
         shapes, pretrained_parts, tmp_path / "run", peft="full", max_steps=2
     )
     data_args.cache_encoder_features, data_args.feature_cache_dir = True, str(tmp_path / "feature-cache")

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from test_training import ENCODER_KWARGS, pretrained_parts, shapes  # noqa: F401  (module fixtures)
 
+from conftest import ENCODER_KWARGS
 from modeling_vitgpt2.synthetic import write_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_command(shapes, pretrained_parts, output_dir, *extra):  # noqa: F811
+def train_command(shapes, pretrained_parts, output_dir, *extra):
     encoder, decoder = pretrained_parts
     model_config = json.dumps({"encoder_name": "vit_large_patch14_clip_224.openai", "encoder_kwargs": ENCODER_KWARGS})
     return [
@@ -43,7 +43,7 @@ def step_losses(output_dir: Path, checkpoint: str) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
-def test_resuming_a_killed_run_loses_and_repeats_no_step(shapes, pretrained_parts, tmp_path):  # noqa: F811
+def test_resuming_a_killed_run_loses_and_repeats_no_step(shapes, pretrained_parts, tmp_path):
     common = ["--max_steps", "9", "--save_strategy", "steps", "--save_steps", "3"]
     reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     subprocess.run([sys.executable, *train_command(shapes, pretrained_parts, reference_dir, *common)],
@@ -84,7 +84,7 @@ def test_an_incomplete_checkpoint_is_not_resumed_from(tmp_path):
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
 
 
-def test_two_processes_train_and_score_every_image_once(pretrained_parts, tmp_path):  # noqa: F811
+def test_two_processes_train_and_score_every_image_once(pretrained_parts, tmp_path):
     # Five validation images over two processes: an uneven split that the stock gather would pad with a duplicate.
     odd = write_synthetic_coco(tmp_path / "data", num_train=8, num_val=5, seed=2, image_size=32)
     output_dir = tmp_path / "ddp"

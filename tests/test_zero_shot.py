@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 from PIL import Image
-from test_clip_score import direct_embeddings
 
+from conftest import direct_embeddings
 from modeling_vitgpt2.clip_score import load_clip
 from modeling_vitgpt2.io_utils import InvalidJSONError, read_json, write_json_atomic, write_text_atomic
 from modeling_vitgpt2.zero_shot import (
