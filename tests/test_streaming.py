@@ -1,0 +1,90 @@
+"""Streamed training data: webdataset shards as img2dataset writes them, split over processes the way `Trainer`'s
+accelerate splits them, with bad samples skipped and counted."""
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
+
+from modeling_vitgpt2.data import CaptionDataError
+from modeling_vitgpt2.streaming import StreamCounts, decoded_rows, expand_shards, stream_webdataset
+from modeling_vitgpt2.synthetic import describe_scene, draw_scene, random_scene
+
+
+def _add(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    archive.addfile(info, io.BytesIO(payload))
+
+
+def write_shards(folder: Path, num_shards: int = 4, per_shard: int = 5, image_size: int = 32, seed: int = 0,
+                 broken: dict[str, str] | None = None) -> list[str]:
+    """img2dataset's layout: shard `00000.tar` holds `000000000.jpg`, `.txt` and `.json` per sample. `broken` maps
+    sample keys to "image" (truncated JPEG bytes) or "caption" (an empty caption). Returns the good samples' keys."""
+    rng, broken, good = random.Random(seed), broken or {}, []
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(num_shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as archive:
+            for index in range(per_shard):
+                key = f"{shard:05d}{index:04d}"
+                scene = random_scene(rng)
+                buffer = io.BytesIO()
+                draw_scene(scene, image_size).save(buffer, format="JPEG")
+                image, caption = buffer.getvalue(), describe_scene(scene)[0]
+                if broken.get(key) == "image":
+                    image = image[: len(image) // 3]
+                if broken.get(key) == "caption":
+                    caption = "  "
+                _add(archive, f"{key}.jpg", image)
+                _add(archive, f"{key}.txt", caption.encode())
+                _add(archive, f"{key}.json", json.dumps({"key": key, "caption": caption, "status": "success"}).encode())
+                if key not in broken:
+                    good.append(key)
+    return good
+
+
+def names_seen_by(stream, process_index: int, num_processes: int, batch_size: int = 2) -> list[str]:
+    """The sample names one process gets from the data loader `Trainer` builds (accelerate, no batch dispatch)."""
+    loader = prepare_data_loader(
+        DataLoader(stream, batch_size=batch_size, collate_fn=lambda rows: [row["image_name"] for row in rows]),
+        num_processes=num_processes, process_index=process_index, put_on_device=False, dispatch_batches=False,
+    )
+    return [name for batch in loader for name in batch]
+
+
+def test_shard_patterns_expand_like_webdataset_and_name_missing_shards(tmp_path):
+    write_shards(tmp_path, num_shards=3, per_shard=1)
+    assert [Path(p).name for p in expand_shards(f"{tmp_path}/{{00000..00002}}.tar")] == \
+        ["00000.tar", "00001.tar", "00002.tar"]
+    assert len(expand_shards(f"{tmp_path}/*.tar")) == 3
+    with pytest.raises(CaptionDataError, match=r"1 of the 4 shards.*00003.tar"):
+        expand_shards(f"{tmp_path}/{{00000..00003}}.tar")
+
+
+@pytest.mark.parametrize("shuffled", [False, True], ids=["in_order", "shuffled"])
+def test_two_processes_over_four_shards_see_every_sample_exactly_once(tmp_path, shuffled):
+    good = write_shards(tmp_path, broken={"000010001": "image", "000030004": "caption"})
+    seen, counts = [], []
+    for process in range(2):  # each process builds its own stream, as under accelerate launch
+        stream = stream_webdataset(f"{tmp_path}/{{00000..00003}}.tar")
+        if shuffled:
+            stream = stream.shuffle(seed=7, buffer_size=4)
+        counts.append(StreamCounts())
+        seen.append(names_seen_by(decoded_rows(stream, counts[-1]), process, 2))
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(good)  # each good sample once, none twice
+    assert sum(count.skipped for count in counts) == 2 and sum(count.used for count in counts) == len(good)
+    assert sum((count.reasons for count in counts), start=StreamCounts().reasons) == \
+        {"unreadable image": 1, "no caption": 1}
+
+
+def test_rows_are_what_the_collator_reads(tmp_path):
+    write_shards(tmp_path, num_shards=1, per_shard=2)
+    row = next(iter(decoded_rows(stream_webdataset(str(tmp_path / "00000.tar")), StreamCounts())))
+    assert set(row) == {"image", "caption", "image_name"}
+    assert row["image"].mode == "RGB" and row["image"].size == (32, 32) and row["caption"] and row["image_name"] == "000000000"
