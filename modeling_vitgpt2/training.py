@@ -134,10 +134,33 @@ class DataArguments:
     feature_cache_dir: str | None = field(
         default=None, metadata={"help": "Feature cache folder (default: OUTPUT_DIR/../feature-cache)."}
     )
+    train_shards: str | None = field(
+        default=None,
+        metadata={"help": "Stream training samples from webdataset tar shards as img2dataset writes them "
+                  "(KEY.jpg + KEY.txt/KEY.json): braces, globs or a comma list, e.g. 'data/{00000..00099}.tar'. "
+                  "Needs --max_steps."},
+    )
+    val_shards: str | None = field(
+        default=None, metadata={"help": "Validation shards (the first --max_eval_images samples are used)."}
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream --dataset_name (datasets' streaming=True) instead of reading it first. Needs "
+                  "--max_steps."},
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={"help": "Streamed data: shuffle the shard order and a buffer of this many samples each epoch "
+                  "(0: read in order)."},
+    )
 
     @property
     def uses_synthetic(self) -> bool:
-        return not any([self.train_json, self.train_images, self.dataset_name])
+        return not any([self.train_json, self.train_images, self.dataset_name, self.train_shards])
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.train_shards or self.streaming)
 
 
 @dataclass
@@ -249,6 +272,47 @@ def load_caption_data(data_args: DataArguments) -> tuple[datasets.Dataset, datas
     if data_args.max_eval_images is not None:
         val_images = val_images.select(range(min(data_args.max_eval_images, len(val_images))))
     return train, val_images
+
+
+# Captions read from the start of a stream to train the tokenizer of a model built from scratch.
+TOKENIZER_SAMPLE_CAPTIONS = 20_000
+
+
+def load_streamed_caption_data(data_args: DataArguments, seed: int):
+    """(training stream of decoded rows, captions to train a tokenizer on, validation images, this process's
+    `StreamCounts`). The validation set is small and read into memory: --val_shards, the COCO layout
+    (--val_json/--val_images) or the dataset's --val_split."""
+    from .streaming import (
+        StreamCounts, decoded_rows, first_captions, materialise, stream_hf_dataset, stream_webdataset,
+    )
+
+    if data_args.train_shards:
+        raw = stream_webdataset(data_args.train_shards)
+    elif data_args.dataset_name:
+        raw = stream_hf_dataset(data_args.dataset_name, data_args.train_split, data_args.image_column,
+                                data_args.caption_column, data_args.dataset_config_name)
+    else:
+        raise ValueError("--streaming needs --dataset_name (or give --train_shards)")
+    counts = StreamCounts()
+    train = decoded_rows(raw, counts)
+    if data_args.shuffle_buffer > 0:
+        train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer)
+
+    if data_args.val_json or data_args.val_images:
+        if not (data_args.val_json and data_args.val_images):
+            raise ValueError("--val_json and --val_images go together")
+        val = load_coco_captions(data_args.val_json, data_args.val_images, data_args.skip_bad_images)
+    elif data_args.val_shards or data_args.dataset_name:
+        source = stream_webdataset(data_args.val_shards) if data_args.val_shards else stream_hf_dataset(
+            data_args.dataset_name, data_args.val_split, data_args.image_column, data_args.caption_column,
+            data_args.dataset_config_name)
+        val = materialise(decoded_rows(source, StreamCounts()), data_args.max_eval_images)
+    else:
+        raise ValueError("streamed training needs a validation set: --val_shards, or --val_json and --val_images")
+    val_images = references_per_image(val)
+    if data_args.max_eval_images is not None:
+        val_images = val_images.select(range(min(data_args.max_eval_images, len(val_images))))
+    return train, (lambda: first_captions(raw, TOKENIZER_SAMPLE_CAPTIONS)), val_images, counts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,7 +434,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         return self._clip
 
     def _training_captions(self) -> list[str] | None:
-        if self.train_dataset is None or "caption" not in self.train_dataset.column_names:
+        # A stream has no end to read them from: the novelty metrics then say they were skipped.
+        if not isinstance(self.train_dataset, datasets.Dataset) or "caption" not in self.train_dataset.column_names:
             return None
         return list(self.train_dataset["caption"])
 
@@ -435,13 +500,22 @@ def run_training(
     set_seed(training_args.seed)
     state = PartialState()
     uses_synthetic_data = data_args.uses_synthetic  # load_caption_data fills in the synthetic set's paths
-    with state.main_process_first():
-        train_rows, val_images = load_caption_data(data_args)
+    stream_counts = None
+    if data_args.streamed:
+        _check_streamed_settings(data_args, training_args)
+        with state.main_process_first():
+            train_rows, tokenizer_captions, val_images, stream_counts = load_streamed_caption_data(
+                data_args, training_args.seed
+            )
+    else:
+        with state.main_process_first():
+            train_rows, val_images = load_caption_data(data_args)
+        tokenizer_captions = lambda: list(train_rows["caption"])  # noqa: E731
 
     from_scratch = not (model_args.model_name_or_path or model_args.encoder or model_args.decoder)
     method = resolve_method(peft_args, from_scratch)
     processor, model, from_scratch = build_processor_and_model(
-        model_args, config_overrides(method, peft_args), list(train_rows["caption"])
+        model_args, config_overrides(method, peft_args), tokenizer_captions() if from_scratch else []
     )
     generation = model.generation_config
     generation.update(**training_args.generation_settings())
@@ -498,6 +572,7 @@ def run_training(
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_metrics("eval", metrics)
     save_trained_model(trainer.model, processor, output_dir, training_args.merge, state)
+    stream_summary = _stream_summary(data_args, training_args, stream_counts)
     if state.is_main_process:
         write_json_atomic(
             output_dir / "training_summary.json",
@@ -506,7 +581,8 @@ def run_training(
                 "trainable_parameters": trainable,
                 "total_parameters": total,
                 "world_size": state.num_processes,
-                "train_captions": len(train_rows),
+                "train_captions": len(train_rows) if isinstance(train_rows, datasets.Dataset) else None,
+                **({"stream": stream_summary} if stream_summary else {}),
                 "eval_images": len(val_images),
                 "hyperparameters": {
                     "learning_rate": training_args.learning_rate,
@@ -529,6 +605,37 @@ def run_training(
             },
         )
     return metrics
+
+
+def _check_streamed_settings(data_args: DataArguments, training_args: CaptionTrainingArguments) -> None:
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise ValueError("a stream has no length to count epochs in: give --max_steps (the schedule runs over them)")
+    if data_args.cache_encoder_features:
+        raise ValueError("--cache_encoder_features does not work on streamed data yet: drop it, or train from "
+                         "--train_json/--dataset_name without --streaming")
+    # Each process reads its own shards (accelerate's `IterableDataset.shard`), instead of process 0 reading every
+    # batch and sending the others their slices (accelerate's default for iterable datasets).
+    training_args.accelerator_config.dispatch_batches = False
+
+
+def _stream_summary(data_args: DataArguments, training_args: CaptionTrainingArguments, counts) -> dict | None:
+    """Used and skipped samples summed over the processes (every process must call this)."""
+    if counts is None:
+        return None
+    summary = {"train_shards": data_args.train_shards, "dataset_name": data_args.dataset_name if data_args.streaming
+               else None}
+    if training_args.dataloader_num_workers > 0:
+        summary["samples"] = ("not counted: with --dataloader_num_workers > 0 the counts stay in the workers; the "
+                              "log has a line per skipped sample")
+        return summary
+    parts = gather_object([counts])
+    summary["used_samples"] = sum(part.used for part in parts)
+    summary["skipped_samples"] = sum(part.skipped for part in parts)
+    summary["skipped_by_reason"] = dict(sum((part.reasons for part in parts), start=type(counts.reasons)()))
+    if summary["skipped_samples"]:
+        logger.warning(f"skipped {summary['skipped_samples']} bad sample(s) of the stream: "
+                       f"{summary['skipped_by_reason']}")
+    return summary
 
 
 def _record_base(model: ViTGPT2ForConditionalGeneration, name_or_path: str) -> None:

@@ -13,7 +13,7 @@ LAYERS = {
     "utilities": {"io_utils"},
     "model": {"configuration_vitgpt2", "modeling_vitgpt2", "processing_vitgpt2", "tokenization", "loading",
               "peft_setup"},
-    "data": {"synthetic", "data", "feature_cache"},
+    "data": {"synthetic", "data", "feature_cache", "streaming"},
     "metrics": {"cider", "clip_score", "metrics"},
     "training": {"training"},
     "evaluation": {"evaluation", "zero_shot", "attention_maps"},

@@ -4,12 +4,17 @@ accelerate splits them, with bad samples skipped and counted."""
 import io
 import json
 import random
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
+
+from test_training import ENCODER_KWARGS, pretrained_parts, shapes  # noqa: F401  (module fixtures)
+from test_training_cli import REPO, environment
 
 from modeling_vitgpt2.data import CaptionDataError
 from modeling_vitgpt2.streaming import StreamCounts, decoded_rows, expand_shards, stream_webdataset
@@ -88,3 +93,60 @@ def test_rows_are_what_the_collator_reads(tmp_path):
     row = next(iter(decoded_rows(stream_webdataset(str(tmp_path / "00000.tar")), StreamCounts())))
     assert set(row) == {"image", "caption", "image_name"}
     assert row["image"].mode == "RGB" and row["image"].size == (32, 32) and row["caption"] and row["image_name"] == "000000000"
+
+
+def streamed_training_command(pretrained_parts, shards: Path, output_dir: Path, *extra) -> list[str]:  # noqa: F811
+    encoder, decoder = pretrained_parts
+    model_config = json.dumps({"encoder_name": "vit_large_patch14_clip_224.openai", "encoder_kwargs": ENCODER_KWARGS})
+    return [
+        "train.py", "--encoder", str(encoder), "--decoder", str(decoder), "--model_config", model_config,
+        "--train_shards", f"{shards}/{{00000..00003}}.tar", "--val_shards", f"{shards}/00000.tar",
+        "--max_eval_images", "2", "--output_dir", str(output_dir), "--peft", "lora", "--learning_rate", "1e-2",
+        "--per_device_train_batch_size", "3", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "false", "--generation_num_beams", "1", "--generation_max_length", "8",
+        "--use_cpu", "--seed", "0", "--disable_tqdm", "true", *extra,
+    ]
+
+
+def test_two_processes_train_one_epoch_of_shards_reading_each_sample_once(pretrained_parts, tmp_path):  # noqa: F811
+    # 4 shards of 5 with one bad sample in each process's half: 9 good samples per process = 3 steps of 3.
+    write_shards(tmp_path / "shards", broken={"000010001": "image", "000030004": "caption"})
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+        *streamed_training_command(pretrained_parts, tmp_path / "shards", output_dir, "--max_steps", "3",
+                                   "--ddp_backend", "gloo", "--shuffle_buffer", "4"),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["world_size"] == 2
+    # Had each process read every shard, the counts would be doubled (36 and 4).
+    assert summary["stream"]["used_samples"] == 18 and summary["stream"]["skipped_samples"] == 2
+    assert summary["stream"]["skipped_by_reason"] == {"unreadable image": 1, "no caption": 1}
+    assert "Skipping sample 000010001: unreadable image" in result.stderr
+
+
+def test_a_stream_without_max_steps_is_refused_before_anything_loads(train_script, tmp_path):
+    with pytest.raises(ValueError, match="--max_steps"):
+        train_script.main(["--train_shards", f"{tmp_path}/missing.tar", "--output_dir", str(tmp_path / "out"),
+                           "--use_cpu"])
+
+
+def test_any_datasets_dataset_streams_one_row_per_caption(tmp_path):
+    from modeling_vitgpt2.streaming import stream_hf_dataset
+
+    rng = random.Random(0)
+    folder = tmp_path / "imagefolder" / "train"
+    folder.mkdir(parents=True)
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for index in range(3):
+            scene = random_scene(rng)
+            draw_scene(scene, 32).save(folder / f"img{index}.png")
+            metadata.write(json.dumps({"file_name": f"img{index}.png", "text": describe_scene(scene)[:2]}) + "\n")
+    (folder / "img2.png").write_bytes(b"not a png")  # a bad sample inside a dataset
+    counts = StreamCounts()
+    stream = stream_hf_dataset(str(tmp_path / "imagefolder"), "train", caption_column="text")
+    rows = list(decoded_rows(stream, counts))
+    assert [row["image_name"] for row in rows] == ["img0", "img0", "img1", "img1"]
+    assert counts.skipped == 2 and counts.reasons == {"unreadable image": 2}
