@@ -13,7 +13,7 @@ import pytest
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
-from test_training import ENCODER_KWARGS, pretrained_parts, shapes  # noqa: F401  (module fixtures)
+from conftest import ENCODER_KWARGS
 from test_training_cli import REPO, environment
 
 from modeling_vitgpt2.data import CaptionDataError
