@@ -28,3 +28,26 @@ def test_generate_benchmark_reports_identical_captions(tmp_path):
         for model in ("ours", "peer"):
             assert {"captions_per_s", "encoder_s", "decode_s", "fraction_of_matmul"} <= row[model].keys()
     assert report["profile"]["ours"] and report["profile"]["peer"]
+
+
+def test_scaling_on_paper_reproduces_the_training_benchmarks_flops_and_the_cache_arithmetic(tmp_path):
+    output = tmp_path / "scaling.json"
+    finished = subprocess.run(
+        [sys.executable, str(BENCH_GENERATE.parent / "scaling_on_paper.py"), "--output", str(output)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr  # it exits when its LoRA count differs from the benchmark's
+    report = json.loads(output.read_text())
+    assert report["feature_bytes_per_image"] == 257 * 1024 * 2
+    coco = report["datasets"]["COCO 2017 train"]
+    assert coco["cache_bytes"] == 118_287 * 257 * 1024 * 2
+    lora = coco["methods"]["lora"]
+    # The cache runs the encoder once per image instead of once per caption: about 5x less encoder work on COCO.
+    per_sample = report["per_sample_flops"]["lora"]
+    assert lora["epoch"] == 591_753 * (per_sample["encoder"] + per_sample["decoder"])
+    assert lora["cache_prepass"] == 118_287 * per_sample["encoder"]
+    assert lora["epoch_hours_8gpu"] == lora["epoch_hours_1gpu"] / 8
+    assert coco["methods"]["full + encoder"]["cached_epoch"] is None  # a trained encoder cannot be cached
+    # The published table is this script's output.
+    readme = (BENCH_GENERATE.parents[1] / "README.md").read_text()
+    assert finished.stdout.split("### COCO")[1].split("\n\n")[1].strip() in readme
