@@ -16,21 +16,20 @@ columns, which the model's forward does not name.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import datasets
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from .processing_vitgpt2 import ImageLoadError, as_rgb_image, load_image, to_rgb
+from .processing_vitgpt2 import ImageLoadError, as_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +51,7 @@ class CaptionDataError(ValueError):
 def _decode_error(source: Union[PathLike, dict]) -> Optional[str]:
     """Fully decodes one image (a path, or a `datasets` image dict) and returns why it failed, or None."""
     try:
-        if isinstance(source, dict) and source.get("bytes") is not None:
-            with Image.open(io.BytesIO(source["bytes"])) as image:
-                image.load()
-                to_rgb(image)
-        else:
-            load_image(source["path"] if isinstance(source, dict) else source)
+        as_rgb_image(source)
     except ImageLoadError as error:
         return str(error)
     except Exception as error:  # a decoder may raise anything on garbage bytes; report it rather than crash
@@ -334,10 +328,25 @@ def references_per_image(captions: datasets.Dataset) -> datasets.Dataset:
     return per_image.add_column("references", list(references.values()))
 
 
+def image_source(item: Any) -> Any:
+    """The image a caption row stands for: its `image` (decoded or not), else its `image_path`. Anything else (a
+    path, a PIL image, an array, an undecoded `datasets` image dict) is an image already and is returned as is."""
+    if not isinstance(item, Mapping) or "bytes" in item:
+        return item
+    if item.get("image") is not None:
+        return item["image"]
+    if item.get("image_path") is not None:
+        return item["image_path"]
+    raise KeyError(
+        f"a row has neither 'image' nor 'image_path' (its keys: {sorted(item)}). With transformers.Trainer, set "
+        "remove_unused_columns=False so that these columns reach the collator."
+    )
+
+
 class CaptionCollator:
     """Turns caption rows into a model batch: `pixel_values`, `decoder_input_ids`, `decoder_attention_mask`, `labels`.
 
-    Each row needs an image, as `image` (PIL image or array) or `image_path` (read with `load_image`), and a
+    Each row needs an image, as `image` (PIL image or array) or `image_path` (read with `as_rgb_image`), and a
     `caption`. Rows without captions (e.g. from `references_per_image`) give `pixel_values` only, for generation.
     `processor` is a `ViTGPT2Processor`: it makes `pixel_values` from the images and the teacher-forcing inputs and
     labels from the captions, truncated to `max_length` tokens (None: the processor's default).
@@ -347,17 +356,6 @@ class CaptionCollator:
         self.processor = processor
         self.max_length = max_length
 
-    @staticmethod
-    def _image_of(row: dict) -> Image.Image:
-        if row.get("image") is not None:
-            return as_rgb_image(row["image"], name=f"image {row.get('image_name', '')}".strip())
-        if row.get("image_path") is not None:
-            return load_image(row["image_path"])
-        raise KeyError(
-            f"a row has neither 'image' nor 'image_path' (its keys: {sorted(row)}). With transformers.Trainer, set "
-            "remove_unused_columns=False so that these columns reach the collator."
-        )
-
     def text_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """The teacher-forcing inputs and labels of `rows`; empty when a row has no caption (generation)."""
         if not all("caption" in row for row in rows):
@@ -366,7 +364,7 @@ class CaptionCollator:
         return {key: torch.as_tensor(text[key]) for key in _TEXT_FIELDS}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images = [self._image_of(row) for row in rows]
+        images = [as_rgb_image(image_source(row), name=f"image {row.get('image_name', '')}".strip()) for row in rows]
         batch = {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
         batch.update(self.text_batch(rows))
         return batch

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import io
 import json
 import logging
 import mmap
@@ -65,9 +64,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from .data import CaptionCollator
+from .data import CaptionCollator, image_source
 from .io_utils import write_json_atomic
-from .processing_vitgpt2 import ImageLoadError, as_rgb_image, to_rgb
+from .processing_vitgpt2 import ImageLoadError, as_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -118,23 +117,9 @@ def transform_fingerprint(processor: Any) -> dict[str, Any]:
     return {"image_processor": processor.image_processor.to_dict(), "transformers": transformers.__version__}
 
 
-def _image_of(item: Any) -> Any:
-    """The image an item stands for: a path, a PIL image or array, or an undecoded `datasets` image dict."""
-    if isinstance(item, Mapping) and "bytes" not in item:  # a caption row, not an undecoded image
-        if item.get("image") is not None:
-            return item["image"]
-        if item.get("image_path") is not None:
-            return item["image_path"]
-        raise KeyError(
-            f"a row has neither 'image' nor 'image_path' (its keys: {sorted(item)}). With transformers.Trainer, set "
-            "remove_unused_columns=False so that these columns reach the collator."
-        )
-    return item
-
-
 def _name_of(item: Any) -> str:
     """How an error message names an item's image: its file, else its `image_name`."""
-    image = _image_of(item)
+    image = image_source(item)
     if isinstance(image, (str, os.PathLike)):
         return str(image)
     if isinstance(image, Mapping) and image.get("path"):
@@ -159,7 +144,7 @@ def image_key(item: Any) -> str:
     Files are keyed by absolute path, size and modification time (a stat, no reading); undecoded bytes by their
     SHA-256; decoded images by the SHA-256 of their RGB pixels, which is what the transform sees.
     """
-    image = _image_of(item)
+    image = image_source(item)
     if isinstance(image, Mapping):
         if image.get("bytes") is not None:
             return "bytes:" + hashlib.sha256(image["bytes"]).hexdigest()
@@ -172,22 +157,8 @@ def image_key(item: Any) -> str:
     return "pixels:" + digest.hexdigest()
 
 
-def _load_rgb(item: Any) -> Image.Image:
-    """Decodes an item's image to RGB; a file or bytes that cannot be read raise `ImageLoadError` naming them."""
-    image = _image_of(item)
-    if isinstance(image, Mapping):
-        if image.get("bytes") is None:
-            image = image["path"]
-        else:
-            try:
-                with Image.open(io.BytesIO(image["bytes"])) as opened:
-                    opened.load()
-                    return to_rgb(opened)
-            except Exception as error:  # a decoder may raise anything on garbage bytes
-                raise ImageLoadError(
-                    f"cannot read {_name_of(item)}: {error}. Replace it with a complete image, or drop its rows."
-                ) from error
-    return as_rgb_image(image, name=_name_of(item))
+def _decode(item: Any) -> Image.Image:
+    return as_rgb_image(image_source(item), name=_name_of(item))
 
 
 def without_image_decoding(rows: datasets.Dataset) -> datasets.Dataset:
@@ -382,7 +353,7 @@ class EncoderFeatureCache:
         with ThreadPoolExecutor(num_workers) as decoders, ThreadPoolExecutor(1) as prefetcher:
 
             def prepare(chunk: list[int]) -> torch.Tensor:
-                images = list(decoders.map(lambda position: _load_rgb(items[position]), chunk))
+                images = list(decoders.map(lambda position: _decode(items[position]), chunk))
                 return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
             upcoming = prefetcher.submit(prepare, chunks[0])

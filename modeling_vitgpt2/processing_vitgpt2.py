@@ -6,7 +6,9 @@ transformers.
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -15,7 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from transformers import BatchFeature, ProcessorMixin
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+# A file path, a PIL image, an HxW / HxWxC uint8 array, or an undecoded `datasets` image ({"bytes": ..., "path": ...}).
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, Mapping]
 
 
 class ImageLoadError(ValueError):
@@ -72,8 +75,24 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
         ) from error
 
 
+def _decode_bytes(data: bytes, name: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_rgb(image)
+    except Exception as error:  # a decoder may raise anything on garbage bytes
+        raise ImageLoadError(
+            f"cannot read {name}: {error}. Replace it with a complete image, or drop its rows."
+        ) from error
+
+
 def as_rgb_image(image: ImageLike, name: str = "image") -> Image.Image:
-    """Accepts a path, a PIL image or an HxW / HxWxC uint8 array and returns an RGB PIL image."""
+    """The one image loader: a path, a PIL image, an HxW / HxWxC uint8 array or an undecoded `datasets` image
+    (`{"bytes": ..., "path": ...}`) -> an RGB PIL image. Unreadable input raises `ImageLoadError` naming it."""
+    if isinstance(image, Mapping):
+        if image.get("bytes") is None:
+            return load_image(image["path"])
+        return _decode_bytes(image["bytes"], str(image.get("path") or name))
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
