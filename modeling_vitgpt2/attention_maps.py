@@ -33,6 +33,21 @@ from torch.nn import functional as F
 
 from .processing_vitgpt2 import ImageLike, as_rgb_image
 
+__all__ = [
+    "CaptionAttention",
+    "REPORT_LAYERS",
+    "attention_overlay",
+    "build_attention_figure",
+    "caption_attention_maps",
+    "caption_attention_maps_batch",
+    "cross_attention_layers",
+    "draw_attention_maps",
+    "group_tokens_into_words",
+    "resolve_layers",
+    "upsample_map",
+]
+
+
 REPORT_LAYERS = (2, 3)
 # Token-string prefixes that mark the start of a word: GPT-2 byte-level BPE, SentencePiece, plain text.
 WORD_START_MARKERS = ("Ġ", "▁", " ")
@@ -395,18 +410,3 @@ def draw_attention_maps(
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
-
-
-__all__ = [
-    "CaptionAttention",
-    "REPORT_LAYERS",
-    "attention_overlay",
-    "build_attention_figure",
-    "caption_attention_maps",
-    "caption_attention_maps_batch",
-    "cross_attention_layers",
-    "draw_attention_maps",
-    "group_tokens_into_words",
-    "resolve_layers",
-    "upsample_map",
-]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+__all__ = ["ViTGPT2Config"]
+
+
 GPT2_END_OF_TEXT = 50256
 
 
@@ -107,6 +110,3 @@ class ViTGPT2Config(PretrainedConfig):
 
     def has_cross_attention(self, layer_idx: int) -> bool:
         return self.cross_attention_layers is None or layer_idx in self.cross_attention_layers
-
-
-__all__ = ["ViTGPT2Config"]

@@ -31,6 +31,16 @@ from tqdm.auto import tqdm
 
 from .processing_vitgpt2 import ImageLoadError, as_rgb_image
 
+__all__ = [
+    "CaptionCollator",
+    "CaptionDataError",
+    "image_source",
+    "load_coco_captions",
+    "load_hf_captions",
+    "references_per_image",
+]
+
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]

@@ -32,6 +32,26 @@ from .hub import SPACE_MODEL_FOLDER
 from .processing_vitgpt2 import ImageLoadError, load_image
 from .zero_shot import ENSEMBLE, class_probabilities
 
+__all__ = [
+    "ALL_LAYERS",
+    "build_page",
+    "DEFAULT_EXAMPLE_FOLDERS",
+    "DEFAULT_MODEL",
+    "DEFAULT_TEMPLATES",
+    "Demo",
+    "EXAMPLE_SUFFIXES",
+    "find_examples",
+    "load_demo",
+    "main",
+    "MAX_EXAMPLES",
+    "MEAN_OF_HEADS",
+    "parse_args",
+    "space_model",
+    "SPACE_README",
+    "USAGE_ERROR",
+]
+
+
 DEFAULT_MODEL = "outputs/synthetic-default"
 SPACE_README = "README.md"  # in the working folder, where a Space runs app.py
 # The default run's validation images (python train.py writes them), and a Space's own examples/ folder.
@@ -295,5 +315,3 @@ def main(argv: list[str] | None = None) -> None:
     page.queue(default_concurrency_limit=1)  # one model in memory: requests wait their turn
     page.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
                 allowed_paths=[str(Path(path).resolve().parent) for path in examples])
-
-

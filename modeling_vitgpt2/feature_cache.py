@@ -68,6 +68,20 @@ from .data import CaptionCollator, image_source
 from .io_utils import write_json_atomic
 from .processing_vitgpt2 import ImageLoadError, as_rgb_image
 
+__all__ = [
+    "CachedEncoderOutput",
+    "CachedFeatureCollator",
+    "EncoderFeatureCache",
+    "FeatureCacheMissError",
+    "encoder_fingerprint",
+    "image_key",
+    "page_out_encoder",
+    "reclaim_pages",
+    "transform_fingerprint",
+    "without_image_decoding",
+]
+
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -553,17 +567,3 @@ class CachedFeatureCollator:
         batch: dict[str, Any] = {"encoder_outputs": CachedEncoderOutput(last_hidden_state=features)}
         batch.update(self.collator.text_batch(rows))
         return batch
-
-
-__all__ = [
-    "CachedEncoderOutput",
-    "CachedFeatureCollator",
-    "EncoderFeatureCache",
-    "FeatureCacheMissError",
-    "encoder_fingerprint",
-    "image_key",
-    "page_out_encoder",
-    "reclaim_pages",
-    "transform_fingerprint",
-    "without_image_decoding",
-]

@@ -58,6 +58,18 @@ from .loading import BASE_MODEL_FOLDER
 from .metrics import format_metric, metric_names
 from .peft_setup import peft_method
 
+__all__ = [
+    "HubPushError",
+    "build_model_card",
+    "check_push_settings",
+    "push_space",
+    "push_to_hub",
+    "push_training_output",
+    "require_hub_token",
+    "without_trainer_push",
+]
+
+
 # Package data, so that wheel installs render cards too; `model_card/template.md` at the top of the checkout is a
 # link to this file, the one copy people edit.
 TEMPLATE_RESOURCE = "model_card_template.md"
@@ -660,15 +672,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-__all__ = [
-    "HubPushError",
-    "build_model_card",
-    "check_push_settings",
-    "push_space",
-    "push_to_hub",
-    "push_training_output",
-    "require_hub_token",
-    "without_trainer_push",
-]

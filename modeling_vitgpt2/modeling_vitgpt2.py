@@ -38,6 +38,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_vitgpt2 import ViTGPT2Config
 
+__all__ = ["ViTGPT2ForConditionalGeneration", "ViTGPT2PreTrainedModel"]
+
+
 logger = logging.get_logger(__name__)
 
 # What a captioner built from pretrained parts decodes with unless told otherwise; saved in its
@@ -972,6 +975,3 @@ def _timm_vit_state_from_transformers_vit(state: dict[str, torch.Tensor], config
             if all(part is not None for part in parts):
                 converted[f"{target}attn.qkv.{kind}"] = torch.cat(parts, dim=0)
     return converted
-
-
-__all__ = ["ViTGPT2ForConditionalGeneration", "ViTGPT2PreTrainedModel"]

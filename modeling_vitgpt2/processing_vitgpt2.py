@@ -17,6 +17,9 @@ from PIL import Image, UnidentifiedImageError
 
 from transformers import BatchFeature, ProcessorMixin
 
+__all__ = ["ViTGPT2Processor", "ImageLoadError", "load_image", "as_rgb_image", "to_rgb"]
+
+
 # A file path, a PIL image, an HxW / HxWxC uint8 array, or an undecoded `datasets` image ({"bytes": ..., "path": ...}).
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, Mapping]
 
@@ -225,6 +228,3 @@ class ViTGPT2Processor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["pixel_values", "decoder_input_ids", "decoder_attention_mask"]
-
-
-__all__ = ["ViTGPT2Processor", "ImageLoadError", "load_image", "as_rgb_image", "to_rgb"]

@@ -33,6 +33,20 @@ from PIL import Image
 from .data import CaptionDataError
 from .processing_vitgpt2 import to_rgb
 
+__all__ = [
+    "decoded_rows",
+    "expand_shards",
+    "first_captions",
+    "materialise",
+    "SHARD_CAPTION_FIELD",
+    "SHARD_IMAGE_FIELDS",
+    "SHARD_METADATA_FIELD",
+    "stream_hf_dataset",
+    "stream_webdataset",
+    "StreamCounts",
+]
+
+
 logger = logging.getLogger(__name__)
 
 # The extensions img2dataset writes, in the order they are looked for.

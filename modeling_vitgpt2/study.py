@@ -60,6 +60,27 @@ from transformers import HfArgumentParser, TrainerCallback
 from .io_utils import write_json_atomic
 from .metrics import METRICS, format_metric, metric_names
 
+__all__ = [
+    "BASE_ROW",
+    "BUILTIN_STUDY",
+    "ensure_base_model",
+    "load_study",
+    "main",
+    "REPO_ROOT",
+    "RESULT_FILE",
+    "RUN_DEFAULTS",
+    "run_study",
+    "run_variant",
+    "Study",
+    "STUDY_KEYS",
+    "StudyConfigError",
+    "StudyData",
+    "StudyProgress",
+    "TABLE_METRICS",
+    "write_report",
+]
+
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

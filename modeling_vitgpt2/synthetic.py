@@ -19,6 +19,28 @@ from typing import Iterable, Iterator, Sequence, Union
 
 from PIL import Image, ImageDraw
 
+__all__ = [
+    "BACKGROUND",
+    "COLOURS",
+    "describe_scene",
+    "DOMAINS",
+    "draw_scene",
+    "MAX_JITTER",
+    "MAX_OBJECTS",
+    "object_box",
+    "PALETTE",
+    "POSITIONS",
+    "random_scene",
+    "Scene",
+    "ShapeObject",
+    "SHAPES",
+    "SHIFTED_COLOURS",
+    "SIZES",
+    "SyntheticCocoPaths",
+    "write_synthetic_coco",
+]
+
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
     "red": (220, 40, 40),

@@ -38,6 +38,17 @@ from .processing_vitgpt2 import ViTGPT2Processor
 from .synthetic import write_synthetic_coco
 from .tokenization import train_caption_tokenizer
 
+__all__ = [
+    "CaptionTrainer",
+    "CaptionTrainingArguments",
+    "DataArguments",
+    "ModelArguments",
+    "PeftArguments",
+    "load_caption_data",
+    "run_training",
+]
+
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
@@ -750,14 +761,3 @@ def _feature_cache_collators(data_args, training_args, peft_args, model, process
     cache.build(val_images, batch_size=training_args.per_device_eval_batch_size)
     collators = CachedFeatureCollator(collator, cache), CachedFeatureCollator(collator, cache)
     return *collators, PageOutEncoderCallback(base, cache_dir)
-
-
-__all__ = [
-    "CaptionTrainer",
-    "CaptionTrainingArguments",
-    "DataArguments",
-    "ModelArguments",
-    "PeftArguments",
-    "load_caption_data",
-    "run_training",
-]

@@ -1,4 +1,4 @@
-"""The package's layout: data flows downhill through the layers."""
+"""The package's layout: data flows downhill through the layers, and every public module says what it exports."""
 
 import ast
 from pathlib import Path
@@ -61,3 +61,24 @@ def test_the_import_graph_checker_sees_function_level_imports(tmp_path):
     module = tmp_path / "example.py"
     module.write_text("def load():\n    from .training import run_training\n    from . import hub\n")
     assert package_imports(module) == {"training", "hub"}
+@pytest.mark.parametrize("path", modules(), ids=lambda path: path.stem)
+def test_every_public_module_declares_all_after_its_imports(path):
+    tree = ast.parse(path.read_text())
+    assignments = [
+        index for index, node in enumerate(tree.body)
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "__all__" for target in node.targets)
+    ]
+    assert len(assignments) == 1, f"{path.name} needs one `__all__`"
+    (position,) = assignments
+    last_import = max(index for index, node in enumerate(tree.body) if isinstance(node, (ast.Import, ast.ImportFrom)))
+    assert position == last_import + 1, f"{path.name}: put `__all__` right after the imports"
+    exported = ast.literal_eval(tree.body[position].value)
+    defined = {
+        getattr(node, "name", None) for node in tree.body
+    } | {
+        target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target]) if hasattr(target, "id")
+    } | {
+        alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+    assert set(exported) <= defined, f"{path.name} exports undefined names {sorted(set(exported) - defined)}"
