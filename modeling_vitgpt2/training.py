@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import PartialState
+from accelerate.utils import DistributedType
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, set_seed
@@ -510,6 +511,7 @@ def run_training(
         )
     set_seed(training_args.seed)
     state = PartialState()
+    check_requested_sharding(state)
     uses_synthetic_data = data_args.uses_synthetic  # load_caption_data fills in the synthetic set's paths
     stream_counts = None
     if data_args.streamed:
@@ -582,7 +584,13 @@ def run_training(
     metrics = trainer.evaluate()
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_metrics("eval", metrics)
-    save_trained_model(trainer.model, processor, output_dir, training_args.merge, state)
+    if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # The weights are sharded over the processes: Trainer gathers them (every process takes part) and saves.
+        trainer.save_model(str(output_dir))
+        if state.is_main_process:
+            processor.save_pretrained(output_dir)
+    else:
+        save_trained_model(trainer.model, processor, output_dir, training_args.merge, state)
     stream_summary = _stream_summary(data_args, training_args, stream_counts)
     if state.is_main_process:
         write_json_atomic(
@@ -592,6 +600,7 @@ def run_training(
                 "trainable_parameters": trainable,
                 "total_parameters": total,
                 "world_size": state.num_processes,
+                "distributed_type": str(getattr(state.distributed_type, "value", state.distributed_type)),
                 "train_captions": len(train_rows) if isinstance(train_rows, datasets.Dataset) else None,
                 **({"stream": stream_summary} if stream_summary else {}),
                 "eval_images": len(val_images),
@@ -616,6 +625,22 @@ def run_training(
             },
         )
     return metrics
+
+
+def check_requested_sharding(state: PartialState) -> None:
+    """Refuses a run whose accelerate config asks for FSDP or DeepSpeed when accelerate is not going to use it: on a
+    CPU (`use_cpu: true`) accelerate trains plain data-parallel instead and says nothing, so a run meant to shard
+    the model would hold all of it in every process."""
+    engines = (("FSDP", "ACCELERATE_USE_FSDP", DistributedType.FSDP, "fsdp_full_finetune.yaml"),
+               ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED, "deepspeed_zero2.yaml"))
+    for engine, variable, kind, config in engines:
+        if os.environ.get(variable, "false").lower() == "true" and state.distributed_type != kind:
+            raise RuntimeError(
+                f"the accelerate config asks for {engine}, but accelerate is running this job as "
+                f"{state.distributed_type.value} (accelerate enables {engine} only on GPUs and other accelerators, "
+                f"not with use_cpu). Run configs/accelerate/{config} on GPUs, or drop its {engine} settings to "
+                "train data-parallel on CPU."
+            )
 
 
 def _check_streamed_settings(data_args: DataArguments, training_args: CaptionTrainingArguments) -> None:
