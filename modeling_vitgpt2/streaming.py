@@ -18,20 +18,18 @@ stream and keeps its share of the batches.
 from __future__ import annotations
 
 import glob
-import io
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import datasets
 from braceexpand import braceexpand
-from PIL import Image
 
 from .data import CaptionDataError
-from .processing_vitgpt2 import to_rgb
+from .processing_vitgpt2 import as_rgb_image
 
 __all__ = [
     "decoded_rows",
@@ -163,7 +161,7 @@ def decoded_rows(stream: datasets.IterableDataset, counts: StreamCounts) -> data
                 counts.skip(name, f"no caption: {caption!r}")
                 continue
             try:
-                decoded = _decode(image)
+                decoded = as_rgb_image(image, name=str(name))
             except Exception as error:  # a decoder may raise anything on garbage bytes; count it rather than crash
                 counts.skip(name, f"unreadable image: {type(error).__name__}: {error}")
                 continue
@@ -174,20 +172,6 @@ def decoded_rows(stream: datasets.IterableDataset, counts: StreamCounts) -> data
         return kept
 
     return stream.map(decode, batched=True, batch_size=64, features=None)
-
-
-def _decode(image: Any) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, dict) and image.get("bytes") is not None:
-        source = io.BytesIO(image["bytes"])
-    elif isinstance(image, dict) and image.get("path"):
-        source = image["path"]
-    else:
-        raise ValueError(f"no image bytes or path in {type(image).__name__}")
-    with Image.open(source) as opened:
-        opened.load()
-        return to_rgb(opened)
 
 
 def first_captions(stream: datasets.IterableDataset, limit: int) -> list[str]:
