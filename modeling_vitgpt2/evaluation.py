@@ -25,6 +25,7 @@ from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
 from .io_utils import InvalidJSONError, preview_names, read_json, write_json_atomic
 from .loading import load_for_inference
 from .processing_vitgpt2 import ViTGPT2Processor, load_image
+from .quantization import quantize_for_cpu
 from .zero_shot import ENSEMBLE, ZeroShotResult, list_images, write_predictions_csv, zero_shot_folder
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "check_same_names",
     "clip_score_extremes",
     "compute_attention_maps",
+    "default_loader_workers",
     "image_names",
     "load_captioner",
     "read_coco_references",
@@ -73,20 +75,27 @@ def check_images_readable(paths: Sequence[Path], progress: bool = True) -> None:
 
 
 def load_captioner(model_or_path, processor: Optional[ViTGPT2Processor] = None,
-                   device: Optional[Union[str, torch.device]] = None):
+                   device: Optional[Union[str, torch.device]] = None, quantize: Optional[str] = None):
     """Returns `(model, processor)` in eval mode on `device` (default: CUDA when available, else the CPU).
 
     `model_or_path` is a loaded model (then pass its `processor`), a saved model folder or Hub id, or a peft adapter
     folder from train.py (loaded onto the base model recorded in it); the processor is read from the same folder.
+    `quantize="int8"` runs the model in int8 on the CPU (see `modeling_vitgpt2.quantization`).
     """
+    if quantize is not None:
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"quantize={quantize!r} runs on the CPU only, got device={device!r}")
+        device = "cpu"
     if isinstance(model_or_path, (str, os.PathLike)):
         if processor is None:
             processor = ViTGPT2Processor.from_pretrained(model_or_path)
-        model = load_for_inference(model_or_path)
+        model = load_for_inference(model_or_path, quantize=quantize)
     else:
         model = model_or_path
         if processor is None:
             raise ValueError("a loaded model needs its processor: pass processor=ViTGPT2Processor.from_pretrained(...)")
+        if quantize is not None:
+            model = quantize_for_cpu(model.to("cpu"), quantize)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
@@ -107,29 +116,50 @@ def _generation_settings(num_beams: int, max_length: Optional[int], max_new_toke
     return settings
 
 
+def default_loader_workers() -> int:
+    """Image-decoding processes beside the model: one per spare core, at most 4 (enough to keep a CPU model fed)."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+class _PixelBatch:
+    """A DataLoader's collate function: image files -> the processor's `pixel_values` (runs in the workers)."""
+
+    def __init__(self, processor: ViTGPT2Processor):
+        self.processor = processor
+
+    def __call__(self, paths: list[Path]) -> torch.Tensor:
+        return self.processor(images=paths, return_tensors="pt")["pixel_values"]
+
+
 @torch.inference_mode()
 def caption_images(model, processor, paths: Sequence[Path], *, num_beams: int = 3, batch_size: int = 8,
                    max_length: Optional[int] = None, max_new_tokens: Optional[int] = None,
-                   progress: bool = True) -> dict[str, str]:
-    """Captions image files in batches with beam search: `{file name without extension: caption}`, in input order."""
+                   progress: bool = True, num_workers: Optional[int] = None) -> dict[str, str]:
+    """Captions image files in batches with beam search: `{file name without extension: caption}`, in input order.
+
+    `num_workers` processes decode and preprocess the next batches while the model captions this one (default:
+    `default_loader_workers()`; 0 does everything in this process).
+    """
     _check_batch_size(batch_size)
     names = image_names(paths)
     settings = _generation_settings(num_beams, max_length, max_new_tokens)
+    workers = default_loader_workers() if num_workers is None else num_workers
+    batches = torch.utils.data.DataLoader(list(paths), batch_size=batch_size, collate_fn=_PixelBatch(processor),
+                                          num_workers=min(workers, -(-len(paths) // batch_size)))
     captions = {}
     with tqdm(total=len(paths), desc="captioning", unit="image", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            batch = list(paths[start:start + batch_size])
-            pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(model.device)
-            sequences = model.generate(pixel_values=pixel_values, **settings)
+        for start, pixel_values in zip(range(0, len(paths), batch_size), batches):
+            sequences = model.generate(pixel_values=pixel_values.to(model.device), **settings)
             captions.update(zip(names[start:start + batch_size], processor.batch_decode(sequences)))
-            bar.update(len(batch))
+            bar.update(len(pixel_values))
     return captions
 
 
 def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3, batch_size: int = 8,
                    max_length: Optional[int] = None, *, processor: Optional[ViTGPT2Processor] = None,
                    output: Optional[PathLike] = None, device: Optional[Union[str, torch.device]] = None,
-                   max_new_tokens: Optional[int] = None, progress: bool = True) -> dict[str, str]:
+                   max_new_tokens: Optional[int] = None, progress: bool = True, quantize: Optional[str] = None,
+                   num_workers: Optional[int] = None) -> dict[str, str]:
     """Captions every image file in `images_dir` (sorted) and returns `{file name without extension: caption}`.
 
     Args:
@@ -140,13 +170,16 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
             (default: the model's generation_config).
         max_new_tokens: limit on generated tokens; takes precedence over `max_length`, as in `generate`.
         output: if given, the predictions JSON is written there atomically once every image is captioned.
+        quantize: "int8" runs the model in int8 on the CPU (`modeling_vitgpt2.quantization`).
+        num_workers: processes that decode images while the model runs (`caption_images`).
     """
     paths = list_images(images_dir)
     image_names(paths)  # fail on clashing names before the slow part
     check_images_readable(paths, progress)
-    model, processor = load_captioner(model_path_or_model, processor, device)
+    model, processor = load_captioner(model_path_or_model, processor, device, quantize=quantize)
     captions = caption_images(model, processor, paths, num_beams=num_beams, batch_size=batch_size,
-                              max_length=max_length, max_new_tokens=max_new_tokens, progress=progress)
+                              max_length=max_length, max_new_tokens=max_new_tokens, progress=progress,
+                              num_workers=num_workers)
     if output is not None:
         write_json_atomic(output, captions)
     return captions

@@ -14,8 +14,16 @@ __all__ = ["BASE_MODEL_FOLDER", "load_for_inference"]
 BASE_MODEL_FOLDER = "base_model"
 
 
-def load_for_inference(path: str | os.PathLike, **kwargs):
-    """Loads a trained output folder: a full model, or a peft adapter on the base model recorded in it."""
+def load_for_inference(path: str | os.PathLike, quantize: str | None = None, **kwargs):
+    """Loads a trained output folder: a full model, or a peft adapter on the base model recorded in it.
+
+    `quantize="int8"` returns it ready for int8 inference on the CPU (`quantization.quantize_for_cpu`; an adapter is
+    merged into the weights first); other keyword arguments go to `from_pretrained`.
+    """
+    if quantize is not None:
+        from .quantization import quantize_for_cpu
+
+        return quantize_for_cpu(load_for_inference(path, **kwargs), quantize)
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel

@@ -1,0 +1,86 @@
+"""Int8 CPU inference: dynamic int8 quantization of the captioner's linear layers (weights int8, activations
+quantized per batch as they come), through `torch.ao.quantization.quantize_dynamic`.
+
+Why not transformers' `TorchAoConfig` (torchao), the HF-native route: tried with torchao 0.18 on torch 2.14's CPU
+build, (a) torchao's int8 tensors have no fast CPU kernel in eager mode, so its int8-dynamic and int8-weight-only
+layers ran slower than float32 here (benchmarks/README.md, "Int8"), and (b) transformers' torchao integration
+quantizes `nn.Linear` only, so GPT-2's `Conv1D` layers (the whole decoder) would stay float32. `quantize_dynamic`
+runs fbgemm/oneDNN int8 kernels in eager mode. It is deprecated in torch 2.14 in favour of torchao, so this module
+is the one place to switch once torchao's CPU path is fast.
+
+The vocabulary projection stays float32: it is tied to the input embedding, its logits pick every token, and its
+float32 CPU path (`ViTGPT2LMHead`) is already tuned.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+__all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "quantize_for_cpu"]
+
+QUANTIZATION_CHOICES = ("int8",)
+
+
+def conv1d_to_linear(conv: Conv1D) -> nn.Linear:
+    """The same function as GPT-2's `Conv1D` (weight stored in x out) as an `nn.Linear` (weight stored out x in)."""
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
+def _replace_conv1d(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, Conv1D):
+            setattr(module, name, conv1d_to_linear(child))
+        else:
+            _replace_conv1d(child)
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """A peft model with its adapter folded into the weights; int8 layers cannot carry an adapter beside them."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft absent: nothing can be a PeftModel
+        return model
+    if not isinstance(model, PeftModel):
+        return model
+    if not hasattr(model.base_model, "merge_and_unload"):
+        raise ValueError(f"int8 quantization needs an adapter that merges into the weights (LoRA, adapters); "
+                         f"{model.peft_config['default'].peft_type} cannot be merged: load this model without "
+                         "quantization")
+    return model.merge_and_unload()
+
+
+def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
+    """Returns `model` (a loaded captioner, or a peft model on one) with its linear layers in int8, for CPU inference.
+
+    Quantizes in place where it can; use the returned model. The vision encoder's linear layers and the decoder's
+    attention and MLP products become int8; the patch embedding, layer norms, embeddings and the vocabulary
+    projection stay float32.
+    """
+    if quantize not in QUANTIZATION_CHOICES:
+        raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATION_CHOICES}")
+    model = _merged(model)
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        raise ValueError(f"int8 quantization starts from a float32 model on the CPU, got {parameter.dtype} on "
+                         f"{parameter.device}: load it without a dtype or device")
+    model.eval()
+    _replace_conv1d(model)
+    keep_float = {name for name, module in model.named_modules() if module is model.get_output_embeddings()}
+    targets = {name for name, module in model.named_modules()
+               if type(module) is nn.Linear and name not in keep_float}
+    with warnings.catch_warnings():
+        # The deprecation notices point to torchao, which this module chose against (see the module docstring).
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+        return torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
