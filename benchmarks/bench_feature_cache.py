@@ -32,13 +32,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from common import synchronize, write_report  # noqa: E402  (this folder, as the other benchmarks)
+
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor  # noqa: E402
 from modeling_vitgpt2.data import CaptionCollator  # noqa: E402
 from modeling_vitgpt2.feature_cache import CachedFeatureCollator, EncoderFeatureCache  # noqa: E402
 from modeling_vitgpt2.synthetic import describe_scene, random_scene  # noqa: E402
 from modeling_vitgpt2.tokenization import train_caption_tokenizer  # noqa: E402
-
-from common import synchronize, write_report  # noqa: E402  (this folder, as the other benchmarks)
 
 SIZES = {
     "tiny": dict(

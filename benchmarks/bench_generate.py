@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch.profiler import profile
-
 from common import (
     ModelShape,
     build_models,
@@ -40,6 +38,7 @@ from common import (
     top_ops,
     write_report,
 )
+from torch.profiler import profile
 
 
 @dataclass(frozen=True)

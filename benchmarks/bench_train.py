@@ -45,11 +45,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
-from PIL import Image
-from torch.profiler import profile
-from transformers import VisionEncoderDecoderModel
-
 from common import (
     ModelShape,
     build_models,
@@ -62,6 +57,10 @@ from common import (
     top_ops,
     write_report,
 )
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from torch.profiler import profile
+from transformers import VisionEncoderDecoderModel
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.feature_cache import EncoderFeatureCache, page_out_encoder

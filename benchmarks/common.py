@@ -13,7 +13,7 @@ import torch
 import transformers
 from torch.nn import functional as F
 from torch.profiler import ProfilerActivity
-from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from modeling_vitgpt2.io_utils import write_json_atomic

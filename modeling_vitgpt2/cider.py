@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
 from .io_utils import preview_names
 
@@ -199,14 +200,14 @@ def _latex_quotes(token: str, opening: bool) -> str:
     return token.translate(_QUOTE_NAMES)
 
 
-_Action = Callable[[str], "tuple[Optional[str], int]"]
+_Action = Callable[[str], "tuple[str | None, int]"]
 
 
-def _keep(token: str) -> tuple[Optional[str], int]:
+def _keep(token: str) -> tuple[str | None, int]:
     return token, len(token)
 
 
-def _emit(make: Callable[[str], Optional[str]]) -> _Action:
+def _emit(make: Callable[[str], str | None]) -> _Action:
     return lambda token: (make(token), len(token))
 
 
@@ -215,27 +216,27 @@ def _split_off_last(count: int) -> _Action:
     return lambda token: (token[:-count], len(token) - count)
 
 
-def _emit_and_rescan_period(token: str) -> tuple[Optional[str], int]:
+def _emit_and_rescan_period(token: str) -> tuple[str | None, int]:
     """A sentence-final abbreviation keeps its period and the period is ALSO returned as the next token."""
     return token, len(token) - 1
 
 
-def _acronym_at_sentence_end(token: str) -> tuple[Optional[str], int]:
+def _acronym_at_sentence_end(token: str) -> tuple[str | None, int]:
     # "I." before "The": the period is only the full stop; "U.S." keeps it and adds a full stop.
     if len(token) == 2:
         return token[0], 1
     return token, len(token) - 1
 
 
-def _hyphens(token: str) -> tuple[Optional[str], int]:
+def _hyphens(token: str) -> tuple[str | None, int]:
     return ("--" if 3 <= len(token) <= 4 else token), len(token)
 
 
-def _drop(token: str) -> tuple[Optional[str], int]:
+def _drop(token: str) -> tuple[str | None, int]:
     return None, len(token)
 
 
-def _drop_one_char(token: str) -> tuple[Optional[str], int]:
+def _drop_one_char(token: str) -> tuple[str | None, int]:
     return None, 1
 
 
@@ -245,7 +246,7 @@ class _Rule:
     action: _Action
 
 
-def _rules(alternatives: Union[str, list[str]], action: _Action = _keep, context: str = "") -> list[_Rule]:
+def _rules(alternatives: str | list[str], action: _Action = _keep, context: str = "") -> list[_Rule]:
     """One rule per top-level alternative: Python's `|` takes the first alternative that matches, JFlex the
     longest, and the lexer below compares whole matches by length."""
     if isinstance(alternatives, str):
@@ -421,7 +422,7 @@ class CiderResult(NamedTuple):
     """
 
     score: float
-    per_image: Union[dict, list]
+    per_image: dict | list
 
 
 def _ngram_counts(caption: str, max_n: int) -> list[Counter]:
@@ -508,8 +509,8 @@ def _as_keyed(predictions, references) -> tuple[list, list[str], list[list[str]]
 
 
 def corpus_cider(
-    predictions: Union[Mapping[str, str], Sequence[str]],
-    references: Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]],
+    predictions: Mapping[str, str] | Sequence[str],
+    references: Mapping[str, Sequence[str]] | Sequence[Sequence[str]],
     *,
     tokenize: bool = True,
     max_n: int = 4,

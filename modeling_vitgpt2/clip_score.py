@@ -9,8 +9,9 @@ reference captions, RefCLIP-S is the harmonic mean of CLIP-S and max(max over re
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -45,15 +46,15 @@ class LoadedClip(NamedTuple):
     device: torch.device
 
 
-ClipLike = Union[LoadedClip, str, os.PathLike]
+ClipLike = LoadedClip | str | os.PathLike
 
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_clip(name_or_path: Union[str, os.PathLike] = DEFAULT_CLIP_MODEL,
-              device: Optional[Union[str, torch.device]] = None) -> LoadedClip:
+def load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP_MODEL,
+              device: str | torch.device | None = None) -> LoadedClip:
     """Loads a `CLIPModel` and its `CLIPProcessor` from a Hub id or a local folder, in eval mode.
 
     Args:
@@ -76,7 +77,7 @@ def load_clip(name_or_path: Union[str, os.PathLike] = DEFAULT_CLIP_MODEL,
     return LoadedClip(model, processor, device)
 
 
-def resolve_clip(clip: ClipLike, device: Optional[Union[str, torch.device]] = None) -> LoadedClip:
+def resolve_clip(clip: ClipLike, device: str | torch.device | None = None) -> LoadedClip:
     """Returns `clip` if it is already loaded, else loads it with `load_clip` (a Hub id or a local folder)."""
     if isinstance(clip, LoadedClip):
         return clip
@@ -147,9 +148,9 @@ class ClipScoreResult:
     """Mean and per-image CLIP-S; with references also RefCLIP-S. Per-image values are a dict for keyed inputs."""
 
     score: float
-    per_image: Union[list, dict]
-    ref_score: Optional[float] = None
-    ref_per_image: Optional[Union[list, dict]] = None
+    per_image: list | dict
+    ref_score: float | None = None
+    ref_per_image: list | dict | None = None
 
 
 def _align(images, captions, references):
@@ -201,15 +202,15 @@ def _align(images, captions, references):
 
 
 def clip_score(
-    images: Union[Sequence[ImageLike], Mapping[str, ImageLike]],
-    captions: Union[Sequence[str], Mapping[str, str]],
-    references: Optional[Union[Sequence[Sequence[str]], Mapping[str, Sequence[str]]]] = None,
+    images: Sequence[ImageLike] | Mapping[str, ImageLike],
+    captions: Sequence[str] | Mapping[str, str],
+    references: Sequence[Sequence[str]] | Mapping[str, Sequence[str]] | None = None,
     *,
     clip: ClipLike = DEFAULT_CLIP_MODEL,
     prefix: str = "",
     weight: float = CLIP_SCORE_WEIGHT,
     batch_size: int = 32,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> ClipScoreResult:
     """CLIPScore of captions for their images, plus RefCLIPScore when reference captions are given.

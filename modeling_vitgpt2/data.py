@@ -19,16 +19,16 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any
 
 import datasets
 import torch
 from tqdm.auto import tqdm
 
+from .io_utils import PathLike
 from .processing_vitgpt2 import ImageLoadError, as_rgb_image
 
 __all__ = [
@@ -43,8 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-
 _COCO_IMAGE_FIELDS = ("file_name", "id")
 _COCO_ANNOTATION_FIELDS = ("image_id", "caption", "id")
 _TEXT_FIELDS = ("decoder_input_ids", "decoder_attention_mask", "labels")
@@ -58,7 +56,7 @@ class CaptionDataError(ValueError):
 # Image checks shared by both loaders
 
 
-def _decode_error(source: Union[PathLike, dict]) -> Optional[str]:
+def _decode_error(source: PathLike | dict) -> str | None:
     """Fully decodes one image (a path, or a `datasets` image dict) and returns why it failed, or None."""
     try:
         as_rgb_image(source)
@@ -70,7 +68,7 @@ def _decode_error(source: Union[PathLike, dict]) -> Optional[str]:
 
 
 def _find_unreadable_images(
-    images: Iterable[tuple[Any, Union[PathLike, dict]]], total: int, num_workers: int
+    images: Iterable[tuple[Any, PathLike | dict]], total: int, num_workers: int
 ) -> dict[Any, str]:
     """Decodes `(key, source)` images on a thread pool (PIL decodes without the GIL) and returns {key: error}.
 
@@ -251,7 +249,7 @@ def load_hf_captions(
     split: str = "train",
     image_column: str = "image",
     caption_column: str = "caption",
-    data_dir: Optional[str] = None,
+    data_dir: str | None = None,
     skip_bad_images: bool = False,
     num_workers: int = 8,
     **load_dataset_kwargs: Any,
@@ -362,7 +360,7 @@ class CaptionCollator:
     labels from the captions, truncated to `max_length` tokens (None: the processor's default).
     """
 
-    def __init__(self, processor: Any, max_length: Optional[int] = None):
+    def __init__(self, processor: Any, max_length: int | None = None):
         self.processor = processor
         self.max_length = max_length
 

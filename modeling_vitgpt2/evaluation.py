@@ -12,9 +12,9 @@ File formats (the course's, see the README):
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
 from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
-from .io_utils import InvalidJSONError, preview_names, read_json, write_json_atomic
+from .io_utils import InvalidJSONError, PathLike, preview_names, read_json, write_json_atomic
 from .loading import load_for_inference
 from .processing_vitgpt2 import ViTGPT2Processor, load_image
 from .quantization import quantize_for_cpu
@@ -49,8 +49,7 @@ __all__ = [
     "write_extremes",
 ]
 
-PathLike = Union[str, os.PathLike]
-LayerChoice = Union[int, str, Sequence[int]]
+LayerChoice = int | str | Sequence[int]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,8 +73,8 @@ def check_images_readable(paths: Sequence[Path], progress: bool = True) -> None:
         load_image(path)
 
 
-def load_captioner(model_or_path, processor: Optional[ViTGPT2Processor] = None,
-                   device: Optional[Union[str, torch.device]] = None, quantize: Optional[str] = None):
+def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
+                   device: str | torch.device | None = None, quantize: str | None = None):
     """Returns `(model, processor)` in eval mode on `device` (default: CUDA when available, else the CPU).
 
     `model_or_path` is a loaded model (then pass its `processor`), a saved model folder or Hub id, or a peft adapter
@@ -106,7 +105,7 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
-def _generation_settings(num_beams: int, max_length: Optional[int], max_new_tokens: Optional[int] = None) -> dict:
+def _generation_settings(num_beams: int, max_length: int | None, max_new_tokens: int | None = None) -> dict:
     settings = {"num_beams": num_beams}
     # An explicit None would override the model's generation_config and break generate.
     if max_length is not None:
@@ -133,8 +132,8 @@ class _PixelBatch:
 
 @torch.inference_mode()
 def caption_images(model, processor, paths: Sequence[Path], *, num_beams: int = 3, batch_size: int = 8,
-                   max_length: Optional[int] = None, max_new_tokens: Optional[int] = None,
-                   progress: bool = True, num_workers: Optional[int] = None) -> dict[str, str]:
+                   max_length: int | None = None, max_new_tokens: int | None = None,
+                   progress: bool = True, num_workers: int | None = None) -> dict[str, str]:
     """Captions image files in batches with beam search: `{file name without extension: caption}`, in input order.
 
     `num_workers` processes decode and preprocess the next batches while the model captions this one (default:
@@ -156,10 +155,10 @@ def caption_images(model, processor, paths: Sequence[Path], *, num_beams: int = 
 
 
 def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3, batch_size: int = 8,
-                   max_length: Optional[int] = None, *, processor: Optional[ViTGPT2Processor] = None,
-                   output: Optional[PathLike] = None, device: Optional[Union[str, torch.device]] = None,
-                   max_new_tokens: Optional[int] = None, progress: bool = True, quantize: Optional[str] = None,
-                   num_workers: Optional[int] = None) -> dict[str, str]:
+                   max_length: int | None = None, *, processor: ViTGPT2Processor | None = None,
+                   output: PathLike | None = None, device: str | torch.device | None = None,
+                   max_new_tokens: int | None = None, progress: bool = True, quantize: str | None = None,
+                   num_workers: int | None = None) -> dict[str, str]:
     """Captions every image file in `images_dir` (sorted) and returns `{file name without extension: caption}`.
 
     Args:
@@ -189,7 +188,7 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
 # Predictions and references
 
 
-def _predictions_and_source(predictions: Union[PathLike, Mapping[str, str]]) -> tuple[Mapping[str, str], str]:
+def _predictions_and_source(predictions: PathLike | Mapping[str, str]) -> tuple[Mapping[str, str], str]:
     """The predictions (read if given as a file) and how to name them in messages."""
     if isinstance(predictions, (str, os.PathLike)):
         return read_predictions(predictions), str(predictions)
@@ -298,13 +297,13 @@ class ScoreReport:
     `ref_clip_score` repeat the headline values (None when CLIPScore was skipped)."""
 
     cider: float
-    clip_score: Optional[float]
-    ref_clip_score: Optional[float]
-    clip_model: Optional[str]
+    clip_score: float | None
+    ref_clip_score: float | None
+    clip_model: str | None
     clip_prefix: str
     metrics: dict[str, float]
     skipped: dict[str, str]
-    per_image: dict[str, dict[str, Optional[float]]]
+    per_image: dict[str, dict[str, float | None]]
 
     def to_json(self) -> dict:
         """The scores file: the corpus values and settings first, then `num_images` and `per_image`."""
@@ -313,11 +312,11 @@ class ScoreReport:
         return {**summary, "num_images": len(per_image), "per_image": per_image}
 
 
-def score_predictions(predictions: Union[PathLike, Mapping[str, str]], annotations: PathLike,
-                      images_dir: Optional[PathLike] = None, *, clip_model: Optional[Union[str, LoadedClip]] = None,
-                      clip_prefix: str = "", train_annotations: Optional[PathLike] = None,
-                      metrics: Optional[Sequence[str]] = None, batch_size: int = 32,
-                      output: Optional[PathLike] = None, progress: bool = True) -> ScoreReport:
+def score_predictions(predictions: PathLike | Mapping[str, str], annotations: PathLike,
+                      images_dir: PathLike | None = None, *, clip_model: str | LoadedClip | None = None,
+                      clip_prefix: str = "", train_annotations: PathLike | None = None,
+                      metrics: Sequence[str] | None = None, batch_size: int = 32,
+                      output: PathLike | None = None, progress: bool = True) -> ScoreReport:
     """Scores captions against COCO-style references with every registered metric (`metrics.METRICS`): CIDEr,
     BLEU-1..4, ROUGE-L, METEOR (with Java), caption diversity; CLIPScore and RefCLIPScore with `clip_model`; the share
     copied from the training set with `train_annotations`. A metric that cannot run is listed in `skipped`.
@@ -366,7 +365,7 @@ def score_predictions(predictions: Union[PathLike, Mapping[str, str]], annotatio
     return report
 
 
-def _clip_name(clip_model: Union[str, os.PathLike, LoadedClip]) -> str:
+def _clip_name(clip_model: str | os.PathLike | LoadedClip) -> str:
     return clip_model.model.name_or_path if isinstance(clip_model, LoadedClip) else str(clip_model)
 
 
@@ -384,8 +383,8 @@ def _check_files_exist(paths, images_dir: PathLike, listed_in: PathLike) -> None
 
 
 def run_zero_shot(images_dir: PathLike, id2label: PathLike, templates: Sequence[str], output: PathLike, *,
-                  labels_file: Optional[PathLike] = None, ensemble: bool = False,
-                  clip_model: Union[str, LoadedClip] = DEFAULT_CLIP_MODEL, batch_size: int = 32,
+                  labels_file: PathLike | None = None, ensemble: bool = False,
+                  clip_model: str | LoadedClip = DEFAULT_CLIP_MODEL, batch_size: int = 32,
                   progress: bool = True) -> tuple[ZeroShotResult, dict]:
     """Classifies a folder with each template and writes the course's `filename,label` CSV per template next to
     `output` (`<output stem>.<template index>.csv`, and `.ensemble.csv`), then the summary JSON at `output`:
@@ -417,8 +416,8 @@ def run_zero_shot(images_dir: PathLike, id2label: PathLike, templates: Sequence[
 
 
 def compute_attention_maps(model, processor, images: Sequence[Path], *, layer: LayerChoice = REPORT_LAYERS,
-                           head: Optional[int] = None, num_beams: int = 3, max_length: Optional[int] = None,
-                           max_new_tokens: Optional[int] = None, batch_size: int = 8,
+                           head: int | None = None, num_beams: int = 3, max_length: int | None = None,
+                           max_new_tokens: int | None = None, batch_size: int = 8,
                            progress: bool = True) -> list[CaptionAttention]:
     """Captions `images` in batches and returns each one's per-word cross-attention maps (see `attention_maps`)."""
     _check_batch_size(batch_size)
@@ -462,9 +461,9 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
 
 
 def write_attention_maps(model_or_path, images: Sequence[PathLike], output_dir: PathLike, *,
-                         processor: Optional[ViTGPT2Processor] = None, layer: LayerChoice = REPORT_LAYERS,
-                         head: Optional[int] = None, num_beams: int = 3, max_length: Optional[int] = None,
-                         max_new_tokens: Optional[int] = None, batch_size: int = 8, save_arrays: bool = False,
+                         processor: ViTGPT2Processor | None = None, layer: LayerChoice = REPORT_LAYERS,
+                         head: int | None = None, num_beams: int = 3, max_length: int | None = None,
+                         max_new_tokens: int | None = None, batch_size: int = 8, save_arrays: bool = False,
                          progress: bool = True) -> list[dict]:
     """Draws `<image stem>_attention.png` in `output_dir` for each image file (and `.npz` arrays with `save_arrays`:
     caption, words, maps (words, grid_h, grid_w), prefix_weights, layers, head with -1 for the mean of the heads).
@@ -498,8 +497,8 @@ class ScoredCaption:
     clip_score: float
 
 
-def clip_score_extremes(predictions: Union[PathLike, Mapping[str, str]], images_dir: PathLike,
-                        clip_model: Union[str, LoadedClip] = DEFAULT_CLIP_MODEL, top_k: int = 1, *,
+def clip_score_extremes(predictions: PathLike | Mapping[str, str], images_dir: PathLike,
+                        clip_model: str | LoadedClip = DEFAULT_CLIP_MODEL, top_k: int = 1, *,
                         clip_prefix: str = "", batch_size: int = 32,
                         progress: bool = True) -> tuple[list[ScoredCaption], list[ScoredCaption]]:
     """The `top_k` highest and lowest CLIPScore image-caption pairs, best first and worst first.
@@ -527,11 +526,11 @@ def clip_score_extremes(predictions: Union[PathLike, Mapping[str, str]], images_
     return best, worst
 
 
-def write_extremes(predictions: Union[PathLike, Mapping[str, str]], images_dir: PathLike, model_or_path,
-                   output_dir: PathLike, *, clip_model: Union[str, LoadedClip] = DEFAULT_CLIP_MODEL, top_k: int = 1,
-                   clip_prefix: str = "", processor: Optional[ViTGPT2Processor] = None,
-                   layer: LayerChoice = REPORT_LAYERS, head: Optional[int] = None, num_beams: int = 3,
-                   max_length: Optional[int] = None, max_new_tokens: Optional[int] = None, batch_size: int = 8,
+def write_extremes(predictions: PathLike | Mapping[str, str], images_dir: PathLike, model_or_path,
+                   output_dir: PathLike, *, clip_model: str | LoadedClip = DEFAULT_CLIP_MODEL, top_k: int = 1,
+                   clip_prefix: str = "", processor: ViTGPT2Processor | None = None,
+                   layer: LayerChoice = REPORT_LAYERS, head: int | None = None, num_beams: int = 3,
+                   max_length: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
                    progress: bool = True) -> dict:
     """Finds the best and worst captions by CLIPScore and draws their attention maps (course problem 3).
 

@@ -47,12 +47,12 @@ import logging
 import mmap
 import os
 import sys
-from contextlib import closing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any
 
 import datasets
 import numpy as np
@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
 from .data import CaptionCollator, image_source
-from .io_utils import write_json_atomic
+from .io_utils import PathLike, write_json_atomic
 from .processing_vitgpt2 import ImageLoadError, as_rgb_image
 
 __all__ = [
@@ -83,8 +83,6 @@ __all__ = [
 
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 # Bump when the on-disk layout or the way features are computed changes: old caches then stop matching.
 FORMAT_VERSION = 1
@@ -306,7 +304,7 @@ class EncoderFeatureCache:
         batch_size: int = 16,
         num_workers: int = 8,
         checkpoint_every: int = 4096,
-    ) -> "EncoderFeatureCache":
+    ) -> EncoderFeatureCache:
         """Encodes every image of `rows` that the cache does not hold yet; returns the cache.
 
         rows: a caption dataset (`load_coco_captions`/`load_hf_captions`, best through `without_image_decoding`), or
@@ -540,10 +538,10 @@ class CachedEncoderOutput(BaseModelOutput):
     forbids) and moved with `.to(device)`.
     """
 
-    def pin_memory(self, device: Any = None) -> "CachedEncoderOutput":
+    def pin_memory(self, device: Any = None) -> CachedEncoderOutput:
         return CachedEncoderOutput(last_hidden_state=self.last_hidden_state.pin_memory())
 
-    def to(self, *args: Any, **kwargs: Any) -> "CachedEncoderOutput":
+    def to(self, *args: Any, **kwargs: Any) -> CachedEncoderOutput:
         return CachedEncoderOutput(last_hidden_state=self.last_hidden_state.to(*args, **kwargs))
 
 

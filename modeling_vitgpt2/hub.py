@@ -34,9 +34,8 @@ import argparse
 import dataclasses
 import json
 import sys
-from importlib import metadata
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 import timm

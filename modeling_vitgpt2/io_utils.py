@@ -6,11 +6,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 __all__ = ["InvalidJSONError", "preview_names", "read_json", "write_json_atomic", "write_text_atomic"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class InvalidJSONError(ValueError):

@@ -18,8 +18,9 @@ import functools
 import math
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 from .cider import _as_keyed, corpus_cider, ptb_tokenize_lines
 
@@ -54,8 +55,8 @@ class MetricInputs:
     references: list[list[str]]
     tokenized_predictions: list[str]
     tokenized_references: list[list[str]]
-    tokenized_training_captions: Optional[frozenset[str]] = None
-    images: Optional[dict[str, object]] = None  # name -> image file or PIL image, for image metrics
+    tokenized_training_captions: frozenset[str] | None = None
+    images: dict[str, object] | None = None  # name -> image file or PIL image, for image metrics
     clip: object = None  # a `clip_score.LoadedClip`, for CLIPScore
     clip_prefix: str = ""
     batch_size: int = 32
@@ -299,8 +300,8 @@ def format_metric(key: str, value: float) -> str:
 
 
 def compute_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
-                    training_captions: Optional[Iterable[str]] = None, images: Optional[Mapping[str, object]] = None,
-                    clip=None, clip_prefix: str = "", metrics: Optional[Sequence[str]] = None,
+                    training_captions: Iterable[str] | None = None, images: Mapping[str, object] | None = None,
+                    clip=None, clip_prefix: str = "", metrics: Sequence[str] | None = None,
                     during_training: bool = False, batch_size: int = 32, progress: bool = False) -> MetricsResult:
     """Scores `{image: caption}` against `{image: [references]}` (the same images) with the registered metrics.
 

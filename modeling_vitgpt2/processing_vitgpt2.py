@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-
 from transformers import BatchFeature, ProcessorMixin
 
 __all__ = ["ViTGPT2Processor", "ImageLoadError", "load_image", "as_rgb_image", "to_rgb"]
 
 
 # A file path, a PIL image, an HxW / HxWxC uint8 array, or an undecoded `datasets` image ({"bytes": ..., "path": ...}).
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, Mapping]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | Mapping
 
 
 class ImageLoadError(ValueError):
@@ -57,7 +55,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+def load_image(path: str | os.PathLike) -> Image.Image:
     """Opens an image file fully (so truncated files fail here, not mid-batch) and returns it as RGB."""
     path = Path(path)
     if not path.is_file():
@@ -124,7 +122,7 @@ class ViTGPT2Processor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def from_timm_model(cls, timm_model, tokenizer) -> "ViTGPT2Processor":
+    def from_timm_model(cls, timm_model, tokenizer) -> ViTGPT2Processor:
         """Builds the image transform timm uses for `timm_model`'s pretrained weights as a `CLIPImageProcessor`
         (resize the short side to size / crop_pct, centre crop, normalise), so it is saved with the model and
         loads without timm or the Hub."""
@@ -156,7 +154,7 @@ class ViTGPT2Processor(ProcessorMixin):
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
     @classmethod
-    def from_vision_encoder_decoder(cls, path) -> "ViTGPT2Processor":
+    def from_vision_encoder_decoder(cls, path) -> ViTGPT2Processor:
         """The processor of a transformers `VisionEncoderDecoderModel` folder or id, for a converted model."""
         from transformers import AutoImageProcessor, AutoTokenizer
 

@@ -23,7 +23,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Optional
 
 import datasets
 from braceexpand import braceexpand
@@ -120,7 +119,7 @@ def stream_webdataset(shards: str | list[str]) -> datasets.IterableDataset:
 
 def stream_hf_dataset(
     name: str, split: str, image_column: str = "image", caption_column: str = "caption",
-    config_name: Optional[str] = None,
+    config_name: str | None = None,
 ) -> datasets.IterableDataset:
     """Caption rows streamed from any `datasets` dataset (`load_dataset(..., streaming=True)`); a caption cell may
     hold one caption or a list, which gives one row per caption (see `decoded_rows`)."""
@@ -179,7 +178,7 @@ def first_captions(stream: datasets.IterableDataset, limit: int) -> list[str]:
     return [row["caption"] for row in islice(stream, limit) if isinstance(row["caption"], str) and row["caption"].strip()]
 
 
-def materialise(stream: datasets.IterableDataset, limit: Optional[int]) -> datasets.Dataset:
+def materialise(stream: datasets.IterableDataset, limit: int | None) -> datasets.Dataset:
     """The first `limit` rows of a decoded stream as an in-memory `Dataset` (for a validation set)."""
     rows = list(islice(stream, limit))
     if not rows:

@@ -51,7 +51,6 @@ import time
 import traceback
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
 
 import torch
 import yaml
@@ -111,14 +110,14 @@ class Study:
     data: dict
     recipe: dict
     variants: list[tuple[str, dict]]
-    clip_model: Optional[str] = None
+    clip_model: str | None = None
     clip_prefix: str = ""
-    metrics: Optional[list[str]] = None
-    zero_shot: Optional[dict] = None
+    metrics: list[str] | None = None
+    zero_shot: dict | None = None
     extremes: dict = field(default_factory=dict)
     side_by_side: int = 4
-    output_dir: Optional[str] = None
-    torch_threads: Optional[int] = None
+    output_dir: str | None = None
+    torch_threads: int | None = None
 
 
 def _argument_names() -> set[str]:
@@ -230,7 +229,7 @@ class StudyProgress:
         self.name = ""
         self.variant_start = self.study_start
         self.first_step = self.step = self.max_steps = 0
-        self.cider: Optional[float] = None
+        self.cider: float | None = None
         self.last_print = 0.0
 
     def say(self, message: str) -> None:
@@ -246,7 +245,7 @@ class StudyProgress:
         if trained:
             self.durations.append(time.time() - self.variant_start)
 
-    def time_left(self) -> Optional[float]:
+    def time_left(self) -> float | None:
         elapsed = time.time() - self.variant_start
         done = self.step - self.first_step
         current_total = None
@@ -258,7 +257,7 @@ class StudyProgress:
         current_left = max(0.0, (current_total if current_total is not None else per_variant) - elapsed)
         return current_left + per_variant * (self.total - self.index)
 
-    def update(self, step: int, max_steps: int, cider: Optional[float] = None, force: bool = False) -> None:
+    def update(self, step: int, max_steps: int, cider: float | None = None, force: bool = False) -> None:
         self.step, self.max_steps = step, max_steps
         if cider is not None:
             self.cider = cider
@@ -309,7 +308,7 @@ def _reset_peak_memory() -> None:
         pass
 
 
-def _peak_memory() -> tuple[Optional[int], str]:
+def _peak_memory() -> tuple[int | None, str]:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated()), "GPU memory allocated by torch"
     try:
@@ -444,7 +443,7 @@ def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progre
     return result
 
 
-def _finished(folder: Path) -> Optional[dict]:
+def _finished(folder: Path) -> dict | None:
     path = folder / RESULT_FILE
     if path.is_file():
         result = json.loads(path.read_text())
@@ -453,7 +452,7 @@ def _finished(folder: Path) -> Optional[dict]:
     return None
 
 
-def _best_epoch(log_history: list[dict]) -> Optional[float]:
+def _best_epoch(log_history: list[dict]) -> float | None:
     evaluations = [entry for entry in log_history if "eval_cider" in entry and "epoch" in entry]
     if not evaluations:
         return None
@@ -555,7 +554,7 @@ def run_study(study: Study, output_dir, *, show_progress: bool = True) -> dict:
     return results
 
 
-def _run_zero_shot(study: Study, output_dir: Path, clip, progress: StudyProgress) -> Optional[dict]:
+def _run_zero_shot(study: Study, output_dir: Path, clip, progress: StudyProgress) -> dict | None:
     if not study.zero_shot:
         return None
     from .evaluation import run_zero_shot
@@ -571,7 +570,7 @@ def _run_zero_shot(study: Study, output_dir: Path, clip, progress: StudyProgress
 
 
 def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
-              progress: StudyProgress) -> Optional[dict]:
+              progress: StudyProgress) -> dict | None:
     """The best and worst captions of one variant, by CLIPScore when the study has a CLIP model, else by per-image
     CIDEr, each with its per-word attention maps."""
     from .attention_maps import REPORT_LAYERS, cross_attention_layers, draw_attention_maps

@@ -13,9 +13,9 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
 
 from PIL import Image, ImageDraw
 
@@ -267,7 +267,7 @@ def _write_split(
 
 
 def write_synthetic_coco(
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     num_train: int = 2000,
     num_val: int = 200,
     seed: int = 0,

@@ -13,8 +13,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -295,7 +294,12 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
     `StreamCounts`). The validation set is small and read into memory: --val_shards, the COCO layout
     (--val_json/--val_images) or the dataset's --val_split."""
     from .streaming import (
-        StreamCounts, decoded_rows, first_captions, materialise, stream_hf_dataset, stream_webdataset,
+        StreamCounts,
+        decoded_rows,
+        first_captions,
+        materialise,
+        stream_hf_dataset,
+        stream_webdataset,
     )
 
     if data_args.train_shards:

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
 from .clip_score import DEFAULT_CLIP_MODEL, ClipLike, LoadedClip, embed_images, embed_texts, resolve_clip
-from .io_utils import InvalidJSONError, read_json, write_text_atomic
+from .io_utils import InvalidJSONError, PathLike, read_json, write_text_atomic
 
 __all__ = [
     "ENSEMBLE",
@@ -45,8 +44,6 @@ ENSEMBLE = "ensemble"  # key of the prompt-ensemble predictions next to the per-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PLACEHOLDER = "{object}"
 _COURSE_NAME = re.compile(r"^(-?\d+)_[^/\\]+$")
-
-PathLike = Union[str, os.PathLike]
 
 
 def validate_templates(templates: Sequence[str]) -> list[str]:
@@ -192,7 +189,7 @@ def classify_images(
     clip: ClipLike = DEFAULT_CLIP_MODEL,
     ensemble: bool = False,
     batch_size: int = 32,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, list[int]]:
     """Zero-shot predictions per template: `{template: [class index per image]}` (+ `ENSEMBLE` if requested).
@@ -212,7 +209,7 @@ def class_probabilities(
     clip: ClipLike = DEFAULT_CLIP_MODEL,
     ensemble: bool = False,
     batch_size: int = 32,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """CLIP's probabilities over `class_names` per template: `{template: (num_images, num_classes)}` (+ `ENSEMBLE`).
@@ -231,22 +228,22 @@ class ZeroShotResult:
 
     filenames: list[str]
     predictions: dict[str, list[int]]
-    labels: Optional[list[int]]
-    accuracy: dict[str, Optional[float]] = field(default_factory=dict)
+    labels: list[int] | None
+    accuracy: dict[str, float | None] = field(default_factory=dict)
     id2label: dict[int, str] = field(default_factory=dict)
 
 
 def zero_shot_folder(
     image_dir: PathLike,
-    id2label: Union[PathLike, Mapping[int, str]],
+    id2label: PathLike | Mapping[int, str],
     templates: Sequence[str],
     *,
-    labels_file: Optional[PathLike] = None,
+    labels_file: PathLike | None = None,
     labels_from_filenames: bool = True,
     clip: ClipLike = DEFAULT_CLIP_MODEL,
     ensemble: bool = False,
     batch_size: int = 32,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> ZeroShotResult:
     """Classifies every image in a folder with each template and scores the accuracy.

@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    ViTConfig,
-    ViTImageProcessor,
     VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTImageProcessor,
 )
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor

@@ -14,7 +14,6 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from modeling_vitgpt2 import ViTGPT2Processor
-
 from modeling_vitgpt2.data import (
     CaptionCollator,
     CaptionDataError,

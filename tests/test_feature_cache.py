@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 from transformers.modeling_outputs import BaseModelOutput
 
+from conftest import TINY_CAPTIONS
 from modeling_vitgpt2 import ImageLoadError, ViTGPT2Processor, load_image
 from modeling_vitgpt2.data import CaptionCollator
 from modeling_vitgpt2.feature_cache import (
@@ -32,8 +33,6 @@ from modeling_vitgpt2.feature_cache import (
     reclaim_pages,
     without_image_decoding,
 )
-
-from conftest import TINY_CAPTIONS
 
 NUM_IMAGES = 3
 TOKENS, WIDTH = 5, 48  # the tiny ViT: CLS + 2x2 patches, 48-d

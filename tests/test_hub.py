@@ -23,8 +23,8 @@ from PIL import Image
 from conftest import REPO, serving_app, training_arguments
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_space, push_to_hub
-from modeling_vitgpt2.metrics import metric_names
 from modeling_vitgpt2.loading import load_for_inference
+from modeling_vitgpt2.metrics import metric_names
 from modeling_vitgpt2.training import run_training
 
 REPO_ID = "someone/vitgpt2-test"

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
-
 from conftest import tiny_config_kwargs
+from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
 
 GENERATE = dict(max_length=12, do_sample=False)
 

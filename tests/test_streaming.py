@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 from accelerate.data_loader import prepare_data_loader
+from test_training_cli import REPO, environment
 from torch.utils.data import DataLoader
 
 from conftest import ENCODER_KWARGS
-from test_training_cli import REPO, environment
-
 from modeling_vitgpt2.data import CaptionDataError
 from modeling_vitgpt2.streaming import StreamCounts, decoded_rows, expand_shards, stream_webdataset
 from modeling_vitgpt2.synthetic import describe_scene, draw_scene, random_scene

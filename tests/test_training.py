@@ -11,14 +11,11 @@ from peft import PeftModel
 
 from conftest import save_tiny_clip, training_arguments
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.peft_setup import PeftArguments
 from modeling_vitgpt2.loading import load_for_inference
 from modeling_vitgpt2.training import (
-    CaptionTrainingArguments,
-    DataArguments,
-    ModelArguments,
     run_training,
 )
+
 
 def captions_of(model, processor, shapes):
     images = sorted(shapes.val_images.iterdir())

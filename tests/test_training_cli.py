@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
 from conftest import ENCODER_KWARGS
 from modeling_vitgpt2.synthetic import write_synthetic_coco
 

@@ -13,7 +13,6 @@ import unittest
 
 import pytest
 import torch
-
 from vendored_suites import transformers_suites
 
 suites = transformers_suites()

@@ -7,11 +7,7 @@ absolute path. The implementation lives in `modeling_vitgpt2.clip_score`; this f
 import datasets
 import evaluate
 
-from modeling_vitgpt2.clip_score import CLIP_SCORE_WEIGHT
-from modeling_vitgpt2.clip_score import DEFAULT_CLIP_MODEL
-from modeling_vitgpt2.clip_score import LoadedClip
-from modeling_vitgpt2.clip_score import clip_score
-from modeling_vitgpt2.clip_score import load_clip
+from modeling_vitgpt2.clip_score import CLIP_SCORE_WEIGHT, DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
 
 _CITATION = """\
 @inproceedings{hessel2021clipscore,
