@@ -5,9 +5,9 @@
     python app.py --model outputs/lora-r4 --clip_model openai/clip-vit-base-patch32 --server_port 7860
 
 `app.py` at the top of the checkout (the Hub Space convention) only calls `main` here. `--model` takes what
-`eval.py` takes: a model folder, a peft adapter folder from train.py, or a Hub id. A Hub Space runs the same
-app.py (`python -m modeling_vitgpt2.hub space MODEL --repo_id you/name` pushes it): there the model is the one the
-Space's README names under `models:`, or the `model/` folder pushed with it.
+`eval.py` takes: a model folder, a peft adapter folder from train.py, or a Hub id. A Hub Space runs a two-line
+app.py (`python -m modeling_vitgpt2.hub space MODEL --repo_id you/name` pushes it) with no arguments: there the
+model is the `model/` folder pushed with it, or else the repository its README names under `models:`.
 
 The model is loaded, and run once on a blank image, before the page is served, so the first visitor does not wait
 for it; requests queue and run one at a time, on the one model in memory.
@@ -23,6 +23,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 import torch
+from huggingface_hub import snapshot_download
 from PIL import Image
 
 from .attention_maps import REPORT_LAYERS, attention_overlay, caption_attention_maps, cross_attention_layers
@@ -295,7 +296,10 @@ def load_demo(args) -> Demo:
         sys.exit(f"app.py: no model at {DEFAULT_MODEL}: make it with `python train.py` (about 10 minutes on 2 CPU "
                  "cores), or pass --model a model folder, adapter folder or Hub id")
     try:
-        model, processor = load_captioner(model_name, quantize=args.quantize)
+        # A Hub id becomes its downloaded folder, so that adapter repositories (with their bundled base_model/)
+        # load as their output folders do.
+        folder = model_name if Path(model_name).is_dir() else snapshot_download(model_name)
+        model, processor = load_captioner(folder, quantize=args.quantize)
         clip = None
         if args.clip_model:
             clip = load_clip(args.clip_model, device=model.device)
