@@ -107,23 +107,72 @@ def streamed_training_command(pretrained_parts, shards: Path, output_dir: Path, 
     ]
 
 
-def test_two_processes_train_one_epoch_of_shards_reading_each_sample_once(pretrained_parts, tmp_path):  # noqa: F811
-    # 4 shards of 5 with one bad sample in each process's half: 9 good samples per process = 3 steps of 3.
-    write_shards(tmp_path / "shards", broken={"000010001": "image", "000030004": "caption"})
-    output_dir = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-        *streamed_training_command(pretrained_parts, tmp_path / "shards", output_dir, "--max_steps", "3",
-                                   "--ddp_backend", "gloo", "--shuffle_buffer", "4"),
-    ]
-    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+CPU_DATA_PARALLEL = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+use_cpu: true
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+rdzv_backend: static
+same_network: true
+main_training_function: main
+"""
+
+
+def accelerate_launch(config: Path, port: int, *arguments: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), *arguments]
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def check_one_epoch_read_once(output_dir: Path, log: str) -> None:
     summary = json.loads((output_dir / "training_summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
     # Had each process read every shard, the counts would be doubled (36 and 4).
     assert summary["stream"]["used_samples"] == 18 and summary["stream"]["skipped_samples"] == 2
     assert summary["stream"]["skipped_by_reason"] == {"unreadable image": 1, "no caption": 1}
-    assert "Skipping sample 000010001: unreadable image" in result.stderr
+    assert "Skipping sample 000010001: unreadable image" in log
+
+
+def test_two_nodes_read_each_sample_once_and_match_one_node(pretrained_parts, tmp_path):  # noqa: F811
+    """One `accelerate launch` of 2 processes, then two launches of one process each as machines 0 and 1 of a
+    two-node job on localhost (gloo): both read one epoch of 4 shards (one bad sample in each process's half: 9 good
+    samples per process = 3 steps of 3) exactly once and train to the same losses."""
+    write_shards(tmp_path / "shards", broken={"000010001": "image", "000030004": "caption"})
+    config = tmp_path / "cpu.yaml"
+    config.write_text(CPU_DATA_PARALLEL)
+    training = ["--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3", "--shuffle_buffer", "4"]
+
+    one_node = tmp_path / "one-node"
+    result = subprocess.run(
+        accelerate_launch(config, 29541, *streamed_training_command(pretrained_parts, tmp_path / "shards", one_node,
+                                                                      *training)),
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    check_one_epoch_read_once(one_node, result.stderr)
+
+    two_nodes = tmp_path / "two-nodes"
+    machines = [
+        subprocess.Popen(
+            accelerate_launch(config, 29543, "--num_machines", "2", "--machine_rank", str(rank),
+                              *streamed_training_command(pretrained_parts, tmp_path / "shards", two_nodes,
+                                                         *training)),
+            cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [machine.communicate(timeout=600) for machine in machines]
+    for machine, (_, log) in zip(machines, logs):
+        assert machine.returncode == 0, log[-4000:]
+    check_one_epoch_read_once(two_nodes, logs[0][1] + logs[1][1])
+    assert logged_losses(two_nodes) == pytest.approx(logged_losses(one_node), abs=1e-6)
+    assert len(logged_losses(one_node)) == 3
 
 
 def test_a_stream_without_max_steps_is_refused_before_anything_loads(train_script, tmp_path):
