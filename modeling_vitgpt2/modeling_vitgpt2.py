@@ -23,6 +23,7 @@ import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -676,6 +677,12 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, embeddings: nn.Linear) -> None:
         self.lm_head = embeddings
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        # timm's blocks carry no flag transformers could set: a trained encoder is checkpointed by timm's own switch.
+        self.encoder.model.set_grad_checkpointing(enable)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
