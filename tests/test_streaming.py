@@ -198,3 +198,45 @@ def test_any_datasets_dataset_streams_one_row_per_caption(tmp_path):
     rows = list(decoded_rows(stream, counts))
     assert [row["image_name"] for row in rows] == ["img0", "img0", "img1", "img1"]
     assert counts.skipped == 2 and counts.reasons == {"unreadable image": 2}
+
+
+class Crash(Exception):
+    """Stands in for a kill between two training steps."""
+
+
+def test_a_stream_resumed_mid_epoch_trains_on_the_batches_it_had_left(shapes, pretrained_parts, tmp_path, monkeypatch):
+    """Trainer resumes a stream by reading it again up to the checkpoint's step (accelerate's `skip_first_batches`):
+    the batches trained before the crash and after the resume are exactly those of an uninterrupted run."""
+    from conftest import training_arguments
+    from modeling_vitgpt2.training import CaptionTrainer, DataArguments, run_training
+
+    write_shards(tmp_path / "shards")  # 20 samples, 10 batches of 2 per pass: steps 1-6 stay in the first pass
+    trained, crash_at_step = [], {"step": None}
+    original_step = CaptionTrainer.training_step
+
+    def recording_step(self, model, inputs, *args, **kwargs):
+        if self.state.global_step == crash_at_step["step"]:
+            raise Crash
+        trained.append(tuple(round(float(image.sum()), 2) for image in inputs["pixel_values"]))
+        return original_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(CaptionTrainer, "training_step", recording_step)
+
+    def run(output_dir, **overrides):
+        model_args, _, peft_args, training_args = training_arguments(
+            shapes, pretrained_parts, output_dir, max_steps=6, save_strategy="steps", save_steps=3,
+            per_device_train_batch_size=2, **overrides)
+        data_args = DataArguments(train_shards=f"{tmp_path}/shards/{{00000..00003}}.tar",
+                                  val_shards=f"{tmp_path}/shards/00000.tar", max_eval_images=1,
+                                  max_caption_length=24, shuffle_buffer=4)
+        run_training(model_args, data_args, peft_args, training_args)
+
+    run(tmp_path / "whole")
+    uninterrupted, trained[:] = list(trained), []
+    crash_at_step["step"] = 3  # after checkpoint-3 is written, before step 4 trains
+    with pytest.raises(Crash):
+        run(tmp_path / "resumed")
+    crash_at_step["step"] = None
+    run(tmp_path / "resumed", resume_from_checkpoint="true")
+    assert len(uninterrupted) == 6 and len(set(uninterrupted)) == 6
+    assert trained == uninterrupted  # steps 1-3, then 4-6: nothing repeated, nothing skipped
