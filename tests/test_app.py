@@ -246,6 +246,13 @@ def test_in_a_real_browser(page, hostile_files, tmp_path):
             if os.environ.get(SCREENSHOT_ENV):
                 shutil.copyfile(screenshot, os.environ[SCREENSHOT_ENV])
 
+            # Clicking a word's panel shows its map large, named by the word.
+            thumbnail = panels.nth(0).bounding_box()
+            panels.nth(0).click()
+            large = tab.locator("#attention-panels [data-testid='detailed-image']")
+            playwright.expect(large).to_have_attribute("alt", caption.split()[0], timeout=10_000)
+            assert large.bounding_box()["width"] > 2 * thumbnail["width"]
+
             # A text file named like a photo: the page says so, and the next upload is captioned again.
             tab.get_by_label("Remove Image").click()
             tab.locator("#caption-image input[type=file]").set_input_files(str(hostile_files["not-an-image"]))
