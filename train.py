@@ -1,7 +1,7 @@
 """Fine-tune the ViT -> GPT-2 captioner with `Trainer` and peft.
 
     python train.py                                         # the built-in default job: the synthetic shapes set,
-                                                            # a small model from scratch (about 10 min on 2 CPU cores)
+                                                            # a small model from scratch
     python train.py --output_dir x --num_train_epochs 1    # the default job with those two changes
     python train.py configs/course_lora.yaml --learning_rate 1e-4   # a config file, with one change
     accelerate launch --num_processes 2 train.py ...        # data-parallel

@@ -105,7 +105,7 @@ def encoder_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     """The encoder's identity: architecture, timm version, and a SHA-256 over every state-dict tensor.
 
     Streams tensor by tensor (one CPU copy of one tensor at a time). SHA-256 rather than BLAKE2 because CPUs with
-    SHA extensions hash it about twice as fast: ViT-L/14's 1.2 GB of fp32 weights take about 1 s on one core.
+    SHA extensions hash it faster.
     """
     encoder = model.get_encoder()
     timm_model = getattr(encoder, "model", encoder)
@@ -472,8 +472,7 @@ def page_out_encoder(model: torch.nn.Module, folder: PathLike) -> None:
 
     The old weights' pages are handed back too (`reclaim_pages`): freeing the tensors alone would not release weights
     that `from_pretrained` mapped from a safetensors file, since that mapping stays alive for the decoder's weights.
-    Measured on CPU with ViT-L/14 + GPT-2: 2.40 -> 1.24 GB resident after loading with `from_pretrained`, 2.78 ->
-    1.62 GB after building with `from_encoder_decoder_pretrained`.
+    (The memory it saves is measured by benchmarks/bench_train.py; see the README.)
     """
     encoder = model.get_encoder()
     trainable = [name for name, parameter in encoder.named_parameters() if parameter.requires_grad]
@@ -486,8 +485,8 @@ def page_out_encoder(model: torch.nn.Module, folder: PathLike) -> None:
     try:
         torch.save({name: tensor.cpu() for name, tensor in resident.items()}, path)  # state_dict is detached
         with open(path, "rb") as written:
-            # Write it back now rather than in the background during the first epochs, where the writeback of
-            # ViT-L's 1.2 GB made training steps 15-20% slower on a 2-core machine.
+            # Write it back now rather than in the background during the first epochs, where the writeback of a
+            # large encoder slows the training steps down.
             os.fsync(written.fileno())
         mapped = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     finally:

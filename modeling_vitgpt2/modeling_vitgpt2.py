@@ -632,11 +632,10 @@ class ViTGPT2LMHead(nn.Linear):
     """The vocabulary projection (GPT-2's tied `lm_head`), with a faster CPU kernel for inference.
 
     On CPU, BLAS computes `hidden @ weight.T` for the (vocabulary x width) weight much more slowly than the same
-    product written `(weight @ hidden.T).T`: measured with MKL on a 2-core AMD EPYC at GPT-2's 50257 x 768, 34 against
-    14 ms for the 3 rows of a beam-search step and 298 against 209 ms for 384 rows (see benchmarks/README.md). The
-    projection streams a 150 MB weight at every decoding step, so this is most of what a step costs. Only float32
-    takes this path: in bf16/fp16 `F.linear` is the faster one (13 against 20 ms). Training keeps `F.linear` too, so
-    its backward pass is unchanged; on GPUs both forms run the same cuBLAS kernels.
+    product written `(weight @ hidden.T).T`, for the few rows of a beam-search step and for large batches alike (the
+    figures are in benchmarks/README.md). The projection streams the whole vocabulary weight at every decoding step,
+    so this is most of what a step costs. Only float32 takes this path: in bf16/fp16 `F.linear` is the faster one.
+    Training keeps `F.linear` too, so its backward pass is unchanged; on GPUs both forms run the same cuBLAS kernels.
     """
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_the_wheel_holds_every_module_and_data_file_the_package_reads(wheel):
     assert (REPO / "model_card" / "template.md").resolve() == (PACKAGE / "model_card_template.md").resolve()
 
 
-def test_the_model_card_renders_from_the_wheel_outside_the_checkout(wheel, tiny_model, tiny_processor, tmp_path):
+def test_hub_card_and_push_work_from_the_wheel_outside_the_checkout(wheel, tiny_model, tiny_processor, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel: installing it is unpacking it onto the path
     run = tmp_path / "run"
@@ -63,16 +63,28 @@ def test_the_model_card_renders_from_the_wheel_outside_the_checkout(wheel, tiny_
     }))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # `card` prints the card; `push` builds the same commit with the Hub cut off at HfApi (recorded, not sent).
     script = (
         "import sys, modeling_vitgpt2, modeling_vitgpt2.hub as hub\n"
+        "from huggingface_hub import CommitInfo, HfApi, RepoUrl\n"
         "print(modeling_vitgpt2.__file__, file=sys.stderr)\n"
         "hub.main(['card', sys.argv[1], '--repo_id', 'someone/tiny'])\n"
+        "def commit(self, repo_id, operations, **kwargs):\n"
+        "    readme = next(op for op in operations if op.path_in_repo == 'README.md')\n"
+        "    with readme.as_file() as card:\n"
+        "        print('PUSHED', sorted(op.path_in_repo for op in operations), card.read().decode())\n"
+        "    return CommitInfo(commit_url='https://huggingface.co/someone/tiny/commit/0', oid='0',\n"
+        "                      commit_message='', commit_description='')\n"
+        "HfApi.create_repo = lambda self, repo_id, **kwargs: RepoUrl('https://huggingface.co/' + repo_id)\n"
+        "HfApi.create_commit = commit\n"
+        "hub.main(['push', sys.argv[1], '--repo_id', 'someone/tiny'])\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(run)], cwd=elsewhere, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_test_token"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert Path(result.stderr.strip().splitlines()[-1]).is_relative_to(site), "imported the checkout, not the wheel"
-    assert "pipeline_tag: image-text-to-text" in result.stdout
-    assert "someone/tiny" in result.stdout and "CIDEr" in result.stdout
+    card, pushed = result.stdout.split("PUSHED", 1)
+    assert "pipeline_tag: image-text-to-text" in card and "someone/tiny" in card and "CIDEr" in card
+    assert "'README.md'" in pushed and "'model.safetensors'" in pushed and "pipeline_tag: image-text-to-text" in pushed
