@@ -711,7 +711,7 @@ class RunTimeEstimate(TrainerCallback):
     that is over an hour (`LONG_RUN_SECONDS`), while the run can still be stopped cheaply. The first step is left
     out of the rate: it pays for warm-up."""
 
-    def __init__(self, trainable: int, total: int, measured_steps: int = 3, clock=time.perf_counter):
+    def __init__(self, trainable: int, total: int, measured_steps: int = 2, clock=time.perf_counter):
         self.trainable, self.total, self.measured_steps, self.clock = trainable, total, measured_steps, clock
         self.started: float | None = None
         self.start_step = 0
