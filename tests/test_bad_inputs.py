@@ -11,7 +11,6 @@ import stat
 import pytest
 import torch
 from PIL import Image
-
 from test_eval_cli import captioner_dir, data, load_cli_module  # noqa: F401  (module fixtures)
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor

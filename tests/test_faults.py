@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_training_cli import REPO, environment, train_command
 
 MAX_STEPS = 8
