@@ -15,6 +15,7 @@ any output file is written.
 """
 
 import argparse
+import os
 import sys
 
 USAGE_ERROR = 2  # argparse's exit status for bad arguments; bad input files are the same kind of mistake
@@ -198,7 +199,10 @@ def main(argv=None) -> int:
         run(args)
     except (OSError, ValueError) as error:
         # Expected input mistakes (missing files, unreadable images, malformed JSON, bad templates or class ids)
-        # raise these with a message naming the file or field; a traceback would only bury it.
+        # raise these with a message naming the file or field; a traceback would only bury it
+        # (VITGPT2_TRACEBACK=1 shows it).
+        if os.environ.get("VITGPT2_TRACEBACK") == "1":
+            raise
         print(f"eval.py {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     return 0

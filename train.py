@@ -10,6 +10,7 @@ Settings come from the built-in defaults (`python train.py --help` shows them), 
 given first, then the flags. Run `python train.py --help` for every option.
 """
 
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -17,11 +18,12 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from modeling_vitgpt2.hub import check_push_settings, push_training_output, without_trainer_push
+from modeling_vitgpt2.hub import HubPushError, check_push_settings, push_training_output, without_trainer_push
 from modeling_vitgpt2.training import (
     CaptionTrainingArguments,
     DataArguments,
     ModelArguments,
+    OutputFolderInUseError,
     PeftArguments,
     run_training,
 )
@@ -72,7 +74,16 @@ def train(model_args, data_args, peft_args, training_args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(*parse_arguments(sys.argv[1:] if argv is None else argv))
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    try:
+        train(*arguments)
+    except (OSError, ValueError, HubPushError, OutputFolderInUseError) as error:
+        # Bad inputs, a busy output folder, an unreachable Hub: the message names the file or field and what to do;
+        # a traceback would bury it (VITGPT2_TRACEBACK=1 shows it).
+        if os.environ.get("VITGPT2_TRACEBACK") == "1":
+            raise
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

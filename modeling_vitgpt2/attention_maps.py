@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from .io_utils import atomic_path
 from .processing_vitgpt2 import ImageLike, as_rgb_image
 
 __all__ = [
@@ -398,15 +398,7 @@ def draw_attention_maps(
     leaves a half-written image under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure = build_attention_figure(result, columns=columns, alpha=alpha, cmap=cmap)
-    # Named here rather than by `tempfile.mkstemp`, whose 0600 mode would survive the rename: the PNG should get the
-    # usual permissions.
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=dpi)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path

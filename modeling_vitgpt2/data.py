@@ -17,10 +17,10 @@ columns, which the model's forward does not name.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,19 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from .io_utils import PathLike
+from .io_utils import InvalidJSONError, PathLike, read_json
 from .processing_vitgpt2 import ImageLoadError, as_rgb_image
 
 __all__ = [
     "CaptionCollator",
     "CaptionDataError",
+    "CocoCaption",
+    "CocoCaptions",
+    "image_file_in",
     "image_source",
     "load_coco_captions",
     "load_hf_captions",
+    "read_coco_captions",
     "references_per_image",
 ]
 
@@ -48,7 +52,7 @@ _COCO_ANNOTATION_FIELDS = ("image_id", "caption", "id")
 _TEXT_FIELDS = ("decoder_input_ids", "decoder_attention_mask", "labels")
 
 
-class CaptionDataError(ValueError):
+class CaptionDataError(InvalidJSONError):
     """A problem in a captions file, a dataset or its images; the message says where it is and what to do."""
 
 
@@ -107,17 +111,109 @@ def _report_unreadable(errors: dict[Any, str], where: str, skip_bad_images: bool
 # COCO layout
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CaptionDataError(f"captions file not found: {path}")
+@dataclass(frozen=True)
+class CocoCaption:
+    """One annotation of a COCO-style captions file, with its image's file name."""
+
+    image_id: Any
+    file_name: str
+    caption: str  # surrounding white space removed
+    annotation_id: Any
+
+    @property
+    def image_name(self) -> str:
+        """The prediction key: the file name without folder and extension."""
+        return Path(self.file_name).stem
+
+
+@dataclass(frozen=True)
+class CocoCaptions:
+    """A checked COCO-style captions file: its annotations in file order, each with its image's file name."""
+
+    path: Path
+    captions: list[CocoCaption]
+
+    def references(self) -> dict[str, list[str]]:
+        """`{image name: [captions]}`, in order of first appearance."""
+        references: dict[str, list[str]] = {}
+        for entry in self.captions:
+            references.setdefault(entry.image_name, []).append(entry.caption)
+        return references
+
+    def file_names(self) -> dict[str, str]:
+        """`{image name: file name}` of the images that have captions."""
+        return {entry.image_name: entry.file_name for entry in self.captions}
+
+
+def read_coco_captions(annotations_json: PathLike) -> CocoCaptions:
+    """Reads and checks a COCO-style captions file: `{"images": [{"file_name", "id"}], "annotations": [{"image_id",
+    "caption", "id"}]}` (UTF-8, a byte-order mark allowed). The package's one COCO parser: training and `eval.py`
+    read captions through it.
+
+    Every problem raises `CaptionDataError` naming the file and the entry: malformed JSON (line and column), a missing
+    field, a duplicate image id, an annotation of an unknown image, an empty caption, a file name that leaves the
+    image folder (absolute or with `..`), and two captioned images whose names differ only in their extension or
+    folder (`v0.jpg` and `v0.png`): predictions are keyed by the name without extension, so they would be merged.
+    """
+    path = Path(annotations_json)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
+        content = read_json(path, "captions file")
+    except (FileNotFoundError, InvalidJSONError) as error:
+        raise CaptionDataError(str(error)) from None
+    images = _require_list(content, path, "images")
+    annotations = _require_list(content, path, "annotations")
+
+    file_names = {}
+    for index, entry in enumerate(images):
+        _require_fields(entry, _COCO_IMAGE_FIELDS, path, "images", index)
+        file_name = entry["file_name"]
+        if not isinstance(file_name, str) or not file_name.strip():
+            raise CaptionDataError(f"{path}: images[{index}].file_name must be a non-empty file name, got {file_name!r}")
+        if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+            raise CaptionDataError(
+                f"{path}: images[{index}].file_name {file_name!r} leaves the image folder; file names must be "
+                "relative to it, without '..'"
+            )
+        if entry["id"] in file_names:
+            raise CaptionDataError(f"{path}: image id {entry['id']} appears twice in 'images'; ids must be unique.")
+        file_names[entry["id"]] = file_name
+
+    captions, named = [], {}
+    for index, entry in enumerate(annotations):
+        _require_fields(entry, _COCO_ANNOTATION_FIELDS, path, "annotations", index)
+        if entry["image_id"] not in file_names:
+            raise CaptionDataError(
+                f"{path}: annotation id {entry['id']} refers to image_id {entry['image_id']!r}, which is not in "
+                "'images'. Add the image or remove the annotation."
+            )
+        if not isinstance(entry["caption"], str) or not entry["caption"].strip():
+            raise CaptionDataError(
+                f"{path}: annotation id {entry['id']} has an empty caption. Write the caption or remove the annotation."
+            )
+        caption = CocoCaption(entry["image_id"], file_names[entry["image_id"]], entry["caption"].strip(), entry["id"])
+        first = named.setdefault(caption.image_name, caption.file_name)
+        if first != caption.file_name:
+            raise CaptionDataError(
+                f"{path}: images {first!r} and {caption.file_name!r} share the name {caption.image_name!r} (the "
+                "prediction key is the file name without extension), so their captions would be merged; rename one"
+            )
+        captions.append(caption)
+    if not captions:
+        raise CaptionDataError(f"{path} has no annotations; there is nothing to train or evaluate on.")
+    return CocoCaptions(path, captions)
+
+
+def image_file_in(image_dir: PathLike, file_name: str, listed_in: PathLike) -> Path:
+    """`image_dir / file_name`, refused (naming the annotations file) when it resolves outside `image_dir`: through
+    `..`, an absolute name, or a symbolic link that points out of the folder."""
+    folder = Path(image_dir)
+    path = folder / file_name
+    if not path.resolve().is_relative_to(folder.resolve()):
         raise CaptionDataError(
-            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}. "
-            "Fix the file there (a missing comma or quote is the usual cause)."
-        ) from error
+            f"{listed_in}: image {file_name!r} resolves to {path.resolve()}, outside the image folder {folder}; "
+            "captions may only name images inside it (copy the file there instead of linking to it)"
+        )
+    return path
 
 
 def _require_list(content: Any, path: Path, key: str) -> list:
@@ -152,40 +248,18 @@ def load_coco_captions(
     Columns: `image_path`, `image_name` (file name without extension), `image_id`, `caption` (surrounding white space
     removed), `annotation_id`, in the order of the annotations. Images without any caption are left out.
 
-    Everything is checked before returning: the JSON and its fields, that each annotation's image exists and its
-    caption is not empty, that every image file is present (all missing ones are reported together) and that each
-    one decodes completely (on `num_workers` threads). With `skip_bad_images=True`, missing or unreadable images are
-    logged and their captions dropped instead.
+    Everything is checked before returning: the file as `read_coco_captions` checks it, that each image lies inside
+    `image_dir` and is present (all missing ones are reported together) and that each one decodes completely (on
+    `num_workers` threads). With `skip_bad_images=True`, missing or unreadable images are logged and their captions
+    dropped instead.
     """
-    path, image_dir = Path(annotations_json), Path(image_dir)
-    content = _read_json(path)
-    images = _require_list(content, path, "images")
-    annotations = _require_list(content, path, "annotations")
-
-    file_names = {}
-    for index, entry in enumerate(images):
-        _require_fields(entry, _COCO_IMAGE_FIELDS, path, "images", index)
-        if entry["id"] in file_names:
-            raise CaptionDataError(f"{path}: image id {entry['id']} appears twice in 'images'; ids must be unique.")
-        file_names[entry["id"]] = entry["file_name"]
-
-    for index, entry in enumerate(annotations):
-        _require_fields(entry, _COCO_ANNOTATION_FIELDS, path, "annotations", index)
-        if entry["image_id"] not in file_names:
-            raise CaptionDataError(
-                f"{path}: annotation id {entry['id']} refers to image_id {entry['image_id']!r}, which is not in "
-                "'images'. Add the image or remove the annotation."
-            )
-        if not isinstance(entry["caption"], str) or not entry["caption"].strip():
-            raise CaptionDataError(
-                f"{path}: annotation id {entry['id']} has an empty caption. Write the caption or remove the annotation."
-            )
-
-    # Only images that have captions matter; check each once, in the order the annotations first name them.
-    used_image_ids = list(dict.fromkeys(entry["image_id"] for entry in annotations))
-    if not used_image_ids:
-        raise CaptionDataError(f"{path} has no annotations; there is nothing to train or evaluate on.")
-    image_paths = {image_id: image_dir / file_names[image_id] for image_id in used_image_ids}
+    coco = read_coco_captions(annotations_json)
+    path, image_dir = coco.path, Path(image_dir)
+    image_paths = {}
+    for entry in coco.captions:  # in the order the annotations first name the images
+        if entry.image_id not in image_paths:
+            image_paths[entry.image_id] = image_file_in(image_dir, entry.file_name, path)
+    used_image_ids = list(image_paths)  # only images that have captions matter
 
     missing = [image_paths[image_id] for image_id in used_image_ids if not image_paths[image_id].is_file()]
     if len(missing) == len(used_image_ids):
@@ -212,14 +286,14 @@ def load_coco_captions(
     if not usable:
         raise CaptionDataError(f"no readable image is left in {image_dir} for {path}.")
 
-    rows = [entry for entry in annotations if entry["image_id"] in usable]
+    rows = [entry for entry in coco.captions if entry.image_id in usable]
     return datasets.Dataset.from_dict(
         {
-            "image_path": [str(image_paths[entry["image_id"]]) for entry in rows],
-            "image_name": [Path(file_names[entry["image_id"]]).stem for entry in rows],
-            "image_id": [entry["image_id"] for entry in rows],
-            "caption": [entry["caption"].strip() for entry in rows],
-            "annotation_id": [entry["id"] for entry in rows],
+            "image_path": [str(image_paths[entry.image_id]) for entry in rows],
+            "image_name": [entry.image_name for entry in rows],
+            "image_id": [entry.image_id for entry in rows],
+            "caption": [entry.caption for entry in rows],
+            "annotation_id": [entry.annotation_id for entry in rows],
         }
     )
 

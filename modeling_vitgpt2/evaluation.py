@@ -12,6 +12,7 @@ File formats (the course's, see the README):
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,17 @@ from tqdm.auto import tqdm
 
 from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
 from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
-from .io_utils import InvalidJSONError, PathLike, preview_names, read_json, write_json_atomic
+from .data import image_file_in, read_coco_captions
+from .io_utils import (
+    InvalidJSONError,
+    PathLike,
+    atomic_path,
+    check_safetensors,
+    check_writable,
+    preview_names,
+    read_json,
+    write_json_atomic,
+)
 from .loading import load_for_inference
 from .processing_vitgpt2 import ViTGPT2Processor, load_image
 from .quantization import quantize_for_cpu
@@ -35,6 +46,7 @@ __all__ = [
     "caption_folder",
     "caption_images",
     "check_images_readable",
+    "check_model_folder",
     "check_same_names",
     "clip_score_extremes",
     "compute_attention_maps",
@@ -86,9 +98,17 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
             raise ValueError(f"quantize={quantize!r} runs on the CPU only, got device={device!r}")
         device = "cpu"
     if isinstance(model_or_path, (str, os.PathLike)):
+        if Path(model_or_path).is_dir():
+            check_model_folder(Path(model_or_path))
         if processor is None:
             processor = ViTGPT2Processor.from_pretrained(model_or_path)
-        model = load_for_inference(model_or_path, quantize=quantize)
+        try:
+            model = load_for_inference(model_or_path, quantize=quantize)
+        except pickle.UnpicklingError:
+            pickled = sorted(Path(model_or_path).glob("*.bin")) if Path(model_or_path).is_dir() else []
+            raise ValueError(f"{pickled[0] if pickled else model_or_path}: pickled weights that torch refuses to load "
+                             "safely (weights_only); save the model again with save_pretrained, which writes "
+                             "model.safetensors") from None
     else:
         model = model_or_path
         if processor is None:
@@ -98,6 +118,28 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
+
+
+def check_model_folder(folder: Path) -> None:
+    """Fails naming the file, before anything is loaded, when a saved captioner (or train.py's adapter folder) lacks
+    its weights or tokenizer or has damaged weights; loading would otherwise stop with a message that names no file
+    or blames a missing library."""
+    adapter = (folder / "adapter_config.json").is_file()
+    weights = [folder / name for name in ("adapter_model.safetensors",) if adapter] or sorted(
+        folder.glob("model*.safetensors"))
+    if not adapter and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: give the folder a model was saved to (save_pretrained)")
+    if not weights and not (folder / "pytorch_model.bin").is_file():
+        raise FileNotFoundError(f"{folder} has no weights (model.safetensors): the model was not fully saved; save it "
+                                "again")
+    for path in weights:
+        check_safetensors(path)
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json): save the processor with the model "
+                                "(processor.save_pretrained(folder))")
+    bundled_base = folder / "base_model"
+    if adapter and bundled_base.is_dir():
+        check_model_folder(bundled_base)
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -172,6 +214,8 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
         quantize: "int8" runs the model in int8 on the CPU (`modeling_vitgpt2.quantization`).
         num_workers: processes that decode images while the model runs (`caption_images`).
     """
+    if output is not None:
+        check_writable(output)  # an unwritable output must fail now, not after captioning every image
     paths = list_images(images_dir)
     image_names(paths)  # fail on clashing names before the slow part
     check_images_readable(paths, progress)
@@ -218,52 +262,10 @@ class CocoReferences:
 
 
 def read_coco_references(path: PathLike) -> CocoReferences:
-    """Reads a COCO-style captions file into the references of every image that has at least one caption.
-
-    Errors name the file and the field (`images[3].file_name`, `annotations[7].caption`, ...).
-    """
-    content = read_json(path, "annotations file")
-    if not isinstance(content, dict):
-        raise InvalidJSONError(f"annotations file {path} must hold a JSON object with 'images' and 'annotations' "
-                               f"lists, got {type(content).__name__}")
-    file_names: dict[object, str] = {}
-    for index, entry in enumerate(_coco_list(content, "images", path)):
-        _require_fields(entry, ("file_name", "id"), path, f"images[{index}]")
-        if not isinstance(entry["file_name"], str) or not entry["file_name"]:
-            raise InvalidJSONError(f"annotations file {path}: images[{index}].file_name must be a file name string")
-        file_names[entry["id"]] = entry["file_name"]
-    references: dict[str, list[str]] = {}
-    names: dict[str, str] = {}
-    for index, entry in enumerate(_coco_list(content, "annotations", path)):
-        _require_fields(entry, ("image_id", "caption"), path, f"annotations[{index}]")
-        if entry["image_id"] not in file_names:
-            raise InvalidJSONError(f"annotations file {path}: annotations[{index}].image_id {entry['image_id']!r} "
-                                   "is not the id of any entry in 'images'")
-        if not isinstance(entry["caption"], str) or not entry["caption"].strip():
-            raise InvalidJSONError(f"annotations file {path}: annotations[{index}].caption is empty or not a string")
-        file_name = file_names[entry["image_id"]]
-        name = Path(file_name).stem
-        if names.setdefault(name, file_name) != file_name:
-            raise InvalidJSONError(f"annotations file {path}: {names[name]!r} and {file_name!r} share the prediction "
-                                   f"key {name!r}; image names must differ without their extension")
-        references.setdefault(name, []).append(entry["caption"].strip())
-    if not references:
-        raise InvalidJSONError(f"annotations file {path} has no annotations to score against")
-    return CocoReferences(references, names)
-
-
-def _coco_list(content: dict, key: str, path: PathLike) -> list:
-    if not isinstance(content.get(key), list):
-        raise InvalidJSONError(f"annotations file {path}: field {key!r} must be a list (COCO captions layout)")
-    return content[key]
-
-
-def _require_fields(entry, fields: tuple[str, ...], path: PathLike, where: str) -> None:
-    if not isinstance(entry, dict):
-        raise InvalidJSONError(f"annotations file {path}: {where} must be an object with fields {list(fields)}")
-    for field_name in fields:
-        if field_name not in entry:
-            raise InvalidJSONError(f"annotations file {path}: {where} has no field {field_name!r}")
+    """The references of every image that has a caption in a COCO-style captions file, read by the package's one
+    COCO parser (`data.read_coco_captions`); errors name the file and the entry."""
+    coco = read_coco_captions(path)
+    return CocoReferences(coco.references(), coco.file_names())
 
 
 def check_same_names(predictions: Mapping[str, str], expected: Sequence[str], predictions_source: str,
@@ -334,6 +336,8 @@ def score_predictions(predictions: PathLike | Mapping[str, str], annotations: Pa
     """
     from .metrics import compute_metrics
 
+    if output is not None:
+        check_writable(output)
     predictions, source = _predictions_and_source(predictions)
     prefix = _clip_prefix(clip_prefix)
     coco = read_coco_references(annotations)
@@ -348,7 +352,7 @@ def score_predictions(predictions: PathLike | Mapping[str, str], annotations: Pa
     if clip_model is not None:
         if images_dir is None:
             raise ValueError("CLIPScore needs the images: pass images_dir (eval.py score --images DIR)")
-        image_paths = {name: Path(images_dir) / coco.file_names[name] for name in names}
+        image_paths = {name: image_file_in(images_dir, coco.file_names[name], annotations) for name in names}
         _check_files_exist(image_paths.values(), images_dir, annotations)
         clip = clip_model if isinstance(clip_model, LoadedClip) else load_clip(clip_model)
 
@@ -392,7 +396,7 @@ def run_zero_shot(images_dir: PathLike, id2label: PathLike, templates: Sequence[
 
     Returns the `ZeroShotResult` and the summary. Inputs are all checked by `zero_shot_folder` before CLIP runs.
     """
-    output = Path(output)
+    output = check_writable(output)
     result = zero_shot_folder(images_dir, id2label, templates, labels_file=labels_file, clip=clip_model,
                               ensemble=ensemble, batch_size=batch_size, progress=progress)
     csv_names = {}
@@ -450,14 +454,8 @@ def _save_attention(result: CaptionAttention, png_path: Path, save_arrays: bool)
 
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
-    """`np.savez` into a temporary file beside `path`, then a rename: never a half-written .npz under its name."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")  # savez appends .npz to other names
-    try:
+    with atomic_path(path) as temporary:  # the temporary name ends in .npz, so savez adds no second suffix
         np.savez(temporary, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def write_attention_maps(model_or_path, images: Sequence[PathLike], output_dir: PathLike, *,
@@ -475,6 +473,7 @@ def write_attention_maps(model_or_path, images: Sequence[PathLike], output_dir: 
     if not paths:
         raise ValueError("no images given: pass at least one image file")
     image_names(paths)  # the output names come from the stems, so they must not clash
+    check_writable(Path(output_dir) / f"{paths[0].stem}_attention.png")
     check_images_readable(paths, progress)
     model, processor = load_captioner(model_or_path, processor)
     results = compute_attention_maps(model, processor, paths, layer=layer, head=head, num_beams=num_beams,
@@ -539,6 +538,7 @@ def write_extremes(predictions: PathLike | Mapping[str, str], images_dir: PathLi
     they show the prediction only when it was made by the same model and settings; each entry records the caption
     drawn (`attention_caption`) next to the prediction (`caption`).
     """
+    check_writable(Path(output_dir) / "extremes.json")
     best, worst = clip_score_extremes(predictions, images_dir, clip_model, top_k, clip_prefix=clip_prefix,
                                       batch_size=batch_size, progress=progress)
     chosen = [("best", rank, pair) for rank, pair in enumerate(best, 1)]

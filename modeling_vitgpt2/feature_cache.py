@@ -12,9 +12,10 @@ What a cache is keyed by, so that any change recomputes:
   (`config.encoder_name`, `encoder_kwargs`) and the timm version. A different encoder gets a different folder.
 - the image transform: `processor.image_processor.to_dict()` as canonical JSON, and the transformers version. A
   different transform gets a different folder.
-- each image: a file by its absolute path, size and modification time (`file:...`); an undecoded `datasets` image by
-  a hash of its bytes (`bytes:...`); a decoded PIL image or array by a hash of its RGB pixels (`pixels:...`). A changed
-  image has a new key, so `build` encodes it again into a new row (its old row is left unused).
+- each image: a file or an undecoded `datasets` image by a SHA-256 of its bytes (`bytes:...`; a file is read once per
+  process and remembered while its inode, size and times stay the same); a decoded PIL image or array by a hash of
+  its RGB pixels (`pixels:...`). A changed image has a new key, even one copied over another with its size and
+  modification time kept, so `build` encodes it again into a new row (its old row is left unused).
 
 On disk, `<cache_dir>/encoder-features-<digest of encoder and transform>/` holds:
 
@@ -65,7 +66,7 @@ from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
 from .data import CaptionCollator, image_source
-from .io_utils import PathLike, write_json_atomic
+from .io_utils import PathLike, file_digest, read_json, write_json_atomic
 from .processing_vitgpt2 import ImageLoadError, as_rgb_image
 
 __all__ = [
@@ -141,20 +142,31 @@ def _name_of(item: Any) -> str:
     return "an in-memory image"
 
 
+_content_keys: dict[tuple, str] = {}  # (path, inode, size, mtime, ctime) -> key: a file is hashed once per process
+
+
 def _file_key(path: PathLike) -> str:
     path = Path(path).resolve()
     try:
         stat = path.stat()
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {path}") from None
-    return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    # Any write to the file, or a replacement (`cp -p`, `rsync -a` and `tar` keep the mtime but not the ctime, which
+    # no user call can set back), changes this signature, so a remembered key is never stale.
+    signature = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    key = _content_keys.get(signature)
+    if key is None:
+        key = _content_keys[signature] = "bytes:" + file_digest(path)
+    return key
 
 
 def image_key(item: Any) -> str:
     """The cache key of one image, given as a caption row, a path, a PIL image/array or an undecoded image dict.
 
-    Files are keyed by absolute path, size and modification time (a stat, no reading); undecoded bytes by their
-    SHA-256; decoded images by the SHA-256 of their RGB pixels, which is what the transform sees.
+    Files and undecoded bytes are keyed by the SHA-256 of their bytes (a file is read once per process and while its
+    size, times and inode stay the same, its key is remembered); decoded images by the SHA-256 of their RGB pixels,
+    which is what the transform sees. A file replaced by another with the same size and modification time (as
+    `cp -p` or `rsync -a` leave it) therefore gets a new key, never the old image's features.
     """
     image = image_source(item)
     if isinstance(image, Mapping):
@@ -247,7 +259,7 @@ class EncoderFeatureCache:
         if not self.index_path.is_file():
             return _empty_index()
         try:
-            index = json.loads(self.index_path.read_text(encoding="utf-8"))
+            index = read_json(self.index_path, "feature cache index")
             expected_bytes = index["rows"] * index["tokens"] * index["width"] * np.dtype(STORAGE_DTYPE).itemsize
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("Ignoring the unreadable cache index %s (%r); it will be rebuilt.", self.index_path, error)
@@ -547,8 +559,8 @@ class CachedEncoderOutput(BaseModelOutput):
 class CachedFeatureCollator:
     """`CaptionCollator`'s batches with `encoder_outputs` read from the cache in place of `pixel_values`.
 
-    The captions are tokenised exactly as the wrapped collator does; images are never loaded (rows keyed by path
-    only cost a stat). Rows without captions (`references_per_image`) give `encoder_outputs` alone, for `generate`.
+    The captions are tokenised exactly as the wrapped collator does; images are never decoded (a file's key costs a stat once
+    its bytes were hashed in this process). Rows without captions (`references_per_image`) give `encoder_outputs` alone, for `generate`.
     `dtype` is the features' dtype in the batch: float16 as stored by default (half the bytes to move to the GPU),
     which the model casts to the decoder's dtype in forward.
     With transformers.Trainer, set `remove_unused_columns=False` so that the image and caption columns arrive.

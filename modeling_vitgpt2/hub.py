@@ -33,11 +33,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import mmap
+import os
 import sys
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 
+import httpx2
 import timm
 from huggingface_hub import (
     CommitInfo,
@@ -53,6 +56,7 @@ from huggingface_hub import (
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .io_utils import read_json
 from .loading import BASE_MODEL_FOLDER
 from .metrics import format_metric, metric_names
 from .peft_setup import peft_method
@@ -64,6 +68,7 @@ __all__ = [
     "push_space",
     "push_to_hub",
     "push_training_output",
+    "refuse_files_with_token",
     "require_hub_token",
     "without_trainer_push",
 ]
@@ -184,12 +189,14 @@ def push_to_hub(
     token = require_hub_token(token)
     output = _read_output(output_dir)
     card = _render_card(output, repo_id, dataset_name, license, base_models, None, space_id)
+    operations = _upload_operations(output, repo_id, card, include_checkpoints)
+    refuse_files_with_token(operations, token)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         return api.create_commit(
             repo_id=repo_id,
-            operations=_upload_operations(output, repo_id, card, include_checkpoints),
+            operations=operations,
             commit_message=commit_message or _default_commit_message(output, repo_id),
         )
     except HfHubHTTPError as error:
@@ -197,6 +204,11 @@ def push_to_hub(
             f"The Hub refused the push to {repo_id}: {error}\nNo commit was made and {output.folder} is unchanged. "
             f"Check that your token can write to {repo_id.split('/')[0]} (`hf auth whoami`); {TOKEN_HELP}; then "
             "push again."
+        ) from error
+    except (httpx2.HTTPError, OSError) as error:  # no network, or the Hub unreachable (OfflineModeIsEnabled too)
+        raise HubPushError(
+            f"Could not reach the Hub to push to {repo_id} ({type(error).__name__}: {error}); no commit was made and "
+            f"{output.folder} is unchanged. Check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), then push again."
         ) from error
 
 
@@ -218,6 +230,7 @@ def push_space(
     _check_repo_id(repo_id)
     token = require_hub_token(token)
     operations = _space_operations(model, repo_id, license)
+    refuse_files_with_token(operations, token)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
@@ -285,6 +298,25 @@ def _space_operations(model: str | Path, repo_id: str, license: str) -> list[Com
     return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source) for name, source in sorted(files.items())]
 
 
+def refuse_files_with_token(operations: list[CommitOperationAdd], token: str) -> None:
+    """Raises `HubPushError` naming the file when any file of the commit contains `token`: a token pickled into a
+    file (e.g. an older checkpoint's `training_args.bin`) must never be published."""
+    needle = token.encode()
+    for operation in operations:
+        source = operation.path_or_fileobj
+        if isinstance(source, bytes):
+            found = needle in source
+        else:
+            with open(source, "rb") as file:
+                found = os.fstat(file.fileno()).st_size > 0 and mmap.mmap(
+                    file.fileno(), 0, access=mmap.ACCESS_READ).find(needle) != -1
+        if found:
+            raise HubPushError(
+                f"{source if not isinstance(source, bytes) else operation.path_in_repo} contains your Hugging Face "
+                "token, so nothing was pushed; delete the file (or the checkpoint it is in) and push again"
+            )
+
+
 def check_push_settings(training_args) -> None:
     """Fails before training, not after it, when `--push_to_hub` could not push at the end."""
     if not training_args.hub_model_id:
@@ -295,10 +327,11 @@ def check_push_settings(training_args) -> None:
 
 def without_trainer_push(training_args):
     """The arguments to give `Trainer`: with its own push switched off, since it would replace this card by its
-    generic one (and push every checkpoint); `push_training_output` pushes once at the end instead."""
-    if not training_args.push_to_hub:
+    generic one (and push every checkpoint); `push_training_output` pushes once at the end instead. And without the
+    token: Trainer pickles its arguments whole into every checkpoint's `training_args.bin`."""
+    if not training_args.push_to_hub and training_args.hub_token is None:
         return training_args
-    return dataclasses.replace(training_args, push_to_hub=False)
+    return dataclasses.replace(training_args, push_to_hub=False, hub_token=None)
 
 
 def push_training_output(training_args, output_dir: str | Path) -> CommitInfo:
@@ -374,7 +407,7 @@ def _read_json(path: Path) -> dict:
             f"{path} is missing: give the output folder of a finished train.py run (it writes the model, "
             "eval_results.json and training_summary.json at the end)"
         )
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _check_model_folder(folder: Path) -> None:
@@ -391,7 +424,7 @@ def _check_remote_code(folder: Path, config_name: str) -> None:
     path = folder / config_name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: save the processor with the model (processor.save_pretrained)")
-    auto_map = json.loads(path.read_text()).get("auto_map")
+    auto_map = read_json(path).get("auto_map")
     if not auto_map:
         raise ValueError(
             f"{path} has no auto_map, so trust_remote_code=True could not load it without this package: save it "
@@ -594,7 +627,7 @@ def _timm_hub_id(encoder: str | None) -> str | None:
 
 
 def _optional_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _default_commit_message(output: _TrainingOutput, repo_id: str) -> str:
@@ -664,8 +697,9 @@ def main(argv: list[str] | None = None) -> None:
             base_models=args.base_models,
             space_id=args.space_id,
         )
-    except (HubPushError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from error
+    except (HubPushError, OSError, ValueError) as error:
+        print(f"python -m modeling_vitgpt2.hub {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"pushed {args.output_dir} to https://huggingface.co/{args.repo_id} ({commit.commit_url})")
 
 

@@ -1,14 +1,28 @@
-"""Small file helpers: atomic writes (no half-written outputs after a crash) and JSON reads with useful errors."""
+"""The package's one place for files: atomic writes (no half-written output after a crash, usual permissions), JSON
+reads with useful errors, checks that an output can be written before long work starts, and content digests."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InvalidJSONError", "preview_names", "read_json", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "InvalidJSONError",
+    "atomic_path",
+    "check_safetensors",
+    "check_writable",
+    "file_digest",
+    "preview_names",
+    "read_json",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 PathLike = str | os.PathLike
 
@@ -17,33 +31,67 @@ class InvalidJSONError(ValueError):
     """A JSON file that cannot be parsed or does not have the expected shape; the message names the file."""
 
 
-def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Writes `text` to `path` so that readers see either the old file or the complete new one, never a part.
+def _current_umask() -> int:
+    try:  # Linux reports it without changing it; elsewhere os.umask can only be read by setting it back
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    The text goes to a temporary file in the same folder (so the final rename stays on one file system), is
-    flushed and fsynced, and then replaces `path` with `os.replace`. Missing parent folders are created.
-    Returns the path written.
-    """
+
+def check_writable(path: PathLike) -> Path:
+    """Fails now, naming the path, when a file could not be written at `path` later: the path is a folder, a part of
+    its parent path is a file, or the nearest existing folder is not writable. Creates nothing. Call it before long
+    work, so that a mistyped output path costs seconds rather than the whole run."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name inside it")
+    existing = next(parent for parent in path.parents if parent.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: the folder {existing} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write to; on success it is fsynced and renamed to `path`, so readers
+    see either the old file or the complete new one, never a part. On any error the temporary file is removed.
+
+    The file gets the usual permissions (0666 less the umask), as `open` would give it: outputs are meant to be
+    shared, unlike `tempfile.mkstemp`'s 0600. For libraries that write to a path (`savefig`, `np.savez`), keep the
+    suffix: the temporary name ends in the final name's suffix.
+    """
+    path = check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
     try:
-        with os.fdopen(handle, "w", encoding=encoding, newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
+        yield temporary
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fchmod(descriptor, 0o666 & ~_current_umask())
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(temporary, path)
     except BaseException:
         # never leave the temporary file behind, whatever interrupted the write
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
+        temporary.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
-    return path
+
+
+def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Writes `text` to `path` atomically (see `atomic_path`); missing parent folders are created. Returns the path."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding=encoding, newline="") as file:
+            file.write(text)
+    return Path(path)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -91,6 +139,31 @@ def read_json(path: PathLike, what: str = "JSON file") -> Any:
             f"{what} {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}. "
             "Fix the file (a trailing comma or a missing quote is the usual cause)."
         ) from error
+
+
+def file_digest(path: PathLike) -> str:
+    """SHA-256 of a file's bytes, streamed (SHA-256 runs at GB/s on CPUs with SHA extensions)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def check_safetensors(path: PathLike) -> None:
+    """Raises ValueError naming `path` unless it is a complete safetensors file: an 8-byte header length, a JSON
+    header, and every tensor's bytes inside the file. Reads the header only."""
+    path = Path(path)
+    size = path.stat().st_size
+    advice = "re-download it, or save the model again"
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little") if size >= 8 else None
+        if length is None or length > min(size - 8, 100_000_000):
+            raise ValueError(f"{path} is not a safetensors file (a pickle or another format?) or is cut short; {advice}")
+        try:
+            header = json.loads(file.read(length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise ValueError(f"{path} has a damaged safetensors header ({error}); {advice}") from None
+    if 8 + length + end > size:
+        raise ValueError(f"{path} is truncated: {size:,} bytes where its header needs {8 + length + end:,}; {advice}")
 
 
 def preview_names(names, limit: int = 10) -> str:

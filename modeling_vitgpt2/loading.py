@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from .io_utils import read_json
 from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 
 __all__ = ["BASE_MODEL_FOLDER", "load_for_inference"]
@@ -33,7 +33,7 @@ def load_for_inference(path: str | os.PathLike, quantize: str | None = None, **k
         if (bundled_base / "config.json").is_file():
             base_path = str(bundled_base)
         else:
-            base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base_path = read_json(path / "adapter_config.json", "adapter config")["base_model_name_or_path"]
         base = ViTGPT2ForConditionalGeneration.from_pretrained(base_path, **kwargs)
         return PeftModel.from_pretrained(base, path).eval()
     return ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()

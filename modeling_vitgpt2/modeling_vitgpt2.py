@@ -437,6 +437,8 @@ class ViTGPT2Encoder(nn.Module):
                 f"pixel_values must be a float tensor of shape {expected}, got {shape}. "
                 "Prepare images with ViTGPT2Processor(images=...)."
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds no images (batch size 0): pass at least one image")
         if self.image_size and not self.accepts_any_size and tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(
                 f"pixel_values must be {expected} for this encoder, got {tuple(pixel_values.shape)}. "

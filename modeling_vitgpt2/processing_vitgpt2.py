@@ -177,6 +177,8 @@ class ViTGPT2Processor(ProcessorMixin):
         data = {}
         if images is not None:
             batch = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not batch:
+                raise ValueError("images is empty: pass at least one image (a path, a PIL image or an array)")
             rgb = [as_rgb_image(image, name=f"images[{index}]") for index, image in enumerate(batch)]
             data.update(self.image_processor(rgb, return_tensors=return_tensors))
         if text is not None:

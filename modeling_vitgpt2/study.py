@@ -56,7 +56,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainerCallback
 
-from .io_utils import write_json_atomic
+from .io_utils import read_json, write_json_atomic
 from .metrics import METRICS, format_metric, metric_names
 
 __all__ = [
@@ -346,7 +346,7 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
                    "domain": data.pop("synthetic_domain", "shapes")}
         root = Path(data.pop("synthetic_dir", None) or output_dir / "data")
         marker = root / "written.json"
-        if not (marker.is_file() and json.loads(marker.read_text()) == options):
+        if not (marker.is_file() and read_json(marker) == options):
             progress.say(f"writing the synthetic {options['domain']!r} set ({options['num_train']} training and "
                          f"{options['num_val']} validation images) to {root}")
             write_synthetic_coco(root, **options)
@@ -446,7 +446,7 @@ def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progre
 def _finished(folder: Path) -> dict | None:
     path = folder / RESULT_FILE
     if path.is_file():
-        result = json.loads(path.read_text())
+        result = read_json(path)
         if result.get("status") == "ok":
             return result
     return None
@@ -487,8 +487,8 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
         _reset_peak_memory()
         run_training(*_parse_arguments(values), callbacks=[callback])
         peak, peak_kind = _peak_memory()
-        summary = json.loads((folder / "training_summary.json").read_text())
-        train_metrics = json.loads((folder / "train_results.json").read_text())
+        summary = read_json(folder / "training_summary.json")
+        train_metrics = read_json(folder / "train_results.json")
         result = {"name": name, "status": "ok", "settings": overrides, "method": summary["peft_method"],
                   "trainable_parameters": summary["trainable_parameters"],
                   "total_parameters": summary["total_parameters"],
@@ -585,7 +585,7 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
     if row is None:
         return None
     folder = output_dir / "variants" / row["name"]
-    scores = json.loads((folder / "scores.json").read_text())
+    scores = read_json(folder / "scores.json")
     by = "clip_score" if "clip_score" in row["metrics"] else "cider"
     per_image = {name: values[by] for name, values in scores["per_image"].items()}
     top_k = min(int(study.extremes.get("top_k", 2)), len(per_image))
@@ -593,7 +593,7 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
     worst = sorted(per_image, key=lambda name: (per_image[name], name))[:top_k]
     progress.say(f"extremes: best and worst {top_k} captions of {row['name']} by {metric_names()[by]}, with "
                  "attention maps")
-    predictions = json.loads((folder / "eval_predictions.json").read_text())
+    predictions = read_json(folder / "eval_predictions.json")
     file_names = read_coco_references(data.val_json).file_names
     model, processor = load_captioner(folder)
     entries = [("best", rank, name) for rank, name in enumerate(best, 1)]
@@ -626,8 +626,8 @@ def _side_by_side(study: Study, rows: list[dict], data: StudyData, output_dir: P
     captions = {}
     for row in rows:
         if row["status"] == "ok":
-            captions[row["name"]] = json.loads(
-                (output_dir / "variants" / row["name"] / "eval_predictions.json").read_text())
+            captions[row["name"]] = read_json(
+                output_dir / "variants" / row["name"] / "eval_predictions.json")
     return [{"name": name, "image": str(Path(data.val_images) / coco.file_names[name]),
              "references": coco.references[name],
              "captions": {variant: predictions[name] for variant, predictions in captions.items()}}

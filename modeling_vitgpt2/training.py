@@ -3,9 +3,13 @@ atomic checkpoints and saving. `train.py` is the command line over `run_training
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_vitgpt2 import ViTGPT2Config
 from .data import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
-from .io_utils import write_json_atomic
+from .io_utils import InvalidJSONError, file_digest, read_json, write_json_atomic
 from .loading import BASE_MODEL_FOLDER
 from .metrics import compute_metrics
 from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
@@ -216,6 +220,13 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
         self.max_length = self.generation_max_length = _one_value(
             "max_length", self.max_length, self.generation_max_length, 40
         )
+        # A launcher (torchrun, accelerate launch --multi_gpu) asking for several processes on a machine without an
+        # accelerator would otherwise start independent single-process runs that overwrite one folder; on the CPU,
+        # data parallelism goes through gloo, which `use_cpu` selects.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not torch.accelerator.is_available():
+            logger.warning("WORLD_SIZE=%s on a machine without an accelerator: training data-parallel on the CPU "
+                           "(gloo), as with --use_cpu", os.environ["WORLD_SIZE"])
+            self.use_cpu = True
         super().__post_init__()
 
     def generation_settings(self) -> dict:
@@ -455,25 +466,139 @@ class CaptionTrainer(Seq2SeqTrainer):
             return None
         return list(self.train_dataset["caption"])
 
+    # -- checkpoints: complete before counted, verified before resumed, older ones deleted only after a newer one is
+    # complete. Trainer's own save writes the files; these overrides order what happens around it.
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        self._loss_sum_before_resume = None
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            self._loss_sum_before_resume = read_checkpoint_manifest(resume_from_checkpoint).get("train_loss_sum")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        run_dir = Path(self._get_output_dir(trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():
+            # Left by a run that stopped while writing it, or damaged and skipped when resuming: start it afresh,
+            # so that no stale file (or stale manifest) mixes with the new ones.
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()  # before any process writes its RNG state into the folder
+        save_total_limit = self.args.save_total_limit
+        # Trainer rotates at the end of its save, before the manifest below exists: a kill in between would leave
+        # no complete checkpoint at all. Rotation runs here instead, once this checkpoint is complete.
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
+        self.accelerator.wait_for_everyone()  # every process's files are in the folder
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            # Written last: a run killed while saving leaves a folder without it, which resuming skips.
-            write_json_atomic(folder / CHECKPOINT_COMPLETE, {"global_step": self.state.global_step})
+            loss_sum = self._total_loss_scalar + self._tr_loss.item() + (self._loss_sum_before_resume or 0.0)
+            write_checkpoint_manifest(folder, self.state.global_step, loss_sum)
+            rotate_complete_checkpoints(run_dir, self.state.global_step, save_total_limit,
+                                        self.state.best_model_checkpoint)
+
+    def _run_epoch(self, *args, **kwargs):
+        if self.state.global_step >= self.state.max_steps:
+            # Resumed from the run's last checkpoint: nothing is left to train, but Trainer would run one more step
+            # before it checks.
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        # Trainer's `train_loss` averages the steps of this call only. After a resume, fold in the loss sum the
+        # checkpoint recorded, scaled so that Trainer's division by this call's steps gives the whole run's mean.
+        resumed_at = self._initial_global_step
+        if resumed_at and self._loss_sum_before_resume is not None:
+            self._total_loss_scalar += self._tr_loss.item()
+            self._tr_loss -= self._tr_loss
+            whole_run = self._loss_sum_before_resume + self._total_loss_scalar
+            steps_here = max(self.state.global_step - resumed_at, 0.001)  # Trainer's guard against zero steps
+            self._total_loss_scalar = whole_run * steps_here / self.state.global_step
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    suffix = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+    return int(suffix) if folder.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and suffix.isdigit() else None
+
+
+def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders, oldest step first."""
+    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+               if path.is_dir() and _checkpoint_step(path) is not None]
+    return sorted(folders, key=_checkpoint_step)
+
+
+def write_checkpoint_manifest(folder: Path, global_step: int, train_loss_sum: float) -> None:
+    """Marks a checkpoint complete: `checkpoint_complete.json`, written last, lists every file's size and SHA-256
+    (so that resuming can tell a damaged file) and the sum of the step losses so far (for `train_loss`)."""
+    files = {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_digest(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != CHECKPOINT_COMPLETE
+    }
+    write_json_atomic(
+        folder / CHECKPOINT_COMPLETE, {"global_step": global_step, "train_loss_sum": train_loss_sum, "files": files}
+    )
+
+
+def read_checkpoint_manifest(folder: str | os.PathLike) -> dict:
+    manifest = read_json(Path(folder) / CHECKPOINT_COMPLETE, "checkpoint manifest")
+    if not isinstance(manifest, dict):
+        raise InvalidJSONError(f"{Path(folder) / CHECKPOINT_COMPLETE} must hold a JSON object")
+    return manifest
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be resumed from (naming the file), or None when every file matches its manifest."""
+    folder = Path(folder)
+    if not (folder / CHECKPOINT_COMPLETE).is_file():
+        return f"{folder} was not completely written (no {CHECKPOINT_COMPLETE}: the run stopped while saving it)"
+    try:
+        manifest = read_checkpoint_manifest(folder)
+    except ValueError as error:
+        return str(error)
+    for name, expected in manifest.get("files", {}).items():  # manifests of older versions list no files
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path} has {path.stat().st_size} bytes where {expected['size']} were written (truncated?)"
+        if file_digest(path) != expected["sha256"]:
+            return f"{path} does not match the SHA-256 recorded when it was written (damaged)"
+    return None
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest checkpoint folder whose writing finished (see `CaptionTrainer._save_checkpoint`)."""
-    folders = sorted(
-        (path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.split("-")[-1].isdigit()),
-        key=lambda path: int(path.name.split("-")[-1]),
-    )
-    for folder in reversed(folders):
-        if (folder / CHECKPOINT_COMPLETE).is_file():
+    """The newest checkpoint folder that was completely written and whose files are intact; each newer one that is
+    not is named in a warning."""
+    for folder in reversed(_checkpoints(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
             return str(folder)
-        logger.warning(f"ignoring {folder}: it was not completely written (the run stopped while saving it)")
+        logger.warning(f"not resuming from {folder.name}: {problem}; trying the one before it")
     return None
+
+
+def rotate_complete_checkpoints(output_dir: Path, newest_step: int, limit: int | None, best: str | None) -> None:
+    """Keeps the `limit` newest complete checkpoints up to `newest_step` (and the best one); deletes older complete
+    ones and incomplete ones older than the newest, whose writing was interrupted. Called only once the checkpoint
+    of `newest_step` is complete, so a complete checkpoint always remains. The manifest goes first, so a kill
+    halfway through a deletion leaves a folder that is not taken for complete."""
+    if not limit or limit <= 0:
+        return
+    older = [folder for folder in _checkpoints(output_dir) if _checkpoint_step(folder) <= newest_step]
+    complete = [folder for folder in older if (folder / CHECKPOINT_COMPLETE).is_file()]
+    keep = set(complete[-limit:])
+    if best is not None:
+        keep.add(Path(best))
+    for folder in older:
+        if folder not in keep:
+            logger.info(f"Deleting older checkpoint [{folder}] due to args.save_total_limit")
+            (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:
@@ -483,18 +608,52 @@ def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:
     if requested in (True, "True", "true", "last"):
         checkpoint = last_complete_checkpoint(training_args.output_dir)
         if checkpoint is None:
-            raise FileNotFoundError(f"no complete checkpoint in {training_args.output_dir} to resume from")
+            raise FileNotFoundError(
+                f"no complete checkpoint in {training_args.output_dir} to resume from; drop --resume_from_checkpoint "
+                "to start afresh"
+            )
         return checkpoint
-    if not (Path(requested) / CHECKPOINT_COMPLETE).is_file():
+    problem = checkpoint_problem(requested)
+    if problem is not None:
         raise FileNotFoundError(
-            f"{requested} is not a complete checkpoint (no {CHECKPOINT_COMPLETE}); use --resume_from_checkpoint true "
-            "to pick the newest complete one"
+            f"cannot resume from {requested}: {problem}. Use --resume_from_checkpoint true to pick the newest intact "
+            "checkpoint"
         )
     return requested
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run
+
+
+class OutputFolderInUseError(RuntimeError):
+    """Another training run holds the output folder."""
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: str | os.PathLike, process_index: int):
+    """Holds a lock on the output folder for the run, so that a second run into it stops at once with an error naming
+    the folder and the holder's pid, instead of both overwriting each other's checkpoints. Each process of a
+    multi-process run holds its own lock file (`.train.lock.<process index>`); the OS releases it when the process
+    ends, however it ends, so a killed run never leaves a stale lock."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".train.lock.{process_index}"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise OutputFolderInUseError(
+                f"{folder} is in use by another training run (pid {holder}); wait for it to finish or choose another "
+                "--output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 def run_training(
@@ -506,13 +665,28 @@ def run_training(
 ) -> dict:
     """Trains, evaluates and saves; returns the final evaluation metrics. Publishing is the Hub layer's job:
     `train.py --push_to_hub` calls `modeling_vitgpt2.hub.push_training_output` once this returns. `callbacks` are
-    added to the Trainer's (the study uses them to show progress)."""
+    added to the Trainer's (the study uses them to show progress). Holds the output folder for the run
+    (`hold_output_dir`)."""
     if training_args.push_to_hub:
         raise ValueError(
             "run_training does not push: Trainer's own push would replace the model card with a generic one. Train "
             "with push_to_hub=False, then call modeling_vitgpt2.hub.push_training_output(training_args, output_dir) "
             "(train.py --push_to_hub does both)"
         )
+    if training_args.hub_token is not None:
+        # Trainer pickles its arguments whole into every checkpoint's training_args.bin; no file may hold a token.
+        training_args = dataclasses.replace(training_args, hub_token=None)
+    with hold_output_dir(training_args.output_dir, training_args.process_index):
+        return _run_training(model_args, data_args, peft_args, training_args, callbacks)
+
+
+def _run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    peft_args: PeftArguments,
+    training_args: CaptionTrainingArguments,
+    callbacks: list[TrainerCallback] | None,
+) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
     check_requested_sharding(state)

@@ -276,6 +276,26 @@ def test_a_modified_image_file_is_encoded_again(frozen_model, tiny_processor, ro
     assert torch.equal(cache.features(image_paths[2]), untouched)
 
 
+def test_an_image_replaced_with_its_size_and_mtime_kept_is_encoded_again(
+    frozen_model, tiny_processor, rows, image_paths, cache_dir, tmp_path
+):
+    """`cp -p`, `rsync -a` and `tar` keep the modification time: a key by size and mtime would serve stale features."""
+    cache = EncoderFeatureCache(cache_dir, frozen_model, tiny_processor).build(rows)
+    old_features = cache.features(image_paths[0])
+    replacement = write_random_png(tmp_path / "other.png", seed=99)
+    assert replacement.stat().st_size == image_paths[0].stat().st_size  # same-size PNGs of random pixels
+    previous = image_paths[0].stat()
+    image_paths[0].write_bytes(replacement.read_bytes())
+    os.utime(image_paths[0], ns=(previous.st_atime_ns, previous.st_mtime_ns))
+
+    with pytest.raises(FeatureCacheMissError, match="image_0.png"):
+        cache.features(image_paths[0])
+    cache.build(rows)
+    assert not torch.equal(cache.features(image_paths[0]), old_features)
+    assert_float16_close(cache.features(image_paths[0]),
+                         reference_features(frozen_model, tiny_processor, image_paths[0]))
+
+
 def test_in_memory_images_are_keyed_by_content(frozen_model, tiny_processor, image_paths, cache_dir):
     def png_bytes(path):
         return path.read_bytes()

@@ -325,6 +325,32 @@ def test_refused_upload_is_a_clear_error_and_changes_nothing(full_run, hub, monk
     assert digest(full_run) == before
 
 
+def test_push_without_network_is_one_clear_line_and_changes_nothing(full_run, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: connection refused
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    before = digest(full_run)
+    with pytest.raises(SystemExit) as exit_:
+        main(["push", str(full_run), "--repo_id", REPO_ID])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert "Could not reach the Hub" in message and str(full_run) in message and "unchanged" in message
+    assert digest(full_run) == before
+
+
+def test_a_file_holding_the_token_is_never_uploaded(full_run, hub, tmp_path):
+    output_dir = tmp_path / "leaky"
+    shutil.copytree(full_run, output_dir)
+    leaky = output_dir / "checkpoint-2" / "notes.bin"
+    leaky.write_bytes(b"\x80\x04 pickled arguments ... hub_token hf_test_token ...")
+    with pytest.raises(HubPushError, match=r"checkpoint-2/notes\.bin contains your Hugging Face token"):
+        push_to_hub(output_dir, REPO_ID, include_checkpoints=True)
+    assert hub.commits == [] and hub.repos == []
+    push_to_hub(output_dir, REPO_ID)  # without the checkpoints, nothing holds it
+    assert len(hub.commits) == 1
+
+
 def test_command_line_prints_the_card_and_pushes(full_run, hub, capsys):
     main(["card", str(full_run), "--repo_id", REPO_ID])
     assert ModelCard(capsys.readouterr().out.strip()).data.eval_results[0].metric_type == "cider"
@@ -415,12 +441,13 @@ def test_model_card_links_the_space_when_one_is_given(full_run, hub, capsys):
     assert link in files_of(hub.commits[0])["README.md"].decode()
 
 
-def test_space_push_errors_say_what_to_do(hub, logged_out, monkeypatch, tmp_path):
+def test_space_push_errors_say_what_to_do(hub, logged_out, monkeypatch, tmp_path, capsys):
     with pytest.raises(HubPushError, match="hf auth login"):
         push_space(REPO_ID, SPACE_ID)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     with pytest.raises(ValueError, match="neither a folder here nor a Hub model id"):
         push_space(str(tmp_path / "no-such-run"), SPACE_ID)
-    with pytest.raises(SystemExit, match="your-namespace/model-name"):
+    with pytest.raises(SystemExit) as exit_:
         main(["space", REPO_ID, "--repo_id", "not a repo id"])
+    assert exit_.value.code == 2 and "your-namespace/model-name" in capsys.readouterr().err
     assert hub.commits == []

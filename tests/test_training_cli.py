@@ -87,11 +87,12 @@ def test_two_processes_train_and_score_every_image_once(pretrained_parts, tmp_pa
     # Five validation images over two processes: an uneven split that the stock gather would pad with a duplicate.
     odd = write_synthetic_coco(tmp_path / "data", num_train=8, num_val=5, seed=2, image_size=32)
     output_dir = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-        *train_command(odd, pretrained_parts, output_dir, "--max_steps", "3", "--save_strategy", "no",
-                       "--ddp_backend", "gloo"),
-    ]
+    # Without --use_cpu, as users launch it: on a machine without a GPU the launcher's two processes must still train
+    # data-parallel (gloo), not as two independent runs into one folder.
+    arguments = [argument for argument in train_command(odd, pretrained_parts, output_dir, "--max_steps", "3",
+                                                        "--save_strategy", "no") if argument != "--use_cpu"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               *arguments]
     result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((output_dir / "training_summary.json").read_text())

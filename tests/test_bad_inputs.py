@@ -1,0 +1,174 @@
+"""Hostile and mistaken inputs: each fails with a message naming the file or field, through the same code paths as
+`train.py` and `eval.py` (exit status 2, one line, no traceback), and leaves no output behind. The README's bad-input
+table lists these cases with the messages users see."""
+
+import json
+import os
+import re
+import shutil
+import stat
+
+import pytest
+import torch
+from PIL import Image
+from test_eval_cli import captioner_dir, data, load_cli_module  # noqa: F401  (module fixtures)
+
+from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+from modeling_vitgpt2.data import CaptionDataError, load_coco_captions, references_per_image
+from modeling_vitgpt2.evaluation import read_coco_references
+from modeling_vitgpt2.io_utils import write_json_atomic, write_text_atomic
+
+
+def coco(folder, file_names, encoding="utf-8"):
+    """A COCO captions file naming `file_names` (two captions each) and those images, written in `folder`."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    content = {"images": [], "annotations": []}
+    for index, name in enumerate(file_names):
+        content["images"].append({"file_name": name, "id": index})
+        for offset in range(2):
+            content["annotations"].append({"image_id": index, "id": 2 * index + offset, "caption": f"shape {offset}"})
+        target = folder / "images" / name
+        if not name.startswith("/") and ".." not in name:
+            Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(target.with_suffix(".png"), format="PNG")
+            if target.suffix != ".png":
+                target.with_suffix(".png").rename(target)
+    path = folder / "captions.json"
+    path.write_text(json.dumps(content), encoding=encoding)
+    return path, folder / "images"
+
+
+def run_eval(argv, capsys):
+    """eval.py's exit status and its error line (progress bars may come before it on stderr)."""
+    status = load_cli_module().main([str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert status == 0 or lines[-1].startswith(f"eval.py {argv[0]}: error: "), err
+    return status, lines[-1] if lines else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captions files: one parser for training and scoring
+
+
+def test_images_sharing_a_name_are_refused_by_training_and_scoring_alike(tmp_path):
+    path, images = coco(tmp_path, ["v0.jpg", "v0.png", "v1.png"])
+    message = r"'v0.jpg' and 'v0.png' share the name 'v0'.*merged"
+    with pytest.raises(CaptionDataError, match=message):
+        load_coco_captions(path, images)  # what train.py's evaluation set is built from
+    with pytest.raises(CaptionDataError, match=message):
+        read_coco_references(path)  # what eval.py score reads
+
+
+def test_a_byte_order_mark_is_read_by_training_and_scoring_alike(tmp_path):
+    path, images = coco(tmp_path, ["a.png", "b.png"], encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    rows = load_coco_captions(path, images)
+    assert references_per_image(rows)["image_name"] == ["a", "b"]
+    assert list(read_coco_references(path).references) == ["a", "b"]
+
+
+@pytest.mark.parametrize("file_name", ["../outside.png", "/etc/outside.png", "sub/../../outside.png"])
+def test_a_file_name_leaving_the_image_folder_is_refused(tmp_path, file_name):
+    path, images = coco(tmp_path, ["a.png", file_name])
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    with pytest.raises(CaptionDataError, match=r"images\[1\]\.file_name .* leaves the image folder"):
+        load_coco_captions(path, images)
+    with pytest.raises(CaptionDataError, match="leaves the image folder"):
+        read_coco_references(path)  # eval.py score refuses it too
+
+
+def test_a_symbolic_link_out_of_the_image_folder_is_refused(tmp_path):
+    path, images = coco(tmp_path, ["a.png", "b.png"])
+    secret = tmp_path / "elsewhere.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    (images / "b.png").unlink()
+    (images / "b.png").symlink_to(secret)
+    with pytest.raises(CaptionDataError, match=r"captions\.json: image 'b.png' resolves to .*elsewhere.png, outside"):
+        load_coco_captions(path, images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output files
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        json_file = write_json_atomic(tmp_path / "scores.json", {"cider": 1.0})
+        text_file = write_text_atomic(tmp_path / "predictions.csv", "a.png,1\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(json_file.stat().st_mode) == 0o644
+    assert stat.S_IMODE(text_file.stat().st_mode) == 0o644
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+
+
+def test_an_output_under_a_file_fails_before_any_captioning(captioner_dir, data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from modeling_vitgpt2 import evaluation
+
+    monkeypatch.setattr(evaluation, "caption_images", lambda *a, **k: pytest.fail("captioned before checking"))
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a folder was meant")
+    status, err = run_eval(["caption", "--model", captioner_dir, "--images", data / "photos",
+                            "--output", blocker / "preds.json"], capsys)
+    assert status == 2
+    assert f"cannot write {blocker / 'preds.json'}: {blocker} is a file" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images and models given to eval.py
+
+
+def test_a_decompression_bomb_is_named_by_eval_caption(captioner_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("L", (200, 200)).save(images / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 pixels: more than twice the limit
+    for command in (["caption", "--images", images, "--output", tmp_path / "out" / "p.json"],
+                    ["attention", "--images", images / "bomb.png", "--output_dir", tmp_path / "out"]):
+        status, err = run_eval([command[0], "--model", captioner_dir, *command[1:]], capsys)
+        assert status == 2
+        assert "bomb.png" in err and "decompression bomb" in err.lower()
+    assert not (tmp_path / "out").exists()
+
+
+def _break_model(folder, how):
+    if how == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return r"model\.safetensors is truncated"
+    if how == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+        return r"has no tokenizer \(tokenizer\.json\): save the processor"
+    if how == "pickle named safetensors":
+        torch.save({"weight": torch.zeros(2)}, folder / "model.safetensors")
+        return r"model\.safetensors is not a safetensors file"
+    if how == "unsafe pickle weights":
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04\x95\x0c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94.")
+        return r"pytorch_model\.bin: pickled weights that torch refuses to load safely"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "no tokenizer", "pickle named safetensors",
+                                 "unsafe pickle weights"])
+def test_a_damaged_model_folder_is_named(captioner_dir, data, tmp_path, capsys, how):  # noqa: F811
+    folder = tmp_path / "model"
+    shutil.copytree(captioner_dir, folder)
+    message = _break_model(folder, how)
+    status, err = run_eval(["caption", "--model", folder, "--images", data / "photos",
+                            "--output", tmp_path / "out" / "p.json"], capsys)
+    assert status == 2
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_images_is_a_clear_value_error(captioner_dir):  # noqa: F811
+    processor = ViTGPT2Processor.from_pretrained(captioner_dir)
+    model = ViTGPT2ForConditionalGeneration.from_pretrained(captioner_dir)
+    with pytest.raises(ValueError, match="images is empty: pass at least one image"):
+        processor(images=[])
+    empty = processor(images=[Image.new("RGB", (8, 8))])["pixel_values"][:0]
+    with pytest.raises(ValueError, match=r"pixel_values holds no images \(batch size 0\)"):
+        model.generate(pixel_values=empty, num_beams=2, max_length=5)

@@ -1,0 +1,227 @@
+"""Fault injection: `train.py` killed with SIGKILL at many points of a run that checkpoints every two steps (inside
+checkpoint saving and rotation at exact points, and at timed moments), then resumed with
+`--resume_from_checkpoint true`. Every trial must resume and end exactly where the uninterrupted run ends: the same
+global step, the same loss at every step (none lost, none repeated), the same `train_loss`; and no file the run
+writes may contain the Hub token it was given.
+
+Runs go through `tests/fault_runner.py`, which imports the package once and forks a child per run, so a trial costs
+the training itself rather than an interpreter start.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_training_cli import REPO, environment, train_command
+
+MAX_STEPS = 8
+TOKEN = "hf_FaultInjectionTestTokenDoNotLeak0123"
+RUN = ["--max_steps", str(MAX_STEPS), "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1",
+       "--hub_token", TOKEN]
+RESUME = ["--resume_from_checkpoint", "true"]
+
+# (where, at which occurrence): the n-th time the run reaches that point it is killed. Checkpoints are saved at steps
+# 2, 4, 6 and 8; rotation first deletes a checkpoint when step 4's is complete.
+EXACT_KILLS = [
+    ("save_start", 2),
+    ("save_start", 3),
+    ("after_weights", 2),
+    ("after_optimizer", 3),
+    ("after_rng", 2),
+    ("after_rng", 4),
+    ("after_trainer_state", 2),
+    ("after_trainer_rotation", 2),
+    ("after_trainer_rotation", 4),
+    ("mid_manifest", 2),
+    ("mid_manifest", 3),
+    ("before_rotation", 2),
+    ("before_rotation", 4),
+    ("mid_rotation", 1),
+    ("mid_rotation", 2),
+    ("mid_rotation", 3),
+    ("final_save", 1),
+]
+TIMED_KILLS = 8  # at random moments between the first complete checkpoint and the end of the run
+
+
+class Runner:
+    """Client of `fault_runner.py`: starts runs, kills them, waits for them."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "fault_runner.py")], cwd=REPO, env=environment(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.runs = 0
+
+    def start(self, argv: list[str], fault: tuple[str, int] | None = None) -> int:
+        self.runs += 1
+        self.log = self.log_dir / f"run-{self.runs}.log"
+        job = {"argv": argv, "log": str(self.log), "fault": fault and {"at": fault[0], "nth": fault[1]}}
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["pid"]
+
+    def wait(self) -> int:
+        line = self.process.stdout.readline()
+        assert line, "the fault runner died"
+        return json.loads(line)["status"]
+
+    def run(self, argv: list[str], fault: tuple[str, int] | None = None) -> int:
+        self.start(argv, fault)
+        return self.wait()
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    runner = Runner(tmp_path_factory.mktemp("logs"))
+    yield runner
+    runner.close()
+
+
+def arguments(shapes, pretrained_parts, output_dir, *extra):  # noqa: F811
+    return train_command(shapes, pretrained_parts, output_dir, *RUN, *extra)[1:]  # without the script name
+
+
+def outcome(output_dir: Path) -> dict:
+    """What a finished run must match: its last checkpoint's step and per-step losses, and `train_loss`."""
+    state = json.loads((output_dir / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {
+        "global_step": state["global_step"],
+        "losses": {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry},
+        "train_loss": json.loads((output_dir / "train_results.json").read_text())["train_loss"],
+    }
+
+
+def files_with(output_dir: Path, secret: str) -> list[str]:
+    return [str(path) for path in output_dir.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def reference(runner, shapes, pretrained_parts, tmp_path_factory):  # noqa: F811
+    """The uninterrupted run: its outcome, and how long it runs on after its first checkpoint is complete."""
+    output_dir = tmp_path_factory.mktemp("faults") / "uninterrupted"
+    runner.start(arguments(shapes, pretrained_parts, output_dir))
+    first_checkpoint_done = wait_for(output_dir / "checkpoint-2" / "checkpoint_complete.json")
+    assert runner.wait() == 0, runner.tail()
+    expected = outcome(output_dir)
+    assert expected["global_step"] == MAX_STEPS and sorted(expected["losses"]) == list(range(1, MAX_STEPS + 1))
+    return output_dir, expected, time.monotonic() - first_checkpoint_done
+
+
+def wait_for(path: Path) -> float:
+    deadline = time.monotonic() + 300
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, expected):  # noqa: F811
+    status = runner.run(arguments(shapes, pretrained_parts, output_dir, *RESUME))
+    assert status == 0, runner.tail()
+    result = outcome(output_dir)
+    assert result["global_step"] == expected["global_step"]
+    assert sorted(result["losses"]) == sorted(expected["losses"]), "a step was lost or repeated"
+    assert result["losses"] == pytest.approx(expected["losses"], abs=1e-5)
+    assert result["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-5)
+    assert files_with(output_dir, TOKEN) == []
+
+
+def test_the_token_given_to_train_py_is_in_no_file_it_writes(reference):
+    output_dir, _, _ = reference
+    assert (output_dir / f"checkpoint-{MAX_STEPS}" / "training_args.bin").is_file()
+    assert files_with(output_dir, TOKEN) == []
+
+
+@pytest.mark.parametrize("point, nth", EXACT_KILLS, ids=[f"{point}-{nth}" for point, nth in EXACT_KILLS])
+def test_a_run_killed_at_an_exact_point_resumes_to_the_uninterrupted_result(
+    runner, reference, shapes, pretrained_parts, tmp_path, point, nth  # noqa: F811
+):
+    _, expected, _ = reference
+    output_dir = tmp_path / "killed"
+    status = runner.run(arguments(shapes, pretrained_parts, output_dir), fault=(point, nth))
+    assert status == -signal.SIGKILL, f"the fault at {point} #{nth} was not reached:\n{runner.tail()}"
+    assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, expected)
+
+
+def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(
+    runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
+):
+    _, expected, remaining = reference
+    moments = random.Random(0)
+    killed = 0
+    for trial in range(TIMED_KILLS):
+        output_dir = tmp_path / f"trial-{trial}"
+        pid = runner.start(arguments(shapes, pretrained_parts, output_dir))
+        wait_for(output_dir / "checkpoint-2" / "checkpoint_complete.json")
+        time.sleep(moments.uniform(0, 0.9 * remaining))
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # the run ended first; the trial still checks that resuming changes nothing
+            pass
+        status = runner.wait()
+        killed += status == -signal.SIGKILL
+        assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, expected)
+    assert killed >= TIMED_KILLS - 1, f"only {killed} of {TIMED_KILLS} timed kills landed before the run ended"
+
+
+def test_a_resumed_run_killed_again_resumes_to_the_uninterrupted_result(
+    runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
+):
+    _, expected, _ = reference
+    output_dir = tmp_path / "twice"
+    assert runner.run(arguments(shapes, pretrained_parts, output_dir), fault=("after_optimizer", 2)) == -signal.SIGKILL
+    resumed = arguments(shapes, pretrained_parts, output_dir, *RESUME)
+    assert runner.run(resumed, fault=("mid_rotation", 1)) == -signal.SIGKILL
+    assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, expected)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(
+    runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
+):
+    _, expected, _ = reference
+    output_dir = tmp_path / "damaged"
+    # Keep two checkpoints, then stop after step 6's: its weights are damaged, step 4's are intact.
+    status = runner.run(arguments(shapes, pretrained_parts, output_dir, "--save_total_limit", "2"),
+                        fault=("save_start", 4))
+    assert status == -signal.SIGKILL
+    weights = output_dir / "checkpoint-6" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    status = runner.run(arguments(shapes, pretrained_parts, output_dir, "--save_total_limit", "2", *RESUME))
+    assert status == 0, runner.tail()
+    assert "not resuming from checkpoint-6" in runner.tail() and "adapter_model.safetensors" in runner.tail()
+    result = outcome(output_dir)
+    assert result["losses"] == pytest.approx(expected["losses"], abs=1e-5)
+    assert result["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-5)
+
+
+def test_a_second_run_into_a_busy_output_folder_stops_naming_the_holder(
+    runner, shapes, pretrained_parts, tmp_path  # noqa: F811
+):
+    from modeling_vitgpt2.training import hold_output_dir
+
+    output_dir = tmp_path / "busy"
+    with hold_output_dir(output_dir, 0):
+        status = runner.run(arguments(shapes, pretrained_parts, output_dir))
+    assert status == 2
+    assert "Traceback" not in runner.tail()
+    message = runner.tail().strip().splitlines()[-1]
+    assert message.startswith("train.py: error: ") and str(output_dir) in message and f"pid {os.getpid()}" in message
+    assert not any(output_dir.glob("checkpoint-*"))
