@@ -180,6 +180,12 @@ def _encoder_decoder_cache(cache: Cache | None) -> EncoderDecoderCache:
     return cache
 
 
+def _gets_one_adapter_per_row(module: nn.Module) -> bool:
+    """Whether peft has hooked `module` for a mixed-adapter batch: its tuners pass `adapter_names` (one per input
+    row) to the layer through a forward pre-hook while `generate(adapter_names=...)` or `forward` runs."""
+    return any("adapter_names" in getattr(hook, "keywords", {}) for hook in module._forward_pre_hooks.values())
+
+
 class ViTGPT2SelfAttention(nn.Module):
     """GPT-2's causal self-attention, with its fused query/key/value projection."""
 
@@ -262,6 +268,10 @@ class ViTGPT2CrossAttention(nn.Module):
             if isinstance(cached, ViTGPT2ImageLayer):
                 return cached.image_keys, cached.image_values
             return cached.keys, cached.values
+        if rows > image_tokens.shape[0] and _gets_one_adapter_per_row(self.c_attn):
+            # peft's mixed-adapter batches (`generate(adapter_names=...)`) name one adapter per decoder row, and a
+            # LoRA on this projection must then see one input row per decoder row: each row gets its own copy.
+            image_tokens = image_tokens.repeat_interleave(rows // image_tokens.shape[0], dim=0)
         images, tokens, _ = image_tokens.shape
         heads_shape = (images, tokens, self.num_heads, self.head_dim)
         key, value = (
@@ -505,6 +515,13 @@ class ViTGPT2PreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        # The timm ViT's own tokens and positions (parameters of the ViT module itself, not of a layer), with timm's
+        # scheme; pretrained weights replace them when loaded.
+        if isinstance(getattr(module, "pos_embed", None), nn.Parameter):
+            init.trunc_normal_(module.pos_embed, std=0.02)
+        for name in ("cls_token", "reg_token"):
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                init.normal_(getattr(module, name), std=1e-6)
         if isinstance(module, Conv1D):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
@@ -930,6 +947,13 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
         # The "pad token is the end token, pass an attention_mask" warning is about padded text inputs; images are
         # never padded, so a batch of them needs no mask.
         return super()._prepare_special_tokens(generation_config, None, device=device, batch_size=batch_size)
+
+    def _activation_checkpointing_enable(self, *args, **kwargs):
+        super()._activation_checkpointing_enable(*args, **kwargs)
+        # transformers does this for text models (main input `input_ids`); ours is `pixel_values`, but the checkpointed
+        # blocks are the decoder's: with frozen embeddings (every PEFT method) reentrant checkpointing would otherwise
+        # see no input that needs gradients and drop the adapters' gradients.
+        self.enable_input_require_grads()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
