@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import GenerationConfig
-
 from bench_generate import DTYPES, SIZES
 from common import build_models, cuda_available, describe_machine, synchronize, write_report
+from transformers import GenerationConfig
 
 
 def generation_config(base: GenerationConfig, variant: str, settings: dict) -> GenerationConfig:

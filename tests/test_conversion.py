@@ -18,7 +18,8 @@ from transformers import (
 )
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.convert_vision_encoder_decoder import convert_vision_encoder_decoder, main as convert_main
+from modeling_vitgpt2.convert_vision_encoder_decoder import convert_vision_encoder_decoder
+from modeling_vitgpt2.convert_vision_encoder_decoder import main as convert_main
 
 
 def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderDecoderModel:

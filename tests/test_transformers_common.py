@@ -35,6 +35,7 @@ import unittest
 
 import pytest
 import torch
+
 from vendored_suites import transformers_suites
 
 suites = transformers_suites()
