@@ -25,6 +25,8 @@ from .configuration_vitgpt2 import ViTGPT2Config, decoder_fields_from_gpt2
 from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from .processing_vitgpt2 import ViTGPT2Processor
 
+__all__ = ["convert_vision_encoder_decoder", "main"]
+
 
 def convert_vision_encoder_decoder(model_or_path) -> ViTGPT2ForConditionalGeneration:
     """A `VisionEncoderDecoderModel` (or a folder / Hub id of one) as this package's model, with identical outputs.
