@@ -1,7 +1,7 @@
 """Captioning speed of ViTGPT2ForConditionalGeneration ("ours") against transformers' VisionEncoderDecoderModel ("peer").
 
 Both hold the same random weights: a ViTModel + GPT-2 (cross-attention in every block) VisionEncoderDecoderModel is
-built and converted with `ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder`. Both caption the same random
+built and converted with `convert_vision_encoder_decoder`. Both caption the same random
 images with beam search and a fixed caption length (min = max new tokens), so they do the same work and must write
 the same tokens. Each run is split into encoder time (forward hooks on the encoder) and decode time (the rest).
 

@@ -2,7 +2,7 @@
 ("peer"), with and without the encoder-feature cache.
 
 Both start from the same random weights: a ViTModel + GPT-2 (cross-attention in every block)
-VisionEncoderDecoderModel is built and converted with `ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder`,
+VisionEncoderDecoderModel is built and converted with `convert_vision_encoder_decoder`,
 dropout off everywhere. Both train the same LoRA set-up: rank 4 on the decoder's self-attention `c_attn`/`c_proj`
 (`fan_in_fan_out`), cross-attention and its LayerNorm fully trained (`modules_to_save`, plus the peer's
 `enc_to_dec_proj` where the widths differ), encoder frozen; ours through `apply_peft(model, "lora", ...)`. They see

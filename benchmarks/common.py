@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity
 from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+from modeling_vitgpt2.convert_vision_encoder_decoder import convert_vision_encoder_decoder
 from modeling_vitgpt2.io_utils import write_json_atomic
 
 
@@ -43,7 +44,7 @@ def build_models(
     shape: ModelShape, seed: int
 ) -> tuple[VisionEncoderDecoderModel, ViTGPT2ForConditionalGeneration]:
     """The peer (a ViTModel + GPT-2 `VisionEncoderDecoderModel`) with random weights and dropout off, and ours
-    converted from it with `from_vision_encoder_decoder`: the same weights, so the same function."""
+    converted from it with `convert_vision_encoder_decoder`: the same weights, so the same function."""
     torch.manual_seed(seed)
     end_of_text = shape.vocab_size - 1
     encoder = ViTConfig(
@@ -61,9 +62,7 @@ def build_models(
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end_of_text
     peer = VisionEncoderDecoderModel(config=config)
-    ours = ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(peer)
-    # The conversion does not carry dropout over; saved with these, our model loads without any.
-    ours.config.resid_pdrop = ours.config.embd_pdrop = ours.config.attn_pdrop = 0.0
+    ours = convert_vision_encoder_decoder(peer)  # carries the peer's (zero) dropouts over
     return peer, ours
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-__all__ = ["ViTGPT2Config"]
+__all__ = ["ViTGPT2Config", "decoder_fields_from_gpt2"]
 
 
 GPT2_END_OF_TEXT = 50256
@@ -110,3 +110,11 @@ class ViTGPT2Config(PretrainedConfig):
 
     def has_cross_attention(self, layer_idx: int) -> bool:
         return self.cross_attention_layers is None or layer_idx in self.cross_attention_layers
+
+
+def decoder_fields_from_gpt2(gpt2_config) -> dict:
+    """The `ViTGPT2Config` decoder fields a transformers `GPT2Config` sets (the one place they are mapped), so a
+    decoder built from a GPT-2 checkpoint has its sizes, dropouts and initialisation."""
+    names = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+             "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range")
+    return {name: getattr(gpt2_config, name) for name in names}

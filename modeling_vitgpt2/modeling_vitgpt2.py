@@ -36,7 +36,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_vitgpt2 import ViTGPT2Config
+from .configuration_vitgpt2 import ViTGPT2Config, decoder_fields_from_gpt2
 
 __all__ = ["ViTGPT2ForConditionalGeneration", "ViTGPT2PreTrainedModel"]
 
@@ -181,6 +181,12 @@ def _encoder_decoder_cache(cache: Cache | None) -> EncoderDecoderCache:
     return cache
 
 
+def _gets_one_adapter_per_row(module: nn.Module) -> bool:
+    """Whether peft has hooked `module` for a mixed-adapter batch: its tuners pass `adapter_names` (one per input
+    row) to the layer through a forward pre-hook while `generate(adapter_names=...)` or `forward` runs."""
+    return any("adapter_names" in getattr(hook, "keywords", {}) for hook in module._forward_pre_hooks.values())
+
+
 class ViTGPT2SelfAttention(nn.Module):
     """GPT-2's causal self-attention, with its fused query/key/value projection."""
 
@@ -263,6 +269,10 @@ class ViTGPT2CrossAttention(nn.Module):
             if isinstance(cached, ViTGPT2ImageLayer):
                 return cached.image_keys, cached.image_values
             return cached.keys, cached.values
+        if rows > image_tokens.shape[0] and _gets_one_adapter_per_row(self.c_attn):
+            # peft's mixed-adapter batches (`generate(adapter_names=...)`) name one adapter per decoder row, and a
+            # LoRA on this projection must then see one input row per decoder row: each row gets its own copy.
+            image_tokens = image_tokens.repeat_interleave(rows // image_tokens.shape[0], dim=0)
         images, tokens, _ = image_tokens.shape
         heads_shape = (images, tokens, self.num_heads, self.head_dim)
         key, value = (
@@ -508,6 +518,13 @@ class ViTGPT2PreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        # The timm ViT's own tokens and positions (parameters of the ViT module itself, not of a layer), with timm's
+        # scheme; pretrained weights replace them when loaded.
+        if isinstance(getattr(module, "pos_embed", None), nn.Parameter):
+            init.trunc_normal_(module.pos_embed, std=0.02)
+        for name in ("cls_token", "reg_token"):
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                init.normal_(getattr(module, name), std=1e-6)
         if isinstance(module, Conv1D):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
@@ -810,23 +827,17 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
         gpt2 = GPT2LMHeadModel.from_pretrained(decoder)
         gpt2_config = gpt2.config
         end_of_text = gpt2_config.eos_token_id
+        decoder_fields = decoder_fields_from_gpt2(gpt2_config) | {
+            "bos_token_id": end_of_text,
+            "eos_token_id": end_of_text,
+            "pad_token_id": end_of_text,
+            "decoder_start_token_id": end_of_text,
+        }
         config = ViTGPT2Config(
             encoder_name=architecture,
             encoder_kwargs=encoder_kwargs,
             encoder_hidden_size=timm_model.num_features,
-            vocab_size=gpt2_config.vocab_size,
-            n_positions=gpt2_config.n_positions,
-            n_embd=gpt2_config.n_embd,
-            n_layer=gpt2_config.n_layer,
-            n_head=gpt2_config.n_head,
-            n_inner=gpt2_config.n_inner,
-            activation_function=gpt2_config.activation_function,
-            layer_norm_epsilon=gpt2_config.layer_norm_epsilon,
-            bos_token_id=config_overrides.pop("bos_token_id", end_of_text),
-            eos_token_id=config_overrides.pop("eos_token_id", end_of_text),
-            pad_token_id=config_overrides.pop("pad_token_id", end_of_text),
-            decoder_start_token_id=config_overrides.pop("decoder_start_token_id", end_of_text),
-            **config_overrides,
+            **(decoder_fields | config_overrides),
         )
         model = cls(config)
         model.encoder.model.load_state_dict(timm_model.state_dict())
@@ -847,82 +858,6 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
         model.config._name_or_path = f"{architecture}+{decoder}"
         return (model, {"newly_initialized": newly_initialized}) if output_loading_info else model
 
-    @classmethod
-    def from_vision_encoder_decoder(cls, model_or_path):
-        """Converts a transformers `VisionEncoderDecoderModel` (a `ViTModel` encoder and a GPT-2 decoder with
-        cross-attention, like `nlpconnect/vit-gpt2-image-captioning`) into this model with identical outputs.
-
-        The ViT becomes a timm `vit_base_patch16_224`-architecture encoder of the same sizes; an `enc_to_dec_proj`
-        layer is folded into every cross-attention key/value projection (both are linear). The only difference left
-        is the encoder's LayerNorm epsilon (timm's 1e-6 against ViT's 1e-12), far below 1e-4 on the logits.
-        Use `ViTGPT2Processor.from_vision_encoder_decoder(path)` for the matching processor.
-        """
-        from transformers import VisionEncoderDecoderModel
-
-        if isinstance(model_or_path, (str, os.PathLike)):
-            model_or_path = VisionEncoderDecoderModel.from_pretrained(model_or_path)
-        vit, gpt2 = model_or_path.encoder, model_or_path.decoder
-        if type(vit).__name__ != "ViTModel" or type(gpt2).__name__ != "GPT2LMHeadModel":
-            raise ValueError(
-                f"can convert a ViTModel encoder with a GPT2LMHeadModel decoder, got {type(vit).__name__} and "
-                f"{type(gpt2).__name__}"
-            )
-        vit_config, gpt2_config = vit.config, gpt2.config
-        if vit_config.hidden_act != "gelu" or not gpt2_config.add_cross_attention:
-            raise ValueError("the ViT must use exact GELU and the GPT-2 decoder must have cross-attention")
-        if gpt2_config.scale_attn_by_inverse_layer_idx or gpt2_config.reorder_and_upcast_attn:
-            raise ValueError("GPT-2 decoders with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn differ")
-        outer = model_or_path.config
-        config = ViTGPT2Config(
-            encoder_name="vit_base_patch16_224",
-            encoder_kwargs={
-                "img_size": vit_config.image_size,
-                "patch_size": vit_config.patch_size,
-                "in_chans": vit_config.num_channels,
-                "embed_dim": vit_config.hidden_size,
-                "depth": vit_config.num_hidden_layers,
-                "num_heads": vit_config.num_attention_heads,
-                "mlp_ratio": vit_config.intermediate_size / vit_config.hidden_size,
-                "qkv_bias": vit_config.qkv_bias,
-            },
-            encoder_hidden_size=vit_config.hidden_size,
-            vocab_size=gpt2_config.vocab_size,
-            n_positions=gpt2_config.n_positions,
-            n_embd=gpt2_config.n_embd,
-            n_layer=gpt2_config.n_layer,
-            n_head=gpt2_config.n_head,
-            n_inner=gpt2_config.n_inner,
-            activation_function=gpt2_config.activation_function,
-            layer_norm_epsilon=gpt2_config.layer_norm_epsilon,
-            bos_token_id=gpt2_config.bos_token_id,
-            eos_token_id=outer.eos_token_id if outer.eos_token_id is not None else gpt2_config.eos_token_id,
-            pad_token_id=outer.pad_token_id if outer.pad_token_id is not None else gpt2_config.eos_token_id,
-            decoder_start_token_id=outer.decoder_start_token_id
-            if outer.decoder_start_token_id is not None
-            else gpt2_config.bos_token_id,
-        )
-        model = cls(config)
-        model.encoder.model.load_state_dict(_timm_vit_state_from_transformers_vit(vit.state_dict(), config))
-        decoder_state = {
-            name.removeprefix("transformer."): weight
-            for name, weight in gpt2.state_dict().items()
-            if name.startswith("transformer.")
-        }
-        projection = getattr(model_or_path, "enc_to_dec_proj", None)
-        if projection is not None:
-            for layer_idx in range(config.n_layer):
-                prefix = f"h.{layer_idx}.crossattention.c_attn."
-                weight, bias = decoder_state[prefix + "weight"], decoder_state[prefix + "bias"]
-                # K/V = (x P^T + p) W + b = x (P^T W) + (p W + b), with Conv1D's (in, out) weight layout.
-                decoder_state[prefix + "weight"] = projection.weight.T @ weight
-                decoder_state[prefix + "bias"] = projection.bias @ weight + bias
-        model.decoder.load_state_dict(decoder_state)
-        model.generation_config = model_or_path.generation_config.__class__.from_dict(
-            model_or_path.generation_config.to_dict()
-        )
-        model.config._name_or_path = getattr(outer, "_name_or_path", "")
-        return model.to(dtype=next(gpt2.parameters()).dtype).train(model_or_path.training)
-
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, **model_kwargs):
         # Beams and sampled sequences share their image: leave the encoder output at one row per image, where
         # `generate` would copy it once per row (the cross-attention groups each image's rows instead).
@@ -938,6 +873,13 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
         # The "pad token is the end token, pass an attention_mask" warning is about padded text inputs; images are
         # never padded, so a batch of them needs no mask.
         return super()._prepare_special_tokens(generation_config, None, device=device, batch_size=batch_size)
+
+    def _activation_checkpointing_enable(self, *args, **kwargs):
+        super()._activation_checkpointing_enable(*args, **kwargs)
+        # transformers does this for text models (main input `input_ids`); ours is `pixel_values`, but the checkpointed
+        # blocks are the decoder's: with frozen embeddings (every PEFT method) reentrant checkpointing would otherwise
+        # see no input that needs gradients and drop the adapters' gradients.
+        self.enable_input_require_grads()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
@@ -955,30 +897,3 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_to
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
-def _timm_vit_state_from_transformers_vit(state: dict[str, torch.Tensor], config: ViTGPT2Config) -> dict:
-    """Renames a transformers `ViTModel` state dict to timm's VisionTransformer layout (fusing q/k/v)."""
-    converted = {
-        "cls_token": state["embeddings.cls_token"],
-        "pos_embed": state["embeddings.position_embeddings"],
-        "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
-        "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
-        "norm.weight": state["layernorm.weight"],
-        "norm.bias": state["layernorm.bias"],
-    }
-    renames = {
-        "layernorm_before": "norm1",
-        "layernorm_after": "norm2",
-        "attention.o_proj": "attn.proj",
-        "mlp.fc1": "mlp.fc1",
-        "mlp.fc2": "mlp.fc2",
-    }
-    for layer_idx in range(config.encoder_kwargs["depth"]):
-        source, target = f"layers.{layer_idx}.", f"blocks.{layer_idx}."
-        for old, new in renames.items():
-            for kind in ("weight", "bias"):
-                converted[f"{target}{new}.{kind}"] = state[f"{source}{old}.{kind}"]
-        for kind in ("weight", "bias"):
-            parts = [state.get(f"{source}attention.{name}_proj.{kind}") for name in ("q", "k", "v")]
-            if all(part is not None for part in parts):
-                converted[f"{target}attn.qkv.{kind}"] = torch.cat(parts, dim=0)
-    return converted

@@ -18,6 +18,8 @@ from transformers import (
 )
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+from modeling_vitgpt2.convert_vision_encoder_decoder import convert_vision_encoder_decoder
+from modeling_vitgpt2.convert_vision_encoder_decoder import main as convert_main
 
 
 def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderDecoderModel:
@@ -29,7 +31,7 @@ def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderD
     )
     decoder = GPT2Config(
         n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=64, add_cross_attention=True,
-        is_decoder=True, bos_token_id=end, eos_token_id=end,
+        is_decoder=True, bos_token_id=end, eos_token_id=end, attn_pdrop=0.05, initializer_range=0.03,
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end
@@ -40,7 +42,9 @@ def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderD
 def test_converted_model_matches_vision_encoder_decoder(tiny_tokenizer, encoder_width):
     reference = tiny_vision_encoder_decoder(tiny_tokenizer, encoder_width)
     assert hasattr(reference, "enc_to_dec_proj") == (encoder_width != 32)
-    ours = ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(reference).eval()
+    ours = convert_vision_encoder_decoder(reference).eval()
+    # The decoder keeps GPT-2's dropouts and initialisation, not only its sizes.
+    assert (ours.config.attn_pdrop, ours.config.initializer_range) == (0.05, 0.03)
     pixels = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     ids = torch.randint(0, len(tiny_tokenizer), (4, 9), generator=torch.Generator().manual_seed(2))
 
@@ -62,8 +66,10 @@ def test_conversion_from_a_saved_folder_brings_its_processor(tiny_tokenizer, tmp
     ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
 
-    ours = ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(tmp_path).eval()
-    processor = ViTGPT2Processor.from_vision_encoder_decoder(tmp_path)
+    # The command-line conversion, as users run it on a Hub id; the result loads like any saved model.
+    converted = convert_main([str(tmp_path), str(tmp_path / "converted")])
+    ours = ViTGPT2ForConditionalGeneration.from_pretrained(converted).eval()
+    processor = ViTGPT2Processor.from_pretrained(converted)
     image = torch.randint(0, 255, (40, 60, 3), dtype=torch.uint8).numpy()
     pixels = processor(images=[image, image])["pixel_values"]
     assert pixels.shape == (2, 3, 28, 28)
@@ -77,7 +83,7 @@ def test_only_vit_and_gpt2_checkpoints_convert(tiny_tokenizer):
     reference = tiny_vision_encoder_decoder(tiny_tokenizer, 32)
     reference.decoder.config.add_cross_attention = False
     with pytest.raises(ValueError, match="cross-attention"):
-        ViTGPT2ForConditionalGeneration.from_vision_encoder_decoder(reference)
+        convert_vision_encoder_decoder(reference)
 
 
 def test_from_encoder_decoder_pretrained_loads_local_timm_and_gpt2_weights(tiny_tokenizer, tmp_path):
@@ -91,7 +97,7 @@ def test_from_encoder_decoder_pretrained_loads_local_timm_and_gpt2_weights(tiny_
     end = tiny_tokenizer.eos_token_id
     gpt2 = GPT2LMHeadModel(
         GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tiny_tokenizer), n_positions=64,
-                   bos_token_id=end, eos_token_id=end)
+                   bos_token_id=end, eos_token_id=end, resid_pdrop=0.15, initializer_range=0.03)
     )
     gpt2.save_pretrained(tmp_path / "gpt2")
 
@@ -114,6 +120,9 @@ def test_from_encoder_decoder_pretrained_loads_local_timm_and_gpt2_weights(tiny_
     }
     assert set(info["newly_initialized"]) == cross_attention
     assert model.config.encoder_hidden_size == 48
+    assert (model.config.resid_pdrop, model.config.initializer_range) == (0.15, 0.03)
+    # A captioner built from pretrained parts decodes with 3 beams and up to 40 tokens, saved with it.
+    assert (model.generation_config.num_beams, model.generation_config.max_length) == (3, 40)
     assert model.decoder.h[0].crossattention.c_attn.weight.shape == (48, 64)  # 48-d image tokens -> K and V
     for name, weight in timm_model.state_dict().items():
         torch.testing.assert_close(model.encoder.model.state_dict()[name], weight, rtol=0, atol=0)

@@ -48,6 +48,8 @@ def test_saved_folder_holds_safetensors_config_code_and_processor(saved_folder):
     assert not any(name.endswith(".bin") for name in names)
     assert {"config.json", "generation_config.json", "configuration_vitgpt2.py", "modeling_vitgpt2.py",
             "processing_vitgpt2.py", "processor_config.json", "tokenizer.json"} <= names
+    # The remote code is the model, not the tools: the checkpoint conversion stays in the package.
+    assert "convert_vision_encoder_decoder.py" not in names
     config = json.loads((saved_folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_vitgpt2.ViTGPT2ForConditionalGeneration"
     assert config["auto_map"]["AutoConfig"] == "configuration_vitgpt2.ViTGPT2Config"

@@ -166,7 +166,8 @@ def test_training_from_cached_encoder_features_matches_training_from_images(shap
 
     assert len(list((tmp_path / "feature-cache").glob("*/features.f16"))) == 1
     assert not list((tmp_path / "feature-cache").glob("paged-out-encoder-*"))  # the idle encoder left no file
-    assert losses(cached_dir) == pytest.approx(losses(plain_dir), abs=1e-3)
+    # The cache stores float16 features (unit roundoff 4.9e-4); the losses agree to that relative precision.
+    assert losses(cached_dir) == pytest.approx(losses(plain_dir), rel=5e-4)
 
 
 def test_cached_training_pages_the_idle_encoder_out_and_saves_it_intact(

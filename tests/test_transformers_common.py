@@ -1,10 +1,32 @@
 """transformers' own common test suites, run against ViTGPT2ForConditionalGeneration as outsiders would.
 
 `ModelTesterMixin`, `GenerationTesterMixin` and `ConfigTester` come from transformers 5.24's test files in
-`../shared/vendor/transformers-tests` (imported from there, never copied); the module skips when they are absent.
-The model tester follows transformers' own image-to-text testers (`tests/models/pix2struct`, `blip`, `git`): a
-tiny config, random images and captions. A second tester makes the encoder wider than the decoder, so the
-cross-attention's key/value projection really maps one width to the other.
+`../shared/vendor/transformers-tests` (imported from there, never copied; see tests/vendored_suites.py); the module
+skips when they are absent. The model tester follows transformers' own image-to-text testers
+(`tests/models/pix2struct`, `blip`, `git`): a tiny config, random images and captions. A second tester makes the
+encoder wider than the decoder, so the cross-attention's key/value projection really maps one width to the other.
+The suites' slow-marked tests that run on a CPU (eager vs SDPA generate, static cache, torch.compile, torch.export)
+run too (RUN_SLOW=0 leaves them out).
+
+Every skip, and why it does not apply (per test class; the suites' own skip messages name them):
+- Hardware or libraries this CPU test run does not have: Flash Attention 2/3/4 (GPU kernels), accelerator, multiple
+  accelerators and MPS tests, DeepSpeed, the `kernels` library, optimum-quanto (quantized cache), ONNXScript /
+  ONNX Runtime and ExecuTorch (the torch.export tests do run).
+- Decoder-only machinery: "Model is an encoder-decoder", "This model is encoder-decoder (and has an Encoder-Decoder
+  Cache)", "No decoder-only architecture/language modeling head": left-padding, padding-free and
+  continue-from-inputs_embeds tests written for causal LMs.
+- Inputs a captioner does not take: `inputs_embeds` (the decoder starts from a start token, the image comes in as
+  pixels), `position_ids` (GPT-2's learned positions follow the cache and the padding mask), `logits_to_keep` (the
+  prompt is one start token, so there is nothing to trim; the suite's test also reads `input_ids`).
+- Architecture features it has none of: RoPE (4 tests, "no `base_model_class`": GPT-2 has learned positions),
+  sliding-window masks, sparse experts / router logits / grouped_mm, recurrent layers, MTP heads, a tensor-parallel
+  plan, `_keep_in_fp32_modules`, weight-conversion mappings ("No conversion found"), sub-configs / composite
+  configs ("No subconfigs", "not composite", "does not support SDPA" is the composite-dispatch test), transformers'
+  `capture_outputs` decorator, position-embedding resizing.
+- Registration: "ViTGPT2Config not in MODEL_MAPPING" (a remote-code model is registered with the Auto classes at
+  import, not in transformers' own mapping).
+- `test_generate_without_input_ids`, `test_resize_tokens_embeddings`, `test_resize_embeddings_untied` and, for the
+  wider encoder, `test_hidden_states_output`: skipped below with their reasons, each replaced by an equivalent test.
 """
 
 from __future__ import annotations
@@ -13,6 +35,7 @@ import unittest
 
 import pytest
 import torch
+
 from vendored_suites import transformers_suites
 
 suites = transformers_suites()
@@ -100,6 +123,8 @@ class ViTGPT2ModelTest(suites.ModelTesterMixin, suites.GenerationTesterMixin, un
     all_model_classes = (ViTGPT2ForConditionalGeneration,)
     all_generative_model_classes = (ViTGPT2ForConditionalGeneration,)
     is_encoder_decoder = True
+    # The suite skips this for models older than 2023 unless asked; ours must initialise every weight it adds.
+    test_can_init_all_missing_weights_before_2023 = True
     tester_kwargs: dict = {}
 
     def setUp(self):
