@@ -190,3 +190,26 @@ def test_shipped_studies_load():
         ("lora_r4", "lora"), ("lora_r8", "lora"), ("adapter_64", "adapter"), ("prefix_100", "prefix")]
     assert course.zero_shot["templates"] == [
         "This is a photo of {object}", "This is not a photo of {object}", "No {object}, no score."]
+
+
+def test_a_missing_base_is_trained_first_with_its_train_config(tmp_path):
+    base_config = {"synthetic_dir": str(tmp_path / "shapes"), "synthetic_train_images": 8, "synthetic_val_images": 4,
+                   "synthetic_image_size": 28, "tokenizer_vocab_size": 300, "num_train_epochs": 1,
+                   "per_device_train_batch_size": 16, "generation_num_beams": 1, "generation_max_length": 8,
+                   "model_config": {"encoder_kwargs": {"img_size": 28, "patch_size": 14, "embed_dim": 32, "depth": 1,
+                                                       "num_heads": 2},
+                                    "encoder_hidden_size": 32, "n_embd": 32, "n_layer": 1, "n_head": 2},
+                   "report_to": "none", "disable_tqdm": True}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base_config))
+    spec = {"base": {"model": str(tmp_path / "base"), "train_config": str(tmp_path / "base.yaml")},
+            "data": {"synthetic_domain": "shifted", "synthetic_train_images": 4, "synthetic_val_images": 2,
+                     "synthetic_image_size": 28},
+            "recipe": {"num_train_epochs": 1, "generation_num_beams": 1, "generation_max_length": 8,
+                       "save_strategy": "no", "load_best_model_at_end": False},
+            "variants": [{"name": "cross", "peft": "cross_attention"}], "side_by_side": 0, "metrics": ["cider"]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    results = study_module.run_study(study_module.load_study(tmp_path / "study.yaml"), tmp_path / "out",
+                                     show_progress=False)
+    assert (tmp_path / "base" / "config.json").is_file()
+    assert json.loads((tmp_path / "base" / "training_summary.json").read_text())["sources"]["synthetic_data"]
+    assert [row["status"] for row in results["rows"]] == ["ok", "ok"]
