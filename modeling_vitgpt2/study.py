@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import mimetypes
+import os
 import platform
 import re
 import shutil
@@ -270,9 +271,6 @@ class StudyProgress:
                  f"elapsed {_duration(time.time() - self.study_start)}, "
                  f"left ~{'?' if left is None else _duration(left)}")
 
-    def callback(self) -> TrainerCallback:
-        return _ProgressCallback(self)
-
 
 class _ProgressCallback(TrainerCallback):
     def __init__(self, progress: StudyProgress):
@@ -496,7 +494,7 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
                   "peak_memory_kind": peak_kind, "best_epoch": _best_epoch(callback.log_history),
                   "log_history": callback.log_history, "resumed_from": checkpoint,
                   **_score(study, folder, data, clip)}
-    except Exception as error:  # noqa: BLE001 -- one variant's failure must not stop the others
+    except Exception as error:  # one variant's failure must not stop the others
         logger.exception("variant %s failed", name)
         result = {"name": name, "status": "failed", "settings": overrides,
                   "error": f"{type(error).__name__}: {error}",
@@ -541,7 +539,8 @@ def run_study(study: Study, output_dir, *, show_progress: bool = True) -> dict:
         "zero_shot": zero_shot,
         "extremes": extremes,
         "side_by_side": side_by_side,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpu_cores": os.cpu_count(),
+                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                     "cpu_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__},
@@ -552,6 +551,16 @@ def run_study(study: Study, output_dir, *, show_progress: bool = True) -> dict:
     progress.say(f"done in {_duration(results['study_wall_time_s'])}: {output_dir / 'report.html'}"
                  + (f"; FAILED: {', '.join(failed)} (rerun to retry them)" if failed else ""))
     return results
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _run_zero_shot(study: Study, output_dir: Path, clip, progress: StudyProgress) -> dict | None:
@@ -776,8 +785,10 @@ def write_report(results: dict, output_dir) -> None:
     sections: list[tuple[str, list]] = []  # (title, [("md", text) | ("img", path, alt) | ("table", cols, rows)])
     intro = (f"Study `{results['study']}` from `{results['study_file']}`; {len(results['rows']) - 1} variants, "
              f"wall time {_duration(results['study_wall_time_s'])} on {results['machine']['processor']} "
-             f"({results['machine']['cpu_threads']} torch threads"
-             + (f", {results['machine']['gpu']}" if results["machine"]["gpu"] else ", no GPU") + "). "
+             f"({results['machine']['cpu_cores']} cores, {results['machine']['cpu_threads']} torch threads"
+             + (f", {results['machine']['gpu']}" if results["machine"]["gpu"] else ", no GPU")
+             + (f", load average {results['machine']['load_average'][0]:.1f} at the end"
+                if results["machine"].get("load_average") else "") + "). "
              "Every score below is `eval.py score` on the variant's saved predictions "
              "(`variants/<name>/eval_predictions.json`, scores in `variants/<name>/scores.json`).")
     sections.append(("PEFT methods", [
