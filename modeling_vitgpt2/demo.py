@@ -49,7 +49,6 @@ __all__ = [
     "parse_args",
     "space_model",
     "SPACE_README",
-    "USAGE_ERROR",
 ]
 
 
@@ -62,7 +61,6 @@ EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 ALL_LAYERS = "all"
 MEAN_OF_HEADS = "mean"
 DEFAULT_TEMPLATES = "This is a photo of {object}.\nThis is not a photo of {object}."
-USAGE_ERROR = 2
 
 
 def space_model(folder: Path = Path(".")) -> str | None:
