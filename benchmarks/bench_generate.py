@@ -4,6 +4,8 @@ Both hold the same random weights: a ViTModel + GPT-2 (cross-attention in every 
 built and converted with `convert_vision_encoder_decoder`. Both caption the same random
 images with beam search and a fixed caption length (min = max new tokens), so they do the same work and must write
 the same tokens. Each run is split into encoder time (forward hooks on the encoder) and decode time (the rest).
+On the CPU in float32 it also times our model in int8 (`modeling_vitgpt2.quantization`), interleaved with the
+others, its latency for one image, and (with `--trained_model`) its CIDEr against float32 on a trained model.
 
     python benchmarks/bench_generate.py --size real --batch_sizes 1 4 \
         --output benchmarks/results/generate_cpu_fp32_real.json
@@ -14,11 +16,13 @@ See benchmarks/README.md for the FLOP formula and how to read the output.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +35,8 @@ from common import (
     cuda_available,
     describe_machine,
     matmul_gflops,
+    memory_read_gbs,
+    peak_resident_mb,
     print_profile,
     profiler_activities,
     synchronize,
@@ -39,6 +45,8 @@ from common import (
     write_report,
 )
 from torch.profiler import profile
+
+from modeling_vitgpt2.quantization import quantize_for_cpu
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,56 @@ def generate_flops(size: GenerateSize, images: int, num_beams: int, new_tokens: 
     return {"encoder": float(encoder), "decode": float(decode)}
 
 
+def decode_weight_bytes(size: GenerateSize, int8: bool) -> float:
+    """Bytes of weights one decoding step reads (each weight once, whatever the batch and beams): the decoder's
+    products (int8 when quantized) and the float32 vocabulary projection; biases, norms and embeddings ignored."""
+    d_model = size.decoder_width
+    products = size.decoder_layers * 14 * d_model**2
+    return float(products * (1 if int8 else 4) + size.vocab_size * d_model * 4)
+
+
+def latency(models: dict, pixels: torch.Tensor, settings: dict, calls: int, device: torch.device) -> dict:
+    """p50/p95 seconds of `calls` one-image `generate` calls per model after a warm-up, the models interleaved."""
+    for model in models.values():
+        model.generate(pixel_values=pixels, **settings)
+    runs = {name: [] for name in models}
+    for _ in range(calls):
+        for name, model in models.items():
+            runs[name].append(timed(lambda: model.generate(pixel_values=pixels, **settings), device)[0])
+    return {
+        name: {"calls": calls, "p50_s": statistics.median(times),
+               "p95_s": statistics.quantiles(times, n=20, method="inclusive")[18] if calls > 1 else times[0]}
+        for name, times in runs.items()
+    }
+
+
+def trained_model_int8_quality(model_path: Path, images: int) -> dict:
+    """CIDEr of a trained model (the default run's: `python train.py`) in float32 and in int8 on the first `images`
+    of the built-in synthetic validation split, and the share of images captioned identically, through
+    `eval.py caption`'s code with the model's own generation settings."""
+    from modeling_vitgpt2.evaluation import caption_folder, score_predictions
+    from modeling_vitgpt2.synthetic import write_synthetic_coco
+
+    with tempfile.TemporaryDirectory() as folder:
+        # The validation split has its own random stream: without training images it is the run's validation set.
+        split = write_synthetic_coco(folder, num_train=0, num_val=images)
+        captions = {quantize or "fp32": caption_folder(model_path, split.val_images, quantize=quantize,
+                                                       progress=False, device="cpu")
+                    for quantize in (None, "int8")}
+        cider = {name: score_predictions(predictions, split.val_json, metrics=["cider"]).cider
+                 for name, predictions in captions.items()}
+    same = sum(captions["fp32"][name] == captions["int8"][name] for name in captions["fp32"])
+    return {
+        "model": str(model_path),
+        "images": images,
+        "cider_fp32": cider["fp32"],
+        "cider_int8": cider["int8"],
+        # An untrained model can score 0 in float32: no relative difference then.
+        "cider_difference_percent": 100 * (cider["int8"] - cider["fp32"]) / cider["fp32"] if cider["fp32"] else None,
+        "identical_captions": same / len(captions["fp32"]),
+    }
+
+
 class EncoderClock:
     """Wall time spent inside the encoder's forward, so that a `generate` run splits into encoding and decoding."""
 
@@ -107,6 +165,24 @@ class EncoderClock:
     def _stop(self, module, args, output) -> None:
         synchronize(self.device)
         self.seconds += time.perf_counter() - self._started
+
+
+def weights_mb(model: torch.nn.Module) -> float:
+    """Megabytes of the model's weights as stored (int8 layers' packed weights count one byte per value; tied
+    weights once)."""
+    seen = set()
+
+    def nbytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            if value.data_ptr() in seen:
+                return 0
+            seen.add(value.data_ptr())
+            return value.numel() * value.element_size()
+        if isinstance(value, (tuple, list)):
+            return sum(nbytes(part) for part in value)
+        return 0
+
+    return sum(nbytes(value) for value in model.state_dict().values()) / 2**20
 
 
 def generate_once(model, clock: EncoderClock, pixels: torch.Tensor, settings: dict, device: torch.device):
@@ -144,23 +220,36 @@ def profile_decoding(model, pixels: torch.Tensor, settings: dict, device: torch.
     return top_ops(profiler, device, top)
 
 
-def print_table(rows: list[dict], matmul: float) -> None:
+def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
     header = (
         f"{'batch':>5} {'peer cap/s':>10} {'ours cap/s':>10} {'speedup':>7} "
         f"{'peer enc s':>10} {'peer dec s':>10} {'ours enc s':>10} {'ours dec s':>10} "
-        f"{'peer %mm':>8} {'ours %mm':>8} {'identical':>9} {'agree':>6}"
+        f"{'peer %mm':>8} {'ours %mm':>8} {'ours %bw':>8} {'identical':>9} {'agree':>6}"
     )
+    int8 = "int8" in rows[0]
+    if int8:
+        header += f" {'int8 cap/s':>10} {'int8 x':>6} {'int8 %bw':>8} {'int8 same':>9}"
     print(header)
     for row in rows:
         peer, ours = row["peer"], row["ours"]
-        print(
+        line = (
             f"{row['batch_size']:>5} {peer['captions_per_s']:>10.3f} {ours['captions_per_s']:>10.3f} "
             f"{row['speedup']:>7.2f} {peer['encoder_s']:>10.3f} {peer['decode_s']:>10.3f} "
             f"{ours['encoder_s']:>10.3f} {ours['decode_s']:>10.3f} "
             f"{100 * peer['fraction_of_matmul']:>7.1f}% {100 * ours['fraction_of_matmul']:>7.1f}% "
+            f"{100 * ours['decode_fraction_of_bandwidth']:>7.1f}% "
             f"{str(row['identical']):>9} {row['token_agreement']:>6.3f}"
         )
-    print(f"%mm: share of the measured {matmul:.1f} GFLOP/s matmul throughput reached (useful FLOPs / time)")
+        if int8:
+            line += (f" {row['int8']['captions_per_s']:>10.3f} {row['int8_speedup']:>6.2f} "
+                     f"{100 * row['int8']['decode_fraction_of_bandwidth']:>7.1f}% {row['int8_identical_captions']:>9.2f}")
+        print(line)
+    print(f"%mm: share of the measured {matmul:.1f} GFLOP/s matmul throughput reached (useful FLOPs / time); "
+          f"%bw: the decode loop's share of its weight-bandwidth bound (weight bytes per step x steps / "
+          f"{bandwidth:.1f} GB/s measured read bandwidth, over decode time)")
+    if int8:
+        print("int8: our model with int8 linear layers; 'int8 x' is its speedup over ours in float32, 'int8 same' "
+              "the share of images whose caption equals float32's")
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -175,6 +264,14 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="profile one decode loop of each model")
     parser.add_argument("--profile_top", type=int, default=12, help="how many ops --profile lists")
+    parser.add_argument("--no_int8", action="store_true", help="skip our model in int8 (CPU float32 runs only)")
+    parser.add_argument("--latency_calls", type=int, default=20,
+                        help="one-image generate calls per model for latency p50/p95 (0 skips)")
+    parser.add_argument("--trained_model", type=Path,
+                        help="a trained model folder (the default run's: outputs/synthetic-default): CIDEr of int8 "
+                             "against float32 on the built-in synthetic validation split")
+    parser.add_argument("--trained_model_images", type=int, default=200,
+                        help="validation images for --trained_model (the default run's split has 200)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -203,10 +300,15 @@ def main() -> None:
     # Other processes on the machine slow both models and the matmul alike, but make every figure noisier.
     load_at_start = os.getloadavg()[0]
     matmul = matmul_gflops(dtype, device)
-    print(f"matmul throughput ({arguments.dtype}, {device.type}): {matmul:.1f} GFLOP/s")
+    bandwidth = memory_read_gbs(device)
+    print(f"matmul throughput ({arguments.dtype}, {device.type}): {matmul:.1f} GFLOP/s; memory read bandwidth "
+          f"{bandwidth:.1f} GB/s; CPU capability {machine['cpu_capability']}")
 
     peer, ours = build_models(size, arguments.seed)
     models = {"peer": peer.eval().to(device=device, dtype=dtype), "ours": ours.eval().to(device=device, dtype=dtype)}
+    with_int8 = not arguments.no_int8 and device.type == "cpu" and dtype == torch.float32
+    if with_int8:
+        models["int8"] = quantize_for_cpu(copy.deepcopy(models["ours"]))
     clocks = {name: EncoderClock(model.get_encoder(), device) for name, model in models.items()}
     print(f"size {arguments.size} ({size.image_tokens} image tokens), {arguments.dtype}, beams {arguments.num_beams}, "
           f"{arguments.new_tokens} new tokens, median of {arguments.repeats} runs after a warm-up\n")
@@ -221,25 +323,63 @@ def main() -> None:
         pixels = random_images(batch_size)
         timings, tokens = benchmark_batch(models, clocks, pixels, settings, arguments.repeats, device)
         flops = generate_flops(size, batch_size, arguments.num_beams, arguments.new_tokens)
-        for timing in timings.values():
+        for name, timing in timings.items():
             timing["captions_per_s"] = batch_size / timing["seconds"]
             timing["fraction_of_matmul"] = (flops["encoder"] + flops["decode"]) / timing["seconds"] / 1e9 / matmul
-        rows.append({
+            bound_s = arguments.new_tokens * decode_weight_bytes(size, int8=name == "int8") / (bandwidth * 1e9)
+            timing["decode_fraction_of_bandwidth"] = bound_s / timing["decode_s"]
+        row = {
             "batch_size": batch_size,
             "speedup": timings["peer"]["seconds"] / timings["ours"]["seconds"],
             "identical": torch.equal(tokens["ours"], tokens["peer"]),
             "token_agreement": (tokens["ours"] == tokens["peer"]).float().mean().item(),
             "flops": flops,
             **timings,
-        })
+        }
+        if with_int8:
+            row["int8_speedup"] = timings["ours"]["seconds"] / timings["int8"]["seconds"]
+            row["int8_identical_captions"] = (tokens["int8"] == tokens["ours"]).all(dim=1).float().mean().item()
+            row["int8_token_agreement"] = (tokens["int8"] == tokens["ours"]).float().mean().item()
+        rows.append(row)
         print(f"batch {batch_size} done", file=sys.stderr)
 
-    print_table(rows, matmul)
+    print_table(rows, matmul, bandwidth)
     # One figure for the run: the geometric mean, since speedups are ratios.
     speedup = math.exp(statistics.mean(math.log(row["speedup"]) for row in rows))
     identical = all(row["identical"] for row in rows)
     print(f"\nspeedup (geometric mean over batch sizes): {speedup:.2f}x; identical tokens at every batch size: "
           f"{identical}")
+    extra = {}
+    if with_int8:
+        extra["int8_speedup"] = math.exp(statistics.mean(math.log(row["int8_speedup"]) for row in rows))
+        print(f"int8 speedup over ours in float32 (geometric mean): {extra['int8_speedup']:.2f}x")
+    if arguments.latency_calls > 0:
+        latency_models = {name: models[name] for name in ("ours", "int8") if name in models}
+        extra["latency_batch_1"] = latency(latency_models, random_images(1), settings, arguments.latency_calls,
+                                           device)
+        for name, figures in extra["latency_batch_1"].items():
+            print(f"latency, one image ({name}): p50 {figures['p50_s']:.3f} s, p95 {figures['p95_s']:.3f} s over "
+                  f"{figures['calls']} calls")
+    # Resident memory during one call at the largest batch size; every model's weights stay loaded throughout, so
+    # the growth during the call (activations, caches) and each model's weight bytes are the comparable figures.
+    pixels = random_images(max(batch_sizes))
+    extra["memory_mb"] = {"batch_size": max(batch_sizes)}
+    for name, model in models.items():
+        extra["memory_mb"][name] = {
+            "weights": weights_mb(model),
+            **(peak_resident_mb(lambda: model.generate(pixel_values=pixels, **settings))[0] or {}),
+        }
+    print(f"memory at batch {max(batch_sizes)}, MB: " + "; ".join(
+        f"{name} weights {figures['weights']:.0f}, growth during a call {figures.get('growth', float('nan')):.0f}"
+        for name, figures in extra["memory_mb"].items() if name != "batch_size")
+        + f" (process peak {max(f.get('peak', 0) for k, f in extra['memory_mb'].items() if k != 'batch_size'):.0f})")
+    if arguments.trained_model is not None:
+        extra["trained_model_int8"] = trained_model_int8_quality(arguments.trained_model,
+                                                                 arguments.trained_model_images)
+        quality = extra["trained_model_int8"]
+        print(f"{quality['model']} on {quality['images']} synthetic validation images: CIDEr {quality['cider_fp32']:.4f} "
+              f"float32, {quality['cider_int8']:.4f} int8 ({quality['cider_difference_percent'] or 0:+.2f}%), "
+              f"identical captions {100 * quality['identical_captions']:.1f}%")
     load_average = {"start": load_at_start, "end": os.getloadavg()[0]}
     print(f"1-minute load average: {load_average['start']:.1f} at start, {load_average['end']:.1f} at end "
           f"({machine['cores']} cores)")
@@ -256,9 +396,11 @@ def main() -> None:
         "repeats": arguments.repeats,
         "load_average": load_average,
         "matmul_gflops": matmul,
+        "memory_read_gbs": bandwidth,
         "speedup": speedup,
         "identical": identical,
         "rows": rows,
+        **extra,
     }
     if arguments.profile:
         # At the largest batch size, where per-row copies weigh most.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,44 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repea
     return 2 * n**3 / seconds / 1e9
 
 
+def memory_read_gbs(device: torch.device, megabytes: int = 256, repeats: int = 5) -> float:
+    """Main-memory read bandwidth as torch's kernels reach it: a `sum` over a tensor far larger than the caches,
+    fastest of `repeats`. Decoding streams every weight at every step, so this bounds how fast a step can be."""
+    data = torch.ones(megabytes * 2**20 // 4, device=device)
+    data.sum()  # warm-up: pages touched, thread pool started
+    seconds = min(timed(lambda: data.sum(), device)[0] for _ in range(repeats))
+    return data.numel() * data.element_size() / seconds / 1e9
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_mb(function) -> tuple[dict | None, object]:
+    """The process's resident memory (MB) before `function` and at its peak while it runs (sampled every
+    millisecond), and `function`'s result. Linux only (`/proc/self/statm`); elsewhere None."""
+    if not Path("/proc/self/statm").exists():
+        return None, function()
+    before = peak = _resident_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.001):
+            peak = max(peak, _resident_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = function()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, _resident_bytes())
+    return {"before": before / 2**20, "peak": peak / 2**20, "growth": (peak - before) / 2**20}, result
+
+
 def describe_machine(device: torch.device) -> dict:
     cpuinfo = Path("/proc/cpuinfo")
     model_names = [
@@ -108,6 +147,8 @@ def describe_machine(device: torch.device) -> dict:
     return {
         "cpu": model_names[0] if model_names else platform.processor(),
         "cores": os.cpu_count(),
+        # The widest vector instructions torch's CPU kernels use here (AVX2, AVX512, ...): int8 gains depend on it.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -12,7 +12,7 @@ def test_generate_benchmark_reports_identical_captions(tmp_path):
     output = tmp_path / "tmp.json"
     finished = subprocess.run(
         [sys.executable, str(BENCH_GENERATE), "--size", "tiny", "--batch_sizes", "1", "4", "--repeats", "1",
-         "--profile", "--output", str(output)],
+         "--profile", "--no_int8", "--latency_calls", "0", "--output", str(output)],
         capture_output=True, text=True, timeout=300,
     )
     assert finished.returncode == 0, finished.stderr
@@ -28,6 +28,56 @@ def test_generate_benchmark_reports_identical_captions(tmp_path):
         for model in ("ours", "peer"):
             assert {"captions_per_s", "encoder_s", "decode_s", "fraction_of_matmul"} <= row[model].keys()
     assert report["profile"]["ours"] and report["profile"]["peer"]
+
+
+def test_generate_benchmark_reports_int8_latency_bandwidth_and_memory(tmp_path):
+    """One run with everything the int8 path adds, including CIDEr on a trained model (a tiny one saved here)."""
+    output = tmp_path / "tmp.json"
+    model_dir = tmp_path / "model"
+    subprocess.run([sys.executable, "-c", SAVE_TINY_TRAINED_MODEL, str(model_dir)], check=True, timeout=300,
+                   cwd=Path(__file__).parent)
+    finished = subprocess.run(
+        [sys.executable, str(BENCH_GENERATE), "--size", "tiny", "--batch_sizes", "2", "--repeats", "1",
+         "--latency_calls", "2", "--new_tokens", "4", "--trained_model", str(model_dir),
+         "--trained_model_images", "4", "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+    report = json.loads(output.read_text())
+    assert report["machine"]["cpu_capability"] and report["memory_read_gbs"] > 0
+    assert report["int8_speedup"] > 0
+    row = report["rows"][0]
+    assert 0 <= row["int8_identical_captions"] <= 1 and 0 < row["int8_token_agreement"] <= 1
+    for model in ("ours", "peer", "int8"):
+        assert row[model]["decode_fraction_of_bandwidth"] > 0
+        assert report["memory_mb"][model]["weights"] > 0
+    assert report["memory_mb"]["int8"]["weights"] < report["memory_mb"]["ours"]["weights"]
+    for model in ("ours", "int8"):
+        figures = report["latency_batch_1"][model]
+        assert figures["calls"] == 2 and 0 < figures["p50_s"] <= figures["p95_s"]
+    quality = report["trained_model_int8"]
+    assert quality["images"] == 4 and 0 <= quality["identical_captions"] <= 1
+    assert {"cider_fp32", "cider_int8", "cider_difference_percent"} <= quality.keys()
+
+
+SAVE_TINY_TRAINED_MODEL = """
+import sys
+import torch
+from conftest import build_tiny_tokenizer, tiny_config_kwargs
+from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+import timm
+
+folder = sys.argv[1]
+tokenizer = build_tiny_tokenizer(folder)
+torch.manual_seed(0)
+config = ViTGPT2Config(**tiny_config_kwargs(tokenizer, encoder_kwargs=dict(img_size=64, patch_size=16, embed_dim=48,
+                                                                            depth=1, num_heads=2)))
+model = ViTGPT2ForConditionalGeneration(config)
+model.generation_config.max_new_tokens = 6
+model.save_pretrained(folder)
+ViTGPT2Processor.from_timm_model(model.encoder.model, tokenizer).save_pretrained(folder)
+"""
 
 
 def test_scaling_on_paper_reproduces_the_training_benchmarks_flops_and_the_cache_arithmetic(tmp_path):
