@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,7 +92,10 @@ def test_two_processes_train_and_score_every_image_once(pretrained_parts, tmp_pa
     # data-parallel (gloo), not as two independent runs into one folder.
     arguments = [argument for argument in train_command(odd, pretrained_parts, output_dir, "--max_steps", "3",
                                                         "--save_strategy", "no") if argument != "--use_cpu"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as probe:  # a free port: a fixed one collides with another test run on the same machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                *arguments]
     result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
