@@ -57,7 +57,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainerCallback
 
-from .io_utils import read_json, write_json_atomic
+from .io_utils import read_json, write_json_atomic, write_text_atomic
 from .metrics import METRICS, format_metric, metric_names
 
 __all__ = [
@@ -732,12 +732,6 @@ def _save_figure(figure, path: Path) -> Path:
     return path
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-
-
 def _results_csv(results: dict, output_dir: Path) -> None:
     keys = list(metric_names())
     header = ["variant", "status", "settings", "method", "trainable_parameters", "total_parameters",
@@ -754,7 +748,7 @@ def _results_csv(results: dict, output_dir: Path) -> None:
                          100 * trainable / total if total and trainable is not None else "",
                          *[metrics.get(key, "") for key in keys], row.get("train_runtime_s", ""),
                          row.get("peak_memory_bytes") or "", row.get("best_epoch", ""), row.get("error", "")])
-    _write_text_atomic(output_dir / "results.csv", buffer.getvalue())
+    write_text_atomic(output_dir / "results.csv", buffer.getvalue())
 
 
 def _markdown_table(columns: list[str], rows: list[dict]) -> str:
@@ -839,8 +833,8 @@ def write_report(results: dict, output_dir) -> None:
 
     write_json_atomic(output_dir / "results.json", results)
     _results_csv(results, output_dir)
-    _write_text_atomic(output_dir / "report.md", _render_markdown(results, sections, output_dir))
-    _write_text_atomic(output_dir / "report.html", _render_html(results, sections))
+    write_text_atomic(output_dir / "report.md", _render_markdown(results, sections, output_dir))
+    write_text_atomic(output_dir / "report.html", _render_html(results, sections))
 
 
 def _render_markdown(results: dict, sections: list, output_dir: Path) -> str:

@@ -11,13 +11,14 @@ its own region of the image, so objects never overlap and every caption can name
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .io_utils import write_json_atomic
 
 __all__ = [
     "BACKGROUND",
@@ -262,8 +263,7 @@ def _write_split(
         images.append({"file_name": file_name, "id": image_id})
         for caption in describe_scene(scene, domain):
             annotations.append({"image_id": image_id, "caption": caption, "id": next(annotation_ids)})
-    with open(root / f"{split}.json", "w", encoding="utf-8") as handle:
-        json.dump({"images": images, "annotations": annotations}, handle, indent=1)
+    write_json_atomic(root / f"{split}.json", {"images": images, "annotations": annotations}, indent=1)
 
 
 def write_synthetic_coco(
