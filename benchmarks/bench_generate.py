@@ -32,13 +32,13 @@ import transformers
 from common import (
     ModelShape,
     build_models,
-    cuda_available,
     describe_machine,
     matmul_gflops,
     memory_read_gbs,
     peak_resident_mb,
     print_profile,
     profiler_activities,
+    skipped_without_cuda,
     synchronize,
     timed,
     top_ops,
@@ -281,10 +281,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()  # generate's warnings about the pad token repeat on every call
     command = shlex.join(["python", *sys.argv])
     device = torch.device(arguments.device)
-    if device.type == "cuda" and not cuda_available():
-        print("skipped: --device cuda asked for, but no CUDA device is available")
-        write_report({"command": command, "skipped": "no CUDA device", "machine": describe_machine(device)},
-                     arguments.output)
+    if skipped_without_cuda(device, command, arguments.output):
         return
 
     size = SIZES[arguments.size]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from bench_generate import DTYPES, SIZES
-from common import build_models, cuda_available, describe_machine, synchronize, write_report
+from common import build_models, describe_machine, skipped_without_cuda, synchronize, write_report
 from transformers import GenerationConfig
 
 
@@ -53,10 +53,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     command = shlex.join(["python", *sys.argv])
     device = torch.device(arguments.device)
-    if device.type == "cuda" and not cuda_available():
-        print("skipped: --device cuda asked for, but no CUDA device is available")
-        write_report({"command": command, "skipped": "no CUDA device", "machine": describe_machine(device)},
-                     arguments.output)
+    if skipped_without_cuda(device, command, arguments.output):
         return
 
     size, dtype = SIZES[arguments.size], DTYPES[arguments.dtype]

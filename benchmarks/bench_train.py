@@ -48,11 +48,11 @@ import transformers
 from common import (
     ModelShape,
     build_models,
-    cuda_available,
     describe_machine,
     matmul_gflops,
     print_profile,
     profiler_activities,
+    skipped_without_cuda,
     synchronize,
     top_ops,
     write_report,
@@ -438,10 +438,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     command = shlex.join(["python", *sys.argv])
     device = torch.device(arguments.device)
-    if device.type == "cuda" and not cuda_available():
-        print("skipped: --device cuda asked for, but no CUDA device is available")
-        machine = describe_machine(torch.device("cpu"))
-        write_report({"command": command, "skipped": "no CUDA device", "machine": machine}, arguments.output)
+    if skipped_without_cuda(device, command, arguments.output):
         return
 
     # Fork the stacks before this process runs any torch op: an OpenMP thread pool or a CUDA context started before

@@ -73,6 +73,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def skipped_without_cuda(device: torch.device, command: str, output: Path | None) -> bool:
+    """True (after printing and writing a "skipped" report) when `--device cuda` was asked for on a machine without
+    one, so that a sweep over devices records the gap instead of failing."""
+    if device.type != "cuda" or cuda_available():
+        return False
+    print("skipped: --device cuda asked for, but no CUDA device is available")
+    write_report({"command": command, "skipped": "no CUDA device", "machine": describe_machine(device)}, output)
+    return True
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
