@@ -4,7 +4,9 @@
 line on stdin: `{"argv": [...], "log": path, "fault": {"at": point, "nth": n} | null}`. For each job it forks a child
 that runs `train.main()` with that argv (so a run costs no interpreter start or imports) and answers two lines on
 stdout: `{"pid": ...}` at once, so that the caller can SIGKILL the child whenever it likes, and
-`{"pid": ..., "status": ...}` when the child has ended (a negative status is the signal that ended it).
+`{"pid": ..., "status": ...}` when the child has ended (a negative status is the signal that ended it). With
+`"progress": path` in a job, the child appends one line to that file as it starts each optimizer step, so that the
+caller can time a kill from the run's own pace.
 
 A fault makes the child SIGKILL itself, the way `kill -9` would, at the `nth` time (1-based) it reaches `at`:
 
@@ -110,10 +112,25 @@ def _install_fault(at: str, nth: int) -> None:
         raise ValueError(f"unknown fault point {at!r}")
 
 
+def _report_steps(progress: str) -> None:
+    from transformers import Trainer
+
+    training_step = Trainer.training_step
+
+    def reporting(self, *args, **kwargs):
+        with open(progress, "a") as file:
+            file.write(f"{self.state.global_step + 1}\n")
+        return training_step(self, *args, **kwargs)
+
+    Trainer.training_step = reporting
+
+
 def _run_child(job: dict) -> None:
     log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    if job.get("progress"):
+        _report_steps(job["progress"])
     if job.get("fault"):
         _install_fault(job["fault"]["at"], job["fault"]["nth"])
     sys.argv = ["train.py", *job["argv"]]

@@ -47,7 +47,7 @@ EXACT_KILLS = [
     ("mid_rotation", 3),
     ("final_save", 1),
 ]
-TIMED_KILLS = 8  # at random moments between the first complete checkpoint and the end of the run
+TIMED_KILLS = 8  # at random moments of random steps after the first complete checkpoint
 
 
 class Runner:
@@ -61,10 +61,11 @@ class Runner:
         )
         self.runs = 0
 
-    def start(self, argv: list[str], fault: tuple[str, int] | None = None) -> int:
+    def start(self, argv: list[str], fault: tuple[str, int] | None = None, progress: Path | None = None) -> int:
         self.runs += 1
         self.log = self.log_dir / f"run-{self.runs}.log"
-        job = {"argv": argv, "log": str(self.log), "fault": fault and {"at": fault[0], "nth": fault[1]}}
+        job = {"argv": argv, "log": str(self.log), "fault": fault and {"at": fault[0], "nth": fault[1]},
+               "progress": progress and str(progress)}
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         return json.loads(self.process.stdout.readline())["pid"]
@@ -115,22 +116,25 @@ def files_with(output_dir: Path, secret: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(runner, shapes, pretrained_parts, tmp_path_factory):  # noqa: F811
-    """The uninterrupted run: its outcome, and how long it runs on after its first checkpoint is complete."""
+    """The uninterrupted run and its outcome."""
     output_dir = tmp_path_factory.mktemp("faults") / "uninterrupted"
-    runner.start(arguments(shapes, pretrained_parts, output_dir))
-    first_checkpoint_done = wait_for(output_dir / "checkpoint-2" / "checkpoint_complete.json")
-    assert runner.wait() == 0, runner.tail()
+    assert runner.run(arguments(shapes, pretrained_parts, output_dir)) == 0, runner.tail()
     expected = outcome(output_dir)
     assert expected["global_step"] == MAX_STEPS and sorted(expected["losses"]) == list(range(1, MAX_STEPS + 1))
-    return output_dir, expected, time.monotonic() - first_checkpoint_done
+    return output_dir, expected
 
 
-def wait_for(path: Path) -> float:
+def wait_until(condition, what: str) -> float:
     deadline = time.monotonic() + 300
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never happened"
         time.sleep(0.005)
     return time.monotonic()
+
+
+def wait_for_step(progress: Path, step: int) -> float:
+    """When the run started optimizer step `step` (1-based), as `fault_runner.py` reports it."""
+    return wait_until(lambda: progress.exists() and len(progress.read_text().split()) >= step, f"step {step}")
 
 
 def assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, expected):  # noqa: F811
@@ -145,7 +149,7 @@ def assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, ex
 
 
 def test_the_token_given_to_train_py_is_in_no_file_it_writes(reference):
-    output_dir, _, _ = reference
+    output_dir, _ = reference
     assert (output_dir / f"checkpoint-{MAX_STEPS}" / "training_args.bin").is_file()
     assert files_with(output_dir, TOKEN) == []
 
@@ -154,7 +158,7 @@ def test_the_token_given_to_train_py_is_in_no_file_it_writes(reference):
 def test_a_run_killed_at_an_exact_point_resumes_to_the_uninterrupted_result(
     runner, reference, shapes, pretrained_parts, tmp_path, point, nth  # noqa: F811
 ):
-    _, expected, _ = reference
+    _, expected = reference
     output_dir = tmp_path / "killed"
     status = runner.run(arguments(shapes, pretrained_parts, output_dir), fault=(point, nth))
     assert status == -signal.SIGKILL, f"the fault at {point} #{nth} was not reached:\n{runner.tail()}"
@@ -164,14 +168,21 @@ def test_a_run_killed_at_an_exact_point_resumes_to_the_uninterrupted_result(
 def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(
     runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
 ):
-    _, expected, remaining = reference
+    _, expected = reference
     moments = random.Random(0)
     killed = 0
     for trial in range(TIMED_KILLS):
         output_dir = tmp_path / f"trial-{trial}"
-        pid = runner.start(arguments(shapes, pretrained_parts, output_dir))
-        wait_for(output_dir / "checkpoint-2" / "checkpoint_complete.json")
-        time.sleep(moments.uniform(0, 0.9 * remaining))
+        progress = tmp_path / f"trial-{trial}.steps"
+        pid = runner.start(arguments(shapes, pretrained_parts, output_dir), progress=progress)
+        # A random moment of a random step after the first checkpoint, timed by this run's own pace (a reference
+        # run's wall time would not do: a later run on a quieter machine ends sooner). Step 3 starts after step 2's
+        # checkpoint is complete; the step before the chosen one is at most as long as what is left of the run.
+        step = moments.randint(3, MAX_STEPS)
+        previous_started = wait_for_step(progress, step - 1)
+        started = wait_for_step(progress, step)
+        assert any(output_dir.glob("checkpoint-*/checkpoint_complete.json")), "no complete checkpoint to resume from"
+        time.sleep(moments.uniform(0, 0.9 * (started - previous_started)))
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:  # the run ended first; the trial still checks that resuming changes nothing
@@ -185,7 +196,7 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(
 def test_a_resumed_run_killed_again_resumes_to_the_uninterrupted_result(
     runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
 ):
-    _, expected, _ = reference
+    _, expected = reference
     output_dir = tmp_path / "twice"
     assert runner.run(arguments(shapes, pretrained_parts, output_dir), fault=("after_optimizer", 2)) == -signal.SIGKILL
     resumed = arguments(shapes, pretrained_parts, output_dir, *RESUME)
@@ -196,7 +207,7 @@ def test_a_resumed_run_killed_again_resumes_to_the_uninterrupted_result(
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(
     runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
 ):
-    _, expected, _ = reference
+    _, expected = reference
     output_dir = tmp_path / "damaged"
     # Keep two checkpoints, then stop after step 6's: its weights are damaged, step 4's are intact.
     status = runner.run(arguments(shapes, pretrained_parts, output_dir, "--save_total_limit", "2"),
