@@ -37,21 +37,37 @@ cache folder. Where the file system has no working locks (some NFS set-ups), bui
 Datasets with in-memory images: pass `without_image_decoding(dataset)` both to `build` and to the `Trainer`. Images
 are then keyed by their file bytes, and training never decodes an image at all; with decoded images every image is
 decoded and its pixels hashed, to find its key, once per row.
+
+Streamed webdataset shards (`train.py --train_shards ... --cache_encoder_features`): `build_shards(shards)` writes,
+for each input tar, one feature shard `shards/<name>-<SHA-256 of the input tar>.tar` in the same folder (so keyed by
+encoder, transform and the shard's bytes alike), itself a webdataset tar with, per input sample and in its order,
+`KEY.npy` (the float16 features; empty for a bad sample) and `KEY.json` (`{"caption", "skipped"}`: the reason a bad
+sample is skipped, as the image stream counts it, else ""). A shard is written whole to a temporary file and renamed
+(io_utils' atomic writer), then its record `<name>.json` with its size: a shard without a record, or of another size,
+is encoded again, so a killed pre-pass resumes at its first incomplete shard. Under accelerate/torchrun process `p`
+of `n` hashes and encodes the shards `p, p + n, ...` only (each shard written once, by one process), the processes
+exchange the hashes, and each waits, by polling the folder rather than in a collective that would time out, until
+every shard is complete. `stream_feature_shards` then streams them through `datasets` like the image shards (same
+order, same split over processes and the same shuffle), so training reads features instead of decoding images.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import json
 import logging
 import mmap
 import os
 import sys
+import tarfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -60,24 +76,29 @@ import numpy as np
 import timm
 import torch
 import transformers
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
 from .data import CaptionCollator, image_source
-from .io_utils import PathLike, file_digest, read_json, write_json_atomic
+from .io_utils import PathLike, atomic_path, file_digest, leftover_temporaries, read_json, write_json_atomic
 from .processing_vitgpt2 import ImageLoadError, as_rgb_image
+from .streaming import BadSample, StreamCounts, decode_sample, stream_webdataset
 
 __all__ = [
     "CachedEncoderOutput",
     "CachedFeatureCollator",
     "EncoderFeatureCache",
+    "FEATURES_COLUMN",
     "FeatureCacheMissError",
     "encoder_fingerprint",
     "image_key",
     "page_out_encoder",
     "reclaim_pages",
+    "stream_feature_shards",
     "transform_fingerprint",
     "without_image_decoding",
 ]
@@ -92,6 +113,16 @@ DATA_FILE = "features.f16"
 LOCK_FILE = "build.lock"
 STORAGE_DTYPE = np.float16
 MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)  # Linux's value; Python builds on older headers lack the name
+SHARDS_FOLDER = "shards"
+# A feature shard's fields per sample. Declared rather than inferred by `datasets`: a bad sample's empty array would
+# otherwise type the column wrongly when it comes first.
+FEATURE_SHARD_FIELDS = datasets.Features({
+    "npy": datasets.List(datasets.List(datasets.Value("float16"))),
+    "json": {"caption": datasets.Value("string"), "skipped": datasets.Value("string")},
+    "__key__": datasets.Value("string"),
+    "__url__": datasets.Value("string"),
+})
+FEATURES_COLUMN = "encoder_features"  # streamed rows carry their features in this column
 
 
 class FeatureCacheMissError(LookupError):
@@ -329,18 +360,7 @@ class EncoderFeatureCache:
         others wait for it and then find nothing missing. Missing or unreadable images raise `ImageLoadError` naming
         the file.
         """
-        if self.model is None:
-            raise RuntimeError(
-                "this copy of the cache was pickled without its model and can only read; build where it was created"
-            )
-        encoder = self.model.get_encoder()
-        trainable = [name for name, parameter in encoder.named_parameters() if parameter.requires_grad]
-        if trainable:
-            raise ValueError(
-                f"the encoder has {len(trainable)} trainable tensors (e.g. {trainable[0]}): cached features would be "
-                "stale after the first optimizer step. Freeze it first (model.encoder.requires_grad_(False)), or "
-                "train without the cache."
-            )
+        self._check_frozen()
         if isinstance(rows, datasets.Dataset) and "image_path" in rows.column_names:
             # Caption rows repeat each image; read the paths alone rather than one dict per row.
             items: Sequence[Any] = list(dict.fromkeys(rows["image_path"]))
@@ -367,6 +387,20 @@ class EncoderFeatureCache:
                 self._encode(items, missing, batch_size, num_workers, checkpoint_every)
         logger.info("Encoder-feature cache %s holds %d images.", self.folder, len(self))
         return self
+
+    def _check_frozen(self) -> None:
+        if self.model is None:
+            raise RuntimeError(
+                "this copy of the cache was pickled without its model and can only read; build where it was created"
+            )
+        encoder = self.model.get_encoder()
+        trainable = [name for name, parameter in encoder.named_parameters() if parameter.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"the encoder has {len(trainable)} trainable tensors (e.g. {trainable[0]}): cached features would be "
+                "stale after the first optimizer step. Freeze it first (model.encoder.requires_grad_(False)), or "
+                "train without the cache."
+            )
 
     def _pixel_batches(
         self, items: Sequence[Any], positions: list[int], batch_size: int, num_workers: int
@@ -411,16 +445,11 @@ class EncoderFeatureCache:
             # `closing`: on an error, stop the prefetching threads now rather than whenever the generator is collected.
             with torch.inference_mode(), closing(pixel_batches), progress:
                 for pixel_values in pixel_batches:
-                    features = encoder(pixel_values).last_hidden_state.to(torch.float16)
-                    if not torch.isfinite(features).all():
-                        raise ValueError(
-                            "the encoder produced features that are not finite in float16 (beyond +-65504, or NaN); "
-                            "check the encoder weights, or train without the cache."
-                        )
+                    features = _encoded(encoder, pixel_values)
                     if writer is None:
                         writer = self._open_writer(total_rows, features.shape[1], features.shape[2])
                     count = features.shape[0]
-                    writer[first_row + done : first_row + done + count] = features.cpu().numpy()
+                    writer[first_row + done : first_row + done + count] = features
                     images.update(zip(keys[done : done + count], range(first_row + done, first_row + done + count)))
                     done += count
                     progress.update(count)
@@ -430,6 +459,107 @@ class EncoderFeatureCache:
             self._commit(writer, images, total_rows)
         finally:
             encoder.train(was_training)
+
+    # -- streams: one feature shard per webdataset shard -------------------------------------------------------------
+
+    def build_shards(
+        self, shards: Sequence[str], batch_size: int = 16, num_workers: int = 8, poll_seconds: float = 2.0
+    ) -> list[Path]:
+        """Encodes the webdataset tar `shards` (local files, in training order) into feature shards; returns their
+        paths, in the same order, once every one is complete. Call it on every process of a multi-process job at
+        once: process `p` of `n` hashes and encodes shards `p, p + n, ...` only, then waits for the others' (see the
+        module docstring). Shards complete from an earlier run with the same encoder, transform and bytes are kept.
+        """
+        self._check_frozen()
+        remote = [shard for shard in shards if "://" in shard]
+        if remote:
+            raise ValueError(
+                f"the feature cache keys each shard by its bytes, so it needs local shards; {remote[0]} is remote. "
+                "Copy the shards to a local disk, or train without --cache_encoder_features"
+            )
+        state = PartialState()
+        mine = range(state.process_index, len(shards), state.num_processes)
+        hashed = [(index, file_digest(shards[index])) for index in tqdm(mine, desc="Hashing shards", unit="shard")]
+        digests = dict(gather_object(hashed))  # a short collective: hashing is quick next to encoding
+        paths = [
+            self.folder / SHARDS_FOLDER / f"{Path(shard).name.removesuffix('.tar')}-{digests[index][:16]}.tar"
+            for index, shard in enumerate(shards)
+        ]
+        for index in tqdm(mine, desc="Encoding shards", unit="shard"):
+            self._build_shard(shards[index], digests[index], paths[index], batch_size, num_workers)
+        waiting = [path for path in paths if not _complete_shard(path)]
+        if waiting:
+            logger.info("Waiting for %d feature shards that other processes encode.", len(waiting))
+        while waiting:  # no collective here: another process's pre-pass may outlast torch.distributed's timeout
+            time.sleep(poll_seconds)
+            waiting = [path for path in waiting if not _complete_shard(path)]
+        return paths
+
+    def _build_shard(self, shard: str, digest: str, path: Path, batch_size: int, num_workers: int) -> None:
+        """Writes the feature shard of `shard` to `path` unless it is complete. The lock keeps a second job that
+        shares the cache folder from writing it at the same time; under it, the temporary files of a killed
+        pre-pass are deleted."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_suffix(".lock")):
+            if _complete_shard(path):
+                return
+            for leftover in leftover_temporaries(path) + leftover_temporaries(path.with_suffix(".json")):
+                leftover.unlink()
+            samples = skipped = 0
+            encoder = self.model.get_encoder()
+            was_training = encoder.training
+            encoder.eval()
+            chunks = self._checked_chunks(stream_webdataset([shard]), batch_size, num_workers)
+            try:
+                with atomic_path(path) as temporary, tarfile.open(temporary, "w") as archive, closing(chunks), \
+                        torch.inference_mode():
+                    for rows, reasons, pixel_values in chunks:
+                        features = iter(_encoded(encoder, pixel_values) if pixel_values is not None else ())
+                        for row, reason in zip(rows, reasons):
+                            array = next(features) if reason is None else np.zeros((0, 0), STORAGE_DTYPE)
+                            sample = {"caption": row["caption"].strip() if reason is None else "",
+                                      "skipped": reason or ""}
+                            _add_to_tar(archive, f"{row['image_name']}.npy", _npy_bytes(array))
+                            _add_to_tar(archive, f"{row['image_name']}.json", json.dumps(sample).encode())
+                        samples += len(rows)
+                        skipped += sum(reason is not None for reason in reasons)
+            finally:
+                encoder.train(was_training)
+            # Written last: a shard counts as complete only with this record and the size it names.
+            write_json_atomic(path.with_suffix(".json"), {
+                "input": str(Path(shard).resolve()), "input_sha256": digest, "samples": samples, "skipped": skipped,
+                "bytes": path.stat().st_size, "identity": self.identity,
+            })
+
+    def _checked_chunks(
+        self, rows: Iterable[dict], batch_size: int, num_workers: int
+    ) -> Iterator[tuple[list[dict], list[str | None], torch.Tensor | None]]:
+        """(rows, the reason each is skipped or None, pixel values of the kept ones) per `batch_size` rows; the next
+        chunk is read, decoded (on `num_workers` threads) and transformed in the background while the caller encodes
+        this one."""
+        rows = iter(rows)
+
+        def checked(row: dict) -> Image.Image | str:
+            try:
+                return decode_sample(row["image"], row["caption"], row["image_name"])
+            except BadSample as problem:  # recorded in the shard; training counts and logs it as the image stream does
+                return str(problem)
+
+        with ThreadPoolExecutor(num_workers) as decoders, ThreadPoolExecutor(1) as prefetcher:
+
+            def prepare() -> tuple | None:
+                chunk = list(islice(rows, batch_size))
+                if not chunk:
+                    return None
+                results = list(decoders.map(checked, chunk))
+                images = [result for result in results if isinstance(result, Image.Image)]
+                pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+                return chunk, [result if isinstance(result, str) else None for result in results], pixel_values
+
+            upcoming = prefetcher.submit(prepare)
+            while (prepared := upcoming.result()) is not None:
+                upcoming = prefetcher.submit(prepare)
+                yield prepared
 
     def _open_writer(self, rows: int, tokens: int, width: int) -> np.memmap:
         """The data file sized for `rows` rows, opened for writing. Rows the committed index names are never written;
@@ -466,6 +596,59 @@ class EncoderFeatureCache:
         }
         write_json_atomic(self.index_path, index, indent=None)  # temporary file, fsync, os.replace
         self._index, self._features = index, None
+
+
+def _encoded(encoder: torch.nn.Module, pixel_values: torch.Tensor) -> np.ndarray:
+    """The encoder's features of a batch as float16 on the CPU, refused when float16 cannot hold them."""
+    features = encoder(pixel_values).last_hidden_state.to(torch.float16)
+    if not torch.isfinite(features).all():
+        raise ValueError(
+            "the encoder produced features that are not finite in float16 (beyond +-65504, or NaN); "
+            "check the encoder weights, or train without the cache."
+        )
+    return features.cpu().numpy()
+
+
+def _add_to_tar(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    archive.addfile(info, io.BytesIO(payload))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _complete_shard(path: Path) -> bool:
+    """Whether a feature shard was completely written: its record exists and names the shard's size."""
+    try:
+        return path.stat().st_size == read_json(path.with_suffix(".json"), "feature shard record")["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def stream_feature_shards(paths: Sequence[PathLike], counts: StreamCounts) -> datasets.IterableDataset:
+    """Rows `{encoder_features, caption, image_name}` streamed from feature shards (`EncoderFeatureCache.
+    build_shards`) through `datasets`, as `streaming.decoded_rows` streams the image shards: the same rows in the
+    same order, and each bad sample skipped and counted in `counts` with the reason the pre-pass recorded."""
+    stream = datasets.load_dataset("webdataset", data_files={"train": [str(path) for path in paths]}, split="train",
+                                   streaming=True, features=FEATURE_SHARD_FIELDS)
+
+    def feature_rows(batch: dict[str, list]) -> dict[str, list]:
+        kept = {FEATURES_COLUMN: [], "caption": [], "image_name": []}
+        for features, sample, name in zip(batch["npy"], batch["json"], batch["__key__"]):
+            if sample["skipped"]:
+                counts.skip(name, sample["skipped"])
+                continue
+            counts.used += 1
+            kept[FEATURES_COLUMN].append(np.asarray(features, dtype=STORAGE_DTYPE))
+            kept["caption"].append(sample["caption"])
+            kept["image_name"].append(name)
+        return kept
+
+    return stream.map(feature_rows, batched=True, batch_size=64, remove_columns=list(FEATURE_SHARD_FIELDS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,7 +743,8 @@ class CachedFeatureCollator:
     """`CaptionCollator`'s batches with `encoder_outputs` read from the cache in place of `pixel_values`.
 
     The captions are tokenised exactly as the wrapped collator does; images are never decoded (a file's key costs a stat once
-    its bytes were hashed in this process). Rows without captions (`references_per_image`) give `encoder_outputs` alone, for `generate`.
+    its bytes were hashed in this process). Rows streamed from feature shards (`stream_feature_shards`) bring their
+    features along and are not looked up. Rows without captions (`references_per_image`) give `encoder_outputs` alone, for `generate`.
     `dtype` is the features' dtype in the batch: float16 as stored by default (half the bytes to move to the GPU),
     which the model casts to the decoder's dtype in forward.
     With transformers.Trainer, set `remove_unused_columns=False` so that the image and caption columns arrive.
@@ -572,7 +756,11 @@ class CachedFeatureCollator:
         self.dtype = dtype
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        features = self.cache.batch_features(rows).to(self.dtype)
+        if FEATURES_COLUMN in rows[0]:
+            features = torch.from_numpy(np.stack([row[FEATURES_COLUMN] for row in rows]))
+        else:
+            features = self.cache.batch_features(rows)
+        features = features.to(self.dtype)
         batch: dict[str, Any] = {"encoder_outputs": CachedEncoderOutput(last_hidden_state=features)}
         batch.update(self.collator.text_batch(rows))
         return batch

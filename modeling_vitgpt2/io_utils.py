@@ -4,6 +4,7 @@ reads with useful errors, checks that an output can be written before long work 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ __all__ = [
     "check_safetensors",
     "check_writable",
     "file_digest",
+    "leftover_temporaries",
     "preview_names",
     "read_json",
     "write_json_atomic",
@@ -84,6 +86,13 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def leftover_temporaries(path: PathLike) -> list[Path]:
+    """The temporary files of atomic writes to `path` that were killed before they finished (SIGKILL or a power loss
+    leaves them: no handler runs). Delete them only while nothing else can be writing `path`."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}"))
 
 
 def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:

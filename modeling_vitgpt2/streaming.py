@@ -26,11 +26,14 @@ from pathlib import Path
 
 import datasets
 from braceexpand import braceexpand
+from PIL import Image
 
 from .data import CaptionDataError
 from .processing_vitgpt2 import as_rgb_image
 
 __all__ = [
+    "BadSample",
+    "decode_sample",
     "decoded_rows",
     "expand_shards",
     "first_captions",
@@ -150,19 +153,31 @@ def stream_hf_dataset(
     return stream.map(caption_rows, batched=True, remove_columns=columns)
 
 
+class BadSample(ValueError):
+    """A streamed sample to skip; the message is the reason counted (`StreamCounts.skip`)."""
+
+
+def decode_sample(image, caption, name) -> Image.Image:
+    """The RGB image of one streamed sample, or `BadSample` when its caption is missing or its image does not decode
+    (the one check of a sample, shared by the image stream and the feature cache's pre-pass)."""
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSample(f"no caption: {caption!r}")
+    try:
+        return as_rgb_image(image, name=str(name))
+    except Exception as error:  # a decoder may raise anything on garbage bytes; count it rather than crash
+        raise BadSample(f"unreadable image: {type(error).__name__}: {error}") from None
+
+
 def decoded_rows(stream: datasets.IterableDataset, counts: StreamCounts) -> datasets.IterableDataset:
     """`stream` with each image decoded to RGB and each caption stripped; samples that fail are skipped and counted."""
 
     def decode(batch: dict[str, list]) -> dict[str, list]:
         kept = {"image": [], "caption": [], "image_name": []}
         for image, caption, name in zip(batch["image"], batch["caption"], batch["image_name"]):
-            if not isinstance(caption, str) or not caption.strip():
-                counts.skip(name, f"no caption: {caption!r}")
-                continue
             try:
-                decoded = as_rgb_image(image, name=str(name))
-            except Exception as error:  # a decoder may raise anything on garbage bytes; count it rather than crash
-                counts.skip(name, f"unreadable image: {type(error).__name__}: {error}")
+                decoded = decode_sample(image, caption, name)
+            except BadSample as problem:
+                counts.skip(name, str(problem))
                 continue
             counts.used += 1
             kept["image"].append(decoded)

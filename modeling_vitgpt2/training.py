@@ -144,7 +144,8 @@ class DataArguments:
         default=None, metadata={"help": "CLIP model (folder or id) for CLIPScore during evaluation; skipped if unset."}
     )
     cache_encoder_features: bool = field(
-        default=False, metadata={"help": "Encode each image once and train from the cached features (frozen encoder)."}
+        default=False, metadata={"help": "Encode each image once and train from the cached features (frozen encoder; "
+                                  "with --train_shards, one feature shard per tar)."}
     )
     feature_cache_dir: str | None = field(
         default=None, metadata={"help": "Feature cache folder (default: OUTPUT_DIR/../feature-cache)."}
@@ -321,9 +322,7 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
     else:
         raise ValueError("--streaming needs --dataset_name (or give --train_shards)")
     counts = StreamCounts()
-    train = decoded_rows(raw, counts)
-    if data_args.shuffle_buffer > 0:
-        train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer)
+    train = _shuffled(decoded_rows(raw, counts), data_args, seed)
 
     if data_args.val_json or data_args.val_images:
         if not (data_args.val_json and data_args.val_images):
@@ -340,6 +339,14 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
     if data_args.max_eval_images is not None:
         val_images = val_images.select(range(min(data_args.max_eval_images, len(val_images))))
     return train, (lambda: first_captions(raw, TOKENIZER_SAMPLE_CAPTIONS)), val_images, counts
+
+
+def _shuffled(stream: datasets.IterableDataset, data_args: DataArguments, seed: int) -> datasets.IterableDataset:
+    """A training stream with its shard order and a `--shuffle_buffer` of samples shuffled, seeded (the image
+    stream and the stream of cached features alike, so that both give the same batches)."""
+    if data_args.shuffle_buffer > 0:
+        return stream.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer)
+    return stream
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -742,8 +749,8 @@ def _run_training(
     eval_collator = collator
     callbacks = [RunTimeEstimate(trainable, total), *(callbacks or [])]
     if data_args.cache_encoder_features:
-        collator, eval_collator, page_out = _feature_cache_collators(
-            data_args, training_args, peft_args, model, processor, collator, train_rows, val_images
+        collator, eval_collator, page_out, train_rows = _feature_cache_collators(
+            data_args, training_args, peft_args, model, processor, collator, train_rows, val_images, stream_counts
         )
         callbacks.append(page_out)
 
@@ -824,9 +831,9 @@ def check_requested_sharding(state: PartialState) -> None:
 def _check_streamed_settings(data_args: DataArguments, training_args: CaptionTrainingArguments) -> None:
     if training_args.max_steps is None or training_args.max_steps <= 0:
         raise ValueError("a stream has no length to count epochs in: give --max_steps (the schedule runs over them)")
-    if data_args.cache_encoder_features:
-        raise ValueError("--cache_encoder_features does not work on streamed data yet: drop it, or train from "
-                         "--train_json/--dataset_name without --streaming")
+    if data_args.cache_encoder_features and not data_args.train_shards:
+        raise ValueError("--cache_encoder_features on a stream needs --train_shards (webdataset tar files: the "
+                         "features are kept shard by shard); for --dataset_name, drop --streaming")
     # Each process reads its own shards (accelerate's `IterableDataset.shard`), instead of process 0 reading every
     # batch and sending the others their slices (accelerate's default for iterable datasets).
     training_args.accelerator_config.dispatch_batches = False
@@ -949,8 +956,12 @@ class PageOutEncoderCallback(TrainerCallback):
             self.model.get_encoder().to(self.device)
 
 
-def _feature_cache_collators(data_args, training_args, peft_args, model, processor, collator, train_rows, val_images):
-    from .feature_cache import CachedFeatureCollator, EncoderFeatureCache
+def _feature_cache_collators(data_args, training_args, peft_args, model, processor, collator, train_rows, val_images,
+                             stream_counts):
+    """(training collator, evaluation collator, the callback paging the encoder out, training rows): with
+    --train_shards the rows become a stream of cached features, whose bad samples `stream_counts` counts."""
+    from .feature_cache import CachedFeatureCollator, EncoderFeatureCache, stream_feature_shards
+    from .streaming import expand_shards
 
     if peft_args.train_encoder:
         raise ValueError("--cache_encoder_features needs a frozen encoder: pass --train_encoder false")
@@ -959,8 +970,13 @@ def _feature_cache_collators(data_args, training_args, peft_args, model, process
     # The pre-pass runs wherever the encoder is: on the training device, where Trainer would put the model anyway.
     base.to(training_args.device)
     cache = EncoderFeatureCache(cache_dir, base, processor)
-    # One call per dataset: `build` reads a dataset's `image_path` column directly, without a dict per row.
-    cache.build(train_rows, batch_size=training_args.per_device_eval_batch_size)
+    if data_args.train_shards:
+        shards = cache.build_shards(expand_shards(data_args.train_shards),
+                                    batch_size=training_args.per_device_eval_batch_size)
+        train_rows = _shuffled(stream_feature_shards(shards, stream_counts), data_args, training_args.seed)
+    else:
+        # One call per dataset: `build` reads a dataset's `image_path` column directly, without a dict per row.
+        cache.build(train_rows, batch_size=training_args.per_device_eval_batch_size)
     cache.build(val_images, batch_size=training_args.per_device_eval_batch_size)
     collators = CachedFeatureCollator(collator, cache), CachedFeatureCollator(collator, cache)
-    return *collators, PageOutEncoderCallback(base, cache_dir)
+    return *collators, PageOutEncoderCallback(base, cache_dir), train_rows

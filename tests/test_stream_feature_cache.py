@@ -1,0 +1,171 @@
+"""The feature cache on streamed webdataset shards: one feature shard per input shard, written once by one process,
+atomic and keyed by the shard's bytes, and training from it gives the losses of training from the images."""
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_streaming import write_shards
+from test_training_cli import REPO, environment
+from transformers import TrainerCallback
+
+from conftest import training_arguments
+from modeling_vitgpt2.feature_cache import EncoderFeatureCache
+from modeling_vitgpt2.modeling_vitgpt2 import ViTGPT2Encoder
+from modeling_vitgpt2.streaming import expand_shards
+from modeling_vitgpt2.training import DataArguments, run_training
+
+BROKEN = {"000010001": "image", "000030004": "caption"}  # 4 shards of 5 samples: 18 good ones
+
+
+class EncodedImages:
+    """Counts the images every encoder forward of the process encodes."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = ViTGPT2Encoder.forward
+
+        def counting(encoder, pixel_values, *args, **kwargs):
+            self.count += len(pixel_values)
+            return original(encoder, pixel_values, *args, **kwargs)
+
+        monkeypatch.setattr(ViTGPT2Encoder, "forward", counting)
+
+
+class LoggedLosses(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def test_streamed_training_from_cached_features_matches_the_images_and_encodes_each_image_once(
+    shapes, pretrained_parts, tmp_path, monkeypatch
+):
+    write_shards(tmp_path / "shards", broken=BROKEN)
+    encoded = EncodedImages(monkeypatch)
+
+    def train(name, cache):
+        logged = LoggedLosses()
+        model_args, _, peft_args, training_args = training_arguments(
+            shapes, pretrained_parts, tmp_path / name, max_steps=8, per_device_train_batch_size=3)
+        data_args = DataArguments(train_shards=f"{tmp_path}/shards/{{00000..00003}}.tar",
+                                  val_shards=f"{tmp_path}/shards/00000.tar", max_eval_images=2, max_caption_length=24,
+                                  shuffle_buffer=4, cache_encoder_features=cache,
+                                  feature_cache_dir=str(tmp_path / "cache"))
+        encoded.count = 0
+        run_training(model_args, data_args, peft_args, training_args, callbacks=[logged])
+        summary = json.loads((tmp_path / name / "training_summary.json").read_text())
+        return logged.losses, summary["stream"], encoded.count
+
+    images_losses, images_counts, images_encoded = train("images", cache=False)
+    cached_losses, cached_counts, cached_encoded = train("cached", cache=True)
+    assert images_encoded == 8 * 3 + 2  # every trained sample, then the 2 validation images at evaluation
+    # 8 steps of 3 take 24 of the 18 good samples: two passes over the shards, yet each image encoded once, before
+    # training (18), and the validation images once (2).
+    assert cached_encoded == 18 + 2
+    assert len(cached_losses) == 8
+    assert cached_losses == pytest.approx(images_losses, abs=2e-3)  # float16 features
+    assert cached_counts == images_counts  # bad samples counted alike
+    assert cached_counts["skipped_by_reason"] == {"unreadable image": 2, "no caption": 2}  # once per pass
+
+
+@pytest.fixture()
+def cache_of(frozen_model, tiny_processor):
+    return lambda folder: EncoderFeatureCache(folder, frozen_model, tiny_processor)
+
+
+@pytest.fixture()
+def frozen_model(tiny_model):
+    tiny_model.encoder.requires_grad_(False)
+    return tiny_model
+
+
+def test_a_killed_partial_or_changed_shard_is_encoded_again_and_only_it(cache_of, tmp_path, monkeypatch):
+    write_shards(tmp_path / "shards", broken=BROKEN)
+    shards = expand_shards(f"{tmp_path}/shards/{{00000..00003}}.tar")
+    encoded = EncodedImages(monkeypatch)
+    cache = cache_of(tmp_path / "cache")
+    paths = cache.build_shards(shards)
+    assert encoded.count == 18 and [path.name.split("-")[0] for path in paths] == ["00000", "00001", "00002", "00003"]
+    records = [json.loads(path.with_suffix(".json").read_text()) for path in paths]
+    assert [(record["samples"], record["skipped"]) for record in records] == [(5, 0), (5, 1), (5, 0), (5, 1)]
+
+    encoded.count = 0
+    assert cache_of(tmp_path / "cache").build_shards(shards) == paths and encoded.count == 0  # all complete: kept
+
+    # Shard 1: killed while writing (a temporary file, no shard); shard 2: cut short after it was recorded;
+    # shard 3: killed between writing the shard and its record.
+    leftover = paths[1].parent / f".{paths[1].stem}.12345.0badf00d.tmp.tar"
+    paths[1].rename(leftover)
+    with open(paths[2], "r+b") as shard:
+        shard.truncate(paths[2].stat().st_size // 2)
+    paths[3].with_suffix(".json").unlink()
+    assert cache.build_shards(shards) == paths
+    assert encoded.count == 4 + 5 + 4 and not leftover.exists()
+    assert [json.loads(path.with_suffix(".json").read_text()) for path in paths] == records
+
+    # New content under the old name: a new feature shard, keyed by the new bytes; the old one is not read.
+    write_shards(tmp_path / "shards", num_shards=1, seed=9)
+    encoded.count = 0
+    changed = cache.build_shards(shards)
+    assert encoded.count == 5 and changed[0] != paths[0] and changed[1:] == paths[1:]
+
+
+PRE_PASS = textwrap.dedent("""
+    import json, sys
+    from accelerate import PartialState
+    from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+    from modeling_vitgpt2 import feature_cache
+    from modeling_vitgpt2.streaming import expand_shards
+
+    state = PartialState(cpu=True)
+    model_dir, shards, cache_dir, report = sys.argv[1:]
+    model = ViTGPT2ForConditionalGeneration.from_pretrained(model_dir).requires_grad_(False)
+    written, atomic_path = [], feature_cache.atomic_path
+
+    def recording(path):
+        written.append(path.name)
+        return atomic_path(path)
+
+    feature_cache.atomic_path = recording
+    cache = feature_cache.EncoderFeatureCache(cache_dir, model, ViTGPT2Processor.from_pretrained(model_dir))
+    paths = cache.build_shards(expand_shards(shards), poll_seconds=0.2)
+    with open(f"{report}.{state.process_index}", "w") as file:
+        json.dump({"written": written, "paths": [path.name for path in paths]}, file)
+""")
+
+
+def test_two_processes_write_each_shard_once(frozen_model, tiny_processor, tmp_path):
+    write_shards(tmp_path / "shards", broken=BROKEN)
+    frozen_model.save_pretrained(tmp_path / "model")
+    tiny_processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "pre_pass.py").write_text(PRE_PASS)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+         str(tmp_path / "pre_pass.py"), str(tmp_path / "model"), f"{tmp_path}/shards/{{00000..00003}}.tar",
+         str(tmp_path / "cache"), str(tmp_path / "report")],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"report.{rank}").read_text()) for rank in (0, 1)]
+    assert reports[0]["paths"] == reports[1]["paths"]  # both train from the same shards, in input order
+    first, second = reports[0]["written"], reports[1]["written"]
+    assert sorted(first + second) == sorted(reports[0]["paths"])  # each shard written once, by one process
+    assert [name.split("-")[0] for name in first] == ["00000", "00002"]  # process p writes shards p, p + 2
+
+
+def test_the_cache_on_a_streamed_dataset_without_shards_is_refused(train_script, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(["--dataset_name", str(tmp_path), "--streaming", "--cache_encoder_features",
+                           "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu"])
+    assert exit_.value.code == 2
+    assert "needs --train_shards" in capsys.readouterr().err
