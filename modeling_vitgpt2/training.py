@@ -8,6 +8,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -17,7 +18,9 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -417,6 +420,36 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.clip_model = clip_model
         self._clip = None
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        requested = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        if not (requested and state.distributed_type == DistributedType.MULTI_CPU):
+            return
+        # accelerate 1.15 turns FSDP on for GPUs and other accelerators only (AcceleratorState.__init__), so on the
+        # CPU it would train plain data-parallel and drop the FSDP settings; torch's FSDP2 (`fully_shard`) does run
+        # on the CPU over gloo. The same switch as accelerate's for GPUs, so that its own FSDP2 path shards the model.
+        plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+        if plugin.fsdp_version != 2:
+            raise ValueError("FSDP on the CPU works with FSDP2 only: set fsdp_version: 2 in the accelerate config "
+                             "(configs/accelerate/fsdp_cpu.yaml)")
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # FSDP2 gives the model a class of its own made in torch (`FSDPViTGPT2ForConditionalGeneration`); saved
+        # under it, the folder's auto_map would name a torch module and torch's FSDP sources would be copied in.
+        model_class = type(self.model)
+        if isinstance(self.model, FSDPModule):
+            self.model.__class__ = next(base for base in model_class.__bases__ if base is not FSDPModule)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.model.__class__ = model_class
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
         images = eval_dataset if eval_dataset is not None else self.eval_dataset
         state = PartialState()
@@ -428,15 +461,25 @@ class CaptionTrainer(Seq2SeqTrainer):
         batch_size = self.args.per_device_eval_batch_size
         captions = {}
         progress = tqdm(total=len(my_rows), desc="captioning validation images", disable=not state.is_main_process)
-        for start in range(0, len(my_rows), batch_size):
-            rows = [images[index] for index in my_rows[start : start + batch_size]]
+        batches = [my_rows[start : start + batch_size] for start in range(0, len(my_rows), batch_size)]
+        spare_batches = 0
+        if self.is_fsdp_enabled:
+            # Each forward of a sharded model gathers its weights from every process: all processes must make the
+            # same calls, step for step (`synced_gpus`, which generate turns on by itself only for FSDP1 or for
+            # models that transformers sharded), and as many batches, so one with fewer images captions spare ones.
+            settings["synced_gpus"] = True
+            most = math.ceil(math.ceil(len(images) / state.num_processes) / batch_size)
+            spare_batches = most - len(batches)
+        for number, batch_rows in enumerate(batches + [[0]] * spare_batches):
+            rows = [images[index] for index in batch_rows]
             batch = self.eval_collator(rows)
             inputs = {key: value.to(self.args.device) for key, value in batch.items()}
             with torch.inference_mode():
                 sequences = model.generate(**inputs, **settings)
-            for row, caption in zip(rows, self.processing_class.batch_decode(sequences)):
-                captions[row["image_name"]] = caption
-            progress.update(len(rows))
+            if number < len(batches):
+                for row, caption in zip(rows, self.processing_class.batch_decode(sequences)):
+                    captions[row["image_name"]] = caption
+                progress.update(len(rows))
         progress.close()
         model.train(was_training)
 
@@ -766,6 +809,12 @@ def _run_training(
         callbacks=callbacks,
     )
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    # Under FSDP each process holds its shard of the weights (DTensors), elsewhere all of them. Counted before the
+    # evaluation, which leaves the FSDP units that do not reshard after a forward (the root's) gathered.
+    parameters_held = gather_object([sum(
+        (parameter.to_local() if isinstance(parameter, DTensor) else parameter).numel()
+        for parameter in trainer.model_wrapped.parameters()
+    )])
     metrics = trainer.evaluate()
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_metrics("eval", metrics)
@@ -785,6 +834,7 @@ def _run_training(
                 "trainable_parameters": trainable,
                 "total_parameters": total,
                 "world_size": state.num_processes,
+                "parameters_held_per_process": parameters_held,
                 "distributed_type": str(getattr(state.distributed_type, "value", state.distributed_type)),
                 "train_captions": len(train_rows) if isinstance(train_rows, datasets.Dataset) else None,
                 **({"stream": stream_summary} if stream_summary else {}),
@@ -813,19 +863,17 @@ def _run_training(
 
 
 def check_requested_sharding(state: PartialState) -> None:
-    """Refuses a run whose accelerate config asks for FSDP or DeepSpeed when accelerate is not going to use it: on a
-    CPU (`use_cpu: true`) accelerate trains plain data-parallel instead and says nothing, so a run meant to shard
-    the model would hold all of it in every process."""
-    engines = (("FSDP", "ACCELERATE_USE_FSDP", DistributedType.FSDP, "fsdp_full_finetune.yaml"),
-               ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED, "deepspeed_zero2.yaml"))
-    for engine, variable, kind, config in engines:
-        if os.environ.get(variable, "false").lower() == "true" and state.distributed_type != kind:
-            raise RuntimeError(
-                f"the accelerate config asks for {engine}, but accelerate is running this job as "
-                f"{state.distributed_type.value} (accelerate enables {engine} only on GPUs and other accelerators, "
-                f"not with use_cpu). Run configs/accelerate/{config} on GPUs, or drop its {engine} settings to "
-                "train data-parallel on CPU."
-            )
+    """Refuses a run whose accelerate config asks for DeepSpeed when accelerate is not going to use it: with
+    `use_cpu` accelerate 1.15 runs it as plain data-parallel (`AcceleratorState` sets DEEPSPEED only `not cpu`) and
+    says nothing, so a run meant to shard the model would hold all of it in every process."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and (
+        state.distributed_type != DistributedType.DEEPSPEED
+    ):
+        raise ValueError(
+            f"the accelerate config asks for DeepSpeed, but accelerate is running this job as "
+            f"{state.distributed_type.value}: accelerate uses DeepSpeed only without use_cpu, on GPUs. Run "
+            "configs/accelerate/deepspeed_zero2.yaml on GPUs, or shard on the CPU with configs/accelerate/fsdp_cpu.yaml."
+        )
 
 
 def _check_streamed_settings(data_args: DataArguments, training_args: CaptionTrainingArguments) -> None:

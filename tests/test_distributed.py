@@ -1,19 +1,25 @@
-"""Beyond one process: the accelerate configs for FSDP and DeepSpeed, and the refusal of a sharding config that
-accelerate would silently run as plain data-parallel."""
+"""Beyond one process: FSDP on the CPU through accelerate, the configs for FSDP and DeepSpeed, and the refusal of a
+DeepSpeed config that accelerate would silently run as plain data-parallel."""
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import timm
+import torch
 from accelerate import PartialState
 from accelerate.commands.config.config_args import load_config_from_file
+from test_training_cli import REPO, environment, train_command
 
 from conftest import training_arguments
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
+from modeling_vitgpt2.synthetic import write_synthetic_coco
 from modeling_vitgpt2.training import check_requested_sharding, run_training
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+CONFIGS = REPO / "configs" / "accelerate"
 
 
 def test_the_fsdp_config_wraps_blocks_that_exist_in_the_model():
@@ -39,14 +45,79 @@ def test_the_deepspeed_config_parses_and_leaves_the_shared_settings_to_trainer()
         assert settings[key] == "auto"  # filled in from train.py's flags, so the two cannot disagree
 
 
-@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_a_sharding_config_that_accelerate_would_ignore_is_refused(monkeypatch, variable):
+def test_a_deepspeed_config_that_accelerate_would_ignore_is_refused(monkeypatch):
     # `accelerate launch` with use_cpu: true sets this variable but runs plain data-parallel (MULTI_CPU).
-    monkeypatch.setenv(variable, "true")
-    with pytest.raises(RuntimeError, match="accelerate is running this job as"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="accelerate is running this job as"):
         check_requested_sharding(PartialState())
-    monkeypatch.delenv(variable)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     check_requested_sharding(PartialState())
+
+
+def test_the_cpu_fsdp_config_is_the_gpu_one_on_two_cpu_processes():
+    gpu, cpu = (load_config_from_file(str(CONFIGS / name)) for name in ("fsdp_full_finetune.yaml", "fsdp_cpu.yaml"))
+    assert cpu.use_cpu and cpu.num_processes == 2 and cpu.fsdp_config == gpu.fsdp_config
+
+
+def launch_training(config: Path, data, pretrained_parts, output_dir: Path, *extra: str) -> dict:
+    """Two processes of train.py from `accelerate launch`, full fine-tuning with the encoder, 3 steps; the summary."""
+    with socket.socket() as probe:  # a free port: a fixed one collides with another test run on the same machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               *train_command(data, pretrained_parts, output_dir, "--peft", "full", "--train_encoder", "true",
+                              "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3",
+                              "--per_device_eval_batch_size", "2", *extra)]
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((output_dir / "training_summary.json").read_text())
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_fsdp_on_two_cpu_processes_shards_the_weights_and_trains_as_data_parallel(pretrained_parts, tmp_path):
+    # Five validation images, captioned two at a time: process 0 has two batches, process 1 one (and a spare).
+    data = write_synthetic_coco(tmp_path / "data", num_train=8, num_val=5, seed=2, image_size=32)
+    ddp_config = tmp_path / "ddp.yaml"
+    ddp_config.write_text("distributed_type: MULTI_GPU\nuse_cpu: true\nnum_machines: 1\nnum_processes: 2\n")
+    ddp = launch_training(ddp_config, data, pretrained_parts, tmp_path / "ddp")
+    fsdp = launch_training(CONFIGS / "fsdp_cpu.yaml", data, pretrained_parts, tmp_path / "fsdp")
+
+    assert (ddp["distributed_type"], fsdp["distributed_type"]) == ("MULTI_CPU", "FSDP")
+    total = fsdp["total_parameters"]
+    assert ddp["parameters_held_per_process"] == [total, total]
+    held = fsdp["parameters_held_per_process"]
+    assert sum(held) == total and max(held) < 0.6 * total, held  # each process holds about half, not all
+    # Sharded gradients and optimizer states train as data-parallel does: the same losses, the same weights.
+    assert logged_losses(tmp_path / "fsdp") == pytest.approx(logged_losses(tmp_path / "ddp"), abs=1e-4)
+    saved = ViTGPT2ForConditionalGeneration.from_pretrained(tmp_path / "fsdp").state_dict()
+    # The step-3 checkpoint holds the same weights, gathered by accelerate's own FSDP checkpointing.
+    gathered = torch.load(tmp_path / "fsdp" / "checkpoint-3" / "pytorch_model_fsdp.bin")
+    assert gathered.keys() == saved.keys()
+    assert all(torch.equal(saved[name], weight) for name, weight in gathered.items())
+    replicated = ViTGPT2ForConditionalGeneration.from_pretrained(tmp_path / "ddp").state_dict()
+    assert saved.keys() == replicated.keys()
+    for name, weight in saved.items():
+        # Attention key biases get no gradient (softmax ignores a shift), so Adam turns rounding noise into steps
+        # of up to the learning rate (1e-2): there the two runs may part by more.
+        tolerance = 3e-2 if name.endswith(("c_attn.bias", "qkv.bias")) else 1e-4
+        assert torch.allclose(weight, replicated[name], atol=tolerance), name
+    # Saved as the model's own class: its remote code, not torch's FSDP sources.
+    auto_map = json.loads((tmp_path / "fsdp" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_vitgpt2.ViTGPT2ForConditionalGeneration"
+    assert not list((tmp_path / "fsdp").glob("_fsdp*.py"))
+    assert len(json.loads((tmp_path / "fsdp" / "eval_predictions.json").read_text())) == 5
+
+    # bf16 autocast and activation checkpointing under FSDP: close to the float32 run.
+    both = tmp_path / "fsdp-bf16-checkpointing"
+    launch_training(CONFIGS / "fsdp_cpu.yaml", data, pretrained_parts, both, "--bf16", "true",
+                    "--activation_checkpointing", "true")
+    assert logged_losses(both) == pytest.approx(logged_losses(tmp_path / "fsdp"), abs=0.05)
+    assert logged_losses(both) != logged_losses(tmp_path / "fsdp")  # bf16 did run
 
 
 # ---------------------------------------------------------------------------------------------------------------
