@@ -124,11 +124,14 @@ def test_fsdp_on_two_cpu_processes_shards_the_weights_and_trains_as_data_paralle
 # Mixed precision and gradient checkpointing: flags of train.py that work with PEFT
 
 
-def first_losses(shapes, pretrained_parts, output_dir, peft="lora", train_encoder=False, **training):
+def first_losses(shapes, pretrained_parts, output_dir, peft="lora", train_encoder=False, feature_cache=None,
+                 **training):
     model_args, data_args, peft_args, training_args = training_arguments(
         shapes, pretrained_parts, output_dir, peft=peft, max_steps=3, save_strategy="steps", save_steps=3,
         per_device_train_batch_size=4, **training)
     peft_args.train_encoder = train_encoder
+    if feature_cache is not None:
+        data_args.cache_encoder_features, data_args.feature_cache_dir = True, str(feature_cache)
     run_training(model_args, data_args, peft_args, training_args)
     state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -146,15 +149,19 @@ def test_gradient_checkpointing_reaches_the_timm_encoder():
     assert not model.encoder.model.grad_checkpointing
 
 
-@pytest.mark.parametrize("peft, train_encoder", [("lora", False), ("full", True)], ids=["lora", "full_with_encoder"])
+@pytest.mark.parametrize("peft, train_encoder, cached", [("lora", False, False), ("full", True, False),
+                                                          ("lora", False, True)],
+                         ids=["lora", "full_with_encoder", "lora_with_feature_cache"])
 def test_checkpointing_keeps_the_losses_and_bf16_autocast_stays_close(shapes, pretrained_parts, tmp_path, peft,
-                                                                      train_encoder):
-    reference = first_losses(shapes, pretrained_parts, tmp_path / "fp32", peft, train_encoder=train_encoder)
+                                                                      train_encoder, cached):
+    # With the feature cache every run reads the features the first one stored (float16); the decoder trains on them.
+    settings = dict(train_encoder=train_encoder, feature_cache=tmp_path / "feature-cache" if cached else None)
+    reference = first_losses(shapes, pretrained_parts, tmp_path / "fp32", peft, **settings)
     checkpointed = first_losses(shapes, pretrained_parts, tmp_path / "checkpointed", peft,
-                                train_encoder=train_encoder, activation_checkpointing=True)
+                                activation_checkpointing=True, **settings)
     # Recomputing activations changes nothing: the same losses, step after step (so the same gradients).
     assert checkpointed == pytest.approx(reference, abs=1e-5)
-    both = first_losses(shapes, pretrained_parts, tmp_path / "bf16", peft, train_encoder=train_encoder,
-                        activation_checkpointing=True, bf16=True)
+    both = first_losses(shapes, pretrained_parts, tmp_path / "bf16", peft, activation_checkpointing=True, bf16=True,
+                        **settings)
     # bf16 keeps 8 bits of mantissa: losses of about 6 agree to a few hundredths over the first steps.
     assert both == pytest.approx(reference, abs=0.05) and both != reference
