@@ -863,15 +863,16 @@ def _run_training(
 
 
 def check_requested_sharding(state: PartialState) -> None:
-    """Refuses a run whose accelerate config asks for DeepSpeed when accelerate is not going to use it: with
-    `use_cpu` accelerate 1.15 runs it as plain data-parallel (`AcceleratorState` sets DEEPSPEED only `not cpu`) and
-    says nothing, so a run meant to shard the model would hold all of it in every process."""
+    """Refuses a run whose accelerate config asks for DeepSpeed on the CPU. accelerate 1.15 turns DeepSpeed on only
+    `not cpu` (`AcceleratorState.__init__`): with `use_cpu` it trains plain data-parallel without a word, so a run
+    meant to shard the model would hold all of it in every process; without `use_cpu`, on a machine without GPUs,
+    each process counts itself the only one while DeepSpeed sees them all, and DeepSpeed's batch check fails."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and (
         state.distributed_type != DistributedType.DEEPSPEED
     ):
         raise ValueError(
-            f"the accelerate config asks for DeepSpeed, but accelerate is running this job as "
-            f"{state.distributed_type.value}: accelerate uses DeepSpeed only without use_cpu, on GPUs. Run "
+            "the accelerate config asks for DeepSpeed, which accelerate 1.15 runs on GPUs only: here it would train "
+            f"this job as {state.distributed_type.value} (plain data-parallel). Run "
             "configs/accelerate/deepspeed_zero2.yaml on GPUs, or shard on the CPU with configs/accelerate/fsdp_cpu.yaml."
         )
 

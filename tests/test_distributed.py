@@ -48,7 +48,7 @@ def test_the_deepspeed_config_parses_and_leaves_the_shared_settings_to_trainer()
 def test_a_deepspeed_config_that_accelerate_would_ignore_is_refused(monkeypatch):
     # `accelerate launch` with use_cpu: true sets this variable but runs plain data-parallel (MULTI_CPU).
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="accelerate is running this job as"):
+    with pytest.raises(ValueError, match="runs on GPUs only: here it would train this job as"):
         check_requested_sharding(PartialState())
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     check_requested_sharding(PartialState())
