@@ -157,8 +157,12 @@ def encoder_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def transform_fingerprint(processor: Any) -> dict[str, Any]:
-    """The image transform's identity: its full settings and the transformers version that applies them."""
-    return {"image_processor": processor.image_processor.to_dict(), "transformers": transformers.__version__}
+    """The image transform's identity: its full settings and the transformers version that applies them.
+
+    Leaves out `auto_map`, which says where the class is loaded from, not what it computes: saving a processor adds
+    it, so the process of a job that saved the base model would otherwise key a cache apart from the others."""
+    settings = {key: value for key, value in processor.image_processor.to_dict().items() if key != "auto_map"}
+    return {"image_processor": settings, "transformers": transformers.__version__}
 
 
 def _name_of(item: Any) -> str:
@@ -479,6 +483,10 @@ class EncoderFeatureCache:
             )
         state = PartialState()
         mine = range(state.process_index, len(shards), state.num_processes)
+        folders = set(gather_object([str(self.folder)]))
+        if len(folders) > 1:  # each would wait for shards the others write elsewhere
+            raise RuntimeError(f"the processes key the feature cache differently ({', '.join(sorted(folders))}): "
+                               "their encoder weights or image processor settings differ")
         hashed = [(index, file_digest(shards[index])) for index in tqdm(mine, desc="Hashing shards", unit="shard")]
         digests = dict(gather_object(hashed))  # a short collective: hashing is quick next to encoding
         paths = [

@@ -1,6 +1,7 @@
 """The encoder-feature cache: same loss as encoding the images, no encoder calls in training, keys that catch every
 change (encoder, transform, image file), atomic builds, float16 memmap on disk, and errors that name the image."""
 
+import copy
 import io
 import json
 import mmap
@@ -253,6 +254,14 @@ def test_a_changed_transform_uses_a_different_cache(frozen_model, tiny_processor
     assert after.folder != before.folder and len(after) == 0
     after.build(rows)
     assert_float16_close(after.features(image_paths[1]), reference_features(frozen_model, changed, image_paths[1]))
+
+
+def test_saving_the_processor_keeps_the_cache(frozen_model, tiny_processor, cache_dir, tmp_path):
+    # Under torchrun only the main process saves the base model's processor, which adds `auto_map` to its settings.
+    processor = copy.deepcopy(tiny_processor)  # the session's processor stays unsaved
+    before = EncoderFeatureCache(cache_dir, frozen_model, processor)
+    processor.save_pretrained(tmp_path / "saved")
+    assert EncoderFeatureCache(cache_dir, frozen_model, processor).folder == before.folder
 
 
 def test_a_modified_image_file_is_encoded_again(frozen_model, tiny_processor, rows, image_paths, cache_dir):

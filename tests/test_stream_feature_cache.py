@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from test_streaming import write_shards
+from test_streaming import check_one_epoch_read_once, streamed_training_command, write_shards
 from test_training_cli import REPO, environment
 from transformers import TrainerCallback
 
@@ -117,16 +117,12 @@ def test_a_killed_partial_or_changed_shard_is_encoded_again_and_only_it(cache_of
     assert encoded.count == 5 and changed[0] != paths[0] and changed[1:] == paths[1:]
 
 
-PRE_PASS = textwrap.dedent("""
-    import json, sys
+TRAIN_RECORDING_SHARD_WRITES = textwrap.dedent("""
+    import json, runpy, sys
     from accelerate import PartialState
-    from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
     from modeling_vitgpt2 import feature_cache
-    from modeling_vitgpt2.streaming import expand_shards
 
-    state = PartialState(cpu=True)
-    model_dir, shards, cache_dir, report = sys.argv[1:]
-    model = ViTGPT2ForConditionalGeneration.from_pretrained(model_dir).requires_grad_(False)
+    report, sys.argv = sys.argv[1], ["train.py", *sys.argv[2:]]
     written, atomic_path = [], feature_cache.atomic_path
 
     def recording(path):
@@ -134,33 +130,37 @@ PRE_PASS = textwrap.dedent("""
         return atomic_path(path)
 
     feature_cache.atomic_path = recording
-    cache = feature_cache.EncoderFeatureCache(cache_dir, model, ViTGPT2Processor.from_pretrained(model_dir))
-    paths = cache.build_shards(expand_shards(shards), poll_seconds=0.2)
-    with open(f"{report}.{state.process_index}", "w") as file:
-        json.dump({"written": written, "paths": [path.name for path in paths]}, file)
+    try:
+        runpy.run_path("train.py", run_name="__main__")
+    finally:
+        with open(f"{report}.{PartialState().process_index}", "w") as file:
+            json.dump(written, file)
 """)
 
 
-def test_two_processes_write_each_shard_once(frozen_model, tiny_processor, tmp_path):
+def test_two_processes_write_each_shard_once_and_train_on_each_sample_once(pretrained_parts, tmp_path):
+    """train.py under torchrun with 2 processes over 4 shards (one bad sample in each half): process p writes
+    shards p and p + 2, nothing twice, and one pass (3 steps of 3 per process) reads the 18 good samples once."""
     write_shards(tmp_path / "shards", broken=BROKEN)
-    frozen_model.save_pretrained(tmp_path / "model")
-    tiny_processor.save_pretrained(tmp_path / "model")
-    (tmp_path / "pre_pass.py").write_text(PRE_PASS)
+    (tmp_path / "recording_train.py").write_text(TRAIN_RECORDING_SHARD_WRITES)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
+    output_dir = tmp_path / "out"
+    command = streamed_training_command(pretrained_parts, tmp_path / "shards", output_dir, "--max_steps", "3",
+                                        "--cache_encoder_features", "--feature_cache_dir", str(tmp_path / "cache"))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-         str(tmp_path / "pre_pass.py"), str(tmp_path / "model"), f"{tmp_path}/shards/{{00000..00003}}.tar",
-         str(tmp_path / "cache"), str(tmp_path / "report")],
-        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300,
+         str(tmp_path / "recording_train.py"), str(tmp_path / "written"), *command[1:]],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads((tmp_path / f"report.{rank}").read_text()) for rank in (0, 1)]
-    assert reports[0]["paths"] == reports[1]["paths"]  # both train from the same shards, in input order
-    first, second = reports[0]["written"], reports[1]["written"]
-    assert sorted(first + second) == sorted(reports[0]["paths"])  # each shard written once, by one process
-    assert [name.split("-")[0] for name in first] == ["00000", "00002"]  # process p writes shards p, p + 2
+    check_one_epoch_read_once(output_dir, result.stderr)
+    shards = sorted((tmp_path / "cache").glob("encoder-features-*/shards/*.tar"))
+    assert len(shards) == 4
+    first, second = (json.loads((tmp_path / f"written.{rank}").read_text()) for rank in (0, 1))
+    first, second = (sorted(name for name in names if name.endswith(".tar")) for names in (first, second))
+    assert first == [shards[0].name, shards[2].name] and second == [shards[1].name, shards[3].name]
 
 
 def test_the_cache_on_a_streamed_dataset_without_shards_is_refused(train_script, tmp_path, capsys):
