@@ -423,7 +423,8 @@ class CaptionTrainer(Seq2SeqTrainer):
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         state = self.accelerator.state
-        requested = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        requested = (self.args.fsdp_plugin_args is not None
+                     or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
         if not (requested and state.distributed_type == DistributedType.MULTI_CPU):
             return
         # accelerate 1.15 turns FSDP on for GPUs and other accelerators only (AcceleratorState.__init__), so on the
@@ -994,6 +995,8 @@ class PageOutEncoderCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from .feature_cache import page_out_encoder
 
+        if isinstance(next(self.model.get_encoder().parameters()), DTensor):
+            return  # sharded by FSDP: each process holds its share only, and offloading it is FSDP's setting
         self.device = next(self.model.get_encoder().parameters()).device
         try:
             page_out_encoder(self.model, self.folder)

@@ -59,6 +59,33 @@ def test_the_cpu_fsdp_config_is_the_gpu_one_on_two_cpu_processes():
     assert cpu.use_cpu and cpu.num_processes == 2 and cpu.fsdp_config == gpu.fsdp_config
 
 
+def test_the_feature_cache_leaves_an_fsdp_sharded_encoder_to_fsdp(tmp_path):
+    # Under FSDP (as with configs/accelerate/fsdp_cpu.yaml and --cache_encoder_features) the encoder's weights are
+    # DTensor shards: paging them out crashed the run ("invalid python storage"); each process holds its share only.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from modeling_vitgpt2.training import PageOutEncoderCallback
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(
+            encoder_name="vit_large_patch14_clip_224", encoder_kwargs={"img_size": 28, "patch_size": 14,
+                                                                       "embed_dim": 32, "depth": 1, "num_heads": 2},
+            encoder_hidden_size=32, n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16,
+        ))
+        model.get_encoder().requires_grad_(False)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        callback = PageOutEncoderCallback(model, tmp_path / "feature-cache")
+        callback.on_train_begin(None, None, None)
+        callback.on_train_end(None, None, None)
+        assert all(isinstance(parameter, DTensor) for parameter in model.get_encoder().parameters())
+        assert not (tmp_path / "feature-cache").exists()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def launch_training(config: Path, data, pretrained_parts, output_dir: Path, *extra: str) -> dict:
     """Two processes of train.py from `accelerate launch`, full fine-tuning with the encoder, 3 steps; the summary."""
     with socket.socket() as probe:  # a free port: a fixed one collides with another test run on the same machine
