@@ -107,17 +107,17 @@ def stream_webdataset(shards: str | list[str]) -> datasets.IterableDataset:
         )
     stream = stream.cast_column(image_field, datasets.Image(decode=False))
 
-    def caption_rows(batch: dict[str, list]) -> dict[str, list]:
-        captions = batch.get(SHARD_CAPTION_FIELD) or [None] * len(batch["__key__"])
-        metadata = batch.get(SHARD_METADATA_FIELD) or [None] * len(batch["__key__"])
+    def caption_row(sample: dict) -> dict:
+        caption = sample.get(SHARD_CAPTION_FIELD)
         return {
-            "image": batch[image_field],
-            "caption": [text if text is not None else (meta or {}).get("caption") for text, meta in
-                        zip(captions, metadata)],
-            "image_name": batch["__key__"],
+            "image": sample[image_field],
+            "caption": caption if caption is not None else (sample.get(SHARD_METADATA_FIELD) or {}).get("caption"),
+            "image_name": sample["__key__"],
         }
 
-    return stream.map(caption_rows, batched=True, remove_columns=stream.column_names)
+    # One sample in, one row out, not batched: a resumed stream (`IterableDataset.load_state_dict`) then restarts
+    # at the next sample; a batched map restarts at the start of its batch and reads that batch again.
+    return stream.map(caption_row, remove_columns=stream.column_names)
 
 
 def stream_hf_dataset(
@@ -137,20 +137,20 @@ def stream_hf_dataset(
             )
     if stream.features is not None and isinstance(stream.features.get(image_column), datasets.Image):
         stream = stream.cast_column(image_column, datasets.Image(decode=False))
-    counter = iter(range(1 << 62))  # a name for images that carry no file name: the row number in this process
 
-    def caption_rows(batch: dict[str, list]) -> dict[str, list]:
+    def caption_rows(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = {"image": [], "caption": [], "image_name": []}
-        for image, captions in zip(batch[image_column], batch[caption_column]):
-            row = next(counter)
+        for image, captions, index in zip(batch[image_column], batch[caption_column], indices):
             path = image.get("path") if isinstance(image, dict) else None
             for caption in captions if isinstance(captions, (list, tuple)) and captions else [captions]:
                 rows["image"].append(image)
                 rows["caption"].append(caption)
-                rows["image_name"].append(Path(path).stem if path else str(row))
+                rows["image_name"].append(Path(path).stem if path else str(index))  # the row number, in this process
         return rows
 
-    return stream.map(caption_rows, batched=True, remove_columns=columns)
+    # Batched, to give a row per caption, but one source row per batch: a resumed stream reads again only the row
+    # whose captions it was part-way through (a batch of 1000 would read up to 999 rows again).
+    return stream.map(caption_rows, batched=True, batch_size=1, with_indices=True, remove_columns=columns)
 
 
 class BadSample(ValueError):
@@ -171,21 +171,18 @@ def decode_sample(image, caption, name) -> Image.Image:
 def decoded_rows(stream: datasets.IterableDataset, counts: StreamCounts) -> datasets.IterableDataset:
     """`stream` with each image decoded to RGB and each caption stripped; samples that fail are skipped and counted."""
 
-    def decode(batch: dict[str, list]) -> dict[str, list]:
-        kept = {"image": [], "caption": [], "image_name": []}
-        for image, caption, name in zip(batch["image"], batch["caption"], batch["image_name"]):
-            try:
-                decoded = decode_sample(image, caption, name)
-            except BadSample as problem:
-                counts.skip(name, str(problem))
-                continue
-            counts.used += 1
-            kept["image"].append(decoded)
-            kept["caption"].append(caption.strip())
-            kept["image_name"].append(name)
-        return kept
+    def decode(row: dict) -> dict:
+        try:
+            image = decode_sample(row["image"], row["caption"], row["image_name"])
+        except BadSample as problem:
+            counts.skip(row["image_name"], str(problem))
+            return {"image": None}
+        counts.used += 1
+        return {"image": image, "caption": row["caption"].strip()}
 
-    return stream.map(decode, batched=True, batch_size=64, features=None)
+    # A map and a filter, one row at a time rather than a batched map that drops rows: a resumed stream then decodes
+    # no image before its position (a batched map decodes its whole batch again and discards what it had yielded).
+    return stream.map(decode, features=None).filter(lambda row: row["image"] is not None)
 
 
 def first_captions(stream: datasets.IterableDataset, limit: int) -> list[str]:

@@ -14,9 +14,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import torch
+import transformers.trainer
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object
 from torch.distributed.fsdp import FSDPModule
@@ -59,6 +61,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+# In a streamed run's checkpoints: where each process's stream stood (`process_<index>.json`).
+STREAM_POSITION_FOLDER = "stream_position"
 
 
 # What `python train.py` trains when it builds a model from scratch; `--model_config` changes single fields of it.
@@ -419,6 +423,16 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.eval_collator = eval_collator
         self.clip_model = clip_model
         self._clip = None
+        self._stream_position = None
+        if self._streamed:
+            # accelerate then builds torchdata's `StatefulDataLoader`, whose `state_dict()` holds the stream's
+            # position (datasets' `IterableDataset.state_dict()`); Trainer 5.24's `AcceleratorConfig` has no field
+            # for it, and saves no data loader state in checkpoints (`_save_checkpoint` below does).
+            self.accelerator.dataloader_config.use_stateful_dataloader = True
+
+    @property
+    def _streamed(self) -> bool:
+        return isinstance(self.train_dataset, datasets.IterableDataset)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -521,9 +535,12 @@ class CaptionTrainer(Seq2SeqTrainer):
     # complete. Trainer's own save writes the files; these overrides order what happens around it.
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        self._loss_sum_before_resume = None
+        self._loss_sum_before_resume = self._stream_position = None
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             self._loss_sum_before_resume = read_checkpoint_manifest(resume_from_checkpoint).get("train_loss_sum")
+            if self._streamed and not self.args.ignore_data_skip:
+                self._stream_position = read_stream_position(resume_from_checkpoint, self.args.process_index,
+                                                             self.args.world_size)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial):
@@ -542,6 +559,12 @@ class CaptionTrainer(Seq2SeqTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = save_total_limit
+        if self._streamed:
+            # Each process reads shards of its own. accelerate's snapshot of the data loader is taken as of the last
+            # batch it handed to training (it reads one batch ahead), which is where a resume must continue.
+            loader = self.callback_handler.train_dataloader
+            write_json_atomic(folder / STREAM_POSITION_FOLDER / f"process_{self.args.process_index}.json",
+                              {"pass": loader.iteration, "data_loader": loader.state_dict()})
         self.accelerator.wait_for_everyone()  # every process's files are in the folder
         if self.args.should_save:
             loss_sum = self._total_loss_scalar + self._tr_loss.item() + (self._loss_sum_before_resume or 0.0)
@@ -549,13 +572,33 @@ class CaptionTrainer(Seq2SeqTrainer):
             rotate_complete_checkpoints(run_dir, self.state.global_step, save_total_limit,
                                         self.state.best_model_checkpoint)
 
+    def _init_training_state(self, *args, **kwargs):
+        epochs_trained, batches_trained = super()._init_training_state(*args, **kwargs)
+        position = self._stream_position
+        if position is None:
+            return epochs_trained, batches_trained
+        if position["data_loader"]["_iterator_finished"]:
+            # Saved at the last batch of a pass: the next pass starts from its beginning.
+            self._stream_position = None
+            return position["pass"] + 1, 0
+        # Trainer takes a stream's pass for `max_steps` steps; the position knows which pass it was in and how far,
+        # which keeps Trainer's step and epoch counts those of an uninterrupted run.
+        return position["pass"], _batches_read(position["data_loader"])
+
     def _run_epoch(self, *args, **kwargs):
         if self.state.global_step >= self.state.max_steps:
             # Resumed from the run's last checkpoint: nothing is left to train, but Trainer would run one more step
             # before it checks.
             self.control.should_training_stop = True
             return
-        return super()._run_epoch(*args, **kwargs)
+        position, self._stream_position = self._stream_position, None
+        if position is None:
+            return super()._run_epoch(*args, **kwargs)
+        kwargs["train_dataloader"].load_state_dict(position["data_loader"])
+        # The stream now continues where the checkpoint left it. Trainer would still fast-forward past the batches
+        # trained before (accelerate's `skip_first_batches`), reading them again and skipping as many new ones.
+        with mock.patch.object(transformers.trainer, "skip_first_batches", lambda loader, num_batches: loader):
+            return super()._run_epoch(*args, **kwargs)
 
     def _finalize_training(self, trial, num_train_samples, start_time):
         # Trainer's `train_loss` averages the steps of this call only. After a resume, fold in the loss sum the
@@ -650,6 +693,31 @@ def rotate_complete_checkpoints(output_dir: Path, newest_step: int, limit: int |
             logger.info(f"Deleting older checkpoint [{folder}] due to args.save_total_limit")
             (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_stream_position(folder: str | os.PathLike, process_index: int, num_processes: int) -> dict:
+    """Where this process's stream stood when the checkpoint `folder` was saved."""
+    positions = Path(folder) / STREAM_POSITION_FOLDER
+    saved = len(list(positions.glob("process_*.json")))
+    if saved == 0:
+        raise ValueError(f"{folder} holds no stream position ({STREAM_POSITION_FOLDER}/, written by this package's "
+                         "streamed runs since they resume without reading the stream again): start afresh without "
+                         "--resume_from_checkpoint, or pass --ignore_data_skip true to restart the stream from its "
+                         "beginning")
+    if saved != num_processes:
+        raise ValueError(
+            f"{positions} holds the stream positions of {saved} processes, but this run has {num_processes}: resume "
+            f"with {saved} processes (each reads shards of its own), or start afresh without --resume_from_checkpoint"
+        )
+    return read_json(positions / f"process_{process_index}.json", "stream position")
+
+
+def _batches_read(loader_state: dict) -> int:
+    # torchdata's `StatefulDataLoader` counts the batches of the pass in one key without workers, in a snapshot plus
+    # the steps since it with workers.
+    if "_num_yielded" in loader_state:
+        return loader_state["_num_yielded"]
+    return loader_state["_snapshot"]["_snapshot_step"] + loader_state["_steps_since_snapshot"]
 
 
 def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:

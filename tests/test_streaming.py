@@ -1,6 +1,7 @@
 """Streamed training data: webdataset shards as img2dataset writes them, split over processes the way `Trainer`'s
 accelerate splits them, with bad samples skipped and counted."""
 
+import contextlib
 import io
 import json
 import random
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from accelerate.data_loader import prepare_data_loader
-from test_training_cli import REPO, environment
+from test_training_cli import REPO, environment, step_losses
 from torch.utils.data import DataLoader
 
 from conftest import ENCODER_KWARGS
@@ -175,6 +176,31 @@ def test_two_nodes_read_each_sample_once_and_match_one_node(pretrained_parts, tm
     assert len(logged_losses(one_node)) == 3
 
 
+def test_two_processes_resume_their_own_streams_without_reading_them_again(pretrained_parts, tmp_path):  # noqa: F811
+    """2 processes (accelerate launch, gloo) over 4 shards of 6 samples: each reads 2 shards, 4 batches of 3 per
+    pass. A run resumed from checkpoint-2 of a 4-step run (what a kill right after it leaves) trains steps 3 and 4 to
+    the same losses, and its processes decode only the 2 batches each they had left: 12 samples, not 24."""
+    write_shards(tmp_path / "shards", per_shard=6)
+    config = tmp_path / "cpu.yaml"
+    config.write_text(CPU_DATA_PARALLEL)
+    training = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2",
+                "--shuffle_buffer", "0"]
+    runs = {"whole": [], "resumed": ["--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-2")]}
+    for port, (name, extra) in zip((29551, 29553), runs.items()):
+        result = subprocess.run(
+            accelerate_launch(config, port, *streamed_training_command(pretrained_parts, tmp_path / "shards",
+                                                                       tmp_path / name, *training, *extra)),
+            cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    positions = sorted(path.name for path in (tmp_path / "whole" / "checkpoint-2" / "stream_position").iterdir())
+    assert positions == ["process_0.json", "process_1.json"]
+    assert step_losses(tmp_path / "resumed", "checkpoint-4") == step_losses(tmp_path / "whole", "checkpoint-4")
+    used = {name: json.loads((tmp_path / name / "training_summary.json").read_text())["stream"]["used_samples"]
+            for name in runs}
+    assert used == {"whole": 24, "resumed": 12}
+
+
 def test_a_stream_without_max_steps_is_refused_before_anything_loads(train_script, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_script.main(["--train_shards", f"{tmp_path}/missing.tar", "--output_dir", str(tmp_path / "out"),
@@ -205,39 +231,161 @@ class Crash(Exception):
     """Stands in for a kill between two training steps."""
 
 
-def test_a_stream_resumed_mid_epoch_trains_on_the_batches_it_had_left(shapes, pretrained_parts, tmp_path, monkeypatch):
-    """Trainer resumes a stream by reading it again up to the checkpoint's step (accelerate's `skip_first_batches`):
-    the batches trained before the crash and after the resume are exactly those of an uninterrupted run."""
-    from conftest import training_arguments
-    from modeling_vitgpt2.training import CaptionTrainer, DataArguments, run_training
+class StreamRecorder:
+    """What one training run reads and trains, by sample key: the keys read from the tar files, the images
+    decoded, and the keys of each trained batch with the pass of the stream it came from. Only what the training
+    stream does counts (from `on_train_begin` to `on_train_end`); the validation set is read before."""
 
-    write_shards(tmp_path / "shards")  # 20 samples, 10 batches of 2 per pass: steps 1-6 stay in the first pass
-    trained, crash_at_step = [], {"step": None}
-    original_step = CaptionTrainer.training_step
+    def __init__(self, monkeypatch):
+        from datasets.packaged_modules.webdataset.webdataset import WebDataset
+        from transformers import TrainerCallback
 
-    def recording_step(self, model, inputs, *args, **kwargs):
-        if self.state.global_step == crash_at_step["step"]:
-            raise Crash
-        trained.append(tuple(round(float(image.sum()), 2) for image in inputs["pixel_values"]))
-        return original_step(self, model, inputs, *args, **kwargs)
+        import modeling_vitgpt2.streaming as streaming
+        from modeling_vitgpt2.data import CaptionCollator
+        from modeling_vitgpt2.training import CaptionTrainer
 
-    monkeypatch.setattr(CaptionTrainer, "training_step", recording_step)
+        self.recording, self.crash_at_step = False, None
+        self.read, self.decoded, self.trained, self.collated = [], [], [], []
+        recorder = self
 
-    def run(output_dir, **overrides):
-        model_args, _, peft_args, training_args = training_arguments(
-            shapes, pretrained_parts, output_dir, max_steps=6, save_strategy="steps", save_steps=3,
-            per_device_train_batch_size=2, **overrides)
-        data_args = DataArguments(train_shards=f"{tmp_path}/shards/{{00000..00003}}.tar",
-                                  val_shards=f"{tmp_path}/shards/00000.tar", max_eval_images=1,
-                                  max_caption_length=24, shuffle_buffer=4)
-        run_training(model_args, data_args, peft_args, training_args)
+        read_tar = WebDataset._get_pipeline_from_tar.__func__
 
-    run(tmp_path / "whole")
-    uninterrupted, trained[:] = list(trained), []
-    crash_at_step["step"] = 3  # after checkpoint-3 is written, before step 4 trains
+        def reading(cls, tar_path, tar_iterator):
+            for sample in read_tar(cls, tar_path, tar_iterator):
+                if recorder.recording:
+                    recorder.read.append(sample["__key__"])
+                yield sample
+
+        decode = streaming.as_rgb_image
+
+        def decoding(image, name=None):
+            if recorder.recording:
+                recorder.decoded.append(name)
+            return decode(image, name=name)
+
+        collate = CaptionCollator.__call__
+
+        def collating(self, rows):
+            recorder.collated.append([row["image_name"] for row in rows])  # batches are trained in this order
+            return collate(self, rows)
+
+        training_step = CaptionTrainer.training_step
+
+        def recording_step(self, *args, **kwargs):
+            if self.state.global_step == recorder.crash_at_step:
+                raise Crash
+            recorder.trained.append((self.callback_handler.train_dataloader.iteration, recorder.collated.pop(0)))
+            return training_step(self, *args, **kwargs)
+
+        class Window(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                recorder.recording = True
+                recorder.read, recorder.decoded, recorder.trained, recorder.collated = [], [], [], []
+
+            def on_train_end(self, args, state, control, **kwargs):
+                recorder.recording = False
+
+        monkeypatch.setattr(WebDataset, "_get_pipeline_from_tar", classmethod(reading))
+        monkeypatch.setattr(streaming, "as_rgb_image", decoding)
+        monkeypatch.setattr(CaptionCollator, "__call__", collating)
+        monkeypatch.setattr(CaptionTrainer, "training_step", recording_step)
+        self.callback = Window()
+
+    def run(self, shapes, pretrained_parts, shards: Path, output_dir: Path, crash_at_step=None, shuffle_buffer=0,
+            **training):
+        from conftest import training_arguments
+        from modeling_vitgpt2.training import DataArguments, run_training
+
+        self.crash_at_step = crash_at_step
+        model_args, _, peft_args, training_args = training_arguments(shapes, pretrained_parts, output_dir, **training)
+        data_args = DataArguments(train_shards=f"{shards}/{{00000..00003}}.tar", val_shards=f"{shards}/00000.tar",
+                                  max_eval_images=1, max_caption_length=24, shuffle_buffer=shuffle_buffer)
+        run_training(model_args, data_args, peft_args, training_args, callbacks=[self.callback])
+
+    def trained_keys(self) -> list[str]:
+        return [key for _, batch in self.trained for key in batch]
+
+
+def test_a_stream_resumed_mid_pass_continues_where_it_stopped_without_reading_it_again(shapes, pretrained_parts,
+                                                                                       tmp_path, monkeypatch):
+    """Killed after a checkpoint, then resumed, three times: in the middle of the first pass, at its last batch and in
+    the middle of the second; the resumed runs train exactly the samples of an uninterrupted run, and none of them
+    decodes a sample from before its checkpoint or reads a tar file before the one it stopped in."""
+    keys = write_shards(tmp_path / "shards")  # 20 samples, in 4 batches of 5 per pass
+    recorder = StreamRecorder(monkeypatch)
+    training = dict(max_steps=7, save_strategy="steps", save_steps=2, per_device_train_batch_size=5)
+    recorder.run(shapes, pretrained_parts, tmp_path / "shards", tmp_path / "whole", **training)
+    uninterrupted = recorder.trained
+    assert [pass_ for pass_, _ in uninterrupted] == [0, 0, 0, 0, 1, 1, 1]
+    assert sorted(recorder.trained_keys()[:20]) == keys  # the first pass: every sample once, in order
+
+    resumed, trained = tmp_path / "resumed", []
+    for resume, crash in ((False, 2), (True, 4), (True, 6), (True, None)):
+        with pytest.raises(Crash) if crash else contextlib.nullcontext():
+            recorder.run(shapes, pretrained_parts, tmp_path / "shards", resumed, crash_at_step=crash,
+                         resume_from_checkpoint="true" if resume else None, **training)
+        trained += recorder.trained
+        if crash:
+            manifest = json.loads((resumed / f"checkpoint-{crash}" / "checkpoint_complete.json").read_text())
+            assert "stream_position/process_0.json" in manifest["files"]  # verified like every file of a checkpoint
+        if not resume:
+            continue
+        # The first image the resumed run decodes is the first one it trains: nothing from before its checkpoint.
+        assert recorder.decoded[: len(recorder.trained_keys())] == recorder.trained_keys()
+        # Before it, datasets reads again (without decoding) the tar file the checkpoint stopped in, from its
+        # beginning to the checkpoint's position; the tar files before that one are not opened. A checkpoint at the
+        # end of a pass starts the next one, reading nothing again.
+        last_pass, last_batch = trained[-len(recorder.trained) - 1]
+        read_again = [key for key in keys if key[:5] == last_batch[-1][:5] and key <= last_batch[-1]]
+        assert recorder.read[: recorder.read.index(recorder.decoded[0])] == \
+            (read_again if recorder.trained[0][0] == last_pass else [])
+    assert trained == uninterrupted  # the same samples in the same batches and passes: none repeated, none skipped
+
+
+def test_a_saved_position_resumes_a_data_loader_with_workers(tmp_path):
+    """With `--dataloader_num_workers` the position is torchdata's snapshot of every worker's stream; loaded into a
+    new data loader it gives the batches that were left, and says how far into the pass it was."""
+    from modeling_vitgpt2.training import _batches_read
+
+    write_shards(tmp_path)
+
+    def loader():
+        stream = decoded_rows(stream_webdataset(f"{tmp_path}/{{00000..00003}}.tar"), StreamCounts())
+        return prepare_data_loader(
+            DataLoader(stream, batch_size=2, num_workers=2, collate_fn=lambda rows: [row["image_name"] for row in rows]),
+            num_processes=1, process_index=0, put_on_device=False, dispatch_batches=False, use_stateful_dataloader=True,
+        )
+
+    whole = list(loader())
+    stopped = loader()
+    batches = iter(stopped)
+    trained = [next(batches) for _ in range(3)]
+    position = stopped.state_dict()
+    assert "_snapshot" in position and _batches_read(position) == 3
+    resumed = loader()
+    resumed.load_state_dict(position)
+    assert trained + list(resumed) == whole and len(whole) == 10
+
+
+def test_a_shuffle_buffer_loses_its_content_on_resume_and_nothing_is_repeated(shapes, pretrained_parts, tmp_path,
+                                                                             monkeypatch):
+    """datasets does not save a shuffle buffer's content: a resumed stream refills the buffer from where its reading
+    stopped, so the samples that were in the buffer are not trained in that pass (at most --shuffle_buffer of them),
+    and none is trained twice."""
+    write_shards(tmp_path / "shards")
+    recorder = StreamRecorder(monkeypatch)
+    training = dict(max_steps=10, save_strategy="steps", save_steps=3, per_device_train_batch_size=2)
     with pytest.raises(Crash):
-        run(tmp_path / "resumed")
-    crash_at_step["step"] = None
-    run(tmp_path / "resumed", resume_from_checkpoint="true")
-    assert len(uninterrupted) == 6 and len(set(uninterrupted)) == 6
-    assert trained == uninterrupted  # steps 1-3, then 4-6: nothing repeated, nothing skipped
+        recorder.run(shapes, pretrained_parts, tmp_path / "shards", tmp_path / "run", crash_at_step=3,
+                     shuffle_buffer=4, **training)
+    before = recorder.trained_keys()[:6]
+    recorder.run(shapes, pretrained_parts, tmp_path / "shards", tmp_path / "run", resume_from_checkpoint="true",
+                 shuffle_buffer=4, **training)
+    after = [key for pass_, batch in recorder.trained if pass_ == 0 for key in batch]
+    # The rest of the first pass decodes exactly the samples it trains: none from before the checkpoint.
+    assert sorted(recorder.decoded[: len(after)]) == sorted(after)
+    first_pass = before + after
+    assert len(first_pass) == len(set(first_pass))  # nothing trained twice
+    lost = 20 - len(first_pass)
+    assert 0 < lost <= 4
+    assert any(pass_ == 1 for pass_, _ in recorder.trained)  # the next pass then starts with every sample
