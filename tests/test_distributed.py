@@ -12,6 +12,7 @@ import timm
 import torch
 from accelerate import PartialState
 from accelerate.commands.config.config_args import load_config_from_file
+from test_streaming import logged_losses
 from test_training_cli import REPO, environment, train_command
 
 from conftest import training_arguments
@@ -101,11 +102,6 @@ def launch_training(config: Path, data, pretrained_parts, output_dir: Path, *ext
     return json.loads((output_dir / "training_summary.json").read_text())
 
 
-def logged_losses(output_dir: Path) -> list[float]:
-    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-
-
 def test_fsdp_on_two_cpu_processes_shards_the_weights_and_trains_as_data_parallel(pretrained_parts, tmp_path):
     # Five validation images, captioned two at a time: process 0 has two batches, process 1 one (and a spare).
     data = write_synthetic_coco(tmp_path / "data", num_train=8, num_val=5, seed=2, image_size=32)
@@ -160,8 +156,7 @@ def first_losses(shapes, pretrained_parts, output_dir, peft="lora", train_encode
     if feature_cache is not None:
         data_args.cache_encoder_features, data_args.feature_cache_dir = True, str(feature_cache)
     run_training(model_args, data_args, peft_args, training_args)
-    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    return logged_losses(output_dir)
 
 
 def test_gradient_checkpointing_reaches_the_timm_encoder():
