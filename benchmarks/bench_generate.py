@@ -4,8 +4,10 @@ Both hold the same random weights: a ViTModel + GPT-2 (cross-attention in every 
 built and converted with `convert_vision_encoder_decoder`. Both caption the same random
 images with beam search and a fixed caption length (min = max new tokens), so they do the same work and must write
 the same tokens. Each run is split into encoder time (forward hooks on the encoder) and decode time (the rest).
-On the CPU in float32 it also times our model in int8 (`modeling_vitgpt2.quantization`), interleaved with the
-others, its latency for one image, and (with `--trained_model`) its CIDEr against float32 on a trained model.
+On the CPU in float32 "ours" runs as `eval.py caption` and the demo run it, with its linear layers prepacked for
+oneDNN (`modeling_vitgpt2.prepacking`); "ours_blas" is the same model without prepacking. It also times our model in
+int8 (`modeling_vitgpt2.quantization`), interleaved with the others, their latency for one image, and (with
+`--trained_model`) int8's CIDEr against float32 on a trained model.
 
     python benchmarks/bench_generate.py --size real --batch_sizes 1 4 \
         --output benchmarks/results/generate_cpu_fp32_real.json
@@ -46,6 +48,7 @@ from common import (
 )
 from torch.profiler import profile
 
+from modeling_vitgpt2.prepacking import PrepackedLinear, prepack_for_cpu
 from modeling_vitgpt2.quantization import quantize_for_cpu
 
 
@@ -169,7 +172,12 @@ class EncoderClock:
 
 def weights_mb(model: torch.nn.Module) -> float:
     """Megabytes of the model's weights as stored (int8 layers' packed weights count one byte per value; tied
-    weights once)."""
+    weights once; oneDNN-prepacked weights as the float32 values they hold)."""
+    prepacked = [module for module in model.modules() if isinstance(module, PrepackedLinear)]
+    if prepacked:  # its state_dict refuses: the packed weights are no parameters
+        tensors = {tensor.data_ptr(): tensor for tensor in [*model.parameters(), *model.buffers()]}
+        tensors.update({id(module): module.packed_weight for module in prepacked})
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values()) / 2**20
     seen = set()
 
     def nbytes(value) -> int:
@@ -226,6 +234,9 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
         f"{'peer enc s':>10} {'peer dec s':>10} {'ours enc s':>10} {'ours dec s':>10} "
         f"{'peer %mm':>8} {'ours %mm':>8} {'ours %bw':>8} {'identical':>9} {'agree':>6}"
     )
+    blas = "speedup_blas" in rows[0]
+    if blas:
+        header += f" {'blas x':>6}"
     int8 = "int8" in rows[0]
     if int8:
         header += f" {'int8 cap/s':>10} {'int8 x':>6} {'int8 %bw':>8} {'int8 same':>9}"
@@ -240,6 +251,8 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
             f"{100 * ours['decode_fraction_of_bandwidth']:>7.1f}% "
             f"{str(row['identical']):>9} {row['token_agreement']:>6.3f}"
         )
+        if blas:
+            line += f" {row['speedup_blas']:>6.2f}"
         if int8:
             line += (f" {row['int8']['captions_per_s']:>10.3f} {row['int8_speedup']:>6.2f} "
                      f"{100 * row['int8']['decode_fraction_of_bandwidth']:>7.1f}% {row['int8_identical_captions']:>9.2f}")
@@ -247,6 +260,9 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
     print(f"%mm: share of the measured {matmul:.1f} GFLOP/s matmul throughput reached (useful FLOPs / time); "
           f"%bw: the decode loop's share of its weight-bandwidth bound (weight bytes per step x steps / "
           f"{bandwidth:.1f} GB/s measured read bandwidth, over decode time)")
+    if blas:
+        print("ours: linear layers prepacked for oneDNN, as eval.py caption and the demo run on a CPU; 'blas x' is "
+              "the speedup over the peer of the same model without prepacking")
     if int8:
         print("int8: our model with int8 linear layers; 'int8 x' is its speedup over ours in float32, 'int8 same' "
               "the share of images whose caption equals float32's")
@@ -303,9 +319,13 @@ def main() -> None:
 
     peer, ours = build_models(size, arguments.seed)
     models = {"peer": peer.eval().to(device=device, dtype=dtype), "ours": ours.eval().to(device=device, dtype=dtype)}
-    with_int8 = not arguments.no_int8 and device.type == "cpu" and dtype == torch.float32
+    on_cpu_in_float32 = device.type == "cpu" and dtype == torch.float32
+    with_int8 = not arguments.no_int8 and on_cpu_in_float32
     if with_int8:
         models["int8"] = quantize_for_cpu(copy.deepcopy(models["ours"]))
+    if on_cpu_in_float32:  # as eval.py caption and the demo load it on a CPU
+        models["ours_blas"] = copy.deepcopy(models["ours"])
+        models["ours"] = prepack_for_cpu(models["ours"])
     clocks = {name: EncoderClock(model.get_encoder(), device) for name, model in models.items()}
     print(f"size {arguments.size} ({size.image_tokens} image tokens), {arguments.dtype}, beams {arguments.num_beams}, "
           f"{arguments.new_tokens} new tokens, median of {arguments.repeats} runs after a warm-up\n")
@@ -333,6 +353,9 @@ def main() -> None:
             "flops": flops,
             **timings,
         }
+        if on_cpu_in_float32:
+            row["speedup_blas"] = timings["peer"]["seconds"] / timings["ours_blas"]["seconds"]
+            row["blas_identical"] = torch.equal(tokens["ours_blas"], tokens["peer"])
         if with_int8:
             row["int8_speedup"] = timings["ours"]["seconds"] / timings["int8"]["seconds"]
             row["int8_identical_captions"] = (tokens["int8"] == tokens["ours"]).all(dim=1).float().mean().item()
@@ -347,11 +370,15 @@ def main() -> None:
     print(f"\nspeedup (geometric mean over batch sizes): {speedup:.2f}x; identical tokens at every batch size: "
           f"{identical}")
     extra = {}
+    if on_cpu_in_float32:
+        extra["speedup_blas"] = math.exp(statistics.mean(math.log(row["speedup_blas"]) for row in rows))
+        print(f"without prepacking (ours_blas): {extra['speedup_blas']:.2f}x; identical tokens at every batch size: "
+              f"{all(row['blas_identical'] for row in rows)}")
     if with_int8:
         extra["int8_speedup"] = math.exp(statistics.mean(math.log(row["int8_speedup"]) for row in rows))
         print(f"int8 speedup over ours in float32 (geometric mean): {extra['int8_speedup']:.2f}x")
     if arguments.latency_calls > 0:
-        latency_models = {name: models[name] for name in ("ours", "int8") if name in models}
+        latency_models = {name: models[name] for name in ("ours", "ours_blas", "int8") if name in models}
         extra["latency_batch_1"] = latency(latency_models, random_images(1), settings, arguments.latency_calls,
                                            device)
         for name, figures in extra["latency_batch_1"].items():

@@ -35,6 +35,7 @@ from .io_utils import (
     write_json_atomic,
 )
 from .loading import load_for_inference
+from .prepacking import can_prepack, prepack_for_cpu
 from .processing_vitgpt2 import ViTGPT2Processor, load_image
 from .quantization import quantize_for_cpu
 from .zero_shot import ENSEMBLE, ZeroShotResult, list_images, write_predictions_csv, zero_shot_folder
@@ -86,12 +87,16 @@ def check_images_readable(paths: Sequence[Path], progress: bool = True) -> None:
 
 
 def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
-                   device: str | torch.device | None = None, quantize: str | None = None):
+                   device: str | torch.device | None = None, quantize: str | None = None,
+                   prepack: bool | None = None):
     """Returns `(model, processor)` in eval mode on `device` (default: CUDA when available, else the CPU).
 
     `model_or_path` is a loaded model (then pass its `processor`), a saved model folder or Hub id, or a peft adapter
     folder from train.py (loaded onto the base model recorded in it); the processor is read from the same folder.
     `quantize="int8"` runs the model in int8 on the CPU (see `modeling_vitgpt2.quantization`).
+    `prepack` prepacks the linear layers for oneDNN (`modeling_vitgpt2.prepacking`: faster float32 CPU inference,
+    the same function up to rounding). By default a model loaded here from a folder or Hub id is prepacked when it
+    runs on the CPU in float32 and its adapter (if any) merges; a loaded model passed in is left as it is.
     """
     if quantize is not None:
         if device is not None and torch.device(device).type != "cpu":
@@ -117,7 +122,13 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
             model = quantize_for_cpu(model.to("cpu"), quantize)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), processor
+    model = model.to(device).eval()
+    if prepack is None:
+        prepack = (isinstance(model_or_path, (str, os.PathLike)) and quantize is None
+                   and torch.device(device).type == "cpu" and can_prepack(model))
+    if prepack:
+        model = prepack_for_cpu(model)
+    return model, processor
 
 
 def check_model_folder(folder: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "quantize_for_cpu"]
+__all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "merged_adapter", "quantize_for_cpu"]
 
 QUANTIZATION_CHOICES = ("int8",)
 
@@ -45,8 +45,9 @@ def _replace_conv1d(module: nn.Module) -> None:
             _replace_conv1d(child)
 
 
-def _merged(model: nn.Module) -> nn.Module:
-    """A peft model with its adapter folded into the weights; int8 layers cannot carry an adapter beside them."""
+def merged_adapter(model: nn.Module, purpose: str) -> nn.Module:
+    """A peft model with its adapter folded into the weights (`model` itself when it is not a peft model), for
+    inference layers (int8, prepacked) that cannot carry an adapter beside them."""
     try:
         from peft import PeftModel
     except ImportError:  # peft absent: nothing can be a PeftModel
@@ -54,9 +55,9 @@ def _merged(model: nn.Module) -> nn.Module:
     if not isinstance(model, PeftModel):
         return model
     if not hasattr(model.base_model, "merge_and_unload"):
-        raise ValueError(f"int8 quantization needs an adapter that merges into the weights (LoRA, adapters); "
+        raise ValueError(f"{purpose} needs an adapter that merges into the weights (LoRA, adapters); "
                          f"{model.peft_config['default'].peft_type} cannot be merged: load this model without "
-                         "quantization")
+                         f"{purpose}")
     return model.merge_and_unload()
 
 
@@ -69,7 +70,7 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
     """
     if quantize not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATION_CHOICES}")
-    model = _merged(model)
+    model = merged_adapter(model, "int8 quantization")
     parameter = next(model.parameters())
     if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
         raise ValueError(f"int8 quantization starts from a float32 model on the CPU, got {parameter.dtype} on "

@@ -24,6 +24,7 @@ pytest.importorskip("gradio", reason="the demo page needs the [demo] extra (grad
 
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor  # noqa: E402
 from modeling_vitgpt2.attention_maps import attention_overlay, caption_attention_maps  # noqa: E402
+from modeling_vitgpt2.evaluation import load_captioner  # noqa: E402
 from modeling_vitgpt2.zero_shot import ENSEMBLE, class_probabilities  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -52,9 +53,8 @@ def captioner_dir(tiny_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(captioner_dir):
-    """The saved captioner as a user loads it, to compare the page with."""
-    model = ViTGPT2ForConditionalGeneration.from_pretrained(captioner_dir).eval()
-    return model, ViTGPT2Processor.from_pretrained(captioner_dir)
+    """The saved captioner loaded as the page loads it (on a CPU: prepacked), to compare the page with."""
+    return load_captioner(captioner_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from transformers import (
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.convert_vision_encoder_decoder import convert_vision_encoder_decoder
 from modeling_vitgpt2.convert_vision_encoder_decoder import main as convert_main
+from modeling_vitgpt2.prepacking import prepack_for_cpu
 
 
 def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderDecoderModel:
@@ -38,18 +39,22 @@ def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderD
     return VisionEncoderDecoderModel(config=config).eval()
 
 
+@pytest.mark.parametrize("prepacked", [False, True], ids=["blas", "prepacked"])
 @pytest.mark.parametrize("encoder_width", [48, 32], ids=["with-enc_to_dec_proj", "same-width"])
-def test_converted_model_matches_vision_encoder_decoder(tiny_tokenizer, encoder_width):
+def test_converted_model_matches_vision_encoder_decoder(tiny_tokenizer, encoder_width, prepacked):
     reference = tiny_vision_encoder_decoder(tiny_tokenizer, encoder_width)
     assert hasattr(reference, "enc_to_dec_proj") == (encoder_width != 32)
     ours = convert_vision_encoder_decoder(reference).eval()
+    if prepacked:  # how eval.py and the demo run on a CPU
+        ours = prepack_for_cpu(ours)
     # The decoder keeps GPT-2's dropouts and initialisation, not only its sizes.
     assert (ours.config.attn_pdrop, ours.config.initializer_range) == (0.05, 0.03)
     pixels = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     ids = torch.randint(0, len(tiny_tokenizer), (4, 9), generator=torch.Generator().manual_seed(2))
 
-    expected = reference(pixel_values=pixels, decoder_input_ids=ids).logits
-    actual = ours(pixel_values=pixels, decoder_input_ids=ids).logits
+    with torch.inference_mode():
+        expected = reference(pixel_values=pixels, decoder_input_ids=ids).logits
+        actual = ours(pixel_values=pixels, decoder_input_ids=ids).logits
     assert (expected - actual).abs().max() < 1e-4
 
     for num_beams in (1, 3):

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "modeling_vitgpt2"
 LAYERS = {
     "utilities": {"io_utils"},
     "model": {"configuration_vitgpt2", "modeling_vitgpt2", "processing_vitgpt2", "tokenization", "loading",
-              "peft_setup", "quantization", "convert_vision_encoder_decoder"},
+              "peft_setup", "quantization", "prepacking", "convert_vision_encoder_decoder"},
     "data": {"synthetic", "data", "feature_cache", "streaming"},
     "metrics": {"cider", "clip_score", "metrics"},
     "training": {"training"},

@@ -1,0 +1,113 @@
+"""Float32 CPU inference with the linear layers' weights prepacked by oneDNN.
+
+Why: BLAS (MKL) multiplies the few rows of a beam-search step (3 per image with 3 beams) by a weight matrix at a
+fraction of the machine's memory bandwidth, and every decoding step streams every decoder weight and the whole
+vocabulary projection; oneDNN's matmul with the weight reordered once into its blocked layout is several times
+faster there, and faster for the encoder's large products too (benchmarks/README.md, "Prepacked weights"). Same
+float32 arithmetic, summed in another order: outputs differ from BLAS's by rounding only.
+
+Why by hand: this is what `torch.compile` with freezing does to a CPU graph (through the same oneDNN operator), but it
+compiles per input shape and transformers' beam search does not run a compiled forward; Intel's extension
+(`ipex.optimize`), the library that used to do this in eager mode, is discontinued and does not support torch 2.14.
+`torch.ops.mkldnn._linear_pointwise` is the operator torch's own compiler emits, so it ships with every x86/ARM CPU build.
+
+A prepacked model is for inference only: no gradients, CPU only, and it cannot be saved (its packed weights are not
+parameters); load the model again to train, move or save it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .modeling_vitgpt2 import ViTGPT2LMHead
+from .quantization import merged_adapter
+
+__all__ = ["PrepackedLinear", "can_prepack", "prepack_for_cpu"]
+
+
+def _has_onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def can_prepack(model: nn.Module) -> bool:
+    """Whether `prepack_for_cpu` takes `model`: a float32 model on the CPU, with no adapter or one that merges, on a
+    torch build with oneDNN."""
+    if not _has_onednn():
+        return False
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        return False
+    peft_config = getattr(model, "peft_config", None)
+    return not peft_config or hasattr(model.base_model, "merge_and_unload")
+
+
+class PrepackedLinear(nn.Module):
+    """`x @ weight.T + bias` with the (out x in) weight reordered once for oneDNN's CPU matmul."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.name = name
+        # Plain attributes, not buffers: `.to()` must not move them and `state_dict` cannot hold them.
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+        self.bias = None if bias is None else bias.detach().clone()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
+            raise RuntimeError(f"{self.name} is prepacked for float32 CPU inference, got {hidden_states.dtype} on "
+                               f"{hidden_states.device}: load the model with prepack=False to move or cast it")
+        return torch.ops.mkldnn._linear_pointwise(hidden_states.contiguous(), self.packed_weight, self.bias,
+                                                  "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise RuntimeError(f"{self.name} is prepacked for CPU inference and cannot be saved: load the model again "
+                           "with prepack=False to save it")
+
+
+def _prepacked(module: nn.Module, name: str) -> PrepackedLinear | None:
+    # Exact types: a subclass may read its weight elsewhere (`nn.MultiheadAttention`'s output projection does).
+    if type(module) is Conv1D:  # GPT-2 stores (in x out)
+        return PrepackedLinear(module.weight.T, module.bias, name)
+    if type(module) in (nn.Linear, ViTGPT2LMHead):
+        return PrepackedLinear(module.weight, module.bias, name)
+    return None
+
+
+def prepack_for_cpu(model: nn.Module) -> nn.Module:
+    """Returns `model` (a loaded captioner, or a peft model on one) with every linear layer of its encoder, decoder
+    and vocabulary projection prepacked for float32 CPU inference. Works in place; use the returned model.
+
+    A peft adapter is merged into the weights first (one that cannot be merged, such as prefix tuning, is refused).
+    The vocabulary projection keeps its tied weight for the input embedding, so the model holds one more copy of it.
+    """
+    if not _has_onednn():
+        raise RuntimeError("this torch build has no oneDNN (torch.backends.mkldnn): load the model with prepack=False")
+    model = merged_adapter(model, "prepacking")
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        raise ValueError(f"prepacking starts from a float32 model on the CPU, got {parameter.dtype} on "
+                         f"{parameter.device}: load it without a dtype or device")
+    model.eval()
+    output_embeddings = model.get_output_embeddings()
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            packed = _prepacked(child, name)
+            if packed is None:
+                continue
+            if child is output_embeddings:
+                # Keep `lm_head.weight` reachable (the model reads its dtype; it is the input embedding's too).
+                packed.weight = child.weight
+            setattr(parent, child_name, packed)
+    model.save_pretrained = _refuse_to_save  # before it writes a config beside weights it cannot write
+    return model
+
+
+def _refuse_to_save(*args, **kwargs):
+    raise RuntimeError("this model is prepacked for CPU inference and cannot be saved: load it again with "
+                       "prepack=False to save it")
