@@ -644,19 +644,17 @@ def stream_feature_shards(paths: Sequence[PathLike], counts: StreamCounts) -> da
     stream = datasets.load_dataset("webdataset", data_files={"train": [str(path) for path in paths]}, split="train",
                                    streaming=True, features=FEATURE_SHARD_FIELDS)
 
-    def feature_rows(batch: dict[str, list]) -> dict[str, list]:
-        kept = {FEATURES_COLUMN: [], "caption": [], "image_name": []}
-        for features, sample, name in zip(batch["npy"], batch["json"], batch["__key__"]):
-            if sample["skipped"]:
-                counts.skip(name, sample["skipped"])
-                continue
-            counts.used += 1
-            kept[FEATURES_COLUMN].append(np.asarray(features, dtype=STORAGE_DTYPE))
-            kept["caption"].append(sample["caption"])
-            kept["image_name"].append(name)
-        return kept
+    def feature_row(sample: dict) -> dict:
+        if sample["json"]["skipped"]:
+            counts.skip(sample["__key__"], sample["json"]["skipped"])
+            return {FEATURES_COLUMN: None}
+        counts.used += 1
+        return {FEATURES_COLUMN: np.asarray(sample["npy"], dtype=STORAGE_DTYPE), "caption": sample["json"]["caption"],
+                "image_name": sample["__key__"]}
 
-    return stream.map(feature_rows, batched=True, batch_size=64, remove_columns=list(FEATURE_SHARD_FIELDS))
+    # One row at a time, as `streaming.decoded_rows` does, so that a resumed stream restarts at its position.
+    return stream.map(feature_row, remove_columns=list(FEATURE_SHARD_FIELDS), features=None).filter(
+        lambda row: row[FEATURES_COLUMN] is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

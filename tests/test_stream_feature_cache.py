@@ -117,6 +117,36 @@ def test_a_killed_partial_or_changed_shard_is_encoded_again_and_only_it(cache_of
     assert encoded.count == 5 and changed[0] != paths[0] and changed[1:] == paths[1:]
 
 
+def test_a_stream_of_cached_features_resumes_at_its_position(cache_of, tmp_path):
+    """The position a checkpoint saves (the stateful data loader's) puts a new stream of cached features where the
+    old one stopped: the batches that were left, none read twice, the bad samples still skipped."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from modeling_vitgpt2.feature_cache import stream_feature_shards
+    from modeling_vitgpt2.streaming import StreamCounts
+
+    write_shards(tmp_path / "shards", broken=BROKEN)
+    paths = cache_of(tmp_path / "cache").build_shards(expand_shards(f"{tmp_path}/shards/{{00000..00003}}.tar"))
+
+    def loader(counts=None):
+        return prepare_data_loader(
+            DataLoader(stream_feature_shards(paths, counts or StreamCounts()), batch_size=3,
+                       collate_fn=lambda rows: [row["image_name"] for row in rows]),
+            num_processes=1, process_index=0, put_on_device=False, dispatch_batches=False, use_stateful_dataloader=True,
+        )
+
+    whole = list(loader())
+    stopped = loader()
+    batches = iter(stopped)
+    trained = [next(batches) for _ in range(2)]
+    counts = StreamCounts()
+    resumed = loader(counts)
+    resumed.load_state_dict(stopped.state_dict())
+    assert trained + list(resumed) == whole and sum(map(len, whole)) == 18
+    assert (counts.used, counts.skipped) == (18 - 6, 2)  # only the rows after the position are read again
+
+
 TRAIN_RECORDING_SHARD_WRITES = textwrap.dedent("""
     import json, runpy, sys
     from accelerate import PartialState
