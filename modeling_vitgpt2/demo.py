@@ -23,7 +23,6 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 import torch
-from huggingface_hub import snapshot_download
 from PIL import Image
 
 from .attention_maps import REPORT_LAYERS, attention_overlay, caption_attention_maps, cross_attention_layers
@@ -294,10 +293,7 @@ def load_demo(args) -> Demo:
         sys.exit(f"app.py: no model at {DEFAULT_MODEL}: make it with `python train.py` (about 10 minutes on 2 CPU "
                  "cores), or pass --model a model folder, adapter folder or Hub id")
     try:
-        # A Hub id becomes its downloaded folder, so that adapter repositories (with their bundled base_model/)
-        # load as their output folders do.
-        folder = model_name if Path(model_name).is_dir() else snapshot_download(model_name)
-        model, processor = load_captioner(folder, quantize=args.quantize)
+        model, processor = load_captioner(model_name, quantize=args.quantize)
         clip = None
         if args.clip_model:
             clip = load_clip(args.clip_model, device=model.device)

@@ -34,7 +34,7 @@ from .io_utils import (
     read_json,
     write_json_atomic,
 )
-from .loading import load_for_inference
+from .loading import load_for_inference, model_folder
 from .prepacking import can_prepack, prepack_for_cpu
 from .processing_vitgpt2 import ViTGPT2Processor, load_image
 from .quantization import quantize_for_cpu
@@ -103,8 +103,8 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
             raise ValueError(f"quantize={quantize!r} runs on the CPU only, got device={device!r}")
         device = "cpu"
     if isinstance(model_or_path, (str, os.PathLike)):
-        if Path(model_or_path).is_dir():
-            check_model_folder(Path(model_or_path))
+        model_or_path = model_folder(model_or_path)
+        check_model_folder(model_or_path)
         if processor is None:
             processor = ViTGPT2Processor.from_pretrained(model_or_path)
         try:

@@ -5,17 +5,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from .io_utils import read_json
 from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 
-__all__ = ["BASE_MODEL_FOLDER", "load_for_inference"]
+__all__ = ["BASE_MODEL_FOLDER", "load_for_inference", "model_folder"]
 
 # Where a run saves the base model it built for its adapter, and where a pushed adapter repository carries it.
 BASE_MODEL_FOLDER = "base_model"
 
 
+def model_folder(name: str | os.PathLike) -> Path:
+    """`name` itself when it is a folder, else the downloaded (or cached) files of the Hub repository it names, so
+    that a pushed adapter repository, with its bundled `base_model/`, loads as its output folder does."""
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        return Path(snapshot_download(str(name)))
+    except Exception as error:  # invalid id, offline without a cached copy, no such repository, no access
+        raise OSError(f"{name} is neither a folder nor a Hub repository that could be downloaded "
+                      f"({type(error).__name__}: {error}); pass a model folder, adapter folder or Hub id") from error
+
+
 def load_for_inference(path: str | os.PathLike, quantize: str | None = None, **kwargs):
-    """Loads a trained output folder: a full model, or a peft adapter on the base model recorded in it.
+    """Loads a trained output folder or Hub repository: a full model, or a peft adapter on the base model recorded
+    in it.
 
     `quantize="int8"` returns it ready for int8 inference on the CPU (`quantization.quantize_for_cpu`; an adapter is
     merged into the weights first); other keyword arguments go to `from_pretrained`.
@@ -24,7 +39,7 @@ def load_for_inference(path: str | os.PathLike, quantize: str | None = None, **k
         from .quantization import quantize_for_cpu
 
         return quantize_for_cpu(load_for_inference(path, **kwargs), quantize)
-    path = Path(path)
+    path = model_folder(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -202,10 +202,10 @@ def test_without_the_default_model_it_says_in_one_line_how_to_make_it(tmp_path):
 
 
 def test_a_hub_id_is_downloaded_and_loaded_like_its_folder(captioner_dir, monkeypatch, capsys):
-    from modeling_vitgpt2 import demo
+    from modeling_vitgpt2 import demo, loading
 
     asked = []
-    monkeypatch.setattr(demo, "snapshot_download", lambda repo_id: asked.append(repo_id) or str(captioner_dir))
+    monkeypatch.setattr(loading, "snapshot_download", lambda repo_id: asked.append(repo_id) or str(captioner_dir))
     page = demo.load_demo(demo.parse_args(["--model", "someone/vitgpt2-lora"]))
     assert asked == ["someone/vitgpt2-lora"] and page.layers == [0, 1]
     assert "[app] loaded someone/vitgpt2-lora" in capsys.readouterr().out

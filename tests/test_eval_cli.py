@@ -150,6 +150,19 @@ def test_caption_writes_one_caption_per_image_as_batch_of_one_would(cli, caption
     assert predictions == one_by_one
 
 
+def test_caption_downloads_a_hub_id_and_loads_it_as_its_folder(cli, captioner_dir, data, tmp_path, monkeypatch):
+    from modeling_vitgpt2 import loading
+
+    out, _ = cli
+    asked = []
+    monkeypatch.setattr(loading, "snapshot_download", lambda repo_id: asked.append(repo_id) or str(captioner_dir))
+    argv = ["caption", "--model", "someone/vitgpt2-lora", "--images", data / "photos", "--output",
+            tmp_path / "preds.json", "--batch_size", 2, "--max_new_tokens", 11]
+    assert load_cli_module().main([str(arg) for arg in argv]) == 0
+    assert asked == ["someone/vitgpt2-lora"]
+    assert json.loads((tmp_path / "preds.json").read_text()) == json.loads((out / "preds.json").read_text())
+
+
 def test_score_matches_corpus_cider_and_direct_clip_scores(cli, tiny_clip, data):
     out, runs = cli
     line = succeeded(runs["score"]).stdout.strip().splitlines()[-1]
