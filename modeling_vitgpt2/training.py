@@ -595,6 +595,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         if position is None:
             return super()._run_epoch(*args, **kwargs)
         kwargs["train_dataloader"].load_state_dict(position["data_loader"])
+        logger.info(f"Continuing the stream from the checkpoint's position, pass {position['pass']} after "
+                    f"{_batches_read(position['data_loader'])} batches: the trained samples are not decoded again")
         # The stream now continues where the checkpoint left it. Trainer would still fast-forward past the batches
         # trained before (accelerate's `skip_first_batches`), reading them again and skipping as many new ones.
         with mock.patch.object(transformers.trainer, "skip_first_batches", lambda loader, num_batches: loader):

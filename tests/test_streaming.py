@@ -367,6 +367,20 @@ def test_a_saved_position_resumes_a_data_loader_with_workers(tmp_path):
     assert trained + list(resumed) == whole and len(whole) == 10
 
 
+def test_a_checkpoint_is_resumed_only_by_as_many_processes_as_wrote_its_stream_positions(tmp_path):
+    from modeling_vitgpt2.training import read_stream_position
+
+    positions = tmp_path / "checkpoint-4" / "stream_position"
+    positions.mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no stream position"):
+        read_stream_position(tmp_path / "checkpoint-4", 0, 1)
+    for process in (0, 1):
+        (positions / f"process_{process}.json").write_text(json.dumps({"pass": 0, "process": process}))
+    with pytest.raises(ValueError, match="positions of 2 processes, but this run has 1: resume with 2 processes"):
+        read_stream_position(tmp_path / "checkpoint-4", 0, 1)
+    assert read_stream_position(tmp_path / "checkpoint-4", 1, 2) == {"pass": 0, "process": 1}
+
+
 def test_a_shuffle_buffer_loses_its_content_on_resume_and_nothing_is_repeated(shapes, pretrained_parts, tmp_path,
                                                                              monkeypatch):
     """datasets does not save a shuffle buffer's content: a resumed stream refills the buffer from where its reading
