@@ -173,24 +173,28 @@ class EncoderClock:
 def weights_mb(model: torch.nn.Module) -> float:
     """Megabytes of the model's weights as stored (int8 layers' packed weights count one byte per value; tied
     weights once; oneDNN-prepacked weights as the float32 values they hold)."""
-    prepacked = [module for module in model.modules() if isinstance(module, PrepackedLinear)]
-    if prepacked:  # its state_dict refuses: the packed weights are no parameters
-        tensors = {tensor.data_ptr(): tensor for tensor in [*model.parameters(), *model.buffers()]}
-        tensors.update({id(module): module.packed_weight for module in prepacked})
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values()) / 2**20
     seen = set()
 
     def nbytes(value) -> int:
         if isinstance(value, torch.Tensor):
-            if value.data_ptr() in seen:
+            key = id(value) if value.is_mkldnn else value.data_ptr()  # an opaque oneDNN tensor has no data pointer
+            if key in seen:
                 return 0
-            seen.add(value.data_ptr())
+            seen.add(key)
             return value.numel() * value.element_size()
         if isinstance(value, (tuple, list)):
             return sum(nbytes(part) for part in value)
         return 0
 
-    return sum(nbytes(value) for value in model.state_dict().values()) / 2**20
+    total = 0
+    for module in model.modules():
+        if isinstance(module, PrepackedLinear):  # its state_dict refuses: the packed weight is no parameter
+            own = {"packed_weight": module.packed_weight, "bias": module.bias}
+        else:
+            own = {}
+            module._save_to_state_dict(own, "", keep_vars=True)  # the module's own entries, int8 packing included
+        total += sum(nbytes(value) for value in own.values())
+    return total / 2**20
 
 
 def generate_once(model, clock: EncoderClock, pixels: torch.Tensor, settings: dict, device: torch.device):

@@ -17,14 +17,15 @@ parameters); load the model again to train, move or save it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .modeling_vitgpt2 import ViTGPT2LMHead
-from .quantization import merged_adapter
 
-__all__ = ["PrepackedLinear", "can_prepack", "prepack_for_cpu"]
+__all__ = ["PrepackedLinear", "can_prepack", "merged_adapter", "prepack_for_cpu"]
 
 
 def _has_onednn() -> bool:
@@ -69,6 +70,23 @@ class PrepackedLinear(nn.Module):
                            "with prepack=False to save it")
 
 
+def merged_adapter(model: nn.Module, purpose: str) -> nn.Module:
+    """A peft model with its adapter folded into the weights (`model` itself when it is not a peft model), for
+    inference layers (int8, prepacked) that cannot carry an adapter beside them."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft absent: nothing can be a PeftModel
+        return model
+    if not isinstance(model, PeftModel):
+        return model
+    if not hasattr(model.base_model, "merge_and_unload"):
+        raise ValueError(f"{purpose} needs an adapter that merges into the weights (LoRA, adapters); "
+                         f"{model.peft_config['default'].peft_type} cannot be merged: load this model without "
+                         f"{purpose}")
+    return model.merge_and_unload()
+
+
+
 def _prepacked(module: nn.Module, name: str) -> PrepackedLinear | None:
     # Exact types: a subclass may read its weight elsewhere (`nn.MultiheadAttention`'s output projection does).
     if type(module) is Conv1D:  # GPT-2 stores (in x out)
@@ -78,9 +96,10 @@ def _prepacked(module: nn.Module, name: str) -> PrepackedLinear | None:
     return None
 
 
-def prepack_for_cpu(model: nn.Module) -> nn.Module:
+def prepack_for_cpu(model: nn.Module, layers: Collection[str] | None = None) -> nn.Module:
     """Returns `model` (a loaded captioner, or a peft model on one) with every linear layer of its encoder, decoder
-    and vocabulary projection prepacked for float32 CPU inference. Works in place; use the returned model.
+    and vocabulary projection (or only those named in `layers`) prepacked for float32 CPU inference. Works in place;
+    use the returned model.
 
     A peft adapter is merged into the weights first (one that cannot be merged, such as prefix tuning, is refused).
     The vocabulary projection keeps its tied weight for the input embedding, so the model holds one more copy of it.
@@ -97,7 +116,7 @@ def prepack_for_cpu(model: nn.Module) -> nn.Module:
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            packed = _prepacked(child, name)
+            packed = _prepacked(child, name) if layers is None or name in layers else None
             if packed is None:
                 continue
             if child is output_embeddings:

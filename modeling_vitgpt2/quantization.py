@@ -8,8 +8,8 @@ quantizes `nn.Linear` only, so GPT-2's `Conv1D` layers (the whole decoder) would
 runs fbgemm/oneDNN int8 kernels in eager mode. It is deprecated in torch 2.14 in favour of torchao, so this module
 is the one place to switch once torchao's CPU path is fast.
 
-The vocabulary projection stays float32: it is tied to the input embedding, its logits pick every token, and its
-float32 CPU path (`ViTGPT2LMHead`) is already tuned.
+The vocabulary projection stays float32: it is tied to the input embedding and its logits pick every token. It is
+prepacked for oneDNN (`modeling_vitgpt2.prepacking`) where torch has it, as float32 CPU inference runs it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "merged_adapter", "quantize_for_cpu"]
+from .prepacking import can_prepack, merged_adapter, prepack_for_cpu
+
+__all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "quantize_for_cpu"]
 
 QUANTIZATION_CHOICES = ("int8",)
 
@@ -45,28 +47,12 @@ def _replace_conv1d(module: nn.Module) -> None:
             _replace_conv1d(child)
 
 
-def merged_adapter(model: nn.Module, purpose: str) -> nn.Module:
-    """A peft model with its adapter folded into the weights (`model` itself when it is not a peft model), for
-    inference layers (int8, prepacked) that cannot carry an adapter beside them."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft absent: nothing can be a PeftModel
-        return model
-    if not isinstance(model, PeftModel):
-        return model
-    if not hasattr(model.base_model, "merge_and_unload"):
-        raise ValueError(f"{purpose} needs an adapter that merges into the weights (LoRA, adapters); "
-                         f"{model.peft_config['default'].peft_type} cannot be merged: load this model without "
-                         f"{purpose}")
-    return model.merge_and_unload()
-
-
 def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
     """Returns `model` (a loaded captioner, or a peft model on one) with its linear layers in int8, for CPU inference.
 
     Quantizes in place where it can; use the returned model. The vision encoder's linear layers and the decoder's
     attention and MLP products become int8; the patch embedding, layer norms, embeddings and the vocabulary
-    projection stay float32.
+    projection stay float32 (the projection prepacked for oneDNN when torch has it).
     """
     if quantize not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATION_CHOICES}")
@@ -84,4 +70,5 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
         # The deprecation notices point to torchao, which this module chose against (see the module docstring).
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        return torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
+        model = torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
+    return prepack_for_cpu(model, layers={"lm_head"}) if can_prepack(model) else model

@@ -64,12 +64,13 @@ def test_a_model_passed_in_or_going_elsewhere_is_left_alone(saved_captioner, tin
     from modeling_vitgpt2.prepacking import PrepackedLinear
 
     def prepacked(model):
-        return any(isinstance(module, PrepackedLinear) for module in model.modules())
+        return {name for name, module in model.named_modules() if isinstance(module, PrepackedLinear)}
 
     training_model = load_for_inference(saved_captioner)
     assert not prepacked(load_captioner(training_model, tiny_processor, device="cpu")[0])
     assert not prepacked(load_captioner(saved_captioner, device="cpu", prepack=False)[0])
-    assert not prepacked(load_captioner(saved_captioner, device="cpu", quantize="int8")[0])
+    # int8 keeps the vocabulary projection in float32, prepacked; the other layers are int8.
+    assert prepacked(load_captioner(saved_captioner, device="cpu", quantize="int8")[0]) == {"lm_head"}
 
 
 def test_a_lora_adapter_is_merged_before_prepacking(saved_captioner, tiny_processor):
