@@ -485,8 +485,8 @@ class EncoderFeatureCache:
         mine = range(state.process_index, len(shards), state.num_processes)
         folders = set(gather_object([str(self.folder)]))
         if len(folders) > 1:  # each would wait for shards the others write elsewhere
-            raise RuntimeError(f"the processes key the feature cache differently ({', '.join(sorted(folders))}): "
-                               "their encoder weights or image processor settings differ")
+            raise ValueError(f"the processes key the feature cache differently ({', '.join(sorted(folders))}): "
+                             "their encoder weights or image processor settings differ")
         hashed = [(index, file_digest(shards[index])) for index in tqdm(mine, desc="Hashing shards", unit="shard")]
         digests = dict(gather_object(hashed))  # a short collective: hashing is quick next to encoding
         paths = [
