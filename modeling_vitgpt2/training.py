@@ -879,7 +879,9 @@ def _run_training(
         clip_model=data_args.clip_model,
         callbacks=callbacks,
     )
-    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    resume = resolve_resume(training_args)
+    resumed_at_step = read_checkpoint_manifest(resume)["global_step"] if resume else 0  # rotation may delete it
+    train_result = trainer.train(resume_from_checkpoint=resume)
     # Under FSDP each process holds its shard of the weights (DTensors), elsewhere all of them. Counted before the
     # evaluation, which leaves the FSDP units that do not reshard after a forward (the root's) gathered.
     parameters_held = gather_object([sum(
@@ -896,7 +898,7 @@ def _run_training(
             processor.save_pretrained(output_dir)
     else:
         save_trained_model(trainer.model, processor, output_dir, training_args.merge, state)
-    stream_summary = _stream_summary(data_args, training_args, stream_counts)
+    stream_summary = _stream_summary(data_args, training_args, stream_counts, resumed_at_step)
     if state.is_main_process:
         write_json_atomic(
             output_dir / "training_summary.json",
@@ -959,12 +961,14 @@ def _check_streamed_settings(data_args: DataArguments, training_args: CaptionTra
     training_args.accelerator_config.dispatch_batches = False
 
 
-def _stream_summary(data_args: DataArguments, training_args: CaptionTrainingArguments, counts) -> dict | None:
-    """Used and skipped samples summed over the processes (every process must call this)."""
+def _stream_summary(data_args: DataArguments, training_args: CaptionTrainingArguments, counts,
+                    resumed_at_step: int) -> dict | None:
+    """Used and skipped samples summed over the processes (every process must call this). A resumed run counts what
+    it read itself, from the step it resumed at: the samples before were not read again."""
     if counts is None:
         return None
     summary = {"train_shards": data_args.train_shards, "dataset_name": data_args.dataset_name if data_args.streaming
-               else None}
+               else None, "counted_from_step": resumed_at_step}
     if training_args.dataloader_num_workers > 0:
         summary["samples"] = ("not counted: with --dataloader_num_workers > 0 the counts stay in the workers; the "
                               "log has a line per skipped sample")

@@ -196,9 +196,9 @@ def test_two_processes_resume_their_own_streams_without_reading_them_again(pretr
     positions = sorted(path.name for path in (tmp_path / "whole" / "checkpoint-2" / "stream_position").iterdir())
     assert positions == ["process_0.json", "process_1.json"]
     assert step_losses(tmp_path / "resumed", "checkpoint-4") == step_losses(tmp_path / "whole", "checkpoint-4")
-    used = {name: json.loads((tmp_path / name / "training_summary.json").read_text())["stream"]["used_samples"]
-            for name in runs}
-    assert used == {"whole": 24, "resumed": 12}
+    counted = {name: json.loads((tmp_path / name / "training_summary.json").read_text())["stream"] for name in runs}
+    assert {name: (stream["counted_from_step"], stream["used_samples"]) for name, stream in counted.items()} == \
+        {"whole": (0, 24), "resumed": (2, 12)}
 
 
 def test_a_stream_without_max_steps_is_refused_before_anything_loads(train_script, tmp_path, capsys):
