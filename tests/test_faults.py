@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_training_cli import REPO, environment, train_command
+from test_streaming import streamed_training_command, write_shards
+from test_training_cli import REPO, environment, step_losses, train_command
 
 MAX_STEPS = 8
 TOKEN = "hf_FaultInjectionTestTokenDoNotLeak0123"
@@ -202,6 +203,29 @@ def test_a_resumed_run_killed_again_resumes_to_the_uninterrupted_result(
     resumed = arguments(shapes, pretrained_parts, output_dir, *RESUME)
     assert runner.run(resumed, fault=("mid_rotation", 1)) == -signal.SIGKILL
     assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, expected)
+
+
+def test_a_streamed_run_killed_while_saving_resumes_where_its_stream_stopped(runner, pretrained_parts,
+                                                                            tmp_path):  # noqa: F811
+    """Killed after Trainer wrote checkpoint-4's files but before its stream position: that checkpoint is not complete,
+    so the run resumes at checkpoint-2's position, to the uninterrupted run's losses, and reads only the samples after
+    that position (steps 3-6 and the batch read ahead: 5 batches of 2)."""
+    write_shards(tmp_path / "shards")  # 20 samples: 10 batches of 2 in one pass
+    streamed = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--shuffle_buffer", "0",
+                "--per_device_train_batch_size", "2"]
+
+    def argv(name, *extra):
+        return streamed_training_command(pretrained_parts, tmp_path / "shards", tmp_path / name, *streamed,
+                                         *extra)[1:]
+
+    assert runner.run(argv("whole")) == 0, runner.tail()
+    assert runner.run(argv("killed"), fault=("after_trainer_state", 2)) == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "checkpoint-4" / "stream_position").exists()
+    assert runner.run(argv("killed", *RESUME)) == 0, runner.tail()
+    assert step_losses(tmp_path / "killed", "checkpoint-6") == \
+        pytest.approx(step_losses(tmp_path / "whole", "checkpoint-6"), abs=1e-6)
+    stream = json.loads((tmp_path / "killed" / "training_summary.json").read_text())["stream"]
+    assert (stream["counted_from_step"], stream["used_samples"]) == (2, 10)
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(
