@@ -227,6 +227,42 @@ def test_any_datasets_dataset_streams_one_row_per_caption(tmp_path):
     assert counts.skipped == 2 and counts.reasons == {"unreadable image": 2}
 
 
+def test_a_datasets_stream_resumes_between_two_captions_of_one_image(tmp_path, monkeypatch):
+    """--dataset_name --streaming: a position between two captions of one image resumes at the next caption; only
+    the rows after the position are decoded (each row its image)."""
+    import modeling_vitgpt2.streaming as streaming
+    from modeling_vitgpt2.streaming import stream_hf_dataset
+
+    rng = random.Random(0)
+    folder = tmp_path / "imagefolder" / "train"
+    folder.mkdir(parents=True)
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for index in range(4):
+            scene = random_scene(rng)
+            draw_scene(scene, 32).save(folder / f"img{index}.png")
+            metadata.write(json.dumps({"file_name": f"img{index}.png", "text": describe_scene(scene)[:2]}) + "\n")
+    decoded, decode = [], streaming.as_rgb_image
+    monkeypatch.setattr(streaming, "as_rgb_image", lambda image, name: decoded.append(name) or decode(image, name))
+
+    def loader():
+        stream = decoded_rows(stream_hf_dataset(str(tmp_path / "imagefolder"), "train", caption_column="text"),
+                              StreamCounts())
+        return prepare_data_loader(
+            DataLoader(stream, batch_size=3, collate_fn=lambda rows: [(row["image_name"], row["caption"]) for row in rows]),
+            num_processes=1, process_index=0, put_on_device=False, dispatch_batches=False, use_stateful_dataloader=True,
+        )
+
+    whole = list(loader())
+    stopped = loader()
+    trained = next(iter(stopped))  # img0's two captions and img1's first
+    decoded.clear()
+    resumed = loader()
+    resumed.load_state_dict(stopped.state_dict())
+    rest = list(resumed)
+    assert [trained, *rest] == whole and [name for name, _ in trained] == ["img0", "img0", "img1"]
+    assert decoded == [name for batch in rest for name, _ in batch] == ["img1", "img2", "img2", "img3", "img3"]
+
+
 class Crash(Exception):
     """Stands in for a kill between two training steps."""
 
