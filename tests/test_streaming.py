@@ -437,5 +437,5 @@ def test_a_shuffle_buffer_loses_its_content_on_resume_and_nothing_is_repeated(sh
     first_pass = before + after
     assert len(first_pass) == len(set(first_pass))  # nothing trained twice
     lost = 20 - len(first_pass)
-    assert 0 < lost <= 4
+    assert 0 < lost < 4  # fewer than --shuffle_buffer
     assert any(pass_ == 1 for pass_, _ in recorder.trained)  # the next pass then starts with every sample
