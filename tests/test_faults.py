@@ -209,10 +209,11 @@ def test_a_streamed_run_killed_while_saving_resumes_where_its_stream_stopped(run
                                                                             tmp_path):  # noqa: F811
     """Killed after Trainer wrote checkpoint-4's files but before its stream position: that checkpoint is not complete,
     so the run resumes at checkpoint-2's position, to the uninterrupted run's losses, and reads only the samples after
-    that position (steps 3-6 and the batch read ahead: 5 batches of 2)."""
-    write_shards(tmp_path / "shards")  # 20 samples: 10 batches of 2 in one pass
+    that position. With gradient accumulation (2 batches of 1 per step), steps 3-6 read 8 samples, and 1 is read
+    ahead."""
+    write_shards(tmp_path / "shards")  # 20 samples: 10 steps of 2 in one pass
     streamed = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--shuffle_buffer", "0",
-                "--per_device_train_batch_size", "2"]
+                "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]
 
     def argv(name, *extra):
         return streamed_training_command(pretrained_parts, tmp_path / "shards", tmp_path / name, *streamed,
@@ -225,7 +226,7 @@ def test_a_streamed_run_killed_while_saving_resumes_where_its_stream_stopped(run
     assert step_losses(tmp_path / "killed", "checkpoint-6") == \
         pytest.approx(step_losses(tmp_path / "whole", "checkpoint-6"), abs=1e-6)
     stream = json.loads((tmp_path / "killed" / "training_summary.json").read_text())["stream"]
-    assert (stream["counted_from_step"], stream["used_samples"]) == (2, 10)
+    assert (stream["counted_from_step"], stream["used_samples"]) == (2, 9)
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(
