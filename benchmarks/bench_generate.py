@@ -186,15 +186,15 @@ def weights_mb(model: torch.nn.Module) -> float:
             return sum(nbytes(part) for part in value)
         return 0
 
-    total = 0
+    entries = []  # all kept alive while counting: int8 layers unpack into new tensors, whose addresses get reused
     for module in model.modules():
         if isinstance(module, PrepackedLinear):  # its state_dict refuses: the packed weight is no parameter
-            own = {"packed_weight": module.packed_weight, "bias": module.bias}
+            entries += [module.packed_weight, module.bias]
         else:
             own = {}
             module._save_to_state_dict(own, "", keep_vars=True)  # the module's own entries, int8 packing included
-        total += sum(nbytes(value) for value in own.values())
-    return total / 2**20
+            entries += own.values()
+    return sum(nbytes(value) for value in entries) / 2**20
 
 
 def generate_once(model, clock: EncoderClock, pixels: torch.Tensor, settings: dict, device: torch.device):
