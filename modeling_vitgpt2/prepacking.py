@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .modeling_vitgpt2 import ViTGPT2LMHead
 
-__all__ = ["PrepackedLinear", "can_prepack", "merged_adapter", "prepack_for_cpu"]
+__all__ = ["PrepackedLinear", "can_prepack", "float32_cpu_model", "prepack_for_cpu"]
 
 
 def _has_onednn() -> bool:
@@ -70,21 +70,24 @@ class PrepackedLinear(nn.Module):
                            "with prepack=False to save it")
 
 
-def merged_adapter(model: nn.Module, purpose: str) -> nn.Module:
-    """A peft model with its adapter folded into the weights (`model` itself when it is not a peft model), for
-    inference layers (int8, prepacked) that cannot carry an adapter beside them."""
+def float32_cpu_model(model: nn.Module, purpose: str) -> nn.Module:
+    """`model` in eval mode, with its peft adapter (if any) folded into the weights, checked to be float32 on the CPU:
+    what inference layers that cannot carry an adapter beside them (int8, prepacked) start from."""
     try:
         from peft import PeftModel
     except ImportError:  # peft absent: nothing can be a PeftModel
-        return model
-    if not isinstance(model, PeftModel):
-        return model
-    if not hasattr(model.base_model, "merge_and_unload"):
-        raise ValueError(f"{purpose} needs an adapter that merges into the weights (LoRA, adapters); "
-                         f"{model.peft_config['default'].peft_type} cannot be merged: load this model without "
-                         f"{purpose}")
-    return model.merge_and_unload()
-
+        PeftModel = ()
+    if isinstance(model, PeftModel):
+        if not hasattr(model.base_model, "merge_and_unload"):
+            raise ValueError(f"{purpose} needs an adapter that merges into the weights (LoRA, adapters); "
+                             f"{model.peft_config['default'].peft_type} cannot be merged: load this model without "
+                             f"{purpose}")
+        model = model.merge_and_unload()
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        raise ValueError(f"{purpose} starts from a float32 model on the CPU, got {parameter.dtype} on "
+                         f"{parameter.device}: load it without a dtype or device")
+    return model.eval()
 
 
 def _prepacked(module: nn.Module, name: str) -> PrepackedLinear | None:
@@ -106,12 +109,7 @@ def prepack_for_cpu(model: nn.Module, layers: Collection[str] | None = None) -> 
     """
     if not _has_onednn():
         raise RuntimeError("this torch build has no oneDNN (torch.backends.mkldnn): load the model with prepack=False")
-    model = merged_adapter(model, "prepacking")
-    parameter = next(model.parameters())
-    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
-        raise ValueError(f"prepacking starts from a float32 model on the CPU, got {parameter.dtype} on "
-                         f"{parameter.device}: load it without a dtype or device")
-    model.eval()
+    model = float32_cpu_model(model, "prepacking")
     output_embeddings = model.get_output_embeddings()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):

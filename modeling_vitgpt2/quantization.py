@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .prepacking import can_prepack, merged_adapter, prepack_for_cpu
+from .prepacking import can_prepack, float32_cpu_model, prepack_for_cpu
 
 __all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "quantize_for_cpu"]
 
@@ -56,12 +56,7 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
     """
     if quantize not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATION_CHOICES}")
-    model = merged_adapter(model, "int8 quantization")
-    parameter = next(model.parameters())
-    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
-        raise ValueError(f"int8 quantization starts from a float32 model on the CPU, got {parameter.dtype} on "
-                         f"{parameter.device}: load it without a dtype or device")
-    model.eval()
+    model = float32_cpu_model(model, "int8 quantization")
     _replace_conv1d(model)
     keep_float = {name for name, module in model.named_modules() if module is model.get_output_embeddings()}
     targets = {name for name, module in model.named_modules()

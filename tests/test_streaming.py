@@ -208,17 +208,23 @@ def test_a_stream_without_max_steps_is_refused_before_anything_loads(train_scrip
     assert "give --max_steps" in capsys.readouterr().err
 
 
-def test_any_datasets_dataset_streams_one_row_per_caption(tmp_path):
-    from modeling_vitgpt2.streaming import stream_hf_dataset
-
+def write_imagefolder(tmp_path, images: int):
+    """A `datasets` imagefolder at tmp_path/imagefolder with a train split of `images` scenes, two captions each."""
     rng = random.Random(0)
     folder = tmp_path / "imagefolder" / "train"
     folder.mkdir(parents=True)
     with open(folder / "metadata.jsonl", "w") as metadata:
-        for index in range(3):
+        for index in range(images):
             scene = random_scene(rng)
             draw_scene(scene, 32).save(folder / f"img{index}.png")
             metadata.write(json.dumps({"file_name": f"img{index}.png", "text": describe_scene(scene)[:2]}) + "\n")
+    return folder
+
+
+def test_any_datasets_dataset_streams_one_row_per_caption(tmp_path):
+    from modeling_vitgpt2.streaming import stream_hf_dataset
+
+    folder = write_imagefolder(tmp_path, images=3)
     (folder / "img2.png").write_bytes(b"not a png")  # a bad sample inside a dataset
     counts = StreamCounts()
     stream = stream_hf_dataset(str(tmp_path / "imagefolder"), "train", caption_column="text")
@@ -233,14 +239,7 @@ def test_a_datasets_stream_resumes_between_two_captions_of_one_image(tmp_path, m
     import modeling_vitgpt2.streaming as streaming
     from modeling_vitgpt2.streaming import stream_hf_dataset
 
-    rng = random.Random(0)
-    folder = tmp_path / "imagefolder" / "train"
-    folder.mkdir(parents=True)
-    with open(folder / "metadata.jsonl", "w") as metadata:
-        for index in range(4):
-            scene = random_scene(rng)
-            draw_scene(scene, 32).save(folder / f"img{index}.png")
-            metadata.write(json.dumps({"file_name": f"img{index}.png", "text": describe_scene(scene)[:2]}) + "\n")
+    write_imagefolder(tmp_path, images=4)
     decoded, decode = [], streaming.as_rgb_image
     monkeypatch.setattr(streaming, "as_rgb_image", lambda image, name: decoded.append(name) or decode(image, name))
 
