@@ -103,10 +103,10 @@ def generate_flops(size: GenerateSize, images: int, num_beams: int, new_tokens: 
 
 def decode_weight_bytes(size: GenerateSize, int8: bool) -> float:
     """Bytes of weights one decoding step reads (each weight once, whatever the batch and beams): the decoder's
-    products (int8 when quantized) and the float32 vocabulary projection; biases, norms and embeddings ignored."""
+    products and the vocabulary projection, 1 byte a weight when quantized, else 4; biases, norms and embeddings
+    ignored."""
     d_model = size.decoder_width
-    products = size.decoder_layers * 14 * d_model**2
-    return float(products * (1 if int8 else 4) + size.vocab_size * d_model * 4)
+    return float((size.decoder_layers * 14 * d_model**2 + size.vocab_size * d_model) * (1 if int8 else 4))
 
 
 def latency(models: dict, pixels: torch.Tensor, settings: dict, calls: int, device: torch.device) -> dict:

@@ -747,7 +747,7 @@ class ViTGPT2ForConditionalGeneration(ViTGPT2PreTrainedModel, GenerationMixin):
                 attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
             )
         # Cached features may be stored in half precision; the decoder computes in its own dtype.
-        image_tokens = encoder_outputs.last_hidden_state.to(self.lm_head.weight.dtype)
+        image_tokens = encoder_outputs.last_hidden_state.to(self.decoder.wte.weight.dtype)
 
         if decoder_input_ids is None:
             if labels is None:

@@ -8,8 +8,9 @@ quantizes `nn.Linear` only, so GPT-2's `Conv1D` layers (the whole decoder) would
 runs fbgemm/oneDNN int8 kernels in eager mode. It is deprecated in torch 2.14 in favour of torchao, so this module
 is the one place to switch once torchao's CPU path is fast.
 
-The vocabulary projection stays float32: it is tied to the input embedding and its logits pick every token. It is
-prepacked for oneDNN (`modeling_vitgpt2.prepacking`) where torch has it, as float32 CPU inference runs it.
+The vocabulary projection, tied to the input embedding, gets an int8 copy of its own, quantized per output row
+(per-channel): the embedding stays float32, and one scale for all 50257 rows would flatten the rows of rare tokens.
+It is read in full at every decoding step, so in float32 it was a fifth of int8 decoding.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .prepacking import can_prepack, float32_cpu_model, prepack_for_cpu
+from .prepacking import float32_cpu_model
 
 __all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "quantize_for_cpu"]
 
@@ -50,20 +51,22 @@ def _replace_conv1d(module: nn.Module) -> None:
 def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
     """Returns `model` (a loaded captioner, or a peft model on one) with its linear layers in int8, for CPU inference.
 
-    Quantizes in place where it can; use the returned model. The vision encoder's linear layers and the decoder's
-    attention and MLP products become int8; the patch embedding, layer norms, embeddings and the vocabulary
-    projection stay float32 (the projection prepacked for oneDNN when torch has it).
+    Quantizes in place where it can; use the returned model. The vision encoder's linear layers, the decoder's
+    attention and MLP products and the vocabulary projection (per output row, untied from the input embedding)
+    become int8; the patch embedding, layer norms and embeddings stay float32.
     """
     if quantize not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATION_CHOICES}")
     model = float32_cpu_model(model, "int8 quantization")
     _replace_conv1d(model)
-    keep_float = {name for name, module in model.named_modules() if module is model.get_output_embeddings()}
-    targets = {name for name, module in model.named_modules()
-               if type(module) is nn.Linear and name not in keep_float}
+    vocabulary = model.get_output_embeddings()
+    model.lm_head = nn.Linear(vocabulary.in_features, vocabulary.out_features, bias=False)
+    model.lm_head.weight = nn.Parameter(vocabulary.weight.detach().clone())  # untied: the embedding stays float32
+    targets = {name: torch.ao.quantization.per_channel_dynamic_qconfig if name == "lm_head"
+               else torch.ao.quantization.default_dynamic_qconfig
+               for name, module in model.named_modules() if type(module) is nn.Linear}
     with warnings.catch_warnings():
         # The deprecation notices point to torchao, which this module chose against (see the module docstring).
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        model = torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
-    return prepack_for_cpu(model, layers={"lm_head"}) if can_prepack(model) else model
+        return torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
