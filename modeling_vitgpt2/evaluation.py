@@ -102,7 +102,8 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on the CPU only, got device={device!r}")
         device = "cpu"
-    if isinstance(model_or_path, (str, os.PathLike)):
+    loaded_here = isinstance(model_or_path, (str, os.PathLike))
+    if loaded_here:
         model_or_path = model_folder(model_or_path)
         check_model_folder(model_or_path)
         if processor is None:
@@ -110,7 +111,7 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
         try:
             model = load_for_inference(model_or_path, quantize=quantize)
         except pickle.UnpicklingError:
-            pickled = sorted(Path(model_or_path).glob("*.bin")) if Path(model_or_path).is_dir() else []
+            pickled = sorted(model_or_path.glob("*.bin"))
             raise ValueError(f"{pickled[0] if pickled else model_or_path}: pickled weights that torch refuses to load "
                              "safely (weights_only); save the model again with save_pretrained, which writes "
                              "model.safetensors") from None
@@ -124,8 +125,7 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     if prepack is None:
-        prepack = (isinstance(model_or_path, (str, os.PathLike)) and quantize is None
-                   and torch.device(device).type == "cpu" and can_prepack(model))
+        prepack = loaded_here and quantize is None and torch.device(device).type == "cpu" and can_prepack(model)
     if prepack:
         model = prepack_for_cpu(model)
     return model, processor

@@ -748,9 +748,10 @@ class CachedEncoderOutput(BaseModelOutput):
 class CachedFeatureCollator:
     """`CaptionCollator`'s batches with `encoder_outputs` read from the cache in place of `pixel_values`.
 
-    The captions are tokenised exactly as the wrapped collator does; images are never decoded (a file's key costs a stat once
-    its bytes were hashed in this process). Rows streamed from feature shards (`stream_feature_shards`) bring their
-    features along and are not looked up. Rows without captions (`references_per_image`) give `encoder_outputs` alone, for `generate`.
+    The captions are tokenised exactly as the wrapped collator does; images are never decoded (a file's key costs a
+    stat once its bytes were hashed in this process). Rows streamed from feature shards (`stream_feature_shards`)
+    bring their features along and are not looked up. Rows without captions (`references_per_image`) give
+    `encoder_outputs` alone, for `generate`.
     `dtype` is the features' dtype in the batch: float16 as stored by default (half the bytes to move to the GPU),
     which the model casts to the decoder's dtype in forward.
     With transformers.Trainer, set `remove_unused_columns=False` so that the image and caption columns arrive.

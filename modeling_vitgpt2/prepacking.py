@@ -24,6 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .modeling_vitgpt2 import ViTGPT2LMHead
+from .peft_setup import is_peft_model
 
 __all__ = ["PrepackedLinear", "can_prepack", "float32_cpu_model", "prepack_for_cpu"]
 
@@ -35,13 +36,7 @@ def _has_onednn() -> bool:
 def can_prepack(model: nn.Module) -> bool:
     """Whether `prepack_for_cpu` takes `model`: a float32 model on the CPU, with no adapter or one that merges, on a
     torch build with oneDNN."""
-    if not _has_onednn():
-        return False
-    parameter = next(model.parameters())
-    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
-        return False
-    peft_config = getattr(model, "peft_config", None)
-    return not peft_config or hasattr(model.base_model, "merge_and_unload")
+    return _has_onednn() and _refusal(model, "prepacking") is None
 
 
 class PrepackedLinear(nn.Module):
@@ -70,23 +65,26 @@ class PrepackedLinear(nn.Module):
                            "with prepack=False to save it")
 
 
+def _refusal(model: nn.Module, purpose: str) -> str | None:
+    """Why `float32_cpu_model` refuses `model` for `purpose`, or None when it takes it."""
+    if is_peft_model(model) and not hasattr(model.base_model, "merge_and_unload"):
+        return (f"{purpose} needs an adapter that merges into the weights (LoRA, adapters); "
+                f"{model.peft_config['default'].peft_type} cannot be merged: load this model without {purpose}")
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        return (f"{purpose} starts from a float32 model on the CPU, got {parameter.dtype} on {parameter.device}: "
+                "load it without a dtype or device")
+    return None
+
+
 def float32_cpu_model(model: nn.Module, purpose: str) -> nn.Module:
     """`model` in eval mode, with its peft adapter (if any) folded into the weights, checked to be float32 on the CPU:
     what inference layers that cannot carry an adapter beside them (int8, prepacked) start from."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft absent: nothing can be a PeftModel
-        PeftModel = ()
-    if isinstance(model, PeftModel):
-        if not hasattr(model.base_model, "merge_and_unload"):
-            raise ValueError(f"{purpose} needs an adapter that merges into the weights (LoRA, adapters); "
-                             f"{model.peft_config['default'].peft_type} cannot be merged: load this model without "
-                             f"{purpose}")
+    refusal = _refusal(model, purpose)
+    if refusal is not None:
+        raise ValueError(refusal)
+    if is_peft_model(model):
         model = model.merge_and_unload()
-    parameter = next(model.parameters())
-    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
-        raise ValueError(f"{purpose} starts from a float32 model on the CPU, got {parameter.dtype} on "
-                         f"{parameter.device}: load it without a dtype or device")
     return model.eval()
 
 
@@ -118,7 +116,8 @@ def prepack_for_cpu(model: nn.Module, layers: Collection[str] | None = None) -> 
             if packed is None:
                 continue
             if child is output_embeddings:
-                # Keep `lm_head.weight` reachable (the model reads its dtype; it is the input embedding's too).
+                # Output embeddings keep their `weight`, as transformers' embedding API expects of them; it is the
+                # input embedding's, so this costs nothing.
                 packed.weight = child.weight
             setattr(parent, child_name, packed)
     model.save_pretrained = _refuse_to_save  # before it writes a config beside weights it cannot write

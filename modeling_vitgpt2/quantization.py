@@ -60,8 +60,9 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
     model = float32_cpu_model(model, "int8 quantization")
     _replace_conv1d(model)
     vocabulary = model.get_output_embeddings()
-    model.lm_head = nn.Linear(vocabulary.in_features, vocabulary.out_features, bias=False)
-    model.lm_head.weight = nn.Parameter(vocabulary.weight.detach().clone())  # untied: the embedding stays float32
+    head = nn.Linear(vocabulary.in_features, vocabulary.out_features, bias=False)
+    head.weight = nn.Parameter(vocabulary.weight.detach().clone())  # untied: the input embedding stays float32
+    model.set_output_embeddings(head)
     targets = {name: torch.ao.quantization.per_channel_dynamic_qconfig if name == "lm_head"
                else torch.ao.quantization.default_dynamic_qconfig
                for name, module in model.named_modules() if type(module) is nn.Linear}
