@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The whole test run, exactly what `.ci/run` and the README's test command do: install what the tests need (OS
-# packages included), lint (ruff, configured in pyproject.toml), check the package as users install it (a wheel in
-# a fresh virtual environment, used from outside the checkout: tests/wheel_install_check.sh), then run the suite.
+# packages included) at the releases pinned in tests/constraints.txt, so that a clone tested next month tests what
+# was tested today; lint (ruff, configured in pyproject.toml); check the package as users install it, with the
+# newest releases its ranges allow (a wheel in a fresh virtual environment, used from outside the checkout:
+# tests/wheel_install_check.sh); then run the suite against the pinned environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
 apt-get update -qq && apt-get install -y -qq chromium
-pip install torch==2.14.1 torchvision==0.29.1 -e ".[test]"
+pip install -c tests/constraints.txt torch==2.14.1 torchvision==0.29.1 -e ".[test]"
 ruff check .
 bash tests/wheel_install_check.sh
 python -m pytest -q
+echo "CI took $((SECONDS - started)) s"

@@ -3,12 +3,19 @@
 transformers' and peft's test folders are both Python packages named `tests`, like this project's folder, so they
 cannot all be on `sys.path` as `tests`. Each is loaded here as its own package (`transformers_suites`,
 `peft_suites`) straight from the vendor folder, never copied; test modules that use them skip when it is absent.
+
+The suite files are one exact release of each library (their README names it) and break on others (transformers
+5.25 removed helpers the 5.24 files import). `version_mismatches` compares the installed releases with those:
+conftest.py leaves the suites' test modules out of collection on a mismatch, and
+tests/test_vendored_suites.py fails with one message naming both versions instead of an import traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import re
 import sys
 import types
 from pathlib import Path
@@ -16,6 +23,40 @@ from pathlib import Path
 import pytest
 
 VENDOR = Path(__file__).resolve().parents[1].parent / "shared" / "vendor"
+
+# library -> (its vendored folder, the test modules of ours that import that folder's suites)
+VENDORED = {
+    "transformers": ("transformers-tests", "test_transformers_common.py"),
+    "peft": ("peft-tests", "test_peft_common.py"),
+}
+
+
+def vendored_version(folder: Path) -> str:
+    """The release a vendored folder's files come from: the first bold version in its README (`**5.24.0**`)."""
+    readme = folder / "README.md"
+    match = re.search(r"\*\*(\d+(?:\.\d+)+)\*\*", readme.read_text(encoding="utf-8"))
+    if match is None:
+        raise ValueError(f"{readme}: no release named as **X.Y.Z**; say which release the suite files come from")
+    return match.group(1)
+
+
+def version_mismatches(vendor: Path = VENDOR, installed: dict[str, str] | None = None) -> dict[str, str]:
+    """{test module: why its vendored suites cannot run} for every present vendored folder whose release differs
+    from the installed library's; `installed` overrides what importlib.metadata reports (for testing the check)."""
+    mismatches = {}
+    for library, (folder_name, test_module) in VENDORED.items():
+        folder = vendor / folder_name
+        if not (folder / "README.md").is_file():
+            continue
+        wanted = vendored_version(folder)
+        have = (installed or {}).get(library) or importlib.metadata.version(library)
+        if have != wanted:
+            mismatches[test_module] = (
+                f"{library} {have} is installed, but the vendored suites in {folder} are {library} {wanted}'s: "
+                f"install the pinned test environment (pip install -c tests/constraints.txt -e \".[test]\"), "
+                f"or refresh the vendored files to {library} {have}'s"
+            )
+    return mismatches
 
 
 def _load_package(alias: str, root: Path) -> types.ModuleType:
