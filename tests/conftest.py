@@ -41,6 +41,31 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+def vendored_onnx_tests_match_release() -> bool:
+    """The vendored export suite reads `ExportedModel.model_proto`, which transformers' installed exporter may not
+    have: those tests then fail inside transformers, whatever our model does. They only run at all where onnxruntime
+    and onnxscript happen to be installed (neither is a dependency of ours)."""
+    try:
+        from transformers.exporters.base import ExportedModel
+    except ImportError:
+        return False
+    return hasattr(ExportedModel, "model_proto")
+
+
+def pytest_collection_modifyitems(config, items):
+    if vendored_onnx_tests_match_release():
+        return
+    import transformers
+
+    skip = pytest.mark.skip(
+        reason=f"vendored ONNX export tests need ExportedModel.model_proto, which transformers "
+        f"{transformers.__version__} lacks; refresh ../shared/vendor to a matching release to run them"
+    )
+    for item in items:
+        if item.get_closest_marker("onnx_export_test"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def train_script():
     """train.py as a module: its argument parsing, and `train`, the wiring that pushes after training."""
