@@ -1,11 +1,11 @@
-"""The demo page: `python app.py [--model FOLDER_OR_HUB_ID] [--clip_model CLIP]`; see modeling_vitgpt2/demo.py.
+"""The demo page: `python app.py [--model FOLDER_OR_HUB_ID] [--clip_model CLIP]`; see modeling_vitgpt2/applications/demo.py.
 
 At the top of the checkout because that is where a Hugging Face Space looks for its app; the Space pushed by
-`python -m modeling_vitgpt2.hub space` runs this same file.
+`python -m modeling_vitgpt2.applications.hub space` runs this same file.
 """
 
 try:
-    from modeling_vitgpt2.demo import main
+    from modeling_vitgpt2.applications.demo import main
 except ModuleNotFoundError as error:
     if error.name != "gradio":
         raise

@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> None:
     # Imported after parsing, so --help and argument mistakes answer without loading torch.
-    from modeling_vitgpt2 import evaluation
-    from modeling_vitgpt2.attention_maps import REPORT_LAYERS
+    from modeling_vitgpt2.evaluation import jobs as evaluation
+    from modeling_vitgpt2.evaluation.attention_maps import REPORT_LAYERS
 
     layer = REPORT_LAYERS if getattr(args, "layer", None) is None else args.layer
 
@@ -153,7 +153,7 @@ def run(args) -> None:
                                              quantize=args.quantize, num_workers=args.num_workers)
         print(f"captioned {len(captions)} images -> {args.output}")
     elif args.command == "score":
-        from modeling_vitgpt2.metrics import format_metric, metric_names
+        from modeling_vitgpt2.evaluation.metrics import format_metric, metric_names
 
         report = evaluation.score_predictions(args.predictions, args.annotations, args.images,
                                               clip_model=args.clip_model, clip_prefix=args.clip_prefix,

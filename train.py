@@ -18,8 +18,13 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from modeling_vitgpt2.hub import HubPushError, check_push_settings, push_training_output, without_trainer_push
-from modeling_vitgpt2.training import (
+from modeling_vitgpt2.applications.hub import (
+    HubPushError,
+    check_push_settings,
+    push_training_output,
+    without_trainer_push,
+)
+from modeling_vitgpt2.training.run import (
     CaptionTrainingArguments,
     DataArguments,
     ModelArguments,

@@ -24,8 +24,8 @@ import transformers
 from common import describe_machine, write_report
 from PIL import Image
 
-from modeling_vitgpt2.evaluation import caption_images, default_loader_workers, load_captioner
-from modeling_vitgpt2.zero_shot import list_images
+from modeling_vitgpt2.evaluation.jobs import caption_images, default_loader_workers, load_captioner
+from modeling_vitgpt2.evaluation.zero_shot import list_images
 
 PHOTOS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real_images"
 

@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common import synchronize, write_report  # noqa: E402  (this folder, as the other benchmarks)
 
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor  # noqa: E402
-from modeling_vitgpt2.data import CaptionCollator  # noqa: E402
-from modeling_vitgpt2.feature_cache import CachedFeatureCollator, EncoderFeatureCache  # noqa: E402
-from modeling_vitgpt2.synthetic import describe_scene, random_scene  # noqa: E402
-from modeling_vitgpt2.tokenization import train_caption_tokenizer  # noqa: E402
+from modeling_vitgpt2.data.captions import CaptionCollator  # noqa: E402
+from modeling_vitgpt2.data.feature_cache import CachedFeatureCollator, EncoderFeatureCache  # noqa: E402
+from modeling_vitgpt2.data.synthetic import describe_scene, random_scene  # noqa: E402
+from modeling_vitgpt2.training.tokenizer import train_caption_tokenizer  # noqa: E402
 
 SIZES = {
     "tiny": dict(

@@ -5,8 +5,8 @@ built and converted with `convert_vision_encoder_decoder`. Both caption the same
 images with beam search and a fixed caption length (min = max new tokens), so they do the same work and must write
 the same tokens. Each run is split into encoder time (forward hooks on the encoder) and decode time (the rest).
 On the CPU in float32 "ours" runs as `eval.py caption` and the demo run it, with its linear layers prepacked for
-oneDNN (`modeling_vitgpt2.prepacking`); "ours_blas" is the same model without prepacking. It also times our model in
-int8 (`modeling_vitgpt2.quantization`), interleaved with the others, their latency for one image, and (with
+oneDNN (`modeling_vitgpt2.inference.prepacking`); "ours_blas" is the same model without prepacking. It also times our model in
+int8 (`modeling_vitgpt2.inference.quantization`), interleaved with the others, their latency for one image, and (with
 `--trained_model`) int8's CIDEr against float32 on a trained model.
 
     python benchmarks/bench_generate.py --size real --batch_sizes 1 4 \
@@ -48,8 +48,8 @@ from common import (
 )
 from torch.profiler import profile
 
-from modeling_vitgpt2.prepacking import PrepackedLinear, prepack_for_cpu
-from modeling_vitgpt2.quantization import quantize_for_cpu
+from modeling_vitgpt2.inference.prepacking import PrepackedLinear, prepack_for_cpu
+from modeling_vitgpt2.inference.quantization import quantize_for_cpu
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,8 @@ def trained_model_int8_quality(model_path: Path, images: int) -> dict:
     """CIDEr of a trained model (the default run's: `python train.py`) in float32 and in int8 on the first `images`
     of the built-in synthetic validation split, and the share of images captioned identically, through
     `eval.py caption`'s code with the model's own generation settings."""
-    from modeling_vitgpt2.evaluation import caption_folder, score_predictions
-    from modeling_vitgpt2.synthetic import write_synthetic_coco
+    from modeling_vitgpt2.data.synthetic import write_synthetic_coco
+    from modeling_vitgpt2.evaluation.jobs import caption_folder, score_predictions
 
     with tempfile.TemporaryDirectory() as folder:
         # The validation split has its own random stream: without training images it is the run's validation set.

@@ -63,9 +63,9 @@ from torch.profiler import profile
 from transformers import VisionEncoderDecoderModel
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.feature_cache import EncoderFeatureCache, page_out_encoder
-from modeling_vitgpt2.peft_setup import PeftArguments, apply_peft, count_parameters
-from modeling_vitgpt2.tokenization import train_caption_tokenizer
+from modeling_vitgpt2.data.feature_cache import EncoderFeatureCache, page_out_encoder
+from modeling_vitgpt2.training.peft_methods import PeftArguments, apply_peft, count_parameters
+from modeling_vitgpt2.training.tokenizer import train_caption_tokenizer
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from torch.profiler import ProfilerActivity
 from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
-from modeling_vitgpt2.convert_vision_encoder_decoder import convert_vision_encoder_decoder
-from modeling_vitgpt2.io_utils import write_json_atomic
+from modeling_vitgpt2.model.convert_vision_encoder_decoder import convert_vision_encoder_decoder
+from modeling_vitgpt2.utils.io import write_json_atomic
 
 
 @dataclass(frozen=True)

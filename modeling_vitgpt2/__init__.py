@@ -2,9 +2,9 @@
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_vitgpt2 import ViTGPT2Config
-from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2PreTrainedModel
-from .processing_vitgpt2 import ImageLoadError, ViTGPT2Processor, as_rgb_image, load_image
+from .model.configuration_vitgpt2 import ViTGPT2Config
+from .model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2PreTrainedModel
+from .model.processing_vitgpt2 import ImageLoadError, ViTGPT2Processor, as_rgb_image, load_image
 
 # In-package Auto classes, and `auto_map` + copied source files in every saved folder so that
 # `trust_remote_code=True` works where this package is not installed.

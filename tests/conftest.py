@@ -88,7 +88,7 @@ TINY_CAPTIONS = [
 
 def build_tiny_tokenizer(save_dir: Path):
     """A byte-level BPE tokenizer shaped like GPT-2's (`<|endoftext|>` is start, end and pad), trained offline."""
-    from modeling_vitgpt2.tokenization import train_caption_tokenizer
+    from modeling_vitgpt2.training.tokenizer import train_caption_tokenizer
 
     return train_caption_tokenizer(TINY_CAPTIONS * 4, vocab_size=300, save_dir=save_dir)
 
@@ -262,7 +262,7 @@ ENCODER_KWARGS = {"img_size": 32, "patch_size": 16, "embed_dim": 48, "depth": 1,
 
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
-    from modeling_vitgpt2.synthetic import write_synthetic_coco
+    from modeling_vitgpt2.data.synthetic import write_synthetic_coco
 
     return write_synthetic_coco(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=4, seed=1, image_size=32)
 
@@ -276,7 +276,7 @@ def pretrained_parts(tmp_path_factory, shapes):
     from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from modeling_vitgpt2.tokenization import train_caption_tokenizer
+    from modeling_vitgpt2.training.tokenizer import train_caption_tokenizer
 
     folder = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(0)
@@ -299,8 +299,8 @@ def training_arguments(shapes, pretrained_parts, output_dir, peft="lora", **trai
     """The four argument groups of `run_training` for a few fast steps on the tiny parts; `training` overrides."""
     import json
 
-    from modeling_vitgpt2.peft_setup import PeftArguments
-    from modeling_vitgpt2.training import CaptionTrainingArguments, DataArguments, ModelArguments
+    from modeling_vitgpt2.training.peft_methods import PeftArguments
+    from modeling_vitgpt2.training.run import CaptionTrainingArguments, DataArguments, ModelArguments
 
     encoder, decoder = pretrained_parts
     model_args = ModelArguments(

@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402  (the script users run; importing it imports the whole package)
-from modeling_vitgpt2 import io_utils, training  # noqa: E402
+from modeling_vitgpt2.training import run as training  # noqa: E402
+from modeling_vitgpt2.utils import io as io_utils
 
 
 def _die() -> None:

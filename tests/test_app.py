@@ -23,9 +23,9 @@ gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need
 pytest.importorskip("gradio", reason="the demo page needs the [demo] extra (gradio)")
 
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor  # noqa: E402
-from modeling_vitgpt2.attention_maps import attention_overlay, caption_attention_maps  # noqa: E402
-from modeling_vitgpt2.evaluation import load_captioner  # noqa: E402
-from modeling_vitgpt2.zero_shot import ENSEMBLE, class_probabilities  # noqa: E402
+from modeling_vitgpt2.evaluation.attention_maps import attention_overlay, caption_attention_maps  # noqa: E402
+from modeling_vitgpt2.evaluation.jobs import load_captioner  # noqa: E402
+from modeling_vitgpt2.evaluation.zero_shot import ENSEMBLE, class_probabilities  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -64,7 +64,7 @@ def photo(tmp_path_factory) -> Path:
         return REAL_PHOTO
     import random
 
-    from modeling_vitgpt2.synthetic import draw_scene, random_scene
+    from modeling_vitgpt2.data.synthetic import draw_scene, random_scene
 
     path = tmp_path_factory.mktemp("photo") / "scene.png"
     draw_scene(random_scene(random.Random(0)), 160).save(path)
@@ -202,7 +202,8 @@ def test_without_the_default_model_it_says_in_one_line_how_to_make_it(tmp_path):
 
 
 def test_a_hub_id_is_downloaded_and_loaded_like_its_folder(captioner_dir, monkeypatch, capsys):
-    from modeling_vitgpt2 import demo, loading
+    from modeling_vitgpt2.applications import demo
+    from modeling_vitgpt2.inference import loading
 
     asked = []
     monkeypatch.setattr(loading, "snapshot_download", lambda repo_id: asked.append(repo_id) or str(captioner_dir))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import fit_tiny_captions, random_image, tiny_config_kwargs
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.attention_maps import (
+from modeling_vitgpt2.evaluation.attention_maps import (
     PANEL_INCHES,
     CaptionAttention,
     attention_overlay,

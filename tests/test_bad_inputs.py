@@ -14,9 +14,9 @@ from PIL import Image
 from test_eval_cli import captioner_dir, data, load_cli_module  # noqa: F401  (module fixtures)
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.data import CaptionDataError, load_coco_captions, references_per_image
-from modeling_vitgpt2.evaluation import read_coco_references
-from modeling_vitgpt2.io_utils import write_json_atomic, write_text_atomic
+from modeling_vitgpt2.data.captions import CaptionDataError, load_coco_captions, references_per_image
+from modeling_vitgpt2.evaluation.jobs import read_coco_references
+from modeling_vitgpt2.utils.io import write_json_atomic, write_text_atomic
 
 
 def coco(folder, file_names, encoding="utf-8"):
@@ -105,7 +105,7 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
 
 
 def test_an_output_under_a_file_fails_before_any_captioning(captioner_dir, data, tmp_path, capsys, monkeypatch):  # noqa: F811
-    from modeling_vitgpt2 import evaluation
+    from modeling_vitgpt2.evaluation import jobs as evaluation
 
     monkeypatch.setattr(evaluation, "caption_images", lambda *a, **k: pytest.fail("captioned before checking"))
     blocker = tmp_path / "results"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from modeling_vitgpt2.cider import CiderResult, corpus_cider, ptb_tokenize, ptb_tokenize_lines
+from modeling_vitgpt2.evaluation.cider import CiderResult, corpus_cider, ptb_tokenize, ptb_tokenize_lines
 
-METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
+METRICS_DIR = Path(__file__).resolve().parents[1] / "evaluate_metrics"
 
 # Captions that exercise the tokenizer rules real captions meet; the expected strings are the Java tokenizer's
 # output (CoreNLP 3.4.1 via pycocoevalcap), checked when this file was written and again live when Java is present.
@@ -270,5 +270,5 @@ def test_evaluate_module_gives_the_same_values(cider_module, shared_data, flickr
 
 def test_evaluate_module_loads_from_a_path_relative_to_the_repository(offline_evaluate, monkeypatch):
     monkeypatch.chdir(METRICS_DIR.parent)
-    module = offline_evaluate.load("metrics/cider")
+    module = offline_evaluate.load("evaluate_metrics/cider")
     assert module.compute(predictions=["a dog"], references=[["a dog"]])["cider"] == 0.0  # one image: idf is 0

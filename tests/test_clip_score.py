@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import direct_embeddings
-from modeling_vitgpt2.clip_score import (
+from modeling_vitgpt2.evaluation.clip_score import (
     DEFAULT_CLIP_MODEL,
     HESSEL_PREFIX,
     ClipScoreResult,
@@ -16,11 +16,11 @@ from modeling_vitgpt2.clip_score import (
     clip_score,
     load_clip,
 )
-from modeling_vitgpt2.processing_vitgpt2 import ImageLoadError
+from modeling_vitgpt2.model.processing_vitgpt2 import ImageLoadError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
+METRICS_DIR = Path(__file__).resolve().parents[1] / "evaluate_metrics"
 
 
 @pytest.fixture(scope="module")

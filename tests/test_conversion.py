@@ -18,9 +18,9 @@ from transformers import (
 )
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.convert_vision_encoder_decoder import convert_vision_encoder_decoder
-from modeling_vitgpt2.convert_vision_encoder_decoder import main as convert_main
-from modeling_vitgpt2.prepacking import prepack_for_cpu
+from modeling_vitgpt2.inference.prepacking import prepack_for_cpu
+from modeling_vitgpt2.model.convert_vision_encoder_decoder import convert_vision_encoder_decoder
+from modeling_vitgpt2.model.convert_vision_encoder_decoder import main as convert_main
 
 
 def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderDecoderModel:

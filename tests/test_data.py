@@ -14,15 +14,15 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from modeling_vitgpt2 import ViTGPT2Processor
-from modeling_vitgpt2.data import (
+from modeling_vitgpt2.data.captions import (
     CaptionCollator,
     CaptionDataError,
     load_coco_captions,
     load_hf_captions,
     references_per_image,
 )
-from modeling_vitgpt2.synthetic import draw_scene, random_scene, write_synthetic_coco
-from modeling_vitgpt2.tokenization import train_caption_tokenizer
+from modeling_vitgpt2.data.synthetic import draw_scene, random_scene, write_synthetic_coco
+from modeling_vitgpt2.training.tokenizer import train_caption_tokenizer
 
 NUM_TRAIN, NUM_VAL, CAPTIONS_PER_IMAGE = 8, 5, 4
 
@@ -164,7 +164,7 @@ def test_skip_bad_images_drops_their_captions_and_logs_each_file(coco_copy, capl
     broken = _break_images(image_dir, content)
     (image_dir / content["images"][2]["file_name"]).unlink()
 
-    with caplog.at_level(logging.WARNING, logger="modeling_vitgpt2.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_vitgpt2.data.captions"):
         rows = load_coco_captions(annotations, image_dir, skip_bad_images=True)
 
     kept = {image["id"] for image in content["images"][3:]}
@@ -263,7 +263,7 @@ def test_imagefolder_empty_caption_and_bad_image(tmp_path, caplog):
     (folder / "b.png").write_bytes((folder / "b.png").read_bytes()[:60])
     with pytest.raises(CaptionDataError, match=r"(?s)1 unreadable image\(s\).*b\.png"):
         load_hf_captions(str(folder), split="train", caption_column="captions", cache_dir=str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="modeling_vitgpt2.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_vitgpt2.data.captions"):
         rows = load_hf_captions(str(folder), split="train", caption_column="captions", skip_bad_images=True,
                                 cache_dir=str(tmp_path / "cache"))
     assert rows["caption"] == ["a one"]

@@ -17,8 +17,8 @@ from test_training_cli import REPO, environment, train_command
 
 from conftest import training_arguments
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
-from modeling_vitgpt2.synthetic import write_synthetic_coco
-from modeling_vitgpt2.training import check_requested_sharding, run_training
+from modeling_vitgpt2.data.synthetic import write_synthetic_coco
+from modeling_vitgpt2.training.run import check_requested_sharding, run_training
 
 CONFIGS = REPO / "configs" / "accelerate"
 
@@ -67,7 +67,7 @@ def test_the_feature_cache_leaves_an_fsdp_sharded_encoder_to_fsdp(tmp_path):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from modeling_vitgpt2.training import PageOutEncoderCallback
+    from modeling_vitgpt2.training.run import PageOutEncoderCallback
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:

@@ -17,15 +17,15 @@ from PIL import Image
 
 from conftest import TINY_CAPTIONS, direct_embeddings, fit_tiny_captions, random_image, tiny_config_kwargs
 from modeling_vitgpt2 import ImageLoadError, ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.cider import corpus_cider
-from modeling_vitgpt2.evaluation import (
+from modeling_vitgpt2.evaluation.cider import corpus_cider
+from modeling_vitgpt2.evaluation.jobs import (
     caption_folder,
     clip_score_extremes,
     run_zero_shot,
     score_predictions,
     write_attention_maps,
 )
-from modeling_vitgpt2.io_utils import InvalidJSONError
+from modeling_vitgpt2.utils.io import InvalidJSONError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -151,7 +151,7 @@ def test_caption_writes_one_caption_per_image_as_batch_of_one_would(cli, caption
 
 
 def test_caption_downloads_a_hub_id_and_loads_it_as_its_folder(cli, captioner_dir, data, tmp_path, monkeypatch):
-    from modeling_vitgpt2 import loading
+    from modeling_vitgpt2.inference import loading
 
     out, _ = cli
     asked = []

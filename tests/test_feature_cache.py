@@ -21,8 +21,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from conftest import TINY_CAPTIONS
 from modeling_vitgpt2 import ImageLoadError, ViTGPT2Processor, load_image
-from modeling_vitgpt2.data import CaptionCollator
-from modeling_vitgpt2.feature_cache import (
+from modeling_vitgpt2.data.captions import CaptionCollator
+from modeling_vitgpt2.data.feature_cache import (
     DATA_FILE,
     INDEX_FILE,
     CachedEncoderOutput,

@@ -22,10 +22,10 @@ from PIL import Image
 
 from conftest import REPO, serving_app, training_arguments
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.hub import HubPushError, build_model_card, main, push_space, push_to_hub
-from modeling_vitgpt2.loading import load_for_inference
-from modeling_vitgpt2.metrics import metric_names
-from modeling_vitgpt2.training import run_training
+from modeling_vitgpt2.applications.hub import HubPushError, build_model_card, main, push_space, push_to_hub
+from modeling_vitgpt2.evaluation.metrics import metric_names
+from modeling_vitgpt2.inference.loading import load_for_inference
+from modeling_vitgpt2.training.run import run_training
 
 REPO_ID = "someone/vitgpt2-test"
 SPACE_ID = "someone/vitgpt2-demo"
@@ -381,7 +381,8 @@ def test_train_py_push_without_a_token_stops_before_training(shapes, pretrained_
 
 def package_files() -> set[str]:
     package = REPO / "modeling_vitgpt2"
-    return {f"modeling_vitgpt2/{path.name}" for path in package.iterdir() if path.suffix in (".py", ".md")}
+    return {f"modeling_vitgpt2/{path.relative_to(package).as_posix()}" for path in package.rglob("*")
+            if path.suffix in (".py", ".md", ".yaml") and "__pycache__" not in path.parts}
 
 
 def test_space_is_the_page_its_package_pinned_requirements_and_a_readme_naming_the_model(hub, tmp_path):
@@ -389,7 +390,7 @@ def test_space_is_the_page_its_package_pinned_requirements_and_a_readme_naming_t
 
     from huggingface_hub import SpaceCard
 
-    from modeling_vitgpt2.demo import space_model
+    from modeling_vitgpt2.applications.demo import space_model
 
     commit_info = push_space(REPO_ID, SPACE_ID, private=True)
 

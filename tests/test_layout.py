@@ -7,61 +7,75 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "modeling_vitgpt2"
 
-# Lowest first. A module may import from its own layer and the layers below it, never from one above: the model does
-# not know about data, training does not publish, evaluation does not train. A new module gets a row here.
-LAYERS = {
-    "utilities": {"io_utils"},
-    "model": {"configuration_vitgpt2", "modeling_vitgpt2", "processing_vitgpt2", "tokenization", "loading",
-              "peft_setup", "quantization", "prepacking", "convert_vision_encoder_decoder"},
-    "data": {"synthetic", "data", "feature_cache", "streaming"},
-    "metrics": {"cider", "clip_score", "metrics"},
-    "training": {"training"},
-    "evaluation": {"evaluation", "zero_shot", "attention_maps"},
-    "studies": {"study"},
-    "publishing and apps": {"hub", "demo"},
-}
-RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
-LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
+# Lowest first: one subpackage a layer. A module may import from its own layer and the layers below it, never from
+# one above: the model does not know about data, inference does not train, evaluation does not train, training does
+# not publish. docs/architecture.md draws these; a new subpackage gets a row in both.
+LAYERS = ("utils", "model", "data", "inference", "evaluation", "training", "applications", "cli")
+RANK = {layer: rank for rank, layer in enumerate(LAYERS)}
+# The model unit is copied into every saved folder for `trust_remote_code=True`: it may import only its own files.
+MODEL_UNIT = {"configuration_vitgpt2", "modeling_vitgpt2", "processing_vitgpt2"}
 
 
 def modules() -> list[Path]:
-    return sorted(path for path in PACKAGE.glob("*.py") if path.stem != "__init__")
+    return sorted(path for path in PACKAGE.rglob("*.py") if path.stem != "__init__" and "__pycache__" not in path.parts)
 
 
-def package_imports(path: Path) -> set[str]:
-    """The package modules `path` imports, at its top or inside functions alike."""
+def layer_of(path: Path) -> str:
+    """`model` for modeling_vitgpt2/model/modeling_vitgpt2.py, `cli` for modeling_vitgpt2/cli.py."""
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def package_imports(path: Path, source: str | None = None) -> set[tuple[str, ...]]:
+    """The package modules `path` (or `source` placed there) imports, at its top or inside functions alike, as dotted
+    parts below the package: `("data", "captions")`."""
+    here = path.relative_to(PACKAGE).with_suffix("").parts[:-1]  # the subpackage path holds
     imported = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                imported.add(node.module.split(".")[0])
-            elif node.level == 1:
-                imported.update(alias.name for alias in node.names)
-            elif node.module and node.module.startswith("modeling_vitgpt2."):
-                imported.add(node.module.split(".")[1])
+            if node.level:
+                base = here[:len(here) - (node.level - 1)] if node.level > 1 else here
+                parts = base + tuple(node.module.split(".")) if node.module else base
+                if node.module:
+                    imported.add(parts)
+                else:
+                    imported.update(parts + (alias.name,) for alias in node.names)
+            elif node.module and node.module.split(".")[0] == "modeling_vitgpt2":
+                parts = tuple(node.module.split(".")[1:])
+                imported.update({parts} if parts else {(alias.name,) for alias in node.names})
         elif isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("modeling_vitgpt2."))
-    return imported
+            imported.update(tuple(alias.name.split(".")[1:]) for alias in node.names
+                            if alias.name.startswith("modeling_vitgpt2."))
+    return {parts for parts in imported if parts}
 
 
-def test_every_module_has_a_layer():
-    unplaced = sorted({path.stem for path in modules()} - set(RANK))
-    assert not unplaced, f"give {unplaced} a layer in LAYERS of {__file__}"
+def test_every_module_is_in_a_layer():
+    unplaced = sorted(str(path.relative_to(PACKAGE)) for path in modules() if layer_of(path) not in RANK)
+    assert not unplaced, f"put {unplaced} in a subpackage named in LAYERS of {__file__}"
 
 
-@pytest.mark.parametrize("path", modules(), ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", modules(), ids=lambda path: str(path.relative_to(PACKAGE)))
 def test_no_import_runs_back_up_the_layers(path):
-    upward = {
-        name: LAYER_OF[name] for name in package_imports(path) if name in RANK and RANK[name] > RANK[path.stem]
-    }
-    assert not upward, f"{path.stem} ({LAYER_OF[path.stem]} layer) imports from higher layers: {upward}"
+    own = layer_of(path)
+    upward = sorted(".".join(parts) for parts in package_imports(path)
+                    if parts[0] in RANK and RANK[parts[0]] > RANK[own])
+    assert not upward, f"{path.relative_to(PACKAGE)} ({own} layer) imports from higher layers: {upward}"
 
 
-def test_the_import_graph_checker_sees_function_level_imports(tmp_path):
-    module = tmp_path / "example.py"
-    module.write_text("def load():\n    from .training import run_training\n    from . import hub\n")
-    assert package_imports(module) == {"training", "hub"}
-@pytest.mark.parametrize("path", modules(), ids=lambda path: path.stem)
+@pytest.mark.parametrize("name", sorted(MODEL_UNIT))
+def test_the_model_unit_imports_only_its_own_files(name):
+    path = PACKAGE / "model" / f"{name}.py"
+    outside = sorted(".".join(parts) for parts in package_imports(path) if parts[:2] not in {("model", unit) for unit in MODEL_UNIT})
+    assert not outside, f"{path.name} is copied into saved folders for remote code; it must not import {outside}"
+
+
+def test_the_import_graph_checker_sees_function_level_and_relative_imports():
+    source = ("def load():\n    from ..training.run import run_training\n    from ..applications import hub\n"
+              "    from .captions import CaptionCollator\n    import modeling_vitgpt2.inference.loading\n")
+    found = package_imports(PACKAGE / "data" / "example.py", source)
+    assert found == {("training", "run"), ("applications",), ("data", "captions"), ("inference", "loading")}
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda path: str(path.relative_to(PACKAGE)))
 def test_every_public_module_declares_all_after_its_imports(path):
     tree = ast.parse(path.read_text())
     assignments = [

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from modeling_vitgpt2 import metrics
-from modeling_vitgpt2.cider import corpus_cider, ptb_tokenize_lines
-from modeling_vitgpt2.metrics import METRICS, compute_metrics, corpus_bleu, corpus_rouge_l, metric_names
+from modeling_vitgpt2.evaluation import metrics
+from modeling_vitgpt2.evaluation.cider import corpus_cider, ptb_tokenize_lines
+from modeling_vitgpt2.evaluation.metrics import METRICS, compute_metrics, corpus_bleu, corpus_rouge_l, metric_names
 
 
 def _flickr8k(shared_data: Path) -> tuple[dict, dict]:

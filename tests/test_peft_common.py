@@ -6,7 +6,7 @@ each test calls one of its `_test_*` checks for one peft set-up on a tiny model 
 by path (the way users load a Hub id). The set-ups: LoRA on our default targets (with the cross-attention as
 `modules_to_save`, as `train.py --peft lora` does) and on every decoder projection (cross-attention included), DoRA,
 IA3, and our own adapter / prefix / cross-attention methods (LayerNorm tuning + the model's own modules, as
-`modeling_vitgpt2.peft_setup` builds them).
+`modeling_vitgpt2.training.peft_methods` builds them).
 
 Checks not run as they are, and why (each has a replacement here):
 - `_test_mixed_adapter_batches`, `_test_generate_with_mixed_adapter_batches_and_beam_search`: they size
@@ -34,7 +34,7 @@ from vendored_suites import peft_suites
 suites = peft_suites()
 
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration  # noqa: E402
-from modeling_vitgpt2.peft_setup import CROSS_ATTENTION, CROSS_ATTENTION_NORM, DEFAULT_LORA_TARGETS  # noqa: E402
+from modeling_vitgpt2.training.peft_methods import CROSS_ATTENTION, CROSS_ATTENTION_NORM, DEFAULT_LORA_TARGETS  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 

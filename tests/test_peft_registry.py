@@ -7,9 +7,9 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig
 
 from conftest import training_arguments
-from modeling_vitgpt2.hub import build_model_card
-from modeling_vitgpt2.loading import load_for_inference
-from modeling_vitgpt2.peft_setup import (
+from modeling_vitgpt2.applications.hub import build_model_card
+from modeling_vitgpt2.inference.loading import load_for_inference
+from modeling_vitgpt2.training.peft_methods import (
     CROSS_ATTENTION,
     PEFT_METHODS,
     PeftArguments,
@@ -17,7 +17,7 @@ from modeling_vitgpt2.peft_setup import (
     peft_method,
     register_peft_method,
 )
-from modeling_vitgpt2.training import run_training
+from modeling_vitgpt2.training.run import run_training
 
 
 def mlp_lora(arguments, always_trained):

@@ -1,4 +1,4 @@
-"""Prepacked float32 CPU inference (`modeling_vitgpt2.prepacking`), the default of `eval.py caption` and the demo on
+"""Prepacked float32 CPU inference (`modeling_vitgpt2.inference.prepacking`), the default of `eval.py caption` and the demo on
 a CPU: the same captions as the model it was made from, and no way to save or move it by mistake."""
 
 import pytest
@@ -33,9 +33,9 @@ def pixels(model, processor, count=4):
 
 
 def test_every_linear_layer_is_prepacked_and_captions_stay_the_same(saved_captioner, tiny_processor):
-    from modeling_vitgpt2.evaluation import load_captioner
-    from modeling_vitgpt2.loading import load_for_inference
-    from modeling_vitgpt2.prepacking import PrepackedLinear
+    from modeling_vitgpt2.evaluation.jobs import load_captioner
+    from modeling_vitgpt2.inference.loading import load_for_inference
+    from modeling_vitgpt2.inference.prepacking import PrepackedLinear
 
     reference = load_for_inference(saved_captioner)
     linear_layers = {name for name, module in reference.named_modules()
@@ -59,9 +59,9 @@ def test_every_linear_layer_is_prepacked_and_captions_stay_the_same(saved_captio
 
 
 def test_a_model_passed_in_or_going_elsewhere_is_left_alone(saved_captioner, tiny_processor):
-    from modeling_vitgpt2.evaluation import load_captioner
-    from modeling_vitgpt2.loading import load_for_inference
-    from modeling_vitgpt2.prepacking import PrepackedLinear
+    from modeling_vitgpt2.evaluation.jobs import load_captioner
+    from modeling_vitgpt2.inference.loading import load_for_inference
+    from modeling_vitgpt2.inference.prepacking import PrepackedLinear
 
     def prepacked(model):
         return {name for name, module in model.named_modules() if isinstance(module, PrepackedLinear)}
@@ -75,9 +75,9 @@ def test_a_model_passed_in_or_going_elsewhere_is_left_alone(saved_captioner, tin
 def test_a_lora_adapter_is_merged_before_prepacking(saved_captioner, tiny_processor):
     from peft import LoraConfig, get_peft_model
 
-    from modeling_vitgpt2.loading import load_for_inference
-    from modeling_vitgpt2.peft_setup import DEFAULT_LORA_TARGETS
-    from modeling_vitgpt2.prepacking import PrepackedLinear, prepack_for_cpu
+    from modeling_vitgpt2.inference.loading import load_for_inference
+    from modeling_vitgpt2.inference.prepacking import PrepackedLinear, prepack_for_cpu
+    from modeling_vitgpt2.training.peft_methods import DEFAULT_LORA_TARGETS
 
     torch.manual_seed(0)
     adapted = get_peft_model(load_for_inference(saved_captioner),
@@ -93,7 +93,7 @@ def test_a_lora_adapter_is_merged_before_prepacking(saved_captioner, tiny_proces
 
 
 def test_a_prepacked_model_cannot_be_saved_moved_or_cast(saved_captioner, tiny_processor, tmp_path):
-    from modeling_vitgpt2.evaluation import load_captioner
+    from modeling_vitgpt2.evaluation.jobs import load_captioner
 
     model, _ = load_captioner(saved_captioner, device="cpu")
     with pytest.raises(RuntimeError, match="prepacked for CPU inference and cannot be saved"):

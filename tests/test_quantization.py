@@ -30,7 +30,7 @@ def saved_captioner(tmp_path_factory, tiny_tokenizer, tiny_processor):
 
 
 def test_int8_replaces_every_linear_layer_and_stays_close_to_float32(saved_captioner, tiny_processor):
-    from modeling_vitgpt2.loading import load_for_inference
+    from modeling_vitgpt2.inference.loading import load_for_inference
 
     reference = load_for_inference(saved_captioner)
     quantized = load_for_inference(saved_captioner, quantize="int8")
@@ -60,9 +60,9 @@ def test_int8_replaces_every_linear_layer_and_stays_close_to_float32(saved_capti
 def test_int8_merges_a_lora_adapter_first(saved_captioner):
     from peft import LoraConfig, get_peft_model
 
-    from modeling_vitgpt2.loading import load_for_inference
-    from modeling_vitgpt2.peft_setup import DEFAULT_LORA_TARGETS
-    from modeling_vitgpt2.quantization import quantize_for_cpu
+    from modeling_vitgpt2.inference.loading import load_for_inference
+    from modeling_vitgpt2.inference.quantization import quantize_for_cpu
+    from modeling_vitgpt2.training.peft_methods import DEFAULT_LORA_TARGETS
 
     model = get_peft_model(load_for_inference(saved_captioner),
                            LoraConfig(r=2, target_modules=DEFAULT_LORA_TARGETS, fan_in_fan_out=True))
@@ -72,7 +72,7 @@ def test_int8_merges_a_lora_adapter_first(saved_captioner):
 
 
 def test_int8_refuses_what_it_cannot_quantize(saved_captioner):
-    from modeling_vitgpt2.loading import load_for_inference
+    from modeling_vitgpt2.inference.loading import load_for_inference
 
     with pytest.raises(ValueError, match="float32 model on the CPU"):
         load_for_inference(saved_captioner, quantize="int8", dtype=torch.bfloat16)
@@ -95,7 +95,7 @@ def test_eval_caption_quantize_int8(saved_captioner, tmp_path):
 
 def test_demo_quantize_int8_captions_with_attention_panels(saved_captioner):
     pytest.importorskip("gradio")
-    from modeling_vitgpt2.demo import load_demo, parse_args
+    from modeling_vitgpt2.applications.demo import load_demo, parse_args
 
     demo = load_demo(parse_args(["--model", str(saved_captioner), "--quantize", "int8"]))
     assert isinstance(demo.model.decoder.h[0].mlp.c_fc, DynamicQuantizedLinear)

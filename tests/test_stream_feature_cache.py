@@ -13,10 +13,10 @@ from test_training_cli import REPO, environment
 from transformers import TrainerCallback
 
 from conftest import training_arguments
-from modeling_vitgpt2.feature_cache import EncoderFeatureCache
-from modeling_vitgpt2.modeling_vitgpt2 import ViTGPT2Encoder
-from modeling_vitgpt2.streaming import expand_shards
-from modeling_vitgpt2.training import DataArguments, run_training
+from modeling_vitgpt2.data.feature_cache import EncoderFeatureCache
+from modeling_vitgpt2.data.streaming import expand_shards
+from modeling_vitgpt2.model.modeling_vitgpt2 import ViTGPT2Encoder
+from modeling_vitgpt2.training.run import DataArguments, run_training
 
 BROKEN = {"000010001": "image", "000030004": "caption"}  # 4 shards of 5 samples: 18 good ones
 
@@ -123,8 +123,8 @@ def test_a_stream_of_cached_features_resumes_at_its_position(cache_of, tmp_path)
     from accelerate.data_loader import prepare_data_loader
     from torch.utils.data import DataLoader
 
-    from modeling_vitgpt2.feature_cache import stream_feature_shards
-    from modeling_vitgpt2.streaming import StreamCounts
+    from modeling_vitgpt2.data.feature_cache import stream_feature_shards
+    from modeling_vitgpt2.data.streaming import StreamCounts
 
     write_shards(tmp_path / "shards", broken=BROKEN)
     paths = cache_of(tmp_path / "cache").build_shards(expand_shards(f"{tmp_path}/shards/{{00000..00003}}.tar"))
@@ -150,7 +150,7 @@ def test_a_stream_of_cached_features_resumes_at_its_position(cache_of, tmp_path)
 TRAIN_RECORDING_SHARD_WRITES = textwrap.dedent("""
     import json, runpy, sys
     from accelerate import PartialState
-    from modeling_vitgpt2 import feature_cache
+    from modeling_vitgpt2.data import feature_cache
 
     report, sys.argv = sys.argv[1], ["train.py", *sys.argv[2:]]
     written, atomic_path = [], feature_cache.atomic_path

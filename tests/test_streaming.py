@@ -16,9 +16,9 @@ from test_training_cli import REPO, environment, step_losses
 from torch.utils.data import DataLoader
 
 from conftest import ENCODER_KWARGS
-from modeling_vitgpt2.data import CaptionDataError
-from modeling_vitgpt2.streaming import StreamCounts, decoded_rows, expand_shards, stream_webdataset
-from modeling_vitgpt2.synthetic import describe_scene, draw_scene, random_scene
+from modeling_vitgpt2.data.captions import CaptionDataError
+from modeling_vitgpt2.data.streaming import StreamCounts, decoded_rows, expand_shards, stream_webdataset
+from modeling_vitgpt2.data.synthetic import describe_scene, draw_scene, random_scene
 
 
 def _add(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -222,7 +222,7 @@ def write_imagefolder(tmp_path, images: int):
 
 
 def test_any_datasets_dataset_streams_one_row_per_caption(tmp_path):
-    from modeling_vitgpt2.streaming import stream_hf_dataset
+    from modeling_vitgpt2.data.streaming import stream_hf_dataset
 
     folder = write_imagefolder(tmp_path, images=3)
     (folder / "img2.png").write_bytes(b"not a png")  # a bad sample inside a dataset
@@ -236,8 +236,8 @@ def test_any_datasets_dataset_streams_one_row_per_caption(tmp_path):
 def test_a_datasets_stream_resumes_between_two_captions_of_one_image(tmp_path, monkeypatch):
     """--dataset_name --streaming: a position between two captions of one image resumes at the next caption; only
     the rows after the position are decoded (each row its image)."""
-    import modeling_vitgpt2.streaming as streaming
-    from modeling_vitgpt2.streaming import stream_hf_dataset
+    import modeling_vitgpt2.data.streaming as streaming
+    from modeling_vitgpt2.data.streaming import stream_hf_dataset
 
     write_imagefolder(tmp_path, images=4)
     decoded, decode = [], streaming.as_rgb_image
@@ -275,9 +275,9 @@ class StreamRecorder:
         from datasets.packaged_modules.webdataset.webdataset import WebDataset
         from transformers import TrainerCallback
 
-        import modeling_vitgpt2.streaming as streaming
-        from modeling_vitgpt2.data import CaptionCollator
-        from modeling_vitgpt2.training import CaptionTrainer
+        import modeling_vitgpt2.data.streaming as streaming
+        from modeling_vitgpt2.data.captions import CaptionCollator
+        from modeling_vitgpt2.training.run import CaptionTrainer
 
         self.recording, self.crash_at_step = False, None
         self.read, self.decoded, self.trained, self.collated = [], [], [], []
@@ -329,7 +329,7 @@ class StreamRecorder:
     def run(self, shapes, pretrained_parts, shards: Path, output_dir: Path, crash_at_step=None, shuffle_buffer=0,
             **training):
         from conftest import training_arguments
-        from modeling_vitgpt2.training import DataArguments, run_training
+        from modeling_vitgpt2.training.run import DataArguments, run_training
 
         self.crash_at_step = crash_at_step
         model_args, _, peft_args, training_args = training_arguments(shapes, pretrained_parts, output_dir, **training)
@@ -380,7 +380,7 @@ def test_a_stream_resumed_mid_pass_continues_where_it_stopped_without_reading_it
 def test_a_saved_position_resumes_a_data_loader_with_workers(tmp_path):
     """With `--dataloader_num_workers` the position is torchdata's snapshot of every worker's stream; loaded into a
     new data loader it gives the batches that were left, and says how far into the pass it was."""
-    from modeling_vitgpt2.training import _batches_read
+    from modeling_vitgpt2.training.run import _batches_read
 
     write_shards(tmp_path)
 
@@ -403,7 +403,7 @@ def test_a_saved_position_resumes_a_data_loader_with_workers(tmp_path):
 
 
 def test_a_checkpoint_is_resumed_only_by_as_many_processes_as_wrote_its_stream_positions(tmp_path):
-    from modeling_vitgpt2.training import read_stream_position
+    from modeling_vitgpt2.training.run import read_stream_position
 
     positions = tmp_path / "checkpoint-4" / "stream_position"
     positions.mkdir(parents=True)

@@ -12,10 +12,10 @@ import yaml
 import eval as eval_cli
 from conftest import build_tiny_tokenizer, tiny_config_kwargs
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2 import study as study_module
-from modeling_vitgpt2.metrics import format_metric, metric_names
-from modeling_vitgpt2.modeling_vitgpt2 import ViTGPT2Encoder
-from modeling_vitgpt2.synthetic import draw_scene, random_scene
+from modeling_vitgpt2.applications import study as study_module
+from modeling_vitgpt2.data.synthetic import draw_scene, random_scene
+from modeling_vitgpt2.evaluation.metrics import format_metric, metric_names
+from modeling_vitgpt2.model.modeling_vitgpt2 import ViTGPT2Encoder
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -159,7 +159,7 @@ def test_rerun_skips_finished_variants_and_resumes_an_interrupted_one(finished_s
         (cross / leftover).unlink()
 
     calls = []
-    from modeling_vitgpt2 import training
+    from modeling_vitgpt2.training import run as training
 
     original = training.run_training
 

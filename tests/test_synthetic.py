@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, GPT2Tokenizer
 
-from modeling_vitgpt2.synthetic import (
+from modeling_vitgpt2.data.synthetic import (
     BACKGROUND,
     COLOURS,
     MAX_JITTER,
@@ -23,7 +23,7 @@ from modeling_vitgpt2.synthetic import (
     random_scene,
     write_synthetic_coco,
 )
-from modeling_vitgpt2.tokenization import train_caption_tokenizer
+from modeling_vitgpt2.training.tokenizer import train_caption_tokenizer
 
 IMAGE_SIZE = 64
 
@@ -184,7 +184,7 @@ def test_tokenizer_round_trip_and_offline_save_load(tmp_path):
 
 
 def test_shifted_domain_draws_new_colours_and_words_captions_differently(tmp_path):
-    from modeling_vitgpt2.synthetic import DOMAINS, SHIFTED_COLOURS
+    from modeling_vitgpt2.data.synthetic import DOMAINS, SHIFTED_COLOURS
 
     shifted = write_synthetic_coco(tmp_path / "shifted", num_train=30, num_val=4, seed=0, domain="shifted")
     default = write_synthetic_coco(tmp_path / "default", num_train=30, num_val=4, seed=0)

@@ -11,8 +11,8 @@ from peft import PeftModel
 
 from conftest import save_tiny_clip, training_arguments
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-from modeling_vitgpt2.loading import load_for_inference
-from modeling_vitgpt2.training import (
+from modeling_vitgpt2.inference.loading import load_for_inference
+from modeling_vitgpt2.training.run import (
     run_training,
 )
 
@@ -106,7 +106,7 @@ def test_missing_images_are_all_listed_before_training(shapes, pretrained_parts,
 
 
 def test_evaluation_every_epoch_keeps_the_best_checkpoint_by_cider(shapes, pretrained_parts, tmp_path):
-    from modeling_vitgpt2.clip_score import clip_score
+    from modeling_vitgpt2.evaluation.clip_score import clip_score
 
     output_dir = tmp_path / "epochs"
     args = training_arguments(
@@ -175,7 +175,7 @@ def test_cached_training_pages_the_idle_encoder_out_and_saves_it_intact(
 ):
     from safetensors.torch import load_file
 
-    from modeling_vitgpt2 import feature_cache
+    from modeling_vitgpt2.data import feature_cache
 
     paged_out = []
     page_out_encoder = feature_cache.page_out_encoder

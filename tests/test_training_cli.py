@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ENCODER_KWARGS
-from modeling_vitgpt2.synthetic import write_synthetic_coco
+from modeling_vitgpt2.data.synthetic import write_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_resuming_a_killed_run_loses_and_repeats_no_step(shapes, pretrained_part
 
 
 def test_an_incomplete_checkpoint_is_not_resumed_from(tmp_path):
-    from modeling_vitgpt2.training import last_complete_checkpoint
+    from modeling_vitgpt2.training.run import last_complete_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"
@@ -109,7 +109,7 @@ def test_two_processes_train_and_score_every_image_once(pretrained_parts, tmp_pa
 
 def default_model_size(vocab_size: int) -> int:
     from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
-    from modeling_vitgpt2.training import DEFAULT_SCRATCH_MODEL
+    from modeling_vitgpt2.training.run import DEFAULT_SCRATCH_MODEL
 
     model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**DEFAULT_SCRATCH_MODEL, vocab_size=vocab_size))
     return sum(parameter.numel() for parameter in model.parameters())
@@ -159,7 +159,7 @@ def test_generation_names_agree_or_are_refused(train_script):
 def test_first_steps_predict_the_run_time_and_warn_when_it_is_long(capsys):
     from types import SimpleNamespace
 
-    from modeling_vitgpt2.training import RunTimeEstimate
+    from modeling_vitgpt2.training.run import RunTimeEstimate
 
     ticks = iter([0.0, 6.0])  # 3 steps measured after the first: 2 s per step
     estimate = RunTimeEstimate(trainable=1_000, total=422_000_000, clock=lambda: next(ticks))
@@ -200,7 +200,7 @@ def test_default_pipeline_end_to_end_at_reduced_size(tmp_path):
     script = (
         "import sys, json\n"
         "from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor\n"
-        "from modeling_vitgpt2.synthetic import draw_scene, random_scene\n"
+        "from modeling_vitgpt2.data.synthetic import draw_scene, random_scene\n"
         "import random\n"
         "model = ViTGPT2ForConditionalGeneration.from_pretrained(sys.argv[1]).eval()\n"
         "processor = ViTGPT2Processor.from_pretrained(sys.argv[1])\n"

@@ -43,9 +43,9 @@ def package_files() -> set[str]:
 def test_the_wheel_holds_every_module_and_data_file_the_package_reads(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert package_files() <= names, sorted(package_files() - names)
-    assert "modeling_vitgpt2/model_card_template.md" in names
+    assert "modeling_vitgpt2/applications/model_card_template.md" in names
     # The checkout's `model_card/template.md` (where people edit the card) is the packaged file, not a copy.
-    assert (REPO / "model_card" / "template.md").resolve() == (PACKAGE / "model_card_template.md").resolve()
+    assert (REPO / "model_card" / "template.md").resolve() == (PACKAGE / "applications" / "model_card_template.md").resolve()
 
 
 def test_hub_card_and_push_work_from_the_wheel_outside_the_checkout(wheel, tiny_model, tiny_processor, tmp_path):
@@ -65,7 +65,7 @@ def test_hub_card_and_push_work_from_the_wheel_outside_the_checkout(wheel, tiny_
     elsewhere.mkdir()
     # `card` prints the card; `push` builds the same commit with the Hub cut off at HfApi (recorded, not sent).
     script = (
-        "import sys, modeling_vitgpt2, modeling_vitgpt2.hub as hub\n"
+        "import sys, modeling_vitgpt2, modeling_vitgpt2.applications.hub as hub\n"
         "from huggingface_hub import CommitInfo, HfApi, RepoUrl\n"
         "print(modeling_vitgpt2.__file__, file=sys.stderr)\n"
         "hub.main(['card', sys.argv[1], '--repo_id', 'someone/tiny'])\n"

@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from conftest import direct_embeddings
-from modeling_vitgpt2.clip_score import load_clip
-from modeling_vitgpt2.io_utils import InvalidJSONError, read_json, write_json_atomic, write_text_atomic
-from modeling_vitgpt2.zero_shot import (
+from modeling_vitgpt2.evaluation.clip_score import load_clip
+from modeling_vitgpt2.evaluation.zero_shot import (
     ENSEMBLE,
     class_probabilities,
     classify_images,
@@ -19,6 +18,7 @@ from modeling_vitgpt2.zero_shot import (
     write_predictions_csv,
     zero_shot_folder,
 )
+from modeling_vitgpt2.utils.io import InvalidJSONError, read_json, write_json_atomic, write_text_atomic
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -49,7 +49,7 @@ grep -q -- "--max_new_tokens" help.txt
 "$py" eval.py score --predictions predictions.json --annotations shapes/val.json --metrics cider bleu \
   --output scores.json
 "$py" -c 'import json; s = json.load(open("scores.json")); assert "cider" in json.dumps(s), s'
-"$py" -m modeling_vitgpt2.hub card run --repo_id someone/wheel-check > card.md
+"$py" -m modeling_vitgpt2.applications.hub card run --repo_id someone/wheel-check > card.md
 grep -q "pipeline_tag: image-text-to-text" card.md
 step "loading the trained folder through AutoModelForImageTextToText with remote code, outside the package"
 "$py" - <<'PY'

@@ -83,9 +83,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from .data import CaptionCollator, image_source
-from .io_utils import PathLike, atomic_path, file_digest, leftover_temporaries, read_json, write_json_atomic
-from .processing_vitgpt2 import ImageLoadError, as_rgb_image
+from ..model.processing_vitgpt2 import ImageLoadError, as_rgb_image
+from ..utils.io import PathLike, atomic_path, file_digest, leftover_temporaries, read_json, write_json_atomic
+from .captions import CaptionCollator, image_source
 from .streaming import BadSample, StreamCounts, decode_sample, stream_webdataset
 
 __all__ = [

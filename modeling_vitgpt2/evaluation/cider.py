@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .io_utils import preview_names
+from ..utils.io import preview_names
 
 __all__ = ["CiderResult", "corpus_cider", "ptb_tokenize", "ptb_tokenize_lines", "PUNCTUATIONS"]
 

@@ -2,8 +2,8 @@
 score every variant with the metric registry, compare CLIP prompt templates, and draw the best and worst captions'
 attention maps.
 
-    python -m modeling_vitgpt2.study                                   # the built-in offline study (synthetic set)
-    python -m modeling_vitgpt2.study configs/studies/course_peft.yaml --output_dir outputs/course-study
+    python -m modeling_vitgpt2.applications.study                                   # the built-in offline study (synthetic set)
+    python -m modeling_vitgpt2.applications.study configs/studies/course_peft.yaml --output_dir outputs/course-study
 
 A study is a YAML file (see `configs/studies/`):
 
@@ -57,8 +57,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainerCallback
 
-from .io_utils import read_json, write_json_atomic, write_text_atomic
-from .metrics import METRICS, format_metric, metric_names
+from ..evaluation.metrics import METRICS, format_metric, metric_names
+from ..utils.io import read_json, write_json_atomic, write_text_atomic
 
 __all__ = [
     "BASE_ROW",
@@ -83,7 +83,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_STUDY = REPO_ROOT / "configs" / "studies" / "synthetic_peft.yaml"
 RESULT_FILE = "study_result.json"
 BASE_ROW = "base"
@@ -122,7 +122,7 @@ class Study:
 
 
 def _argument_names() -> set[str]:
-    from .training import CaptionTrainingArguments, DataArguments, ModelArguments, PeftArguments
+    from ..training.run import CaptionTrainingArguments, DataArguments, ModelArguments, PeftArguments
 
     return {f.name for cls in (ModelArguments, DataArguments, PeftArguments, CaptionTrainingArguments)
             for f in fields(cls) if f.init}
@@ -334,7 +334,7 @@ class StudyData:
 def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> StudyData:
     """The study's COCO-style files; the synthetic set is written once (a rewrite would change the files' times,
     and with them the feature cache's keys)."""
-    from .synthetic import write_synthetic_coco
+    from ..data.synthetic import write_synthetic_coco
 
     data = dict(study.data)
     if not data.get("train_json"):
@@ -362,7 +362,7 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
 
 
 def _parse_arguments(values: dict):
-    from .training import CaptionTrainingArguments, DataArguments, ModelArguments, PeftArguments
+    from ..training.run import CaptionTrainingArguments, DataArguments, ModelArguments, PeftArguments
 
     parser = HfArgumentParser((ModelArguments, DataArguments, PeftArguments, CaptionTrainingArguments))
     return parser.parse_dict(values, allow_extra_keys=False)
@@ -376,7 +376,7 @@ def _base_arguments(study: Study) -> dict:
 
 def ensure_base_model(study: Study, progress: StudyProgress) -> None:
     """Trains the base model first when its folder is missing and the study says how (`base.train_config`)."""
-    from .training import run_training
+    from ..training.run import run_training
 
     model = study.base.get("model")
     train_config = study.base.get("train_config")
@@ -396,7 +396,7 @@ def ensure_base_model(study: Study, progress: StudyProgress) -> None:
 
 def _score(study: Study, folder: Path, data: StudyData, clip) -> dict:
     """`eval.py score` on the folder's saved predictions, written beside them as scores.json."""
-    from .evaluation import score_predictions
+    from ..evaluation.jobs import score_predictions
 
     report = score_predictions(folder / "eval_predictions.json", data.val_json, data.val_images,
                                clip_model=clip, clip_prefix=study.clip_prefix, train_annotations=data.train_json,
@@ -407,10 +407,10 @@ def _score(study: Study, folder: Path, data: StudyData, clip) -> dict:
 def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progress: StudyProgress) -> dict:
     """The base model's scores on the study's validation set before any fine-tuning (the table's first row),
     captioned from the shared feature cache."""
-    from .data import CaptionCollator, load_coco_captions, references_per_image
-    from .feature_cache import CachedFeatureCollator, EncoderFeatureCache
-    from .peft_setup import count_parameters
-    from .training import CaptionTrainer, build_processor_and_model
+    from ..data.captions import CaptionCollator, load_coco_captions, references_per_image
+    from ..data.feature_cache import CachedFeatureCollator, EncoderFeatureCache
+    from ..training.peft_methods import count_parameters
+    from ..training.run import CaptionTrainer, build_processor_and_model
 
     folder = output_dir / "variants" / BASE_ROW
     finished = _finished(folder)
@@ -460,7 +460,7 @@ def _best_epoch(log_history: list[dict]) -> float | None:
 def run_variant(study: Study, index: int, name: str, overrides: dict, data: StudyData, output_dir: Path, clip,
                 progress: StudyProgress) -> dict:
     """Trains and scores one variant (or returns its earlier result); a failure is returned as a failed row."""
-    from .training import last_complete_checkpoint, run_training
+    from ..training.run import last_complete_checkpoint, run_training
 
     folder = output_dir / "variants" / name
     progress.start_variant(index, name)
@@ -521,7 +521,7 @@ def run_study(study: Study, output_dir, *, show_progress: bool = True) -> dict:
     data = _prepare_data(study, output_dir, progress)
     clip = None
     if study.clip_model:
-        from .clip_score import load_clip
+        from ..evaluation.clip_score import load_clip
 
         clip = load_clip(study.clip_model)
     rows = [_evaluate_base(study, data, output_dir, clip, progress)]
@@ -566,7 +566,7 @@ def _cpu_name() -> str:
 def _run_zero_shot(study: Study, output_dir: Path, clip, progress: StudyProgress) -> dict | None:
     if not study.zero_shot:
         return None
-    from .evaluation import run_zero_shot
+    from ..evaluation.jobs import run_zero_shot
 
     settings = study.zero_shot
     progress.say(f"zero-shot: {len(settings['templates'])} templates on {settings['images']}")
@@ -582,8 +582,8 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
               progress: StudyProgress) -> dict | None:
     """The best and worst captions of one variant, by CLIPScore when the study has a CLIP model, else by per-image
     CIDEr, each with its per-word attention maps."""
-    from .attention_maps import REPORT_LAYERS, cross_attention_layers, draw_attention_maps
-    from .evaluation import compute_attention_maps, load_captioner, read_coco_references
+    from ..evaluation.attention_maps import REPORT_LAYERS, cross_attention_layers, draw_attention_maps
+    from ..evaluation.jobs import compute_attention_maps, load_captioner, read_coco_references
 
     finished = [row for row in rows if row["status"] == "ok" and row["name"] != BASE_ROW]
     if not finished:
@@ -628,7 +628,7 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
 
 
 def _side_by_side(study: Study, rows: list[dict], data: StudyData, output_dir: Path) -> list[dict]:
-    from .evaluation import read_coco_references
+    from ..evaluation.jobs import read_coco_references
 
     coco = read_coco_references(data.val_json)
     names = sorted(coco.references)[:study.side_by_side]
@@ -890,7 +890,7 @@ def _render_html(results: dict, sections: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_vitgpt2.study", description=__doc__.split("\n\n")[0],
+        prog="python -m modeling_vitgpt2.applications.study", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", nargs="?", help=f"study YAML (default: the built-in {BUILTIN_STUDY.name})")
     parser.add_argument("--output_dir", help="where variants, caches and the report go (default: the study's "

@@ -1,13 +1,13 @@
 """CIDEr-D as coco-caption computes it (PTB tokenizer + Cider), as a Hugging Face `evaluate` module, without Java.
 
-Load it offline from a checkout with `evaluate.load("metrics/cider")` (a path relative to the repository root) or
-an absolute path. The implementation lives in `modeling_vitgpt2.cider`; this file only adapts it to `evaluate`.
+Load it offline from a checkout with `evaluate.load("evaluate_metrics/cider")` (a path relative to the repository root) or
+an absolute path. The implementation lives in `modeling_vitgpt2.evaluation.cider`; this file only adapts it to `evaluate`.
 """
 
 import datasets
 import evaluate
 
-from modeling_vitgpt2.cider import corpus_cider
+from modeling_vitgpt2.evaluation.cider import corpus_cider
 
 _CITATION = """\
 @inproceedings{vedantam2015cider,
@@ -34,7 +34,7 @@ Returns:
     cider: corpus CIDEr-D (coco-caption scale, e.g. 0.77).
     cider_per_image: the per-image scores, in input order.
 Examples:
-    >>> cider = evaluate.load("metrics/cider")
+    >>> cider = evaluate.load("evaluate_metrics/cider")
     >>> cider.compute(predictions=["i am a boy", "she is a girl"],
     ...               references=[["am i a boy ?"], ["is she a girl ?"]])["cider"]
     3.333...

@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from .io_utils import atomic_path
-from .processing_vitgpt2 import ImageLike, as_rgb_image
+from ..model.processing_vitgpt2 import ImageLike, as_rgb_image
+from ..utils.io import atomic_path
 
 __all__ = [
     "CaptionAttention",

@@ -6,7 +6,7 @@
 
 `app.py` at the top of the checkout (the Hub Space convention) only calls `main` here. `--model` takes what
 `eval.py` takes: a model folder, a peft adapter folder from train.py, or a Hub id. A Hub Space runs a two-line
-app.py (`python -m modeling_vitgpt2.hub space MODEL --repo_id you/name` pushes it) with no arguments: there the
+app.py (`python -m modeling_vitgpt2.applications.hub space MODEL --repo_id you/name` pushes it) with no arguments: there the
 model is the `model/` folder pushed with it, or else the repository its README names under `models:`.
 
 The model is loaded, and run once on a blank image, before the page is served, so the first visitor does not wait
@@ -25,12 +25,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .attention_maps import REPORT_LAYERS, attention_overlay, caption_attention_maps, cross_attention_layers
-from .clip_score import load_clip
-from .evaluation import load_captioner
+from ..evaluation.attention_maps import REPORT_LAYERS, attention_overlay, caption_attention_maps, cross_attention_layers
+from ..evaluation.clip_score import load_clip
+from ..evaluation.jobs import load_captioner
+from ..evaluation.zero_shot import ENSEMBLE, class_probabilities
+from ..model.processing_vitgpt2 import ImageLoadError, load_image
 from .hub import SPACE_MODEL_FOLDER
-from .processing_vitgpt2 import ImageLoadError, load_image
-from .zero_shot import ENSEMBLE, class_probabilities
 
 __all__ = [
     "ALL_LAYERS",

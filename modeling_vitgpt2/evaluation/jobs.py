@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
-from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
-from .data import image_file_in, read_coco_captions
-from .io_utils import (
+from ..data.captions import image_file_in, read_coco_captions
+from ..inference.loading import load_for_inference, model_folder
+from ..inference.prepacking import can_prepack, prepack_for_cpu
+from ..inference.quantization import quantize_for_cpu
+from ..model.processing_vitgpt2 import ViTGPT2Processor, load_image
+from ..utils.io import (
     InvalidJSONError,
     PathLike,
     atomic_path,
@@ -34,10 +36,8 @@ from .io_utils import (
     read_json,
     write_json_atomic,
 )
-from .loading import load_for_inference, model_folder
-from .prepacking import can_prepack, prepack_for_cpu
-from .processing_vitgpt2 import ViTGPT2Processor, load_image
-from .quantization import quantize_for_cpu
+from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
+from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
 from .zero_shot import ENSEMBLE, ZeroShotResult, list_images, write_predictions_csv, zero_shot_folder
 
 __all__ = [
@@ -93,8 +93,8 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
 
     `model_or_path` is a loaded model (then pass its `processor`), a saved model folder or Hub id, or a peft adapter
     folder from train.py (loaded onto the base model recorded in it); the processor is read from the same folder.
-    `quantize="int8"` runs the model in int8 on the CPU (see `modeling_vitgpt2.quantization`).
-    `prepack` prepacks the linear layers for oneDNN (`modeling_vitgpt2.prepacking`: faster float32 CPU inference,
+    `quantize="int8"` runs the model in int8 on the CPU (see `modeling_vitgpt2.inference.quantization`).
+    `prepack` prepacks the linear layers for oneDNN (`modeling_vitgpt2.inference.prepacking`: faster float32 CPU inference,
     the same function up to rounding). By default a model loaded here from a folder or Hub id is prepacked when it
     runs on the CPU in float32 and its adapter (if any) merges; a loaded model passed in is left as it is.
     """
@@ -222,7 +222,7 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
             (default: the model's generation_config).
         max_new_tokens: limit on generated tokens; takes precedence over `max_length`, as in `generate`.
         output: if given, the predictions JSON is written there atomically once every image is captioned.
-        quantize: "int8" runs the model in int8 on the CPU (`modeling_vitgpt2.quantization`).
+        quantize: "int8" runs the model in int8 on the CPU (`modeling_vitgpt2.inference.quantization`).
         num_workers: processes that decode images while the model runs (`caption_images`).
     """
     if output is not None:

@@ -1,10 +1,10 @@
 """Publishing a `train.py` output folder to the Hugging Face Hub: a model card rendered from the run's results, and
 one commit holding what loading the model needs.
 
-    python -m modeling_vitgpt2.hub card outputs/lora                             # print the card
-    python -m modeling_vitgpt2.hub push outputs/lora --repo_id you/vitgpt2-lora  # [--private] [--include_checkpoints]
+    python -m modeling_vitgpt2.applications.hub card outputs/lora                             # print the card
+    python -m modeling_vitgpt2.applications.hub push outputs/lora --repo_id you/vitgpt2-lora  # [--private] [--include_checkpoints]
     python train.py ... --push_to_hub --hub_model_id you/vitgpt2-lora            # the same push, after training
-    python -m modeling_vitgpt2.hub space you/vitgpt2-lora --repo_id you/vitgpt2-demo  # the demo page as a Space
+    python -m modeling_vitgpt2.applications.hub space you/vitgpt2-lora --repo_id you/vitgpt2-demo  # the demo page as a Space
 
 What goes up:
 - full runs: config.json (with `auto_map`), the weights, generation_config.json, the configuration/modeling/processing
@@ -22,7 +22,7 @@ every file is read from where it lies (no second copy of gigabytes of weights on
 card and a rewritten adapter_config.json) are passed as bytes, so the output folder is never written to, and the list
 of operations is exactly what lands in the repository. Files already in the repository and not in this push stay.
 
-A Space (`push_space`) is one commit too: `app.py` (the demo page, `modeling_vitgpt2/demo.py`), this package's source
+A Space (`push_space`) is one commit too: `app.py` (the demo page, `modeling_vitgpt2/applications/demo.py`), this package's source
 under `modeling_vitgpt2/`, a `requirements.txt` pinning every dependency to the version installed here (the tested
 one; Gradio is pinned by the README's `sdk_version`), and a README whose Space metadata names the model repository
 (`models:`), which the page loads. A local output folder instead goes up inside the Space, as `model/`.
@@ -56,10 +56,10 @@ from huggingface_hub import (
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .io_utils import read_json
-from .loading import BASE_MODEL_FOLDER
-from .metrics import format_metric, metric_names
-from .peft_setup import peft_method
+from ..evaluation.metrics import format_metric, metric_names
+from ..inference.loading import BASE_MODEL_FOLDER
+from ..training.peft_methods import peft_method
+from ..utils.io import read_json
 
 __all__ = [
     "HubPushError",
@@ -81,9 +81,9 @@ ATTENTION_EXAMPLE = "attention_example.png"
 DISTRIBUTION = "modeling-vitgpt2"
 # Where `push_space` puts a model pushed from a local folder; the page loads it from there.
 SPACE_MODEL_FOLDER = "model"
-SPACE_APP = '''"""The demo page of modeling-vitgpt2 (modeling_vitgpt2/demo.py)."""
+SPACE_APP = '''"""The demo page of modeling-vitgpt2 (modeling_vitgpt2/applications/demo.py)."""
 
-from modeling_vitgpt2.demo import main
+from modeling_vitgpt2.applications.demo import main
 
 main()
 '''
@@ -267,10 +267,10 @@ def _space_operations(model: str | Path, repo_id: str, license: str) -> list[Com
         raise HubPushError("Gradio is not installed: pip install -e \".[demo]\"; the Space is pinned to the Gradio "
                            "version the page is tested with here") from None
     files: dict[str, str | bytes] = {"app.py": SPACE_APP.encode(), "requirements.txt": space_requirements().encode()}
-    package = Path(__file__).resolve().parent
-    for path in sorted(package.iterdir()):
-        if path.is_file() and path.suffix in (".py", ".md"):
-            files[f"{package.name}/{path.name}"] = str(path)
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".md", ".yaml") and "__pycache__" not in path.parts:
+            files[f"{package.name}/{path.relative_to(package).as_posix()}"] = str(path)
 
     if Path(model).is_dir():
         output = _read_output(model)
@@ -349,7 +349,7 @@ def push_training_output(training_args, output_dir: str | Path) -> CommitInfo:
     except HubPushError as error:
         raise HubPushError(
             f"{error}\nThe trained model is saved in {output_dir}; push it later with:\n"
-            f"  python -m modeling_vitgpt2.hub push {output_dir} --repo_id {repo_id}"
+            f"  python -m modeling_vitgpt2.applications.hub push {output_dir} --repo_id {repo_id}"
         ) from error
     print(f"[train] pushed to {commit.commit_url}")
     return commit
@@ -643,7 +643,7 @@ def _default_commit_message(output: _TrainingOutput, repo_id: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_vitgpt2.hub",
+        prog="python -m modeling_vitgpt2.applications.hub",
         description="Render the model card of a train.py output folder, or push the folder to the Hugging Face Hub. "
         f"The token comes from `hf auth login` or HF_TOKEN. Put a picture from attention_maps.draw_attention_maps "
         f"at OUTPUT_DIR/{ATTENTION_EXAMPLE} to show it on the card.",
@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> None:
             space_id=args.space_id,
         )
     except (HubPushError, OSError, ValueError) as error:
-        print(f"python -m modeling_vitgpt2.hub {args.command}: error: {error}", file=sys.stderr)
+        print(f"python -m modeling_vitgpt2.applications.hub {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"pushed {args.output_dir} to https://huggingface.co/{args.repo_id} ({commit.commit_url})")
 

@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPProcessor
 
-from .io_utils import preview_names
-from .processing_vitgpt2 import ImageLike, as_rgb_image
+from ..model.processing_vitgpt2 import ImageLike, as_rgb_image
+from ..utils.io import preview_names
 
 __all__ = [
     "CLIP_SCORE_WEIGHT",

@@ -28,8 +28,8 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from .io_utils import InvalidJSONError, PathLike, read_json
-from .processing_vitgpt2 import ImageLoadError, as_rgb_image
+from ..model.processing_vitgpt2 import ImageLoadError, as_rgb_image
+from ..utils.io import InvalidJSONError, PathLike, read_json
 
 __all__ = [
     "CaptionCollator",

@@ -2,7 +2,7 @@
 
 It exists so that training, evaluation (CIDEr needs several references per image) and the tests run offline in a few
 minutes on a CPU. Everything is generated deterministically from a seed and written in the course's COCO layout, so
-training reads it through the same loader as real data (`modeling_vitgpt2.data.load_coco_captions`).
+training reads it through the same loader as real data (`modeling_vitgpt2.data.captions.load_coco_captions`).
 
 A scene holds one to three objects, each with a shape, a colour, a size and one of five positions. Every position has
 its own region of the image, so objects never overlap and every caption can name each object's position unambiguously.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .io_utils import write_json_atomic
+from ..utils.io import write_json_atomic
 
 __all__ = [
     "BACKGROUND",

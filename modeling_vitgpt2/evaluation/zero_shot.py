@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.io import InvalidJSONError, PathLike, read_json, write_text_atomic
 from .clip_score import DEFAULT_CLIP_MODEL, ClipLike, LoadedClip, embed_images, embed_texts, resolve_clip
-from .io_utils import InvalidJSONError, PathLike, read_json, write_text_atomic
 
 __all__ = [
     "ENSEMBLE",

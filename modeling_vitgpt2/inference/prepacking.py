@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .modeling_vitgpt2 import ViTGPT2LMHead
-from .peft_setup import is_peft_model
+from ..model.modeling_vitgpt2 import ViTGPT2LMHead
+from .loading import is_peft_model
 
 __all__ = ["PrepackedLinear", "can_prepack", "float32_cpu_model", "prepack_for_cpu"]
 

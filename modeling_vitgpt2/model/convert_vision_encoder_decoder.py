@@ -5,11 +5,11 @@ outputs, plus the matching processor.
 A tool, not part of the model: like transformers' `convert_*` scripts it stays out of the remote-code files saved
 next to the weights (`modeling_vitgpt2.py` does not import it).
 
-    python -m modeling_vitgpt2.convert_vision_encoder_decoder nlpconnect/vit-gpt2-image-captioning converted/
+    python -m modeling_vitgpt2.model.convert_vision_encoder_decoder nlpconnect/vit-gpt2-image-captioning converted/
 
 or in Python:
 
-    from modeling_vitgpt2.convert_vision_encoder_decoder import convert_vision_encoder_decoder
+    from modeling_vitgpt2.model.convert_vision_encoder_decoder import convert_vision_encoder_decoder
     model = convert_vision_encoder_decoder("nlpconnect/vit-gpt2-image-captioning")
 """
 

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LNTuningConfig, LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "check_trainable_budget",
     "config_overrides",
     "count_parameters",
-    "is_peft_model",
     "layer_norm_tuning",
     "peft_method",
     "register_peft_method",
@@ -92,7 +91,7 @@ def peft_method(name: str) -> PeftMethod:
     except KeyError:
         raise ValueError(
             f"unknown PEFT method {name!r}: registered are {', '.join(PEFT_METHODS)} (add one with "
-            "modeling_vitgpt2.peft_setup.register_peft_method, imported before training or publishing)"
+            "modeling_vitgpt2.training.peft_methods.register_peft_method, imported before training or publishing)"
         ) from None
 
 
@@ -103,7 +102,7 @@ class PeftArguments:
     peft: str | None = field(
         default=None,
         metadata={
-            "help": "A registered method (modeling_vitgpt2.peft_setup.PEFT_METHODS): lora | adapter | prefix | "
+            "help": "A registered method (modeling_vitgpt2.training.peft_methods.PEFT_METHODS): lora | adapter | prefix | "
             "cross_attention | full. Default: full for a model trained from scratch, lora for pretrained weights."
         },
     )
@@ -253,6 +252,3 @@ def check_trainable_budget(trainable: int, limit: int | None, method: str) -> No
             "rank / bottleneck / prefix, or another method (cross_attention trains the least)."
         )
 
-
-def is_peft_model(model: nn.Module) -> bool:
-    return isinstance(model, PeftModel)

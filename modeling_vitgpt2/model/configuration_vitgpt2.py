@@ -26,7 +26,7 @@ class ViTGPT2Config(PretrainedConfig):
         attn_pdrop, layer_norm_epsilon, initializer_range.
         cross_attention_layers (`list[int]`, *optional*): decoder blocks that carry cross-attention; `None` = all.
 
-    Parameter-efficient modules built into the decoder (trained by `modeling_vitgpt2.peft_setup`):
+    Parameter-efficient modules built into the decoder (trained by `modeling_vitgpt2.training.peft_methods`):
         adapter_bottleneck (`int`, *optional*): bottleneck adapters (Houlsby et al.) of this width after the
             self-attention and after the cross-attention of every block; their up-projection starts at zero, so a
             new adapter leaves the model's outputs unchanged.

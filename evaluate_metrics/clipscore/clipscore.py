@@ -1,13 +1,19 @@
 """CLIPScore and RefCLIPScore (Hessel et al., 2021) as a Hugging Face `evaluate` module.
 
-Load it offline from a checkout with `evaluate.load("metrics/clipscore")` (relative to the repository root) or an
-absolute path. The implementation lives in `modeling_vitgpt2.clip_score`; this file only adapts it to `evaluate`.
+Load it offline from a checkout with `evaluate.load("evaluate_metrics/clipscore")` (relative to the repository root) or an
+absolute path. The implementation lives in `modeling_vitgpt2.evaluation.clip_score`; this file only adapts it to `evaluate`.
 """
 
 import datasets
 import evaluate
 
-from modeling_vitgpt2.clip_score import CLIP_SCORE_WEIGHT, DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
+from modeling_vitgpt2.evaluation.clip_score import (
+    CLIP_SCORE_WEIGHT,
+    DEFAULT_CLIP_MODEL,
+    LoadedClip,
+    clip_score,
+    load_clip,
+)
 
 _CITATION = """\
 @inproceedings{hessel2021clipscore,
@@ -41,7 +47,7 @@ Returns:
     clip_score: mean CLIP-S; clip_score_per_image: the per-image values.
     ref_clip_score, ref_clip_score_per_image: only when references are given.
 Examples:
-    >>> clipscore = evaluate.load("metrics/clipscore")
+    >>> clipscore = evaluate.load("evaluate_metrics/clipscore")
     >>> clipscore.compute(predictions=["a dog on a beach"], images=["dog.jpg"], clip_model="path/to/clip")
 """
 

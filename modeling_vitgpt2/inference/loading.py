@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
+from peft import PeftModel
+from torch import nn
 
-from .io_utils import read_json
-from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+from ..utils.io import read_json
 
-__all__ = ["BASE_MODEL_FOLDER", "load_for_inference", "model_folder"]
+__all__ = ["BASE_MODEL_FOLDER", "is_peft_model", "load_for_inference", "model_folder"]
 
 # Where a run saves the base model it built for its adapter, and where a pushed adapter repository carries it.
 BASE_MODEL_FOLDER = "base_model"
@@ -41,8 +43,6 @@ def load_for_inference(path: str | os.PathLike, quantize: str | None = None, **k
         return quantize_for_cpu(load_for_inference(path, **kwargs), quantize)
     path = model_folder(path)
     if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         # A base built by the run travels with it (locally, and in pushed repos) as `base_model/`.
         bundled_base = path / BASE_MODEL_FOLDER
         if (bundled_base / "config.json").is_file():
@@ -52,3 +52,7 @@ def load_for_inference(path: str | os.PathLike, quantize: str | None = None, **k
         base = ViTGPT2ForConditionalGeneration.from_pretrained(base_path, **kwargs)
         return PeftModel.from_pretrained(base, path).eval()
     return ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel)

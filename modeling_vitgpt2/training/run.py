@@ -27,25 +27,24 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .configuration_vitgpt2 import ViTGPT2Config
-from .data import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
-from .io_utils import InvalidJSONError, file_digest, read_json, write_json_atomic
-from .loading import BASE_MODEL_FOLDER
-from .metrics import compute_metrics
-from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
-from .peft_setup import (
+from ..data.captions import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
+from ..data.synthetic import write_synthetic_coco
+from ..evaluation.metrics import compute_metrics
+from ..inference.loading import BASE_MODEL_FOLDER, is_peft_model
+from ..model.configuration_vitgpt2 import ViTGPT2Config
+from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+from ..model.processing_vitgpt2 import ViTGPT2Processor
+from ..utils.io import InvalidJSONError, file_digest, read_json, write_json_atomic
+from .peft_methods import (
     PeftArguments,
     apply_peft,
     check_trainable_budget,
     config_overrides,
     count_parameters,
-    is_peft_model,
     peft_method,
     resolve_method,
 )
-from .processing_vitgpt2 import ViTGPT2Processor
-from .synthetic import write_synthetic_coco
-from .tokenization import train_caption_tokenizer
+from .tokenizer import train_caption_tokenizer
 
 __all__ = [
     "CaptionTrainer",
@@ -312,7 +311,7 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
     """(training stream of decoded rows, captions to train a tokenizer on, validation images, this process's
     `StreamCounts`). The validation set is small and read into memory: --val_shards, the COCO layout
     (--val_json/--val_images) or the dataset's --val_split."""
-    from .streaming import (
+    from ..data.streaming import (
         StreamCounts,
         decoded_rows,
         first_captions,
@@ -519,7 +518,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         return metrics
 
     def _loaded_clip(self):
-        from .clip_score import load_clip
+        from ..evaluation.clip_score import load_clip
 
         if self.clip_model and self._clip is None:
             self._clip = load_clip(self.clip_model, device=self.args.device)
@@ -785,13 +784,13 @@ def run_training(
     callbacks: list[TrainerCallback] | None = None,
 ) -> dict:
     """Trains, evaluates and saves; returns the final evaluation metrics. Publishing is the Hub layer's job:
-    `train.py --push_to_hub` calls `modeling_vitgpt2.hub.push_training_output` once this returns. `callbacks` are
+    `train.py --push_to_hub` calls `modeling_vitgpt2.applications.hub.push_training_output` once this returns. `callbacks` are
     added to the Trainer's (the study uses them to show progress). Holds the output folder for the run
     (`hold_output_dir`)."""
     if training_args.push_to_hub:
         raise ValueError(
             "run_training does not push: Trainer's own push would replace the model card with a generic one. Train "
-            "with push_to_hub=False, then call modeling_vitgpt2.hub.push_training_output(training_args, output_dir) "
+            "with push_to_hub=False, then call modeling_vitgpt2.applications.hub.push_training_output(training_args, output_dir) "
             "(train.py --push_to_hub does both)"
         )
     if training_args.hub_token is not None:
@@ -1067,7 +1066,7 @@ class PageOutEncoderCallback(TrainerCallback):
         self.device: torch.device | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from .feature_cache import page_out_encoder
+        from ..data.feature_cache import page_out_encoder
 
         if isinstance(next(self.model.get_encoder().parameters()), DTensor):
             return  # sharded by FSDP: each process holds its share only, and offloading it is FSDP's setting
@@ -1086,8 +1085,8 @@ def _feature_cache_collators(data_args, training_args, peft_args, model, process
                              stream_counts):
     """(training collator, evaluation collator, the callback paging the encoder out, training rows): with
     --train_shards the rows become a stream of cached features, whose bad samples `stream_counts` counts."""
-    from .feature_cache import CachedFeatureCollator, EncoderFeatureCache, stream_feature_shards
-    from .streaming import expand_shards
+    from ..data.feature_cache import CachedFeatureCollator, EncoderFeatureCache, stream_feature_shards
+    from ..data.streaming import expand_shards
 
     if peft_args.train_encoder:
         raise ValueError("--cache_encoder_features needs a frozen encoder: pass --train_encoder false")

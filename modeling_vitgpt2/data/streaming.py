@@ -28,8 +28,8 @@ import datasets
 from braceexpand import braceexpand
 from PIL import Image
 
-from .data import CaptionDataError
-from .processing_vitgpt2 import as_rgb_image
+from ..model.processing_vitgpt2 import as_rgb_image
+from .captions import CaptionDataError
 
 __all__ = [
     "BadSample",

@@ -1,0 +1,1 @@
+"""What people run: the PEFT study, the demo page and Hub publishing (card, push, Space)."""
