@@ -20,6 +20,8 @@ class ViTGPT2Config(PretrainedConfig):
             `from_encoder_decoder_pretrained`.
         encoder_kwargs (`dict`): extra `timm.create_model` arguments (`img_size`, `patch_size`, `embed_dim`, ...).
         encoder_hidden_size (`int`): width of the image tokens (1024 for ViT-L/14); checked against the built encoder.
+        encoder_layer_norm_eps (`float`, *optional*): epsilon of every LayerNorm in the encoder; `None` keeps the
+            timm architecture's own (1e-6 for ViTs). Converted transformers ViTs set theirs (usually 1e-12).
 
     Decoder arguments (GPT-2's names, so GPT-2 checkpoints and peft read them unchanged):
         vocab_size, n_positions, n_embd, n_layer, n_head, n_inner, activation_function, resid_pdrop, embd_pdrop,
@@ -49,6 +51,7 @@ class ViTGPT2Config(PretrainedConfig):
         encoder_name: str = "vit_large_patch14_clip_224.openai",
         encoder_kwargs: dict | None = None,
         encoder_hidden_size: int = 1024,
+        encoder_layer_norm_eps: float | None = None,
         vocab_size: int = 50257,
         n_positions: int = 1024,
         n_embd: int = 768,
@@ -75,6 +78,7 @@ class ViTGPT2Config(PretrainedConfig):
         self.encoder_name = encoder_name
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder_hidden_size = encoder_hidden_size
+        self.encoder_layer_norm_eps = encoder_layer_norm_eps
         self.vocab_size = vocab_size
         self.n_positions = n_positions
         self.n_embd = n_embd

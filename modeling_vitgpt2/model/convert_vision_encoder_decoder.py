@@ -32,8 +32,8 @@ def convert_vision_encoder_decoder(model_or_path) -> ViTGPT2ForConditionalGenera
     """A `VisionEncoderDecoderModel` (or a folder / Hub id of one) as this package's model, with identical outputs.
 
     The ViT becomes a timm `vit_base_patch16_224`-architecture encoder of the same sizes; an `enc_to_dec_proj`
-    layer is folded into every cross-attention key/value projection (both are linear). The only difference left
-    is the encoder's LayerNorm epsilon (timm's 1e-6 against ViT's 1e-12), far below 1e-4 on the logits.
+    layer is folded into every cross-attention key/value projection (both are linear), and the encoder keeps the
+    ViT's LayerNorm epsilon (`layer_norm_eps`, usually 1e-12 where timm's ViTs use 1e-6).
     Use `ViTGPT2Processor.from_vision_encoder_decoder(path)` for the matching processor.
     """
     from transformers import VisionEncoderDecoderModel
@@ -65,6 +65,7 @@ def convert_vision_encoder_decoder(model_or_path) -> ViTGPT2ForConditionalGenera
             "qkv_bias": vit_config.qkv_bias,
         },
         encoder_hidden_size=vit_config.hidden_size,
+        encoder_layer_norm_eps=vit_config.layer_norm_eps,
         bos_token_id=gpt2_config.bos_token_id,
         eos_token_id=outer.eos_token_id if outer.eos_token_id is not None else gpt2_config.eos_token_id,
         pad_token_id=outer.pad_token_id if outer.pad_token_id is not None else gpt2_config.eos_token_id,

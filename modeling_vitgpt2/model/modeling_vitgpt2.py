@@ -430,6 +430,11 @@ class ViTGPT2Encoder(nn.Module):
     def __init__(self, config: ViTGPT2Config):
         super().__init__()
         self.model = timm.create_model(config.encoder_name, pretrained=False, num_classes=0, **config.encoder_kwargs)
+        if config.encoder_layer_norm_eps is not None:
+            # timm fixes the epsilon inside the architecture; a converted transformers ViT was trained with its own.
+            for module in self.model.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = config.encoder_layer_norm_eps
         if self.model.num_features != config.encoder_hidden_size:
             raise ValueError(
                 f"encoder {config.encoder_name!r} makes {self.model.num_features}-d tokens but the config says "
