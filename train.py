@@ -24,16 +24,8 @@ from modeling_vitgpt2.applications.hub import (
     push_training_output,
     without_trainer_push,
 )
-from modeling_vitgpt2.training.run import (
-    CaptionTrainingArguments,
-    DataArguments,
-    ModelArguments,
-    OutputFolderInUseError,
-    PeftArguments,
-    run_training,
-)
+from modeling_vitgpt2.training.run import ARGUMENT_GROUPS, OutputFolderInUseError, run_training
 
-ARGUMENT_GROUPS = (ModelArguments, DataArguments, PeftArguments, CaptionTrainingArguments)
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 

@@ -2,6 +2,7 @@
 every number is what `eval.py score` computes on the variant's saved predictions."""
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -175,6 +176,32 @@ def test_rerun_skips_finished_variants_and_resumes_an_interrupted_one(finished_s
     assert rows["lora"] == {row["name"]: row for row in first["rows"]}["lora"]
     assert rows["cross"]["status"] == "ok" and rows["cross"]["resumed_from"] == str(checkpoints[0])
     assert (cross / "eval_predictions.json").is_file()
+
+
+def test_the_extremes_are_drawn_with_the_recipes_generation_settings(finished_study, study_file, tmp_path,
+                                                                     monkeypatch):
+    """The attention maps caption the best and worst images again with the settings the variant's predictions were
+    made with: `max_new_tokens` included."""
+    output_dir, results, _ = finished_study
+    copy = tmp_path / "study"
+    shutil.copytree(output_dir, copy)
+    study = study_module.load_study(study_file)
+    study = dataclasses.replace(study, recipe={**study.recipe, "max_new_tokens": 1})
+    from modeling_vitgpt2.evaluation import jobs
+
+    drawn = []
+    original = jobs.compute_attention_maps
+
+    def spy(*args, **kwargs):
+        drawn.extend(original(*args, **kwargs))
+        return drawn[-len(args[2]):]
+
+    monkeypatch.setattr(jobs, "compute_attention_maps", spy)
+    quiet = study_module.StudyProgress(0, enabled=False)
+    summary = study_module._extremes(study, results["rows"], study_module._prepare_data(study, copy, quiet), copy,
+                                     quiet)
+    assert len(drawn) == len(summary["best"] + summary["worst"]) == 2 * TOP_K
+    assert all(len(result.token_ids) == 1 for result in drawn)
 
 
 def test_shipped_studies_load():

@@ -1,5 +1,6 @@
 """`train.py` as users run it: resuming a killed run, two processes, and the built-in default pipeline."""
 
+import copy
 import json
 import os
 import signal
@@ -139,6 +140,26 @@ def test_a_config_file_comes_first_and_flags_override_it(train_script, tmp_path)
     # The shipped course recipe parses too.
     _, _, peft_args, training_args = train_script.parse_arguments([str(REPO / "configs" / "course_lora.yaml")])
     assert peft_args.peft == "lora" and training_args.learning_rate == 3e-5
+
+
+def test_filling_in_defaults_returns_new_arguments_and_leaves_the_given_ones(train_script, tmp_path):
+    from modeling_vitgpt2.training.peft_methods import resolve_method
+    from modeling_vitgpt2.training.run import _streamed_training_args, load_caption_data
+
+    _, data_args, peft_args, _ = train_script.parse_arguments([
+        "--synthetic_dir", str(tmp_path / "shapes"), "--synthetic_train_images", "4", "--synthetic_val_images", "2",
+        "--synthetic_image_size", "16"])
+    given = copy.deepcopy((data_args, peft_args))
+    method, resolved = resolve_method(peft_args, from_scratch=True)
+    assert (method, resolved.train_encoder) == ("full", True)
+    _, val_images = load_caption_data(data_args)  # writes and reads the synthetic set
+    assert len(val_images) == 2
+    assert (data_args, peft_args) == given
+
+    _, data_args, _, training_args = train_script.parse_arguments(["--train_shards", "a.tar", "--max_steps", "2"])
+    streamed = _streamed_training_args(data_args, training_args)
+    assert streamed.accelerator_config.dispatch_batches is False
+    assert training_args.accelerator_config.dispatch_batches is None
 
 
 def test_a_config_file_with_an_unknown_option_is_refused_naming_it(train_script, tmp_path):

@@ -28,7 +28,8 @@ from PIL import Image
 from ..evaluation.attention_maps import REPORT_LAYERS, attention_overlay, caption_attention_maps, cross_attention_layers
 from ..evaluation.clip_score import load_clip
 from ..evaluation.jobs import load_captioner
-from ..evaluation.zero_shot import ENSEMBLE, class_probabilities
+from ..evaluation.zero_shot import ENSEMBLE, IMAGE_EXTENSIONS, class_probabilities
+from ..inference.generation import generation_kwargs
 from ..model.processing_vitgpt2 import ImageLoadError, load_image
 from .hub import SPACE_MODEL_FOLDER
 
@@ -39,7 +40,6 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TEMPLATES",
     "Demo",
-    "EXAMPLE_SUFFIXES",
     "find_examples",
     "load_demo",
     "main",
@@ -56,7 +56,6 @@ SPACE_README = "README.md"  # in the working folder, where a Space runs app.py
 # The default run's validation images (python train.py writes them), and a Space's own examples/ folder.
 DEFAULT_EXAMPLE_FOLDERS = ("examples", "outputs/synthetic-shapes/val")
 MAX_EXAMPLES = 8
-EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 ALL_LAYERS = "all"
 MEAN_OF_HEADS = "mean"
 DEFAULT_TEMPLATES = "This is a photo of {object}.\nThis is not a photo of {object}."
@@ -105,7 +104,7 @@ def find_examples(sources: list[str] | None) -> list[str]:
     examples = []
     for source in map(Path, sources):
         if source.is_dir():
-            examples += sorted(path for path in source.iterdir() if path.suffix.lower() in EXAMPLE_SUFFIXES)
+            examples += sorted(path for path in source.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
         elif source.is_file():
             examples.append(source)
         else:
@@ -165,8 +164,8 @@ class Demo:
     def caption(self, upload, num_beams, max_new_tokens, length_penalty, layers, head):
         """(caption, every beam with its score, one attention panel per word, a note) for the page."""
         image = self.load_upload(upload)
-        settings = dict(num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
-                        length_penalty=float(length_penalty))
+        settings = generation_kwargs(num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
+                                     length_penalty=float(length_penalty))
         with torch.no_grad():
             output = self.model.generate(
                 **self.processor(images=[image]).to(self.model.device), num_return_sequences=settings["num_beams"],

@@ -57,7 +57,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..evaluation.metrics import format_metric, metric_names
-from ..inference.loading import BASE_MODEL_FOLDER
+from ..inference.loading import BASE_MODEL_FOLDER, adapter_base, check_model_folder
 from ..training.peft_methods import peft_method
 from ..utils.io import read_json
 
@@ -326,12 +326,12 @@ def check_push_settings(training_args) -> None:
 
 
 def without_trainer_push(training_args):
-    """The arguments to give `Trainer`: with its own push switched off, since it would replace this card by its
-    generic one (and push every checkpoint); `push_training_output` pushes once at the end instead. And without the
-    token: Trainer pickles its arguments whole into every checkpoint's `training_args.bin`."""
-    if not training_args.push_to_hub and training_args.hub_token is None:
+    """The arguments to give `run_training`: with Trainer's own push switched off, since it would replace this card
+    by its generic one (and push every checkpoint); `push_training_output` pushes once at the end instead.
+    (`run_training` keeps the token out of the checkpoints.)"""
+    if not training_args.push_to_hub:
         return training_args
-    return dataclasses.replace(training_args, push_to_hub=False, hub_token=None)
+    return dataclasses.replace(training_args, push_to_hub=False)
 
 
 def push_training_output(training_args, output_dir: str | Path) -> CommitInfo:
@@ -387,7 +387,7 @@ def _read_output(output_dir: str | Path) -> _TrainingOutput:
     summary = _read_json(folder / "training_summary.json")
     eval_results = _read_json(folder / "eval_results.json")
     if not (folder / "adapter_config.json").is_file():
-        _check_model_folder(folder)
+        _check_publishable_model(folder)
         return _TrainingOutput(folder, summary, eval_results, None, folder, None)
 
     for name in ADAPTER_FILES:
@@ -395,9 +395,9 @@ def _read_output(output_dir: str | Path) -> _TrainingOutput:
             raise FileNotFoundError(f"{folder} has adapter_config.json but no {name}: the adapter was not fully saved")
     _check_remote_code(folder, "processor_config.json")
     adapter_config = _read_json(folder / "adapter_config.json")
-    base_folder, base_repo = _locate_base(folder, adapter_config.get("base_model_name_or_path") or "")
+    base_folder, base_repo = _locate_base(folder)
     if base_folder is not None:
-        _check_model_folder(base_folder)
+        _check_publishable_model(base_folder)
     return _TrainingOutput(folder, summary, eval_results, adapter_config, base_folder, base_repo)
 
 
@@ -410,11 +410,13 @@ def _read_json(path: Path) -> dict:
     return read_json(path)
 
 
-def _check_model_folder(folder: Path) -> None:
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has neither a model (config.json) nor an adapter (adapter_config.json)")
+def _check_publishable_model(folder: Path) -> None:
+    """A model folder others can load from the Hub without this package: complete (`check_model_folder`), its
+    weights in safetensors (the files pushed), and the remote code its configs name."""
+    check_model_folder(folder)
     if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
-        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors: the model was not fully saved")
+        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors: save the model again with "
+                                "save_pretrained, which writes it")
     _check_remote_code(folder, "config.json")
     _check_remote_code(folder, "processor_config.json")
 
@@ -438,16 +440,15 @@ def _check_remote_code(folder: Path, config_name: str) -> None:
         )
 
 
-def _locate_base(folder: Path, recorded: str) -> tuple[Path | None, str | None]:
-    """(local base folder to upload, or the Hub id to refer to) for an adapter's recorded base."""
-    if recorded and Path(recorded).is_dir():
-        return Path(recorded), None
-    if (folder / BASE_MODEL_FOLDER / "config.json").is_file():  # the output folder was moved since training
-        return folder / BASE_MODEL_FOLDER, None
-    if _is_hub_id(recorded):
-        return None, recorded
+def _locate_base(folder: Path) -> tuple[Path | None, str | None]:
+    """(local base folder to upload, or the Hub id to refer to) for the adapter's base (`adapter_base`)."""
+    base = adapter_base(folder)
+    if Path(base).is_dir():
+        return Path(base), None
+    if _is_hub_id(base):
+        return None, base
     raise FileNotFoundError(
-        f"the adapter's base model {recorded!r} (adapter_config.json: base_model_name_or_path) is neither a folder "
+        f"the adapter's base model {base!r} (adapter_config.json: base_model_name_or_path) is neither a folder "
         "here nor a Hub id: put the base model folder back there, or set base_model_name_or_path to its Hub id"
     )
 

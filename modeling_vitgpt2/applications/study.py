@@ -91,6 +91,9 @@ STUDY_KEYS = {"name", "base", "data", "recipe", "variants", "clip_model", "clip_
               "extremes", "side_by_side", "output_dir", "torch_threads"}
 # The headline columns of the PEFT table (all registry values are in results.json / results.csv).
 TABLE_METRICS = ("cider", "clip_score", "bleu_4", "rouge_l", "meteor")
+# The data options that describe the built-in synthetic set, written once for the whole study.
+SYNTHETIC_ARGUMENTS = ("synthetic_train_images", "synthetic_val_images", "synthetic_image_size", "synthetic_domain",
+                       "synthetic_dir")
 # The study prints its own progress lines, and logs to nothing unless the recipe says otherwise.
 RUN_DEFAULTS = {"disable_tqdm": True, "report_to": "none"}
 
@@ -122,10 +125,9 @@ class Study:
 
 
 def _argument_names() -> set[str]:
-    from ..training.run import CaptionTrainingArguments, DataArguments, ModelArguments, PeftArguments
+    from ..training.run import ARGUMENT_GROUPS
 
-    return {f.name for cls in (ModelArguments, DataArguments, PeftArguments, CaptionTrainingArguments)
-            for f in fields(cls) if f.init}
+    return {f.name for group in ARGUMENT_GROUPS for f in fields(group) if f.init}
 
 
 def load_study(path) -> Study:
@@ -335,14 +337,13 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
     """The study's COCO-style files; the synthetic set is written once (a rewrite would change the files' times,
     and with them the feature cache's keys)."""
     from ..data.synthetic import write_synthetic_coco
+    from ..training.run import DataArguments
 
     data = dict(study.data)
+    synthetic = {key: data.pop(key) for key in SYNTHETIC_ARGUMENTS if key in data}
     if not data.get("train_json"):
-        options = {"num_train": data.pop("synthetic_train_images", 2000),
-                   "num_val": data.pop("synthetic_val_images", 200),
-                   "image_size": data.pop("synthetic_image_size", 64),
-                   "domain": data.pop("synthetic_domain", "shapes")}
-        root = Path(data.pop("synthetic_dir", None) or output_dir / "data")
+        options = DataArguments(**synthetic).synthetic_options()
+        root = Path(synthetic.get("synthetic_dir") or output_dir / "data")
         marker = root / "written.json"
         if not (marker.is_file() and read_json(marker) == options):
             progress.say(f"writing the synthetic {options['domain']!r} set ({options['num_train']} training and "
@@ -355,16 +356,13 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
         missing = [key for key in ("train_images", "val_json", "val_images") if not data.get(key)]
         if missing:
             raise StudyConfigError(f"study file {study.path}: 'data' needs {missing} with train_json")
-    for key in ("synthetic_train_images", "synthetic_val_images", "synthetic_image_size", "synthetic_domain",
-                "synthetic_dir"):
-        data.pop(key, None)
     return StudyData(data["train_json"], data["train_images"], data["val_json"], data["val_images"], data)
 
 
 def _parse_arguments(values: dict):
-    from ..training.run import CaptionTrainingArguments, DataArguments, ModelArguments, PeftArguments
+    from ..training.run import ARGUMENT_GROUPS
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, PeftArguments, CaptionTrainingArguments))
+    parser = HfArgumentParser(ARGUMENT_GROUPS)
     return parser.parse_dict(values, allow_extra_keys=False)
 
 
@@ -422,8 +420,7 @@ def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progre
     model_args, data_args, _, training_args = _parse_arguments(
         {**RUN_DEFAULTS, **study.recipe, **data.arguments, **_base_arguments(study), "output_dir": str(folder)})
     processor, model, _ = build_processor_and_model(model_args, {}, [])
-    model.generation_config.num_beams = training_args.generation_num_beams or model.generation_config.num_beams
-    model.generation_config.max_length = training_args.generation_max_length or model.generation_config.max_length
+    model.generation_config.update(**training_args.generation_settings())
     model.requires_grad_(False).to(training_args.device).eval()
     val_rows = references_per_image(load_coco_captions(data.val_json, data.val_images))
     collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
@@ -582,8 +579,8 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
               progress: StudyProgress) -> dict | None:
     """The best and worst captions of one variant, by CLIPScore when the study has a CLIP model, else by per-image
     CIDEr, each with its per-word attention maps."""
-    from ..evaluation.attention_maps import REPORT_LAYERS, cross_attention_layers, draw_attention_maps
-    from ..evaluation.jobs import compute_attention_maps, load_captioner, read_coco_references
+    from ..evaluation.attention_maps import REPORT_LAYERS, cross_attention_layers
+    from ..evaluation.jobs import draw_extremes, load_captioner, rank_extremes, read_coco_references
 
     finished = [row for row in rows if row["status"] == "ok" and row["name"] != BASE_ROW]
     if not finished:
@@ -598,16 +595,13 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
     by = "clip_score" if "clip_score" in row["metrics"] else "cider"
     per_image = {name: values[by] for name, values in scores["per_image"].items()}
     top_k = min(int(study.extremes.get("top_k", 2)), len(per_image))
-    best = sorted(per_image, key=lambda name: (-per_image[name], name))[:top_k]
-    worst = sorted(per_image, key=lambda name: (per_image[name], name))[:top_k]
+    best, worst = rank_extremes(per_image, top_k)
     progress.say(f"extremes: best and worst {top_k} captions of {row['name']} by {metric_names()[by]}, with "
                  "attention maps")
     predictions = read_json(folder / "eval_predictions.json")
     file_names = read_coco_references(data.val_json).file_names
     model, processor = load_captioner(folder)
-    entries = [("best", rank, name) for rank, name in enumerate(best, 1)]
-    entries += [("worst", rank, name) for rank, name in enumerate(worst, 1)]
-    paths = [Path(data.val_images) / file_names[name] for _, _, name in entries]
+    image = {name: Path(data.val_images) / file_names[name] for name in best + worst}
     # the settings the variant's predictions were generated with
     *_, settings = _parse_arguments({**RUN_DEFAULTS, **study.recipe, **data.arguments, **_base_arguments(study),
                                      "output_dir": str(folder)})
@@ -615,14 +609,15 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
     if layer is None:  # the report's 3rd-4th layers where the model has them, else the mean of all
         available = cross_attention_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
         layer = list(REPORT_LAYERS) if set(REPORT_LAYERS) <= set(available) else "all"
-    maps = compute_attention_maps(model, processor, paths, layer=layer, num_beams=settings.generation_num_beams,
-                                  max_length=settings.generation_max_length, progress=False)
-    summary = {"variant": row["name"], "by": by, "layers": layer, "best": [], "worst": []}
-    for (kind, rank, name), path, result in zip(entries, paths, maps):
-        png = draw_attention_maps(result, output_dir / "extremes" / f"{kind}_{rank}_{name}_attention.png")
-        summary[kind].append({"rank": rank, "name": name, "image": str(path), "caption": predictions[name],
-                              "attention_caption": result.caption, by: per_image[name],
-                              "png": str(Path(png).relative_to(output_dir))})
+    drawn = draw_extremes(model, processor, [(name, image[name]) for name in best],
+                          [(name, image[name]) for name in worst], output_dir / "extremes", layer=layer,
+                          **settings.generation_settings(), progress=False)
+    summary = {"variant": row["name"], "by": by, "layers": layer}
+    for kind, entries in drawn.items():
+        summary[kind] = [{"rank": entry["rank"], "name": entry["name"], "image": str(image[entry["name"]]),
+                          "caption": predictions[entry["name"]], "attention_caption": entry["attention_caption"],
+                          by: per_image[entry["name"]], "png": str(entry["png"].relative_to(output_dir))}
+                         for entry in entries]
     write_json_atomic(output_dir / "extremes" / "extremes.json", summary)
     return summary
 

@@ -23,6 +23,10 @@ from ..utils.io import write_json_atomic
 __all__ = [
     "BACKGROUND",
     "COLOURS",
+    "DEFAULT_DOMAIN",
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_NUM_TRAIN",
+    "DEFAULT_NUM_VAL",
     "describe_scene",
     "DOMAINS",
     "draw_scene",
@@ -41,6 +45,12 @@ __all__ = [
     "write_synthetic_coco",
 ]
 
+
+# The built-in set's size and look: `write_synthetic_coco`'s defaults, and train.py's `--synthetic_*` ones.
+DEFAULT_NUM_TRAIN = 2000
+DEFAULT_NUM_VAL = 200
+DEFAULT_IMAGE_SIZE = 64
+DEFAULT_DOMAIN = "shapes"
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
@@ -268,11 +278,11 @@ def _write_split(
 
 def write_synthetic_coco(
     out_dir: str | Path,
-    num_train: int = 2000,
-    num_val: int = 200,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
     seed: int = 0,
-    image_size: int = 64,
-    domain: str = "shapes",
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    domain: str = DEFAULT_DOMAIN,
 ) -> SyntheticCocoPaths:
     """Writes the synthetic shapes dataset as `train.json`, `val.json`, `train/*.png` and `val/*.png` under `out_dir`.
 

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from ..inference.generation import generation_kwargs
 from ..model.processing_vitgpt2 import ImageLike, as_rgb_image
 from ..utils.io import atomic_path
 
@@ -225,18 +226,13 @@ def caption_attention_maps_batch(
     end_token = processor.tokenizer.eos_token_id
 
     pixel_values = processor(images=rgb_images, return_tensors="pt")["pixel_values"].to(model.device)
-    if max_length is not None:  # an explicit None would override the model's generation_config and break generate
-        generate_kwargs["max_length"] = max_length
+    settings = generation_kwargs(num_beams, max_length, **generate_kwargs)
     previous_implementation, was_training = model.config._attn_implementation, model.training
     model.set_attn_implementation("eager")
     model.eval()
     try:
         output = model.generate(
-            pixel_values=pixel_values,
-            num_beams=num_beams,
-            output_attentions=True,
-            return_dict_in_generate=True,
-            **generate_kwargs,
+            pixel_values=pixel_values, output_attentions=True, return_dict_in_generate=True, **settings
         )
     finally:
         model.set_attn_implementation(previous_implementation)

@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.captions import image_file_in, read_coco_captions
-from ..inference.loading import load_for_inference, model_folder
+from ..inference.generation import generation_kwargs
+from ..inference.loading import check_model_folder, load_for_inference, model_folder
 from ..inference.prepacking import can_prepack, prepack_for_cpu
 from ..inference.quantization import quantize_for_cpu
 from ..model.processing_vitgpt2 import ViTGPT2Processor, load_image
@@ -30,7 +31,6 @@ from ..utils.io import (
     InvalidJSONError,
     PathLike,
     atomic_path,
-    check_safetensors,
     check_writable,
     preview_names,
     read_json,
@@ -47,14 +47,15 @@ __all__ = [
     "caption_folder",
     "caption_images",
     "check_images_readable",
-    "check_model_folder",
     "check_same_names",
     "clip_score_extremes",
     "compute_attention_maps",
     "default_loader_workers",
+    "draw_extremes",
     "image_names",
     "load_captioner",
     "read_coco_references",
+    "rank_extremes",
     "read_predictions",
     "run_zero_shot",
     "score_predictions",
@@ -131,41 +132,9 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
     return model, processor
 
 
-def check_model_folder(folder: Path) -> None:
-    """Fails naming the file, before anything is loaded, when a saved captioner (or train.py's adapter folder) lacks
-    its weights or tokenizer or has damaged weights; loading would otherwise stop with a message that names no file
-    or blames a missing library."""
-    adapter = (folder / "adapter_config.json").is_file()
-    weights = [folder / name for name in ("adapter_model.safetensors",) if adapter] or sorted(
-        folder.glob("model*.safetensors"))
-    if not adapter and not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: give the folder a model was saved to (save_pretrained)")
-    if not weights and not (folder / "pytorch_model.bin").is_file():
-        raise FileNotFoundError(f"{folder} has no weights (model.safetensors): the model was not fully saved; save it "
-                                "again")
-    for path in weights:
-        check_safetensors(path)
-    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-        raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json): save the processor with the model "
-                                "(processor.save_pretrained(folder))")
-    bundled_base = folder / "base_model"
-    if adapter and bundled_base.is_dir():
-        check_model_folder(bundled_base)
-
-
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-
-
-def _generation_settings(num_beams: int, max_length: int | None, max_new_tokens: int | None = None) -> dict:
-    settings = {"num_beams": num_beams}
-    # An explicit None would override the model's generation_config and break generate.
-    if max_length is not None:
-        settings["max_length"] = max_length
-    if max_new_tokens is not None:
-        settings["max_new_tokens"] = max_new_tokens
-    return settings
 
 
 def default_loader_workers() -> int:
@@ -194,7 +163,7 @@ def caption_images(model, processor, paths: Sequence[Path], *, num_beams: int = 
     """
     _check_batch_size(batch_size)
     names = image_names(paths)
-    settings = _generation_settings(num_beams, max_length, max_new_tokens)
+    settings = generation_kwargs(num_beams, max_length, max_new_tokens)
     workers = default_loader_workers() if num_workers is None else num_workers
     batches = torch.utils.data.DataLoader(list(paths), batch_size=batch_size, collate_fn=_PixelBatch(processor),
                                           num_workers=min(workers, -(-len(paths) // batch_size)))
@@ -441,7 +410,7 @@ def compute_attention_maps(model, processor, images: Sequence[Path], *, layer: L
         for start in range(0, len(images), batch_size):
             batch = list(images[start:start + batch_size])
             results += caption_attention_maps_batch(model, processor, batch, layer=layer, head=head,
-                                                    **_generation_settings(num_beams, max_length, max_new_tokens))
+                                                    **generation_kwargs(num_beams, max_length, max_new_tokens))
             bar.update(len(batch))
     return results
 
@@ -530,10 +499,36 @@ def clip_score_extremes(predictions: PathLike | Mapping[str, str], images_dir: P
     result = clip_score(images, {name: predictions[name] for name in names}, prefix=_clip_prefix(clip_prefix),
                         clip=clip_model if isinstance(clip_model, LoadedClip) else load_clip(clip_model),
                         batch_size=batch_size, progress=progress)
-    pairs = [ScoredCaption(name, str(images[name]), predictions[name], result.per_image[name]) for name in names]
-    best = sorted(pairs, key=lambda pair: (-pair.clip_score, pair.name))[:top_k]
-    worst = sorted(pairs, key=lambda pair: (pair.clip_score, pair.name))[:top_k]
+    pairs = {name: ScoredCaption(name, str(images[name]), predictions[name], result.per_image[name]) for name in names}
+    best, worst = rank_extremes(result.per_image, top_k)
+    return [pairs[name] for name in best], [pairs[name] for name in worst]
+
+
+def rank_extremes(scores: Mapping[str, float], top_k: int) -> tuple[list[str], list[str]]:
+    """The `top_k` highest- and lowest-scoring names, best first and worst first; ties are broken by name, so the
+    choice is reproducible."""
+    best = sorted(scores, key=lambda name: (-scores[name], name))[:top_k]
+    worst = sorted(scores, key=lambda name: (scores[name], name))[:top_k]
     return best, worst
+
+
+def draw_extremes(model, processor, best: Sequence[tuple[str, Path]], worst: Sequence[tuple[str, Path]],
+                  output_dir: PathLike, *, layer: LayerChoice = REPORT_LAYERS, head: int | None = None,
+                  num_beams: int = 3, max_length: int | None = None, max_new_tokens: int | None = None,
+                  batch_size: int = 8, progress: bool = True) -> dict[str, list[dict]]:
+    """Captions the best and worst `(name, image file)` pairs again and draws each one's attention maps as
+    `<best|worst>_<rank>_<name>_attention.png` in `output_dir`. Returns `{"best": [...], "worst": [...]}` with
+    `{"rank", "name", "attention_caption", "png"}` per image, in the given order."""
+    chosen = [(kind, rank, name, Path(image)) for kind, pairs in (("best", best), ("worst", worst))
+              for rank, (name, image) in enumerate(pairs, 1)]
+    maps = compute_attention_maps(model, processor, [image for *_, image in chosen], layer=layer, head=head,
+                                  num_beams=num_beams, max_length=max_length, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, progress=progress)
+    drawn = {"best": [], "worst": []}
+    for (kind, rank, name, _), result in zip(chosen, maps):
+        png = draw_attention_maps(result, Path(output_dir) / f"{kind}_{rank}_{name}_attention.png")
+        drawn[kind].append({"rank": rank, "name": name, "attention_caption": result.caption, "png": Path(png)})
+    return drawn
 
 
 def write_extremes(predictions: PathLike | Mapping[str, str], images_dir: PathLike, model_or_path,
@@ -552,17 +547,16 @@ def write_extremes(predictions: PathLike | Mapping[str, str], images_dir: PathLi
     check_writable(Path(output_dir) / "extremes.json")
     best, worst = clip_score_extremes(predictions, images_dir, clip_model, top_k, clip_prefix=clip_prefix,
                                       batch_size=batch_size, progress=progress)
-    chosen = [("best", rank, pair) for rank, pair in enumerate(best, 1)]
-    chosen += [("worst", rank, pair) for rank, pair in enumerate(worst, 1)]
     model, processor = load_captioner(model_or_path, processor)
-    maps = compute_attention_maps(model, processor, [Path(pair.image) for _, _, pair in chosen], layer=layer,
-                                  head=head, num_beams=num_beams, max_length=max_length,
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  progress=progress)
-    summary = {"clip_model": _clip_name(clip_model), "clip_prefix": _clip_prefix(clip_prefix), "best": [],
-               "worst": []}
-    for (kind, rank, pair), result in zip(chosen, maps):
-        png = draw_attention_maps(result, Path(output_dir) / f"{kind}_{rank}_{pair.name}_attention.png")
-        summary[kind].append({**asdict(pair), "rank": rank, "attention_caption": result.caption, "png": str(png)})
+    drawn = draw_extremes(model, processor, [(pair.name, pair.image) for pair in best],
+                          [(pair.name, pair.image) for pair in worst], output_dir, layer=layer, head=head,
+                          num_beams=num_beams, max_length=max_length, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, progress=progress)
+    pairs = {pair.name: pair for pair in best + worst}
+    summary = {"clip_model": _clip_name(clip_model), "clip_prefix": _clip_prefix(clip_prefix)}
+    for kind, entries in drawn.items():
+        summary[kind] = [{**asdict(pairs[entry["name"]]), "rank": entry["rank"],
+                          "attention_caption": entry["attention_caption"], "png": str(entry["png"])}
+                         for entry in entries]
     write_json_atomic(Path(output_dir) / "extremes.json", summary)
     return summary

@@ -10,9 +10,16 @@ from peft import PeftModel
 from torch import nn
 
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
-from ..utils.io import read_json
+from ..utils.io import check_safetensors, read_json
 
-__all__ = ["BASE_MODEL_FOLDER", "is_peft_model", "load_for_inference", "model_folder"]
+__all__ = [
+    "BASE_MODEL_FOLDER",
+    "adapter_base",
+    "check_model_folder",
+    "is_peft_model",
+    "load_for_inference",
+    "model_folder",
+]
 
 # Where a run saves the base model it built for its adapter, and where a pushed adapter repository carries it.
 BASE_MODEL_FOLDER = "base_model"
@@ -43,15 +50,46 @@ def load_for_inference(path: str | os.PathLike, quantize: str | None = None, **k
         return quantize_for_cpu(load_for_inference(path, **kwargs), quantize)
     path = model_folder(path)
     if (path / "adapter_config.json").is_file():
-        # A base built by the run travels with it (locally, and in pushed repos) as `base_model/`.
-        bundled_base = path / BASE_MODEL_FOLDER
-        if (bundled_base / "config.json").is_file():
-            base_path = str(bundled_base)
-        else:
-            base_path = read_json(path / "adapter_config.json", "adapter config")["base_model_name_or_path"]
-        base = ViTGPT2ForConditionalGeneration.from_pretrained(base_path, **kwargs)
+        base = ViTGPT2ForConditionalGeneration.from_pretrained(adapter_base(path), **kwargs)
         return PeftModel.from_pretrained(base, path).eval()
     return ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model of the peft adapter saved in `folder`: the `base_model/` a run built and saved beside it (it
+    travels with the adapter, locally and in pushed repositories), else the folder or Hub id that
+    adapter_config.json records as `base_model_name_or_path`."""
+    bundled = folder / BASE_MODEL_FOLDER
+    if (bundled / "config.json").is_file():
+        return str(bundled)
+    recorded = read_json(folder / "adapter_config.json", "adapter config").get("base_model_name_or_path")
+    if not recorded:
+        raise ValueError(f"{folder / 'adapter_config.json'} records no base_model_name_or_path and {folder} has no "
+                         f"{BASE_MODEL_FOLDER}/: set base_model_name_or_path to the base model's folder or Hub id")
+    return recorded
+
+
+def check_model_folder(folder: Path) -> None:
+    """Fails naming the file, before anything is loaded, when a saved captioner (or train.py's adapter folder) lacks
+    its weights or tokenizer or has damaged weights; loading would otherwise stop with a message that names no file
+    or blames a missing library. An adapter's base is checked too when it is a local folder."""
+    adapter = (folder / "adapter_config.json").is_file()
+    weights = [folder / name for name in ("adapter_model.safetensors",) if adapter] or sorted(
+        folder.glob("model*.safetensors"))
+    if not adapter and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: give the folder a model was saved to (save_pretrained)")
+    if not weights and not (folder / "pytorch_model.bin").is_file():
+        raise FileNotFoundError(f"{folder} has no weights (model.safetensors): the model was not fully saved; save it "
+                                "again")
+    for path in weights:
+        check_safetensors(path)
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json): save the processor with the model "
+                                "(processor.save_pretrained(folder))")
+    if adapter:
+        base = Path(adapter_base(folder))
+        if base.is_dir():
+            check_model_folder(base)
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from peft import LNTuningConfig, LoraConfig, PeftConfig, get_peft_model
 from torch import nn
@@ -204,12 +204,13 @@ for _method in (
     register_peft_method(_method)
 
 
-def resolve_method(arguments: PeftArguments, from_scratch: bool) -> str:
-    """The method to use, filling in the defaults that depend on the start: a model trained from scratch trains
-    fully, encoder included; pretrained weights get LoRA with the encoder frozen."""
+def resolve_method(arguments: PeftArguments, from_scratch: bool) -> tuple[str, PeftArguments]:
+    """(the method to use, the arguments with the defaults that depend on the start filled in): a model trained
+    from scratch trains fully, encoder included; pretrained weights get LoRA with the encoder frozen. The given
+    arguments are left as they are."""
     if arguments.train_encoder is None:
-        arguments.train_encoder = from_scratch
-    return arguments.peft or ("full" if from_scratch else "lora")
+        arguments = replace(arguments, train_encoder=from_scratch)
+    return arguments.peft or ("full" if from_scratch else "lora"), arguments
 
 
 def config_overrides(method: str, arguments: PeftArguments) -> dict:

@@ -28,8 +28,15 @@ from transformers import AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.captions import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
-from ..data.synthetic import write_synthetic_coco
+from ..data.synthetic import (
+    DEFAULT_DOMAIN,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_NUM_TRAIN,
+    DEFAULT_NUM_VAL,
+    write_synthetic_coco,
+)
 from ..evaluation.metrics import compute_metrics
+from ..inference.generation import generation_kwargs
 from ..inference.loading import BASE_MODEL_FOLDER, is_peft_model
 from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
@@ -47,6 +54,7 @@ from .peft_methods import (
 from .tokenizer import train_caption_tokenizer
 
 __all__ = [
+    "ARGUMENT_GROUPS",
     "CaptionTrainer",
     "CaptionTrainingArguments",
     "DataArguments",
@@ -138,11 +146,11 @@ class DataArguments:
     synthetic_dir: str = field(
         default="outputs/synthetic-shapes", metadata={"help": "Where the built-in synthetic set is written."}
     )
-    synthetic_train_images: int = field(default=2000, metadata={"help": "Synthetic training images."})
-    synthetic_val_images: int = field(default=200, metadata={"help": "Synthetic validation images."})
-    synthetic_image_size: int = field(default=64, metadata={"help": "Synthetic image side in pixels."})
+    synthetic_train_images: int = field(default=DEFAULT_NUM_TRAIN, metadata={"help": "Synthetic training images."})
+    synthetic_val_images: int = field(default=DEFAULT_NUM_VAL, metadata={"help": "Synthetic validation images."})
+    synthetic_image_size: int = field(default=DEFAULT_IMAGE_SIZE, metadata={"help": "Synthetic image side in pixels."})
     synthetic_domain: str = field(
-        default="shapes",
+        default=DEFAULT_DOMAIN,
         metadata={"help": "shapes, or shifted: new colours and caption phrasing (the built-in study's target).",
                   "choices": ["shapes", "shifted"]},
     )
@@ -183,6 +191,11 @@ class DataArguments:
     @property
     def streamed(self) -> bool:
         return bool(self.train_shards or self.streaming)
+
+    def synthetic_options(self) -> dict:
+        """`write_synthetic_coco`'s arguments for the built-in set these arguments describe."""
+        return {"num_train": self.synthetic_train_images, "num_val": self.synthetic_val_images,
+                "image_size": self.synthetic_image_size, "domain": self.synthetic_domain}
 
 
 @dataclass
@@ -238,10 +251,11 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
 
     def generation_settings(self) -> dict:
         """The keyword arguments of `generate` these arguments ask for."""
-        settings = {"num_beams": self.num_beams, "max_length": self.max_length}
-        if self.max_new_tokens is not None:
-            settings["max_new_tokens"] = self.max_new_tokens
-        return settings
+        return generation_kwargs(self.num_beams, self.max_length, self.max_new_tokens)
+
+
+# train.py's option groups, in its order; the study checks and parses its files with the same groups.
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, PeftArguments, CaptionTrainingArguments)
 
 
 def _one_value(name: str, value, alias_value, default):
@@ -267,17 +281,12 @@ def _json_argument(value: str | dict | None, name: str) -> dict:
 
 
 def load_caption_data(data_args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(training captions, one row per validation image with its references)."""
+    """(training captions, one row per validation image with its references). With no source given, the built-in
+    synthetic set is written to `--synthetic_dir` and read from there."""
     if data_args.uses_synthetic:
-        paths = write_synthetic_coco(
-            data_args.synthetic_dir,
-            num_train=data_args.synthetic_train_images,
-            num_val=data_args.synthetic_val_images,
-            image_size=data_args.synthetic_image_size,
-            domain=data_args.synthetic_domain,
-        )
-        data_args.train_json, data_args.train_images = str(paths.train_json), str(paths.train_images)
-        data_args.val_json, data_args.val_images = str(paths.val_json), str(paths.val_images)
+        paths = write_synthetic_coco(data_args.synthetic_dir, **data_args.synthetic_options())
+        data_args = dataclasses.replace(data_args, train_json=str(paths.train_json), train_images=str(paths.train_images),
+                                        val_json=str(paths.val_json), val_images=str(paths.val_images))
     if data_args.train_json or data_args.train_images:
         missing = [name for name in ("train_json", "train_images", "val_json", "val_images")
                    if not getattr(data_args, name)]
@@ -810,10 +819,9 @@ def _run_training(
     set_seed(training_args.seed)
     state = PartialState()
     check_requested_sharding(state)
-    uses_synthetic_data = data_args.uses_synthetic  # load_caption_data fills in the synthetic set's paths
     stream_counts = None
     if data_args.streamed:
-        _check_streamed_settings(data_args, training_args)
+        training_args = _streamed_training_args(data_args, training_args)
         with state.main_process_first():
             train_rows, tokenizer_captions, val_images, stream_counts = load_streamed_caption_data(
                 data_args, training_args.seed
@@ -824,7 +832,7 @@ def _run_training(
         tokenizer_captions = lambda: list(train_rows["caption"])  # noqa: E731
 
     from_scratch = not (model_args.model_name_or_path or model_args.encoder or model_args.decoder)
-    method = resolve_method(peft_args, from_scratch)
+    method, peft_args = resolve_method(peft_args, from_scratch)
     processor, model, from_scratch = build_processor_and_model(
         model_args, config_overrides(method, peft_args), tokenizer_captions() if from_scratch else []
     )
@@ -927,7 +935,7 @@ def _run_training(
                     "encoder": model_args.encoder,
                     "decoder": model_args.decoder,
                     "dataset_name": data_args.dataset_name,
-                    "synthetic_data": uses_synthetic_data,
+                    "synthetic_data": data_args.uses_synthetic,
                 },
             },
         )
@@ -949,7 +957,9 @@ def check_requested_sharding(state: PartialState) -> None:
         )
 
 
-def _check_streamed_settings(data_args: DataArguments, training_args: CaptionTrainingArguments) -> None:
+def _streamed_training_args(data_args: DataArguments,
+                            training_args: CaptionTrainingArguments) -> CaptionTrainingArguments:
+    """Checks a streamed run's settings; returns the training arguments it trains with."""
     if training_args.max_steps is None or training_args.max_steps <= 0:
         raise ValueError("a stream has no length to count epochs in: give --max_steps (the schedule runs over them)")
     if data_args.cache_encoder_features and not data_args.train_shards:
@@ -957,7 +967,9 @@ def _check_streamed_settings(data_args: DataArguments, training_args: CaptionTra
                          "features are kept shard by shard); for --dataset_name, drop --streaming")
     # Each process reads its own shards (accelerate's `IterableDataset.shard`), instead of process 0 reading every
     # batch and sending the others their slices (accelerate's default for iterable datasets).
-    training_args.accelerator_config.dispatch_batches = False
+    return dataclasses.replace(
+        training_args, accelerator_config=dataclasses.replace(training_args.accelerator_config, dispatch_batches=False)
+    )
 
 
 def _stream_summary(data_args: DataArguments, training_args: CaptionTrainingArguments, counts,
