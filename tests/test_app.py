@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fit_tiny_captions, serving_app, tiny_config_kwargs
+from conftest import REPO, fit_tiny_captions, serving_app, tiny_config_kwargs
 
 gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the [test] extra (gradio_client)")
 pytest.importorskip("gradio", reason="the demo page needs the [demo] extra (gradio)")
@@ -29,7 +29,6 @@ from modeling_vitgpt2.evaluation.zero_shot import ENSEMBLE, class_probabilities 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-REPO = Path(__file__).resolve().parents[1]
 REAL_PHOTO = REPO.parent / "shared" / "data" / "real_images" / "git_examples" / "1.jpg"
 # Flags for a headless Chromium running as root on a machine without network access.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

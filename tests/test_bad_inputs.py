@@ -11,8 +11,8 @@ import stat
 import pytest
 import torch
 from PIL import Image
-from test_eval_cli import captioner_dir, data, load_cli_module  # noqa: F401  (module fixtures)
 
+from helpers import load_cli_module
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.data.captions import CaptionDataError, load_coco_captions, references_per_image
 from modeling_vitgpt2.evaluation.jobs import read_coco_references
@@ -104,7 +104,7 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
-def test_an_output_under_a_file_fails_before_any_captioning(captioner_dir, data, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_an_output_under_a_file_fails_before_any_captioning(captioner_dir, data, tmp_path, capsys, monkeypatch):
     from modeling_vitgpt2.evaluation import jobs as evaluation
 
     monkeypatch.setattr(evaluation, "caption_images", lambda *a, **k: pytest.fail("captioned before checking"))
@@ -120,7 +120,7 @@ def test_an_output_under_a_file_fails_before_any_captioning(captioner_dir, data,
 # Images and models given to eval.py
 
 
-def test_a_decompression_bomb_is_named_by_eval_caption(captioner_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_decompression_bomb_is_named_by_eval_caption(captioner_dir, tmp_path, capsys, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()
     Image.new("L", (200, 200)).save(images / "bomb.png")
@@ -153,7 +153,7 @@ def _break_model(folder, how):
 
 @pytest.mark.parametrize("how", ["truncated weights", "no tokenizer", "pickle named safetensors",
                                  "unsafe pickle weights"])
-def test_a_damaged_model_folder_is_named(captioner_dir, data, tmp_path, capsys, how):  # noqa: F811
+def test_a_damaged_model_folder_is_named(captioner_dir, data, tmp_path, capsys, how):
     folder = tmp_path / "model"
     shutil.copytree(captioner_dir, folder)
     message = _break_model(folder, how)
@@ -164,7 +164,7 @@ def test_a_damaged_model_folder_is_named(captioner_dir, data, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_no_images_is_a_clear_value_error(captioner_dir):  # noqa: F811
+def test_no_images_is_a_clear_value_error(captioner_dir):
     processor = ViTGPT2Processor.from_pretrained(captioner_dir)
     model = ViTGPT2ForConditionalGeneration.from_pretrained(captioner_dir)
     with pytest.raises(ValueError, match="images is empty: pass at least one image"):

@@ -12,10 +12,9 @@ import timm
 import torch
 from accelerate import PartialState
 from accelerate.commands.config.config_args import load_config_from_file
-from test_streaming import logged_losses
-from test_training_cli import REPO, environment, train_command
 
-from conftest import training_arguments
+from conftest import REPO, training_arguments
+from helpers import environment, logged_losses, train_command
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
 from modeling_vitgpt2.data.synthetic import write_synthetic_coco
 from modeling_vitgpt2.training.run import check_requested_sharding, run_training

@@ -1,7 +1,6 @@
 """`eval.py` as users run it: every subcommand through a subprocess on tiny local models, checked against direct
 computations; bad inputs fail with a message naming the file or field and leave no output behind."""
 
-import importlib.util
 import json
 import os
 import re
@@ -15,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_CAPTIONS, direct_embeddings, fit_tiny_captions, random_image, tiny_config_kwargs
-from modeling_vitgpt2 import ImageLoadError, ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+from conftest import CLASSES, PHOTOS, PREDICTIONS, REPO, direct_embeddings, random_image
+from helpers import load_cli_module
+from modeling_vitgpt2 import ImageLoadError, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.evaluation.cider import corpus_cider
 from modeling_vitgpt2.evaluation.jobs import (
     caption_folder,
@@ -29,58 +29,7 @@ from modeling_vitgpt2.utils.io import InvalidJSONError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = ["This is a photo of {object}.", "No {object}, no score."]
-CLASSES = {0: "red square", 1: "green field", 2: "blue sky"}
-# Image name -> (size, PIL mode, file extension): several sizes and modes, one JPEG; five images so that
-# --batch_size 2 leaves a partial last batch.
-PHOTOS = {"beach": ((64, 48), "RGB", ".png"), "forest": ((50, 70), "RGB", ".jpg"), "logo": ((40, 40), "RGBA", ".png"),
-          "night": ((56, 56), "L", ".png"), "street": ((90, 30), "RGB", ".png")}
-PREDICTIONS = {"beach": "a couple of boats in a large body of water", "forest": "a view of a mountain with a tree",
-               "logo": "a red circle on the left", "night": "a dog running on the grass",
-               "street": "two green triangles next to a yellow star"}
-
-
-@pytest.fixture(scope="module")
-def captioner_dir(tiny_tokenizer, tmp_path_factory):
-    """A tiny captioner fitted briefly to the tiny captions (so it writes words, not random bytes), saved with its
-    processor the way train.py saves a full model."""
-    torch.manual_seed(0)
-    model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer)))
-    processor = ViTGPT2Processor.from_timm_model(model.encoder.model, tiny_tokenizer)
-    fit_tiny_captions(model, processor)
-    folder = tmp_path_factory.mktemp("captioner")
-    model.eval().save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Generated images, their COCO-style references, a predictions file and a zero-shot folder in the course
-    layout ({class_id}_{n}.png + id2label.json)."""
-    root = tmp_path_factory.mktemp("eval_data")
-    photos = root / "photos"
-    photos.mkdir()
-    for seed, (name, (size, mode, extension)) in enumerate(PHOTOS.items()):
-        random_image(seed, size, mode).save(photos / f"{name}{extension}")
-    annotations = {"images": [], "annotations": []}
-    for index, (name, (_, _, extension)) in enumerate(PHOTOS.items()):
-        image_id = 100 + index  # ids differ from positions, so a mix-up of the two would show
-        annotations["images"].append({"file_name": f"{name}{extension}", "id": image_id})
-        for offset in range(2):
-            annotations["annotations"].append({"image_id": image_id, "id": 10 * index + offset,
-                                               "caption": TINY_CAPTIONS[(index + offset) % len(TINY_CAPTIONS)]})
-    (root / "val.json").write_text(json.dumps(annotations))
-    (root / "preds.json").write_text(json.dumps(PREDICTIONS))
-
-    course = root / "p1_val"
-    course.mkdir()
-    for class_id in CLASSES:
-        for n in range(2):
-            random_image(10 * class_id + n, (32, 32)).save(course / f"{class_id}_{n}.png")
-    (root / "id2label.json").write_text(json.dumps({str(class_id): name for class_id, name in CLASSES.items()}))
-    return root
 
 
 def references(data_root: Path) -> dict[str, list[str]]:
@@ -265,13 +214,6 @@ def test_a_cli_error_names_the_problem_without_a_traceback(cli, data):
     assert f"image folder not found: {data / 'nowhere'}" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (out / "never.json").exists()
-
-
-def load_cli_module():
-    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cli_errors_in_process(data, tiny_clip, tmp_path, capsys):

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_streaming import streamed_training_command, write_shards
-from test_training_cli import REPO, environment, step_losses, train_command
+
+from conftest import REPO
+from helpers import environment, step_losses, streamed_training_command, train_command, write_shards
 
 MAX_STEPS = 8
 TOKEN = "hf_FaultInjectionTestTokenDoNotLeak0123"
@@ -95,7 +96,7 @@ def runner(tmp_path_factory):
     runner.close()
 
 
-def arguments(shapes, pretrained_parts, output_dir, *extra):  # noqa: F811
+def arguments(shapes, pretrained_parts, output_dir, *extra):
     return train_command(shapes, pretrained_parts, output_dir, *RUN, *extra)[1:]  # without the script name
 
 
@@ -116,7 +117,7 @@ def files_with(output_dir: Path, secret: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(runner, shapes, pretrained_parts, tmp_path_factory):  # noqa: F811
+def reference(runner, shapes, pretrained_parts, tmp_path_factory):
     """The uninterrupted run and its outcome."""
     output_dir = tmp_path_factory.mktemp("faults") / "uninterrupted"
     assert runner.run(arguments(shapes, pretrained_parts, output_dir)) == 0, runner.tail()
@@ -138,7 +139,7 @@ def wait_for_step(progress: Path, step: int) -> float:
     return wait_until(lambda: progress.exists() and len(progress.read_text().split()) >= step, f"step {step}")
 
 
-def assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, expected):  # noqa: F811
+def assert_resumes_to_reference(runner, shapes, pretrained_parts, output_dir, expected):
     status = runner.run(arguments(shapes, pretrained_parts, output_dir, *RESUME))
     assert status == 0, runner.tail()
     result = outcome(output_dir)
@@ -157,7 +158,7 @@ def test_the_token_given_to_train_py_is_in_no_file_it_writes(reference):
 
 @pytest.mark.parametrize("point, nth", EXACT_KILLS, ids=[f"{point}-{nth}" for point, nth in EXACT_KILLS])
 def test_a_run_killed_at_an_exact_point_resumes_to_the_uninterrupted_result(
-    runner, reference, shapes, pretrained_parts, tmp_path, point, nth  # noqa: F811
+    runner, reference, shapes, pretrained_parts, tmp_path, point, nth
 ):
     _, expected = reference
     output_dir = tmp_path / "killed"
@@ -167,7 +168,7 @@ def test_a_run_killed_at_an_exact_point_resumes_to_the_uninterrupted_result(
 
 
 def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(
-    runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
+    runner, reference, shapes, pretrained_parts, tmp_path
 ):
     _, expected = reference
     moments = random.Random(0)
@@ -195,7 +196,7 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(
 
 
 def test_a_resumed_run_killed_again_resumes_to_the_uninterrupted_result(
-    runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
+    runner, reference, shapes, pretrained_parts, tmp_path
 ):
     _, expected = reference
     output_dir = tmp_path / "twice"
@@ -206,7 +207,7 @@ def test_a_resumed_run_killed_again_resumes_to_the_uninterrupted_result(
 
 
 def test_a_streamed_run_killed_while_saving_resumes_where_its_stream_stopped(runner, pretrained_parts,
-                                                                            tmp_path):  # noqa: F811
+                                                                            tmp_path):
     """Killed after Trainer wrote checkpoint-4's files but before its stream position: that checkpoint is not complete,
     so the run resumes at checkpoint-2's position, to the uninterrupted run's losses, and reads only the samples after
     that position. With gradient accumulation (2 batches of 1 per step), steps 3-6 read 8 samples, and 1 is read
@@ -230,7 +231,7 @@ def test_a_streamed_run_killed_while_saving_resumes_where_its_stream_stopped(run
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(
-    runner, reference, shapes, pretrained_parts, tmp_path  # noqa: F811
+    runner, reference, shapes, pretrained_parts, tmp_path
 ):
     _, expected = reference
     output_dir = tmp_path / "damaged"
@@ -249,7 +250,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(
 
 
 def test_a_second_run_into_a_busy_output_folder_stops_naming_the_holder(
-    runner, shapes, pretrained_parts, tmp_path  # noqa: F811
+    runner, shapes, pretrained_parts, tmp_path
 ):
     from modeling_vitgpt2.training.run import hold_output_dir
 

@@ -8,11 +8,10 @@ import sys
 import textwrap
 
 import pytest
-from test_streaming import check_one_epoch_read_once, streamed_training_command, write_shards
-from test_training_cli import REPO, environment
 from transformers import TrainerCallback
 
-from conftest import training_arguments
+from conftest import REPO, training_arguments
+from helpers import check_one_epoch_read_once, environment, streamed_training_command, write_shards
 from modeling_vitgpt2.data.feature_cache import EncoderFeatureCache
 from modeling_vitgpt2.data.streaming import expand_shards
 from modeling_vitgpt2.model.modeling_vitgpt2 import ViTGPT2Encoder

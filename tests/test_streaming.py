@@ -2,55 +2,28 @@
 accelerate splits them, with bad samples skipped and counted."""
 
 import contextlib
-import io
 import json
 import random
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 from accelerate.data_loader import prepare_data_loader
-from test_training_cli import REPO, environment, step_losses
 from torch.utils.data import DataLoader
 
-from conftest import ENCODER_KWARGS
+from conftest import REPO
+from helpers import (
+    check_one_epoch_read_once,
+    environment,
+    logged_losses,
+    step_losses,
+    streamed_training_command,
+    write_shards,
+)
 from modeling_vitgpt2.data.captions import CaptionDataError
 from modeling_vitgpt2.data.streaming import StreamCounts, decoded_rows, expand_shards, stream_webdataset
 from modeling_vitgpt2.data.synthetic import describe_scene, draw_scene, random_scene
-
-
-def _add(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    archive.addfile(info, io.BytesIO(payload))
-
-
-def write_shards(folder: Path, num_shards: int = 4, per_shard: int = 5, image_size: int = 32, seed: int = 0,
-                 broken: dict[str, str] | None = None) -> list[str]:
-    """img2dataset's layout: shard `00000.tar` holds `000000000.jpg`, `.txt` and `.json` per sample. `broken` maps
-    sample keys to "image" (truncated JPEG bytes) or "caption" (an empty caption). Returns the good samples' keys."""
-    rng, broken, good = random.Random(seed), broken or {}, []
-    folder.mkdir(parents=True, exist_ok=True)
-    for shard in range(num_shards):
-        with tarfile.open(folder / f"{shard:05d}.tar", "w") as archive:
-            for index in range(per_shard):
-                key = f"{shard:05d}{index:04d}"
-                scene = random_scene(rng)
-                buffer = io.BytesIO()
-                draw_scene(scene, image_size).save(buffer, format="JPEG")
-                image, caption = buffer.getvalue(), describe_scene(scene)[0]
-                if broken.get(key) == "image":
-                    image = image[: len(image) // 3]
-                if broken.get(key) == "caption":
-                    caption = "  "
-                _add(archive, f"{key}.jpg", image)
-                _add(archive, f"{key}.txt", caption.encode())
-                _add(archive, f"{key}.json", json.dumps({"key": key, "caption": caption, "status": "success"}).encode())
-                if key not in broken:
-                    good.append(key)
-    return good
 
 
 def names_seen_by(stream, process_index: int, num_processes: int, batch_size: int = 2) -> list[str]:
@@ -95,19 +68,6 @@ def test_rows_are_what_the_collator_reads(tmp_path):
     assert row["image"].mode == "RGB" and row["image"].size == (32, 32) and row["caption"] and row["image_name"] == "000000000"
 
 
-def streamed_training_command(pretrained_parts, shards: Path, output_dir: Path, *extra) -> list[str]:  # noqa: F811
-    encoder, decoder = pretrained_parts
-    model_config = json.dumps({"encoder_name": "vit_large_patch14_clip_224.openai", "encoder_kwargs": ENCODER_KWARGS})
-    return [
-        "train.py", "--encoder", str(encoder), "--decoder", str(decoder), "--model_config", model_config,
-        "--train_shards", f"{shards}/{{00000..00003}}.tar", "--val_shards", f"{shards}/00000.tar",
-        "--max_eval_images", "2", "--output_dir", str(output_dir), "--peft", "lora", "--learning_rate", "1e-2",
-        "--per_device_train_batch_size", "3", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
-        "--load_best_model_at_end", "false", "--generation_num_beams", "1", "--generation_max_length", "8",
-        "--use_cpu", "--seed", "0", "--disable_tqdm", "true", *extra,
-    ]
-
-
 CPU_DATA_PARALLEL = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: MULTI_GPU
@@ -126,21 +86,7 @@ def accelerate_launch(config: Path, port: int, *arguments: str) -> list[str]:
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), *arguments]
 
 
-def logged_losses(output_dir: Path) -> list[float]:
-    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-
-
-def check_one_epoch_read_once(output_dir: Path, log: str) -> None:
-    summary = json.loads((output_dir / "training_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
-    # Had each process read every shard, the counts would be doubled (36 and 4).
-    assert summary["stream"]["used_samples"] == 18 and summary["stream"]["skipped_samples"] == 2
-    assert summary["stream"]["skipped_by_reason"] == {"unreadable image": 1, "no caption": 1}
-    assert "Skipping sample 000010001: unreadable image" in log
-
-
-def test_two_nodes_read_each_sample_once_and_match_one_node(pretrained_parts, tmp_path):  # noqa: F811
+def test_two_nodes_read_each_sample_once_and_match_one_node(pretrained_parts, tmp_path):
     """One `accelerate launch` of 2 processes, then two launches of one process each as machines 0 and 1 of a
     two-node job on localhost (gloo): both read one epoch of 4 shards (one bad sample in each process's half: 9 good
     samples per process = 3 steps of 3) exactly once and train to the same losses."""
@@ -176,7 +122,7 @@ def test_two_nodes_read_each_sample_once_and_match_one_node(pretrained_parts, tm
     assert len(logged_losses(one_node)) == 3
 
 
-def test_two_processes_resume_their_own_streams_without_reading_them_again(pretrained_parts, tmp_path):  # noqa: F811
+def test_two_processes_resume_their_own_streams_without_reading_them_again(pretrained_parts, tmp_path):
     """2 processes (accelerate launch, gloo) over 4 shards of 6 samples: each reads 2 shards, 4 batches of 3 per
     pass. A run resumed from checkpoint-2 of a 4-step run (what a kill right after it leaves) trains steps 3 and 4 to
     the same losses, and its processes decode only the 2 batches each they had left: 12 samples, not 24."""

@@ -2,46 +2,17 @@
 
 import copy
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ENCODER_KWARGS
+from conftest import REPO
+from helpers import environment, step_losses, train_command
 from modeling_vitgpt2.data.synthetic import write_synthetic_coco
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def train_command(shapes, pretrained_parts, output_dir, *extra):
-    encoder, decoder = pretrained_parts
-    model_config = json.dumps({"encoder_name": "vit_large_patch14_clip_224.openai", "encoder_kwargs": ENCODER_KWARGS})
-    return [
-        "train.py",
-        "--encoder", str(encoder), "--decoder", str(decoder), "--model_config", model_config,
-        "--train_json", str(shapes.train_json), "--train_images", str(shapes.train_images),
-        "--val_json", str(shapes.val_json), "--val_images", str(shapes.val_images),
-        "--output_dir", str(output_dir), "--peft", "lora", "--learning_rate", "1e-2",
-        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_strategy", "no",
-        "--load_best_model_at_end", "false", "--generation_num_beams", "2", "--generation_max_length", "12",
-        "--use_cpu", "--seed", "0", "--lr_scheduler_type", "constant", "--disable_tqdm", "true", *extra,
-    ]
-
-
-def environment():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def step_losses(output_dir: Path, checkpoint: str) -> dict[int, float]:
-    state = json.loads((output_dir / checkpoint / "trainer_state.json").read_text())
-    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
-    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
 def test_resuming_a_killed_run_loses_and_repeats_no_step(shapes, pretrained_parts, tmp_path):
