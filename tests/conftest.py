@@ -69,13 +69,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def train_script():
-    """train.py as a module: its argument parsing, and `train`, the wiring that pushes after training."""
-    import importlib.util
+    """`train.py` / `vitgpt2 train`: its argument parsing, `train` (the wiring that pushes after training) and `main`."""
+    from modeling_vitgpt2.cli import train
 
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return train
 
 TINY_CAPTIONS = [
     "a red circle on the left",

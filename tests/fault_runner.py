@@ -137,7 +137,7 @@ def _run_child(job: dict) -> None:
     sys.argv = ["train.py", *job["argv"]]
     status = 0
     try:
-        train.main()
+        status = train.main()
     except SystemExit as exit_:
         status = exit_.code if isinstance(exit_.code, int) else 1
     except BaseException:

@@ -1,7 +1,6 @@
 """What the tests that run the command lines share: train.py commands, their environment, the webdataset shards
 they stream, and readers of what the runs wrote. Fixtures and tiny models are in conftest.py."""
 
-import importlib.util
 import io
 import json
 import os
@@ -9,7 +8,7 @@ import random
 import tarfile
 from pathlib import Path
 
-from conftest import ENCODER_KWARGS, REPO
+from conftest import ENCODER_KWARGS
 from modeling_vitgpt2.data.synthetic import describe_scene, draw_scene, random_scene
 
 
@@ -99,7 +98,7 @@ def write_shards(folder: Path, num_shards: int = 4, per_shard: int = 5, image_si
 
 
 def load_cli_module():
-    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`eval.py` / `vitgpt2 eval`, run in this process."""
+    from modeling_vitgpt2.cli import eval as eval_cli
+
+    return eval_cli

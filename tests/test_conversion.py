@@ -74,7 +74,8 @@ def test_conversion_from_a_saved_folder_brings_its_processor(tiny_tokenizer, tmp
     tiny_tokenizer.save_pretrained(tmp_path)
 
     # The command-line conversion, as users run it on a Hub id; the result loads like any saved model.
-    converted = convert_main([str(tmp_path), str(tmp_path / "converted")])
+    converted = tmp_path / "converted"
+    assert convert_main([str(tmp_path), str(converted)]) == 0
     ours = ViTGPT2ForConditionalGeneration.from_pretrained(converted).eval()
     # The ViT's LayerNorm epsilon is saved with the model, not only set on the converted instance.
     assert ours.config.encoder_layer_norm_eps == reference.encoder.config.layer_norm_eps == 1e-12

@@ -330,9 +330,7 @@ def test_push_without_network_is_one_clear_line_and_changes_nothing(full_run, mo
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: connection refused
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     before = digest(full_run)
-    with pytest.raises(SystemExit) as exit_:
-        main(["push", str(full_run), "--repo_id", REPO_ID])
-    assert exit_.value.code == 2
+    assert main(["push", str(full_run), "--repo_id", REPO_ID]) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in message
     assert "Could not reach the Hub" in message and str(full_run) in message and "unchanged" in message
@@ -448,7 +446,6 @@ def test_space_push_errors_say_what_to_do(hub, logged_out, monkeypatch, tmp_path
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     with pytest.raises(ValueError, match="neither a folder here nor a Hub model id"):
         push_space(str(tmp_path / "no-such-run"), SPACE_ID)
-    with pytest.raises(SystemExit) as exit_:
-        main(["space", REPO_ID, "--repo_id", "not a repo id"])
-    assert exit_.value.code == 2 and "your-namespace/model-name" in capsys.readouterr().err
+    assert main(["space", REPO_ID, "--repo_id", "not a repo id"]) == 2
+    assert "your-namespace/model-name" in capsys.readouterr().err
     assert hub.commits == []

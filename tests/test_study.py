@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import eval as eval_cli
-from conftest import build_tiny_tokenizer, tiny_config_kwargs
+from conftest import REPO, build_tiny_tokenizer, tiny_config_kwargs
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.applications import study as study_module
 from modeling_vitgpt2.data.synthetic import draw_scene, random_scene
@@ -209,7 +209,7 @@ def test_shipped_studies_load():
     assert [name for name, _ in builtin.variants] == [
         "lora_r4", "lora_r8", "adapter_64", "prefix_100", "cross_attention", "full"]
     assert builtin.data["synthetic_domain"] == "shifted" and builtin.base["model"] == "outputs/synthetic-default"
-    course = study_module.load_study(study_module.REPO_ROOT / "configs" / "studies" / "course_peft.yaml")
+    course = study_module.load_study(REPO / "configs" / "studies" / "course_peft.yaml")
     assert [(name, overrides["peft"]) for name, overrides in course.variants] == [
         ("lora_r4", "lora"), ("lora_r8", "lora"), ("adapter_64", "adapter"), ("prefix_100", "prefix")]
     assert course.zero_shot["templates"] == [

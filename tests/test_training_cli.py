@@ -136,7 +136,7 @@ def test_filling_in_defaults_returns_new_arguments_and_leaves_the_given_ones(tra
 def test_a_config_file_with_an_unknown_option_is_refused_naming_it(train_script, tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text("learning_rate: 1e-4\nlearnig_rate: 1e-3\n")
-    with pytest.raises(SystemExit, match=r"typo.yaml: unknown option\(s\) learnig_rate"):
+    with pytest.raises(ValueError, match=r"typo.yaml: unknown option\(s\) learnig_rate"):
         train_script.parse_arguments([str(config)])
 
 

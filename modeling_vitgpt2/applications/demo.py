@@ -16,7 +16,6 @@ for it; requests queue and run one at a time, on the one model in memory.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ..evaluation.jobs import load_captioner
 from ..evaluation.zero_shot import ENSEMBLE, IMAGE_EXTENSIONS, class_probabilities
 from ..inference.generation import generation_kwargs
 from ..model.processing_vitgpt2 import ImageLoadError, load_image
+from ..utils.errors import run_command
 from .hub import SPACE_MODEL_FOLDER
 
 __all__ = [
@@ -76,8 +76,8 @@ def space_model(folder: Path = Path(".")) -> str | None:
     return metadata["models"][0] if metadata.get("models") else None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="app.py", description=__doc__,
+def parse_args(argv: list[str] | None = None, prog: str = "app.py") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help=f"model folder, peft adapter folder from train.py, or Hub id (default: {DEFAULT_MODEL}, "
@@ -286,28 +286,29 @@ def build_page(demo: Demo, examples: list[str], title: str):
 
 
 def load_demo(args) -> Demo:
-    """Loads the captioner (and CLIP), or exits with one line saying what to do."""
+    """Loads the captioner (and CLIP); a missing or unloadable model raises a user error saying what to do."""
     model_name = args.model or space_model() or DEFAULT_MODEL
     if model_name == DEFAULT_MODEL and not Path(model_name).is_dir():
-        sys.exit(f"app.py: no model at {DEFAULT_MODEL}: make it with `python train.py` (about 10 minutes on 2 CPU "
-                 "cores), or pass --model a model folder, adapter folder or Hub id")
+        raise FileNotFoundError(f"no model at {DEFAULT_MODEL}: make it with `python train.py` (a few minutes on 2 CPU "
+                                "cores), or pass --model a model folder, adapter folder or Hub id")
     try:
         model, processor = load_captioner(model_name, quantize=args.quantize)
         clip = None
         if args.clip_model:
             clip = load_clip(args.clip_model, device=model.device)
     except (OSError, ValueError) as error:
-        sys.exit(f"app.py: cannot load {model_name}: {error}")
+        raise ValueError(f"cannot load {model_name}: {error}") from error
     print(f"[app] loaded {model_name}" + (f" and CLIP {args.clip_model}" if clip else ""), flush=True)
     return Demo(model, processor, clip)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        examples = find_examples(args.examples)
-    except FileNotFoundError as error:
-        sys.exit(f"app.py: {error}")
+def main(argv: list[str] | None = None, prog: str = "app.py") -> int:
+    args = parse_args(argv, prog)
+    return run_command(prog, lambda: serve(args))
+
+
+def serve(args: argparse.Namespace) -> None:
+    examples = find_examples(args.examples)
     demo = load_demo(args)
     demo.warm_up()
     page = build_page(demo, examples, title="ViT-GPT2 captioner: where each word looked")

@@ -59,6 +59,7 @@ from huggingface_hub.utils import validate_repo_id
 from ..evaluation.metrics import format_metric, metric_names
 from ..inference.loading import BASE_MODEL_FOLDER, adapter_base, check_model_folder
 from ..training.peft_methods import peft_method
+from ..utils.errors import UserError, run_command
 from ..utils.io import read_json
 
 __all__ = [
@@ -83,9 +84,11 @@ DISTRIBUTION = "modeling-vitgpt2"
 SPACE_MODEL_FOLDER = "model"
 SPACE_APP = '''"""The demo page of modeling-vitgpt2 (modeling_vitgpt2/applications/demo.py)."""
 
+import sys
+
 from modeling_vitgpt2.applications.demo import main
 
-main()
+sys.exit(main())
 '''
 SPACE_README = """---
 {{ card_data }}
@@ -132,7 +135,7 @@ TOKEN_HELP = (
 )
 
 
-class HubPushError(RuntimeError):
+class HubPushError(UserError, RuntimeError):
     """The push could not happen or the Hub refused it; the message says what to do next. Nothing local changed."""
 
 
@@ -642,9 +645,9 @@ def _default_commit_message(output: _TrainingOutput, repo_id: str) -> str:
 # Command line
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "vitgpt2 hub") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_vitgpt2.applications.hub",
+        prog=prog,
         description="Render the model card of a train.py output folder, or push the folder to the Hugging Face Hub. "
         f"The token comes from `hf auth login` or HF_TOKEN. Put a picture from attention_maps.draw_attention_maps "
         f"at OUTPUT_DIR/{ATTENTION_EXAMPLE} to show it on the card.",
@@ -676,33 +679,32 @@ def main(argv: list[str] | None = None) -> None:
     )
     push_parser.add_argument("--commit_message", help="default: the model name, method and CIDEr")
     args = parser.parse_args(argv)
+    return run_command(f"{prog} {args.command}", lambda: run(args))
 
-    try:
-        if args.command == "card":
-            print(build_model_card(args.output_dir, args.repo_id, args.dataset_name, args.license, args.base_models,
-                                   space_id=args.space_id))
-            return
-        if args.command == "space":
-            commit = push_space(args.model, args.repo_id, private=args.private, license=args.license)
-            print(f"pushed the demo page for {args.model} to https://huggingface.co/spaces/{args.repo_id} "
-                  f"({commit.commit_url})")
-            return
-        commit = push_to_hub(
-            args.output_dir,
-            args.repo_id,
-            private=args.private,
-            include_checkpoints=args.include_checkpoints,
-            commit_message=args.commit_message,
-            dataset_name=args.dataset_name,
-            license=args.license,
-            base_models=args.base_models,
-            space_id=args.space_id,
-        )
-    except (HubPushError, OSError, ValueError) as error:
-        print(f"python -m modeling_vitgpt2.applications.hub {args.command}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "card":
+        print(build_model_card(args.output_dir, args.repo_id, args.dataset_name, args.license, args.base_models,
+                               space_id=args.space_id))
+        return
+    if args.command == "space":
+        commit = push_space(args.model, args.repo_id, private=args.private, license=args.license)
+        print(f"pushed the demo page for {args.model} to https://huggingface.co/spaces/{args.repo_id} "
+              f"({commit.commit_url})")
+        return
+    commit = push_to_hub(
+        args.output_dir,
+        args.repo_id,
+        private=args.private,
+        include_checkpoints=args.include_checkpoints,
+        commit_message=args.commit_message,
+        dataset_name=args.dataset_name,
+        license=args.license,
+        base_models=args.base_models,
+        space_id=args.space_id,
+    )
     print(f"pushed {args.output_dir} to https://huggingface.co/{args.repo_id} ({commit.commit_url})")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(prog="python -m modeling_vitgpt2.applications.hub"))

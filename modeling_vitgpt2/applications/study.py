@@ -2,10 +2,10 @@
 score every variant with the metric registry, compare CLIP prompt templates, and draw the best and worst captions'
 attention maps.
 
-    python -m modeling_vitgpt2.applications.study                                   # the built-in offline study (synthetic set)
-    python -m modeling_vitgpt2.applications.study configs/studies/course_peft.yaml --output_dir outputs/course-study
+    vitgpt2 study                                   # the built-in offline study (synthetic set)
+    vitgpt2 study configs/studies/course_peft.yaml --output_dir outputs/course-study
 
-A study is a YAML file (see `configs/studies/`):
+A study is a YAML file (see `configs/studies/` and the built-in `studies/synthetic_peft.yaml` beside this module):
 
     name: my-study
     base: {model: outputs/synthetic-default, train_config: default}
@@ -58,6 +58,7 @@ import yaml
 from transformers import HfArgumentParser, TrainerCallback
 
 from ..evaluation.metrics import METRICS, format_metric, metric_names
+from ..utils.errors import run_command
 from ..utils.io import read_json, write_json_atomic, write_text_atomic
 
 __all__ = [
@@ -66,7 +67,6 @@ __all__ = [
     "ensure_base_model",
     "load_study",
     "main",
-    "REPO_ROOT",
     "RESULT_FILE",
     "RUN_DEFAULTS",
     "run_study",
@@ -83,8 +83,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILTIN_STUDY = REPO_ROOT / "configs" / "studies" / "synthetic_peft.yaml"
+# Package data, so that `vitgpt2 study` runs the built-in study from a wheel too.
+BUILTIN_STUDY = Path(__file__).resolve().parent / "studies" / "synthetic_peft.yaml"
 RESULT_FILE = "study_result.json"
 BASE_ROW = "base"
 STUDY_KEYS = {"name", "base", "data", "recipe", "variants", "clip_model", "clip_prefix", "metrics", "zero_shot",
@@ -883,25 +883,25 @@ def _render_html(results: dict, sections: list) -> str:
 # Command line
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None, prog: str = "vitgpt2 study") -> int:
+    """Runs a study; the exit status: 0, 1 when a variant failed (the report says which), 2 for a bad study file."""
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_vitgpt2.applications.study", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", nargs="?", help=f"study YAML (default: the built-in {BUILTIN_STUDY.name})")
     parser.add_argument("--output_dir", help="where variants, caches and the report go (default: the study's "
                                              "output_dir, else outputs/study-<name>)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> int:
         study = load_study(args.study or BUILTIN_STUDY)
         output_dir = args.output_dir or study.output_dir or f"outputs/study-{study.name}"
         results = run_study(study, output_dir, show_progress=not args.quiet)
-    except (StudyConfigError, OSError) as error:
-        print(f"study: error: {error}", file=sys.stderr)
-        return 2
-    return 0 if all(row["status"] == "ok" for row in results["rows"]) else 1
+        return 0 if all(row["status"] == "ok" for row in results["rows"]) else 1
+
+    return run_command(prog, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m modeling_vitgpt2.applications.study"))

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 
+from ..utils.errors import run_command
 from .configuration_vitgpt2 import ViTGPT2Config, decoder_fields_from_gpt2
 from .modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from .processing_vitgpt2 import ViTGPT2Processor
@@ -126,18 +128,22 @@ def _timm_vit_state(state: dict[str, torch.Tensor], config: ViTGPT2Config) -> di
     return converted
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "vitgpt2 convert") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("model", help="VisionEncoderDecoderModel folder or Hub id (ViT encoder + GPT-2 decoder)")
     parser.add_argument("output_dir", type=Path, help="where to save the converted model and its processor")
     arguments = parser.parse_args(argv)
-    model = convert_vision_encoder_decoder(arguments.model)
-    processor = ViTGPT2Processor.from_vision_encoder_decoder(arguments.model)
-    model.save_pretrained(arguments.output_dir)
-    processor.save_pretrained(arguments.output_dir)
-    print(f"saved the converted model and processor to {arguments.output_dir}")
-    return arguments.output_dir
+
+    def convert() -> None:
+        model = convert_vision_encoder_decoder(arguments.model)
+        processor = ViTGPT2Processor.from_vision_encoder_decoder(arguments.model)
+        model.save_pretrained(arguments.output_dir)
+        processor.save_pretrained(arguments.output_dir)
+        print(f"saved the converted model and processor to {arguments.output_dir}")
+
+    return run_command(prog, convert)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(prog="python -m modeling_vitgpt2.model.convert_vision_encoder_decoder"))

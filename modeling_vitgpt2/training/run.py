@@ -41,6 +41,7 @@ from ..inference.loading import BASE_MODEL_FOLDER, is_peft_model
 from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from ..model.processing_vitgpt2 import ViTGPT2Processor
+from ..utils.errors import UserError
 from ..utils.io import InvalidJSONError, file_digest, read_json, write_json_atomic
 from .peft_methods import (
     PeftArguments,
@@ -755,7 +756,7 @@ def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:
 # The run
 
 
-class OutputFolderInUseError(RuntimeError):
+class OutputFolderInUseError(UserError, RuntimeError):
     """Another training run holds the output folder."""
 
 
