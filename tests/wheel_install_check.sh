@@ -2,8 +2,10 @@
 # The package as users install it, with the newest releases its ranges allow: build the wheel, install it into a
 # fresh virtual environment WITHOUT tests/constraints.txt (torch from the same local package cache as the tests),
 # print the releases that resolved, and run the package's own fast checks from a folder outside the checkout, so
-# that nothing can come from the source tree: a few training steps, `eval.py caption` and `score`, the Hub model
-# card, a load through AutoModelForImageTextToText with remote code and a short beam-search `generate`. The
+# that nothing can come from the source tree: through the `vitgpt2` console command, a few training steps,
+# `eval caption` and `score`, the Hub model card and the built-in study's first variant (its config read from the
+# installed package data); then a load through AutoModelForImageTextToText with remote code and a short beam-search
+# `generate`. The
 # vendored transformers/peft suites are not run here: they are one exact release's files (tests/constraints.txt
 # pins it for the main suite). When a new release breaks the package, the check fails naming the releases that
 # differ from the pinned ones; fix the code, or cap the range in pyproject.toml and say why there.
@@ -34,23 +36,42 @@ step "newest releases: $(grep -E '^(torch|torchvision|transformers|peft|accelera
 step "differing from tests/constraints.txt: ${newer:-none}"
 trap 'status=$?; if [ $status -ne 0 ]; then echo "wheel check FAILED (see the last step above) with the newest releases; differing from tests/constraints.txt: ${newer:-none}" >&2; fi; rm -rf "$work"' EXIT
 
-step "running the scripts from outside the checkout"
+step "running the console command from outside the checkout"
 mkdir "$work/user"
-cp "$repo/train.py" "$repo/eval.py" "$work/user/"
 cd "$work/user"
 export HF_HUB_OFFLINE=1 PYTHONPATH= OMP_NUM_THREADS=1
+vitgpt2="$work/venv/bin/vitgpt2"
 "$py" -c 'import modeling_vitgpt2, sys; assert modeling_vitgpt2.__file__.startswith(sys.prefix), modeling_vitgpt2.__file__'
-"$py" train.py --help > help.txt
+"$vitgpt2" train --help > help.txt
 grep -q -- "--max_new_tokens" help.txt
-"$py" train.py --output_dir run --max_steps 3 --synthetic_dir shapes --synthetic_train_images 16 \
+"$vitgpt2" train --output_dir run --max_steps 3 --synthetic_dir shapes --synthetic_train_images 16 \
   --synthetic_val_images 4 --disable_tqdm true
-"$py" eval.py caption --model run --images shapes/val --output predictions.json --max_new_tokens 8
+"$vitgpt2" eval caption --model run --images shapes/val --output predictions.json --max_new_tokens 8
 "$py" -c 'import json; p = json.load(open("predictions.json")); assert len(p) == 4, p'
-"$py" eval.py score --predictions predictions.json --annotations shapes/val.json --metrics cider bleu \
+"$vitgpt2" eval score --predictions predictions.json --annotations shapes/val.json --metrics cider bleu \
   --output scores.json
 "$py" -c 'import json; s = json.load(open("scores.json")); assert "cider" in json.dumps(s), s'
-"$py" -m modeling_vitgpt2.applications.hub card run --repo_id someone/wheel-check > card.md
+"$vitgpt2" hub card run --repo_id someone/wheel-check > card.md
 grep -q "pipeline_tag: image-text-to-text" card.md
+step "the built-in study's first variant, read from the installed package data, on the model trained above"
+# The built-in study with its first variant only, on fewer images and one epoch, so the check stays short.
+"$py" - <<'PY'
+import yaml
+
+from modeling_vitgpt2.applications.study import BUILTIN_STUDY
+
+study = yaml.safe_load(BUILTIN_STUDY.read_text())
+study["variants"] = study["variants"][:1]
+study["base"] = {"model": "run"}
+study["data"].update(synthetic_train_images=16, synthetic_val_images=4)
+study["recipe"].update(num_train_epochs=1, per_device_eval_batch_size=4, generation_max_length=8)
+study["side_by_side"] = 2
+study["extremes"] = {"top_k": 1}
+open("first_variant.yaml", "w").write(yaml.safe_dump(study))
+PY
+"$vitgpt2" study first_variant.yaml --output_dir study --quiet
+"$py" -c 'import json; r = json.load(open("study/results.json")); assert [row["status"] for row in r["rows"]] == ["ok", "ok"], r["rows"]'
+test -s study/report.html
 step "loading the trained folder through AutoModelForImageTextToText with remote code, outside the package"
 "$py" - <<'PY'
 import os
@@ -69,4 +90,4 @@ out = model.generate(pixel_values=processor(images=images, return_tensors="pt")[
 assert out.shape[0] == 2, out.shape
 print("beam captions:", processor.batch_decode(out, skip_special_tokens=True))
 PY
-step "passed with the newest releases: train.py, eval.py caption/score, the Hub card and remote-code generate"
+step "passed with the newest releases: vitgpt2 train, eval caption/score, hub card, the study's first variant and remote-code generate"
