@@ -44,9 +44,9 @@ def package_files() -> set[str]:
 def test_the_wheel_holds_every_module_and_data_file_the_package_reads(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert package_files() <= names, sorted(package_files() - names)
-    assert "modeling_vitgpt2/applications/model_card_template.md" in names
+    assert "modeling_vitgpt2/applications/hub/model_card_template.md" in names
     # The checkout's `model_card/template.md` (where people edit the card) is the packaged file, not a copy.
-    assert (REPO / "model_card" / "template.md").resolve() == (PACKAGE / "applications" / "model_card_template.md").resolve()
+    assert (REPO / "model_card" / "template.md").resolve() == (PACKAGE / "applications" / "hub" / "model_card_template.md").resolve()
 
 
 def test_hub_card_and_push_work_from_the_wheel_outside_the_checkout(wheel, tiny_model, tiny_processor, tmp_path):

@@ -31,7 +31,7 @@ from ..evaluation.zero_shot import ENSEMBLE, IMAGE_EXTENSIONS, class_probabiliti
 from ..inference.generation import generation_kwargs
 from ..model.processing_vitgpt2 import ImageLoadError, load_image
 from ..utils.errors import run_command
-from .hub import SPACE_MODEL_FOLDER
+from .hub.space import SPACE_MODEL_FOLDER
 
 __all__ = [
     "ALL_LAYERS",
