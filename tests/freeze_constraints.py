@@ -3,8 +3,7 @@ they just passed in.
 
 pip-tools or `uv pip compile` would resolve the ranges again from the registry; freezing the tested environment
 pins what was really tested, torch from the local package cache included. The CUDA wheels torch pulls in are left
-out: torch's own pin fixes them, and they differ by platform. How to refresh: docs/development.md (or the README's
-"Development" section).
+out: torch's own pin fixes them, and they differ by platform. How to refresh: docs/development.md.
 
     python tests/freeze_constraints.py > tests/constraints.txt
 """

@@ -1,6 +1,6 @@
 """Hostile and mistaken inputs: each fails with a message naming the file or field, through the same code paths as
-`train.py` and `eval.py` (exit status 2, one line, no traceback), and leaves no output behind. The README's bad-input
-table lists these cases with the messages users see."""
+`train.py` and `eval.py` (exit status 2, one line, no traceback), and leaves no output behind. The bad-input
+table in docs/reliability.md lists these cases with the messages users see."""
 
 import json
 import os
