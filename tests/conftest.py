@@ -297,8 +297,8 @@ def training_arguments(shapes, pretrained_parts, output_dir, peft="lora", **trai
     """The four argument groups of `run_training` for a few fast steps on the tiny parts; `training` overrides."""
     import json
 
+    from modeling_vitgpt2.training.arguments import CaptionTrainingArguments, DataArguments, ModelArguments
     from modeling_vitgpt2.training.peft_methods import PeftArguments
-    from modeling_vitgpt2.training.run import CaptionTrainingArguments, DataArguments, ModelArguments
 
     encoder, decoder = pretrained_parts
     model_args = ModelArguments(

@@ -30,7 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402  (the script users run; importing it imports the whole package)
-from modeling_vitgpt2.training import run as training  # noqa: E402
+from modeling_vitgpt2.training import checkpoints  # noqa: E402
+from modeling_vitgpt2.training import run as training_run  # noqa: E402
+from modeling_vitgpt2.training import trainer as caption_trainer  # noqa: E402
 from modeling_vitgpt2.utils import io as io_utils
 
 
@@ -88,27 +90,27 @@ def _install_fault(at: str, nth: int) -> None:
         original_replace = os.replace
 
         def replace(source, destination, *args, **kwargs):
-            if Path(destination).name == training.CHECKPOINT_COMPLETE:
+            if Path(destination).name == checkpoints.CHECKPOINT_COMPLETE:
                 reached()
             return original_replace(source, destination, *args, **kwargs)
 
         io_utils.os.replace = replace  # io_utils calls os.replace through its module global
     elif at == "before_rotation":
-        before(training, "rotate_complete_checkpoints")
+        before(caption_trainer, "rotate_complete_checkpoints")  # called from CaptionTrainer
     elif at == "mid_rotation":
         original_rmtree = shutil.rmtree
 
         def rmtree(path, *args, **kwargs):
-            if Path(path).name.startswith("checkpoint-") and not (Path(path) / training.CHECKPOINT_COMPLETE).exists():
+            if Path(path).name.startswith("checkpoint-") and not (Path(path) / checkpoints.CHECKPOINT_COMPLETE).exists():
                 files = sorted(p for p in Path(path).rglob("*") if p.is_file())
                 if files:
                     files[0].unlink()
                 reached()
             return original_rmtree(path, *args, **kwargs)
 
-        training.shutil.rmtree = rmtree
+        checkpoints.shutil.rmtree = rmtree
     elif at == "final_save":
-        before(training, "save_trained_model")
+        before(training_run, "save_trained_model")
     else:
         raise ValueError(f"unknown fault point {at!r}")
 

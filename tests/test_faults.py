@@ -252,7 +252,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(
 def test_a_second_run_into_a_busy_output_folder_stops_naming_the_holder(
     runner, shapes, pretrained_parts, tmp_path
 ):
-    from modeling_vitgpt2.training.run import hold_output_dir
+    from modeling_vitgpt2.training.checkpoints import hold_output_dir
 
     output_dir = tmp_path / "busy"
     with hold_output_dir(output_dir, 0):

@@ -15,7 +15,8 @@ from helpers import check_one_epoch_read_once, environment, streamed_training_co
 from modeling_vitgpt2.data.feature_cache import EncoderFeatureCache
 from modeling_vitgpt2.data.streaming import expand_shards
 from modeling_vitgpt2.model.modeling_vitgpt2 import ViTGPT2Encoder
-from modeling_vitgpt2.training.run import DataArguments, run_training
+from modeling_vitgpt2.training.arguments import DataArguments
+from modeling_vitgpt2.training.run import run_training
 
 BROKEN = {"000010001": "image", "000030004": "caption"}  # 4 shards of 5 samples: 18 good ones
 

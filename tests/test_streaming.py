@@ -223,7 +223,7 @@ class StreamRecorder:
 
         import modeling_vitgpt2.data.streaming as streaming
         from modeling_vitgpt2.data.captions import CaptionCollator
-        from modeling_vitgpt2.training.run import CaptionTrainer
+        from modeling_vitgpt2.training.trainer import CaptionTrainer
 
         self.recording, self.crash_at_step = False, None
         self.read, self.decoded, self.trained, self.collated = [], [], [], []
@@ -275,7 +275,8 @@ class StreamRecorder:
     def run(self, shapes, pretrained_parts, shards: Path, output_dir: Path, crash_at_step=None, shuffle_buffer=0,
             **training):
         from conftest import training_arguments
-        from modeling_vitgpt2.training.run import DataArguments, run_training
+        from modeling_vitgpt2.training.arguments import DataArguments
+        from modeling_vitgpt2.training.run import run_training
 
         self.crash_at_step = crash_at_step
         model_args, _, peft_args, training_args = training_arguments(shapes, pretrained_parts, output_dir, **training)
@@ -326,7 +327,7 @@ def test_a_stream_resumed_mid_pass_continues_where_it_stopped_without_reading_it
 def test_a_saved_position_resumes_a_data_loader_with_workers(tmp_path):
     """With `--dataloader_num_workers` the position is torchdata's snapshot of every worker's stream; loaded into a
     new data loader it gives the batches that were left, and says how far into the pass it was."""
-    from modeling_vitgpt2.training.run import _batches_read
+    from modeling_vitgpt2.training.trainer import _batches_read
 
     write_shards(tmp_path)
 
@@ -349,7 +350,7 @@ def test_a_saved_position_resumes_a_data_loader_with_workers(tmp_path):
 
 
 def test_a_checkpoint_is_resumed_only_by_as_many_processes_as_wrote_its_stream_positions(tmp_path):
-    from modeling_vitgpt2.training.run import read_stream_position
+    from modeling_vitgpt2.training.checkpoints import read_stream_position
 
     positions = tmp_path / "checkpoint-4" / "stream_position"
     positions.mkdir(parents=True)

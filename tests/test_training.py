@@ -12,9 +12,7 @@ from peft import PeftModel
 from conftest import save_tiny_clip, training_arguments
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.inference.loading import load_for_inference
-from modeling_vitgpt2.training.run import (
-    run_training,
-)
+from modeling_vitgpt2.training.run import run_training
 
 
 def captions_of(model, processor, shapes):

@@ -46,7 +46,7 @@ def test_resuming_a_killed_run_loses_and_repeats_no_step(shapes, pretrained_part
 
 
 def test_an_incomplete_checkpoint_is_not_resumed_from(tmp_path):
-    from modeling_vitgpt2.training.run import last_complete_checkpoint
+    from modeling_vitgpt2.training.checkpoints import last_complete_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"

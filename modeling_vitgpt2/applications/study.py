@@ -125,7 +125,7 @@ class Study:
 
 
 def _argument_names() -> set[str]:
-    from ..training.run import ARGUMENT_GROUPS
+    from ..training.arguments import ARGUMENT_GROUPS
 
     return {f.name for group in ARGUMENT_GROUPS for f in fields(group) if f.init}
 
@@ -337,7 +337,7 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
     """The study's COCO-style files; the synthetic set is written once (a rewrite would change the files' times,
     and with them the feature cache's keys)."""
     from ..data.synthetic import write_synthetic_coco
-    from ..training.run import DataArguments
+    from ..training.arguments import DataArguments
 
     data = dict(study.data)
     synthetic = {key: data.pop(key) for key in SYNTHETIC_ARGUMENTS if key in data}
@@ -360,7 +360,7 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
 
 
 def _parse_arguments(values: dict):
-    from ..training.run import ARGUMENT_GROUPS
+    from ..training.arguments import ARGUMENT_GROUPS
 
     parser = HfArgumentParser(ARGUMENT_GROUPS)
     return parser.parse_dict(values, allow_extra_keys=False)
@@ -408,7 +408,8 @@ def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progre
     from ..data.captions import CaptionCollator, load_coco_captions, references_per_image
     from ..data.feature_cache import CachedFeatureCollator, EncoderFeatureCache
     from ..training.peft_methods import count_parameters
-    from ..training.run import CaptionTrainer, build_processor_and_model
+    from ..training.run import build_processor_and_model
+    from ..training.trainer import CaptionTrainer
 
     folder = output_dir / "variants" / BASE_ROW
     finished = _finished(folder)
@@ -457,7 +458,8 @@ def _best_epoch(log_history: list[dict]) -> float | None:
 def run_variant(study: Study, index: int, name: str, overrides: dict, data: StudyData, output_dir: Path, clip,
                 progress: StudyProgress) -> dict:
     """Trains and scores one variant (or returns its earlier result); a failure is returned as a failed row."""
-    from ..training.run import last_complete_checkpoint, run_training
+    from ..training.checkpoints import last_complete_checkpoint
+    from ..training.run import run_training
 
     folder = output_dir / "variants" / name
     progress.start_variant(index, name)

@@ -19,7 +19,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..applications.hub import check_push_settings, push_training_output, without_trainer_push
-from ..training.run import ARGUMENT_GROUPS, run_training
+from ..training.arguments import ARGUMENT_GROUPS
+from ..training.run import run_training
 from ..utils.errors import run_command
 
 __all__ = ["main", "parse_arguments", "read_config_file", "train"]

@@ -1,0 +1,218 @@
+"""The command line's option groups (`ARGUMENT_GROUPS`: model, data, PEFT, training) and their parsing checks;
+`train.py` and the study parse with the same groups."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Seq2SeqTrainingArguments
+
+from ..data.synthetic import (
+    DEFAULT_DOMAIN,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_NUM_TRAIN,
+    DEFAULT_NUM_VAL,
+)
+from ..inference.generation import generation_kwargs
+from .peft_methods import PeftArguments
+
+__all__ = [
+    "ARGUMENT_GROUPS",
+    "CaptionTrainingArguments",
+    "DataArguments",
+    "ModelArguments",
+    "PeftArguments",
+    "json_argument",
+]
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """Which captioner to train: an existing one, pretrained parts, or a new one from a config."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A ViTGPT2 model folder or Hub id to fine-tune."}
+    )
+    encoder: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained timm encoder: a name with its tag (vit_large_patch14_clip_224.openai), an "
+                  "hf-hub:timm/... id, or a local weights file (architecture from --model_config encoder_name)."},
+    )
+    decoder: str | None = field(
+        default=None, metadata={"help": "Pretrained GPT-2: a Hub id (openai-community/gpt2) or a local folder."}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "JSON of ViTGPT2Config fields. From scratch: changes to the built-in small model "
+                  "(DEFAULT_SCRATCH_MODEL: a 3-layer, 128-wide ViT and GPT-2 on 64 px images); with "
+                  "--encoder/--decoder or --model_name_or_path: overrides (encoder_kwargs, cross_attention_layers, "
+                  "dropouts)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer for a model trained from scratch; default: a byte-level BPE trained on the "
+                  "training captions."},
+    )
+    tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary size of that trained tokenizer."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager."})
+
+
+@dataclass
+class DataArguments:
+    """Where the captions come from. With none of the sources given, a built-in synthetic set is written and used."""
+
+    train_json: str | None = field(default=None, metadata={"help": "COCO-style captions of the training images."})
+    train_images: str | None = field(default=None, metadata={"help": "Folder of the training images."})
+    val_json: str | None = field(default=None, metadata={"help": "COCO-style captions of the validation images."})
+    val_images: str | None = field(default=None, metadata={"help": "Folder of the validation images."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets` id or a local folder (e.g. an imagefolder with metadata)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    val_split: str = field(default="validation", metadata={"help": "Split to evaluate on."})
+    image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
+    caption_column: str = field(default="caption", metadata={"help": "Caption column (a string or a list)."})
+    skip_bad_images: bool = field(default=False, metadata={"help": "Log and skip unreadable images."})
+    max_caption_length: int = field(default=40, metadata={"help": "Tokens per caption, start and end included."})
+    max_train_captions: int | None = field(default=None, metadata={"help": "Use only the first N captions."})
+    max_eval_images: int | None = field(default=None, metadata={"help": "Evaluate on only the first N images."})
+    synthetic_dir: str = field(
+        default="outputs/synthetic-shapes", metadata={"help": "Where the built-in synthetic set is written."}
+    )
+    synthetic_train_images: int = field(default=DEFAULT_NUM_TRAIN, metadata={"help": "Synthetic training images."})
+    synthetic_val_images: int = field(default=DEFAULT_NUM_VAL, metadata={"help": "Synthetic validation images."})
+    synthetic_image_size: int = field(default=DEFAULT_IMAGE_SIZE, metadata={"help": "Synthetic image side in pixels."})
+    synthetic_domain: str = field(
+        default=DEFAULT_DOMAIN,
+        metadata={"help": "shapes, or shifted: new colours and caption phrasing (the built-in study's target).",
+                  "choices": ["shapes", "shifted"]},
+    )
+    clip_model: str | None = field(
+        default=None, metadata={"help": "CLIP model (folder or id) for CLIPScore during evaluation; skipped if unset."}
+    )
+    cache_encoder_features: bool = field(
+        default=False, metadata={"help": "Encode each image once and train from the cached features (frozen encoder; "
+                                  "with --train_shards, one feature shard per tar)."}
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Feature cache folder (default: OUTPUT_DIR/../feature-cache)."}
+    )
+    train_shards: str | None = field(
+        default=None,
+        metadata={"help": "Stream training samples from webdataset tar shards as img2dataset writes them "
+                  "(KEY.jpg + KEY.txt/KEY.json): braces, globs or a comma list, e.g. 'data/{00000..00099}.tar'. "
+                  "Needs --max_steps."},
+    )
+    val_shards: str | None = field(
+        default=None, metadata={"help": "Validation shards (the first --max_eval_images samples are used)."}
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream --dataset_name (datasets' streaming=True) instead of reading it first. Needs "
+                  "--max_steps."},
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={"help": "Streamed data: shuffle the shard order and a buffer of this many samples each epoch "
+                  "(0: read in order)."},
+    )
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return not any([self.train_json, self.train_images, self.dataset_name, self.train_shards])
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.train_shards or self.streaming)
+
+    def synthetic_options(self) -> dict:
+        """`write_synthetic_coco`'s arguments for the built-in set these arguments describe."""
+        return {"num_train": self.synthetic_train_images, "num_val": self.synthetic_val_images,
+                "image_size": self.synthetic_image_size, "domain": self.synthetic_domain}
+
+
+@dataclass
+class CaptionTrainingArguments(Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` whose defaults are the built-in default job (`python train.py`: the small model from
+    scratch on the synthetic set, AdamW 1e-3, batch 32, 4 epochs, cosine schedule, beam 3), with evaluation by CIDEr
+    every epoch, keeping the best checkpoint. `configs/course_lora.yaml` holds the original report's recipe.
+
+    Generation options also take transformers' `generate` names: `num_beams` (= `generation_num_beams`),
+    `max_length` (= `generation_max_length`) and `max_new_tokens`."""
+
+    output_dir: str = field(default="outputs/synthetic-default", metadata={"help": "Where the model and metrics go."})
+    learning_rate: float = field(default=1e-3)
+    weight_decay: float = field(default=0.01)
+    warmup_steps: float = field(default=100)
+    per_device_train_batch_size: int = field(default=32)
+    per_device_eval_batch_size: int = field(default=64)
+    num_train_epochs: float = field(default=4.0)
+    lr_scheduler_type: str = field(default="cosine")
+    eval_strategy: str = field(default="epoch")
+    save_strategy: str = field(default="epoch")
+    save_total_limit: int | None = field(default=1)
+    load_best_model_at_end: bool = field(default=True)
+    metric_for_best_model: str | None = field(default="cider")
+    greater_is_better: bool | None = field(default=True)
+    logging_steps: float = field(default=50)
+    seed: int = field(default=0)
+    remove_unused_columns: bool = field(default=False)
+    predict_with_generate: bool = field(default=True)
+    generation_num_beams: int | None = field(default=None, metadata={"help": "The same as --num_beams."})
+    generation_max_length: int | None = field(default=None, metadata={"help": "The same as --max_length."})
+    num_beams: int | None = field(default=None, metadata={"help": "Beams for captions (validation and the saved "
+                                                            "generation_config.json). Default: 3."})
+    max_length: int | None = field(default=None, metadata={"help": "Caption length limit in tokens, the start token "
+                                                             "included. Default: 40."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Limit on generated tokens; takes precedence "
+                                                                 "over --max_length, as in `generate`."})
+    merge: bool = field(default=False, metadata={"help": "Save PEFT runs as a merged full model."})
+
+    def __post_init__(self):
+        self.num_beams = self.generation_num_beams = _one_value("num_beams", self.num_beams, self.generation_num_beams, 3)
+        self.max_length = self.generation_max_length = _one_value(
+            "max_length", self.max_length, self.generation_max_length, 40
+        )
+        # A launcher (torchrun, accelerate launch --multi_gpu) asking for several processes on a machine without an
+        # accelerator would otherwise start independent single-process runs that overwrite one folder; on the CPU,
+        # data parallelism goes through gloo, which `use_cpu` selects.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not torch.accelerator.is_available():
+            logger.warning("WORLD_SIZE=%s on a machine without an accelerator: training data-parallel on the CPU "
+                           "(gloo), as with --use_cpu", os.environ["WORLD_SIZE"])
+            self.use_cpu = True
+        super().__post_init__()
+
+    def generation_settings(self) -> dict:
+        """The keyword arguments of `generate` these arguments ask for."""
+        return generation_kwargs(self.num_beams, self.max_length, self.max_new_tokens)
+
+
+# train.py's option groups, in its order; the study checks and parses its files with the same groups.
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, PeftArguments, CaptionTrainingArguments)
+
+
+def _one_value(name: str, value, alias_value, default):
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(f"--{name} {value} and --generation_{name} {alias_value} disagree: give one of them")
+    return value if value is not None else alias_value if alias_value is not None else default
+
+
+def json_argument(value: str | dict | None, name: str) -> dict:
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--{name} must be a JSON object, e.g. '{{\"n_layer\": 4}}': {error}") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--{name} must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+

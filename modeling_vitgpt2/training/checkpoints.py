@@ -1,0 +1,193 @@
+"""Checkpoints that count only once completely written (a manifest of sizes and SHA-256 sums, written last), are
+verified before a resume and rotated only after a newer one is complete; and the lock that keeps a second run out of
+an output folder."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..utils.errors import UserError
+from ..utils.io import InvalidJSONError, file_digest, read_json, write_json_atomic
+from .arguments import CaptionTrainingArguments
+
+__all__ = [
+    "CHECKPOINT_COMPLETE",
+    "STREAM_POSITION_FOLDER",
+    "OutputFolderInUseError",
+    "checkpoint_problem",
+    "hold_output_dir",
+    "last_complete_checkpoint",
+    "read_checkpoint_manifest",
+    "read_stream_position",
+    "resolve_resume",
+    "rotate_complete_checkpoints",
+    "write_checkpoint_manifest",
+]
+
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+# In a streamed run's checkpoints: where each process's stream stood (`process_<index>.json`).
+STREAM_POSITION_FOLDER = "stream_position"
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    suffix = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+    return int(suffix) if folder.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and suffix.isdigit() else None
+
+
+def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders, oldest step first."""
+    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+               if path.is_dir() and _checkpoint_step(path) is not None]
+    return sorted(folders, key=_checkpoint_step)
+
+
+def write_checkpoint_manifest(folder: Path, global_step: int, train_loss_sum: float) -> None:
+    """Marks a checkpoint complete: `checkpoint_complete.json`, written last, lists every file's size and SHA-256
+    (so that resuming can tell a damaged file) and the sum of the step losses so far (for `train_loss`)."""
+    files = {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_digest(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != CHECKPOINT_COMPLETE
+    }
+    write_json_atomic(
+        folder / CHECKPOINT_COMPLETE, {"global_step": global_step, "train_loss_sum": train_loss_sum, "files": files}
+    )
+
+
+def read_checkpoint_manifest(folder: str | os.PathLike) -> dict:
+    manifest = read_json(Path(folder) / CHECKPOINT_COMPLETE, "checkpoint manifest")
+    if not isinstance(manifest, dict):
+        raise InvalidJSONError(f"{Path(folder) / CHECKPOINT_COMPLETE} must hold a JSON object")
+    return manifest
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be resumed from (naming the file), or None when every file matches its manifest."""
+    folder = Path(folder)
+    if not (folder / CHECKPOINT_COMPLETE).is_file():
+        return f"{folder} was not completely written (no {CHECKPOINT_COMPLETE}: the run stopped while saving it)"
+    try:
+        manifest = read_checkpoint_manifest(folder)
+    except ValueError as error:
+        return str(error)
+    for name, expected in manifest.get("files", {}).items():  # manifests of older versions list no files
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path} has {path.stat().st_size} bytes where {expected['size']} were written (truncated?)"
+        if file_digest(path) != expected["sha256"]:
+            return f"{path} does not match the SHA-256 recorded when it was written (damaged)"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint folder that was completely written and whose files are intact; each newer one that is
+    not is named in a warning."""
+    for folder in reversed(_checkpoints(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        logger.warning(f"not resuming from {folder.name}: {problem}; trying the one before it")
+    return None
+
+
+def rotate_complete_checkpoints(output_dir: Path, newest_step: int, limit: int | None, best: str | None) -> None:
+    """Keeps the `limit` newest complete checkpoints up to `newest_step` (and the best one); deletes older complete
+    ones and incomplete ones older than the newest, whose writing was interrupted. Called only once the checkpoint
+    of `newest_step` is complete, so a complete checkpoint always remains. The manifest goes first, so a kill
+    halfway through a deletion leaves a folder that is not taken for complete."""
+    if not limit or limit <= 0:
+        return
+    older = [folder for folder in _checkpoints(output_dir) if _checkpoint_step(folder) <= newest_step]
+    complete = [folder for folder in older if (folder / CHECKPOINT_COMPLETE).is_file()]
+    keep = set(complete[-limit:])
+    if best is not None:
+        keep.add(Path(best))
+    for folder in older:
+        if folder not in keep:
+            logger.info(f"Deleting older checkpoint [{folder}] due to args.save_total_limit")
+            (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_stream_position(folder: str | os.PathLike, process_index: int, num_processes: int) -> dict:
+    """Where this process's stream stood when the checkpoint `folder` was saved."""
+    positions = Path(folder) / STREAM_POSITION_FOLDER
+    saved = len(list(positions.glob("process_*.json")))
+    if saved == 0:
+        raise ValueError(f"{folder} holds no stream position ({STREAM_POSITION_FOLDER}/, written by this package's "
+                         "streamed runs since they resume without reading the stream again): start afresh without "
+                         "--resume_from_checkpoint, or pass --ignore_data_skip true to restart the stream from its "
+                         "beginning")
+    if saved != num_processes:
+        raise ValueError(
+            f"{positions} holds the stream positions of {saved} processes, but this run has {num_processes}: resume "
+            f"with {saved} processes (each reads shards of its own), or start afresh without --resume_from_checkpoint"
+        )
+    return read_json(positions / f"process_{process_index}.json", "stream position")
+
+
+
+def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:
+    requested = training_args.resume_from_checkpoint
+    if requested in (None, "", "False", "false"):
+        return None
+    if requested in (True, "True", "true", "last"):
+        checkpoint = last_complete_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"no complete checkpoint in {training_args.output_dir} to resume from; drop --resume_from_checkpoint "
+                "to start afresh"
+            )
+        return checkpoint
+    problem = checkpoint_problem(requested)
+    if problem is not None:
+        raise FileNotFoundError(
+            f"cannot resume from {requested}: {problem}. Use --resume_from_checkpoint true to pick the newest intact "
+            "checkpoint"
+        )
+    return requested
+
+
+
+class OutputFolderInUseError(UserError, RuntimeError):
+    """Another training run holds the output folder."""
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: str | os.PathLike, process_index: int):
+    """Holds a lock on the output folder for the run, so that a second run into it stops at once with an error naming
+    the folder and the holder's pid, instead of both overwriting each other's checkpoints. Each process of a
+    multi-process run holds its own lock file (`.train.lock.<process index>`); the OS releases it when the process
+    ends, however it ends, so a killed run never leaves a stale lock."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".train.lock.{process_index}"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise OutputFolderInUseError(
+                f"{folder} is in use by another training run (pid {holder}); wait for it to finish or choose another "
+                "--output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
