@@ -14,6 +14,7 @@ import eval as eval_cli
 from conftest import REPO, build_tiny_tokenizer, tiny_config_kwargs
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.applications import study as study_module
+from modeling_vitgpt2.applications.study import run as study_run
 from modeling_vitgpt2.data.synthetic import draw_scene, random_scene
 from modeling_vitgpt2.evaluation.metrics import format_metric, metric_names
 from modeling_vitgpt2.model.modeling_vitgpt2 import ViTGPT2Encoder
@@ -198,8 +199,7 @@ def test_the_extremes_are_drawn_with_the_recipes_generation_settings(finished_st
 
     monkeypatch.setattr(jobs, "compute_attention_maps", spy)
     quiet = study_module.StudyProgress(0, enabled=False)
-    summary = study_module._extremes(study, results["rows"], study_module._prepare_data(study, copy, quiet), copy,
-                                     quiet)
+    summary = study_run._extremes(study, results["rows"], study_run._prepare_data(study, copy, quiet), copy, quiet)
     assert len(drawn) == len(summary["best"] + summary["worst"]) == 2 * TOP_K
     assert all(len(result.token_ids) == 1 for result in drawn)
 
