@@ -63,7 +63,7 @@ import os
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -409,21 +409,12 @@ class EncoderFeatureCache:
     def _pixel_batches(
         self, items: Sequence[Any], positions: list[int], batch_size: int, num_workers: int
     ) -> Iterator[torch.Tensor]:
-        """Pixel values of `items[positions]` in batches; the next batch is prepared on background threads (images
-        decoded in parallel) while the caller encodes the current one."""
+        """Pixel values of `items[positions]` in batches; the next batch is prepared in the background while the
+        caller encodes the current one."""
         chunks = [positions[start : start + batch_size] for start in range(0, len(positions), batch_size)]
-        with ThreadPoolExecutor(num_workers) as decoders, ThreadPoolExecutor(1) as prefetcher:
-
-            def prepare(chunk: list[int]) -> torch.Tensor:
-                images = list(decoders.map(lambda position: _decode(items[position]), chunk))
-                return self.processor(images=images, return_tensors="pt")["pixel_values"]
-
-            upcoming = prefetcher.submit(prepare, chunks[0])
-            for next_chunk in chunks[1:] + [None]:
-                pixel_values = upcoming.result()
-                if next_chunk is not None:
-                    upcoming = prefetcher.submit(prepare, next_chunk)
-                yield pixel_values
+        return _prefetched(chunks, lambda position: _decode(items[position]),
+                           lambda chunk, images: self.processor(images=images, return_tensors="pt")["pixel_values"],
+                           num_workers)
 
     def _encode(
         self,
@@ -543,8 +534,7 @@ class EncoderFeatureCache:
         self, rows: Iterable[dict], batch_size: int, num_workers: int
     ) -> Iterator[tuple[list[dict], list[str | None], torch.Tensor | None]]:
         """(rows, the reason each is skipped or None, pixel values of the kept ones) per `batch_size` rows; the next
-        chunk is read, decoded (on `num_workers` threads) and transformed in the background while the caller encodes
-        this one."""
+        chunk is read and prepared in the background while the caller encodes this one."""
         rows = iter(rows)
 
         def checked(row: dict) -> Image.Image | str:
@@ -553,21 +543,12 @@ class EncoderFeatureCache:
             except BadSample as problem:  # recorded in the shard; training counts and logs it as the image stream does
                 return str(problem)
 
-        with ThreadPoolExecutor(num_workers) as decoders, ThreadPoolExecutor(1) as prefetcher:
+        def transformed(chunk: list[dict], results: list[Image.Image | str]) -> tuple:
+            images = [result for result in results if isinstance(result, Image.Image)]
+            pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+            return chunk, [result if isinstance(result, str) else None for result in results], pixel_values
 
-            def prepare() -> tuple | None:
-                chunk = list(islice(rows, batch_size))
-                if not chunk:
-                    return None
-                results = list(decoders.map(checked, chunk))
-                images = [result for result in results if isinstance(result, Image.Image)]
-                pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"] if images else None
-                return chunk, [result if isinstance(result, str) else None for result in results], pixel_values
-
-            upcoming = prefetcher.submit(prepare)
-            while (prepared := upcoming.result()) is not None:
-                upcoming = prefetcher.submit(prepare)
-                yield prepared
+        return _prefetched(iter(lambda: list(islice(rows, batch_size)), []), checked, transformed, num_workers)
 
     def _open_writer(self, rows: int, tokens: int, width: int) -> np.memmap:
         """The data file sized for `rows` rows, opened for writing. Rows the committed index names are never written;
@@ -604,6 +585,24 @@ class EncoderFeatureCache:
         }
         write_json_atomic(self.index_path, index, indent=None)  # temporary file, fsync, os.replace
         self._index, self._features = index, None
+
+
+def _prefetched(chunks: Iterable[list], decode: Callable[[Any], Any], transform: Callable[[list, list], Any],
+                num_workers: int) -> Iterator[Any]:
+    """`transform(chunk, [decode(item) for item in chunk])` for each chunk, in order. The next chunk is taken, decoded
+    (on `num_workers` threads) and transformed on a background thread while the caller works on this one; `chunks`
+    is only ever advanced on that thread."""
+    chunks = iter(chunks)
+    with ThreadPoolExecutor(num_workers) as decoders, ThreadPoolExecutor(1) as prefetcher:
+
+        def prepare() -> tuple | None:
+            chunk = next(chunks, None)
+            return None if chunk is None else (transform(chunk, list(decoders.map(decode, chunk))),)
+
+        upcoming = prefetcher.submit(prepare)
+        while (prepared := upcoming.result()) is not None:
+            upcoming = prefetcher.submit(prepare)
+            yield prepared[0]
 
 
 def _encoded(encoder: torch.nn.Module, pixel_values: torch.Tensor) -> np.ndarray:
