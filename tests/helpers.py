@@ -102,3 +102,19 @@ def load_cli_module():
     from modeling_vitgpt2.cli import eval as eval_cli
 
     return eval_cli
+
+
+def image_bytes(format: str = "JPEG", seed: int = 0, size: int = 32) -> bytes:
+    """A small synthetic scene encoded as `format`."""
+    buffer = io.BytesIO()
+    draw_scene(random_scene(random.Random(seed)), size).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar file holding `members` ((name, payload) pairs) in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for name, payload in members:
+            _add(archive, name, payload)
+    return path

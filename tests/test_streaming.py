@@ -218,7 +218,6 @@ class StreamRecorder:
     stream does counts (from `on_train_begin` to `on_train_end`); the validation set is read before."""
 
     def __init__(self, monkeypatch):
-        from datasets.packaged_modules.webdataset.webdataset import WebDataset
         from transformers import TrainerCallback
 
         import modeling_vitgpt2.data.streaming as streaming
@@ -229,12 +228,12 @@ class StreamRecorder:
         self.read, self.decoded, self.trained, self.collated = [], [], [], []
         recorder = self
 
-        read_tar = WebDataset._get_pipeline_from_tar.__func__
+        read_tar = streaming._shard_samples
 
-        def reading(cls, tar_path, tar_iterator):
-            for sample in read_tar(cls, tar_path, tar_iterator):
+        def reading(shard):
+            for sample in read_tar(shard):
                 if recorder.recording:
-                    recorder.read.append(sample["__key__"])
+                    recorder.read.append(sample["image_name"])
                 yield sample
 
         decode = streaming.as_rgb_image
@@ -266,7 +265,7 @@ class StreamRecorder:
             def on_train_end(self, args, state, control, **kwargs):
                 recorder.recording = False
 
-        monkeypatch.setattr(WebDataset, "_get_pipeline_from_tar", classmethod(reading))
+        monkeypatch.setattr(streaming, "_shard_samples", reading)
         monkeypatch.setattr(streaming, "as_rgb_image", decoding)
         monkeypatch.setattr(CaptionCollator, "__call__", collating)
         monkeypatch.setattr(CaptionTrainer, "training_step", recording_step)
@@ -385,3 +384,25 @@ def test_a_shuffle_buffer_loses_its_content_on_resume_and_nothing_is_repeated(sh
     lost = 20 - len(first_pass)
     assert 0 < lost < 4  # fewer than --shuffle_buffer
     assert any(pass_ == 1 for pass_, _ in recorder.trained)  # the next pass then starts with every sample
+
+
+def test_samples_may_mix_image_extensions_and_keys_follow_webdataset(tmp_path):
+    """Shard 0 holds PNGs, shards 1-2 JPEGs with one PNG and one upper-case .JPEG among them, and a key with a dot
+    in its folder: every sample is used. `v1.2.jpg` has the key `v1` (webdataset's rule: the key ends at the first
+    dot of the file name), so its fields are `2.jpg` and `2.txt`: skipped as "no image", not "no caption"."""
+    from helpers import image_bytes, write_tar
+
+    def sample(key, extension, format="JPEG"):
+        return [(f"{key}.{extension}", image_bytes(format, seed=len(key))), (f"{key}.txt", f"a caption of {key}".encode())]
+
+    write_tar(tmp_path / "00000.tar", [m for i in range(5) for m in sample(f"p{i}", "png", "PNG")])
+    write_tar(tmp_path / "00001.tar", [m for i in range(4) for m in sample(f"j{i}", "jpg")] + sample("odd", "png", "PNG"))
+    write_tar(tmp_path / "00002.tar", [m for i in range(4) for m in sample(f"k{i}", "jpg")] + sample("UP", "JPEG")
+              + sample("take.v2/cat", "webp", "WEBP") + sample("v1.2", "jpg"))
+    counts = StreamCounts()
+    rows = list(decoded_rows(stream_webdataset(f"{tmp_path}/{{00000..00002}}.tar"), counts))
+    assert [row["image_name"] for row in rows] == [*(f"p{i}" for i in range(5)), *(f"j{i}" for i in range(4)), "odd",
+                                                   *(f"k{i}" for i in range(4)), "UP", "take.v2/cat"]
+    assert rows[-1]["caption"] == "a caption of take.v2/cat" and set(rows[0]) == {"image", "caption", "image_name"}
+    assert counts.used == 16 and counts.reasons == {"no image": 1}
+    assert counts.by_shard == {f"{tmp_path}/00002.tar": {"no image": 1}}

@@ -539,6 +539,8 @@ class EncoderFeatureCache:
 
         def checked(row: dict) -> Image.Image | str:
             try:
+                if row["problem"]:
+                    raise BadSample(row["problem"])
                 return decode_sample(row["image"], row["caption"], row["image_name"])
             except BadSample as problem:  # recorded in the shard; training counts and logs it as the image stream does
                 return str(problem)
@@ -636,24 +638,37 @@ def _complete_shard(path: Path) -> bool:
         return False
 
 
-def stream_feature_shards(paths: Sequence[PathLike], counts: StreamCounts) -> datasets.IterableDataset:
+def stream_feature_shards(
+    paths: Sequence[PathLike], counts: StreamCounts, sources: Sequence[str] | None = None,
+    reorder: Callable[[datasets.IterableDataset], datasets.IterableDataset] | None = None,
+) -> datasets.IterableDataset:
     """Rows `{encoder_features, caption, image_name}` streamed from feature shards (`EncoderFeatureCache.
     build_shards`) through `datasets`, as `streaming.decoded_rows` streams the image shards: the same rows in the
-    same order, and each bad sample skipped and counted in `counts` with the reason the pre-pass recorded."""
+    same order, and each bad sample skipped and counted in `counts` with the reason the pre-pass recorded, under the
+    name of its tar shard in `sources` (in the order of `paths`). `reorder` (a shuffle) sees every row, bad ones
+    included, as the image stream's shuffle does, so that both streams give the same batches."""
     stream = datasets.load_dataset("webdataset", data_files={"train": [str(path) for path in paths]}, split="train",
                                    streaming=True, features=FEATURE_SHARD_FIELDS)
+    source_of = dict(zip(map(str, paths), sources or map(str, paths)))
 
     def feature_row(sample: dict) -> dict:
-        if sample["json"]["skipped"]:
-            counts.skip(sample["__key__"], sample["json"]["skipped"])
-            return {FEATURES_COLUMN: None}
-        counts.used += 1
-        return {FEATURES_COLUMN: np.asarray(sample["npy"], dtype=STORAGE_DTYPE), "caption": sample["json"]["caption"],
-                "image_name": sample["__key__"]}
+        skipped = sample["json"]["skipped"]
+        return {FEATURES_COLUMN: None if skipped else np.asarray(sample["npy"], dtype=STORAGE_DTYPE),
+                "caption": sample["json"]["caption"], "image_name": sample["__key__"], "skipped": skipped,
+                "shard": source_of.get(sample["__url__"], sample["__url__"])}
 
-    # One row at a time, as `streaming.decoded_rows` does, so that a resumed stream restarts at its position.
-    return stream.map(feature_row, remove_columns=list(FEATURE_SHARD_FIELDS), features=None).filter(
-        lambda row: row[FEATURES_COLUMN] is not None)
+    def counted(row: dict) -> dict:
+        if row["skipped"]:
+            counts.skip(row["image_name"], row["skipped"], row["shard"])
+        else:
+            counts.used += 1
+        return {}
+
+    # One row at a time, as `streaming.decoded_rows` does, so that a resumed stream restarts at its position; counted
+    # after `reorder`, where the image stream decodes.
+    rows = stream.map(feature_row, remove_columns=list(FEATURE_SHARD_FIELDS), features=None)
+    rows = (reorder(rows) if reorder else rows).map(counted, remove_columns=["skipped", "shard"], features=None)
+    return rows.filter(lambda row: row[FEATURES_COLUMN] is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

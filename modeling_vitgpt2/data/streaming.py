@@ -3,8 +3,17 @@
 
 Both go through `datasets`' own streaming engine (`IterableDataset`), nothing is read before training starts, and
 both give rows with the columns `CaptionCollator` reads: `image` (a decoded RGB PIL image), `caption`, `image_name`.
-A sample whose image does not decode or whose caption is missing or empty is skipped and counted in a `StreamCounts`
-(one per process) instead of stopping a run hours in.
+
+Tar shards follow webdataset's conventions: the files of one sample are consecutive members whose names share a
+key, and the key is the member's path up to the first dot of its file name (`dir.v2/cat.jpg` -> key `dir.v2/cat`,
+field `jpg`; `v1.2.jpg` -> key `v1`, field `2.jpg`, which is not an image field). A sample's image is its field
+with any of `IMAGE_EXTENSIONS` (case ignored), so shards may mix `.jpg`, `.png`, `.webp` ... sample by sample; its
+caption is the `.txt` field, else the `caption` of the `.json` field.
+
+A bad sample (no image, no or an empty caption, a caption that is not UTF-8, a `.json` that is not a JSON object,
+an image that does not decode) is skipped, and so is a shard that is not a tar file or the rest of a shard that is
+cut short: each is counted by reason and shard in a `StreamCounts` (one per process) and logged, instead of
+stopping a run hours in.
 
 Splitting across processes and nodes is `accelerate`'s job, which `Trainer` calls: with `dispatch_batches=False`
 (set by `run_training` for streams) it gives each process `IterableDataset.shard(num_processes, process_index)`, whole
@@ -18,17 +27,22 @@ stream and keeps its share of the batches.
 from __future__ import annotations
 
 import glob
+import json
 import logging
+import re
+import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 import datasets
+import fsspec
 from braceexpand import braceexpand
 from PIL import Image
 
-from ..model.processing_vitgpt2 import as_rgb_image
+from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS, as_rgb_image
 from .captions import CaptionDataError
 
 __all__ = [
@@ -39,20 +53,34 @@ __all__ = [
     "first_captions",
     "materialise",
     "SHARD_CAPTION_FIELD",
-    "SHARD_IMAGE_FIELDS",
     "SHARD_METADATA_FIELD",
+    "SHARD_PROBLEM_KEY",
     "stream_hf_dataset",
     "stream_webdataset",
     "StreamCounts",
+    "tar_samples",
 ]
 
 
 logger = logging.getLogger(__name__)
 
-# The extensions img2dataset writes, in the order they are looked for.
-SHARD_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 SHARD_CAPTION_FIELD = "txt"
 SHARD_METADATA_FIELD = "json"
+# The `image_name` of the row standing for a whole shard, or the rest of one, that could not be read.
+SHARD_PROBLEM_KEY = "__shard__"
+# webdataset's `base_plus_ext`: the key is the path up to the first dot of the file name, the field what follows.
+_KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+_IMAGE_FIELDS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}
+# The columns of a tar stream's rows. A row's `problem` is why it is skipped (None for a good one), counted in
+# `decoded_rows` rather than where it is read, so that it is counted in the process that would have trained it.
+_TAR_ROW_FEATURES = datasets.Features({
+    "image": datasets.Image(decode=False),
+    "caption": datasets.Value("string"),
+    "image_name": datasets.Value("string"),
+    "shard": datasets.Value("string"),
+    "problem": datasets.Value("string"),
+})
+_BOOKKEEPING_COLUMNS = ("shard", "problem")
 
 
 @dataclass
@@ -63,11 +91,16 @@ class StreamCounts:
     used: int = 0
     skipped: int = 0
     reasons: Counter = field(default_factory=Counter)
+    by_shard: dict[str, Counter] = field(default_factory=dict)
 
-    def skip(self, name: str, reason: str) -> None:
+    def skip(self, name: str, reason: str, shard: str | None = None) -> None:
         self.skipped += 1
         self.reasons[reason.split(":")[0]] += 1
-        logger.warning("Skipping sample %s: %s", name, reason)
+        if shard is not None:
+            self.by_shard.setdefault(shard, Counter())[reason.split(":")[0]] += 1
+            logger.warning("Skipping sample %s: %s (shard %s)", name, reason, shard)
+        else:
+            logger.warning("Skipping sample %s: %s", name, reason)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -75,7 +108,7 @@ def expand_shards(pattern: str) -> list[str]:
     files = []
     for part in pattern.split(","):
         for name in braceexpand(part.strip()):
-            if "://" in name:  # remote files are opened by `datasets` (fsspec); nothing to check here
+            if "://" in name:  # remote files are opened by fsspec; nothing to check here
                 files.append(name)
             elif glob.has_magic(name):
                 files.extend(sorted(glob.glob(name)))
@@ -90,34 +123,73 @@ def expand_shards(pattern: str) -> list[str]:
     return files
 
 
-def stream_webdataset(shards: str | list[str]) -> datasets.IterableDataset:
-    """Caption rows streamed from webdataset tar shards, one per sample, in shard order (see `decoded_rows`)."""
-    files = expand_shards(shards) if isinstance(shards, str) else list(shards)
-    stream = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True)
-    columns = set(stream.column_names or ())
-    image_field = next((name for name in SHARD_IMAGE_FIELDS if name in columns), None)
+def _caption_row(shard: str, key: str, fields: dict[str, bytes]) -> dict:
+    """The row of one sample's fields: its image bytes and caption, or the problem that makes it unusable."""
+    row = {"image": None, "caption": None, "image_name": key, "shard": shard, "problem": None}
+    image_field = next((name for name in fields if name.lower() in _IMAGE_FIELDS), None)
     if image_field is None:
-        raise CaptionDataError(
-            f"the samples of {files[0]} have no image ({', '.join(SHARD_IMAGE_FIELDS)}); they hold {sorted(columns)}"
-        )
-    if SHARD_CAPTION_FIELD not in columns and SHARD_METADATA_FIELD not in columns:
-        raise CaptionDataError(
-            f"the samples of {files[0]} have neither a .txt caption nor a .json with a 'caption' field; they hold "
-            f"{sorted(columns)}"
-        )
-    stream = stream.cast_column(image_field, datasets.Image(decode=False))
+        row["problem"] = (f"no image: the sample has the fields {sorted(fields)} and none is an image "
+                          f"({', '.join(IMAGE_EXTENSIONS)}; the key ends at the first dot of the file name)")
+        return row
+    row["image"] = {"bytes": fields[image_field], "path": f"{key}.{image_field}"}
+    try:
+        if SHARD_CAPTION_FIELD in fields:
+            row["caption"] = fields[SHARD_CAPTION_FIELD].decode("utf-8")
+        elif SHARD_METADATA_FIELD in fields:
+            metadata = json.loads(fields[SHARD_METADATA_FIELD].decode("utf-8"))
+            if not isinstance(metadata, dict):
+                row["problem"] = f"unreadable metadata: the .json holds a {type(metadata).__name__}, not an object"
+            else:
+                caption = metadata.get("caption")
+                row["caption"] = caption if isinstance(caption, str) else None
+    except UnicodeDecodeError as error:
+        row["problem"] = f"unreadable caption: not UTF-8 ({error})"
+    except json.JSONDecodeError as error:
+        row["problem"] = f"unreadable metadata: the .json is not valid JSON ({error})"
+    return row
 
-    def caption_row(sample: dict) -> dict:
-        caption = sample.get(SHARD_CAPTION_FIELD)
-        return {
-            "image": sample[image_field],
-            "caption": caption if caption is not None else (sample.get(SHARD_METADATA_FIELD) or {}).get("caption"),
-            "image_name": sample["__key__"],
-        }
 
-    # One sample in, one row out, not batched: a resumed stream (`IterableDataset.load_state_dict`) then restarts
-    # at the next sample; a batched map restarts at the start of its batch and reads that batch again.
-    return stream.map(caption_row, remove_columns=stream.column_names)
+def tar_samples(shards: list[str]) -> Iterator[dict]:
+    """The rows of webdataset tar `shards`, one per sample in member order (see the module docstring for keys and
+    fields), undecoded. A shard that cannot be opened, or the rest of one whose reading fails, gives one row with
+    the key `SHARD_PROBLEM_KEY` and the reason; nothing raises. `datasets` calls this once per shard (its list
+    argument is how it splits the stream over processes and resumes at a shard)."""
+    for shard in shards:
+        yield from _shard_samples(shard)
+
+
+def _shard_samples(shard: str) -> Iterator[dict]:
+    key, fields, samples = None, {}, 0
+    try:
+        with fsspec.open(shard, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as archive:
+            for member in archive:
+                match = _KEY_AND_FIELD.match(member.name) if member.isfile() else None
+                if match is None:
+                    continue
+                member_key, field_name = match.groups()
+                if key is not None and (member_key != key or field_name in fields):
+                    samples += 1
+                    yield _caption_row(shard, key, fields)
+                    fields = {}
+                key = member_key
+                fields[field_name] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        where = "the shard cannot be read as a tar file" if samples == 0 and key is None else \
+            f"the shard is cut short after {samples} sample(s); the rest of it is skipped"
+        yield {"image": None, "caption": None, "image_name": SHARD_PROBLEM_KEY, "shard": shard,
+               "problem": f"unreadable shard: {where} ({type(error).__name__}: {error})"}
+        return
+    if key is not None:
+        yield _caption_row(shard, key, fields)
+
+
+def stream_webdataset(shards: str | list[str]) -> datasets.IterableDataset:
+    """Caption rows streamed from webdataset tar shards, one per sample, in shard order, images undecoded, with the
+    bookkeeping columns `shard` and `problem` (see `decoded_rows`)."""
+    files = expand_shards(shards) if isinstance(shards, str) else list(shards)
+    # One sample in, one row out: a resumed stream (`IterableDataset.load_state_dict`) restarts at the next sample.
+    return datasets.IterableDataset.from_generator(tar_samples, features=_TAR_ROW_FEATURES,
+                                                   gen_kwargs={"shards": files})
 
 
 def stream_hf_dataset(
@@ -168,21 +240,29 @@ def decode_sample(image, caption, name) -> Image.Image:
         raise BadSample(f"unreadable image: {type(error).__name__}: {error}") from None
 
 
-def decoded_rows(stream: datasets.IterableDataset, counts: StreamCounts) -> datasets.IterableDataset:
-    """`stream` with each image decoded to RGB and each caption stripped; samples that fail are skipped and counted."""
+def decoded_rows(stream: datasets.IterableDataset, counts: StreamCounts,
+                 keep_shard: bool = False) -> datasets.IterableDataset:
+    """`stream` with each image decoded to RGB and each caption stripped; samples that fail are skipped and counted
+    (by reason, and by shard for tar shards). Shuffle `stream` before this, not after: a shuffle buffer then holds
+    encoded samples, not decoded full-size images. `keep_shard` keeps a tar stream's `shard` column."""
 
     def decode(row: dict) -> dict:
         try:
+            if row.get("problem"):
+                raise BadSample(row["problem"])
             image = decode_sample(row["image"], row["caption"], row["image_name"])
         except BadSample as problem:
-            counts.skip(row["image_name"], str(problem))
+            counts.skip(row["image_name"], str(problem), row.get("shard"))
             return {"image": None}
         counts.used += 1
         return {"image": image, "caption": row["caption"].strip()}
 
+    columns = set(stream.column_names or ())
+    dropped = [name for name in _BOOKKEEPING_COLUMNS if name in columns and not (keep_shard and name == "shard")]
     # A map and a filter, one row at a time rather than a batched map that drops rows: a resumed stream then decodes
     # no image before its position (a batched map decodes its whole batch again and discards what it had yielded).
-    return stream.map(decode, features=None).filter(lambda row: row["image"] is not None)
+    return stream.map(decode, features=None, remove_columns=dropped or None).filter(
+        lambda row: row["image"] is not None)
 
 
 def first_captions(stream: datasets.IterableDataset, limit: int) -> list[str]:
@@ -191,10 +271,24 @@ def first_captions(stream: datasets.IterableDataset, limit: int) -> list[str]:
 
 
 def materialise(stream: datasets.IterableDataset, limit: int | None) -> datasets.Dataset:
-    """The first `limit` rows of a decoded stream as an in-memory `Dataset` (for a validation set)."""
+    """The first `limit` rows of a decoded stream as an in-memory `Dataset` (for a validation set). Rows of tar
+    shards (with a `shard` column, see `decoded_rows(keep_shard=True)`) must have distinct keys: predictions are
+    scored per key, so two samples with one key (the same shard given twice, a key repeated inside one) would be
+    merged and the metric computed on fewer images without a word."""
     rows = list(islice(stream, limit))
     if not rows:
         raise CaptionDataError("the validation stream yielded no usable sample")
+    if "shard" in rows[0]:
+        first_shard = {}
+        for row in rows:
+            shard = row.pop("shard")
+            if row["image_name"] in first_shard:
+                raise CaptionDataError(
+                    f"two validation samples have the key {row['image_name']!r}: in {first_shard[row['image_name']]} "
+                    f"and in {shard}; predictions are scored per key, so they would be merged. Give each shard once "
+                    "and each sample its own key."
+                )
+            first_shard[row["image_name"]] = shard
     return datasets.Dataset.from_list(
         [{**row, "image_id": row["image_name"]} for row in rows],
         features=datasets.Features({

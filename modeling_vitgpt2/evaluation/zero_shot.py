@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS
 from ..utils.io import InvalidJSONError, PathLike, read_json, write_text_atomic
 from .clip_score import DEFAULT_CLIP_MODEL, ClipLike, LoadedClip, embed_images, embed_texts, resolve_clip
 
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 ENSEMBLE = "ensemble"  # key of the prompt-ensemble predictions next to the per-template ones
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PLACEHOLDER = "{object}"
 _COURSE_NAME = re.compile(r"^(-?\d+)_[^/\\]+$")
 

@@ -15,7 +15,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
-__all__ = ["ViTGPT2Processor", "ImageLoadError", "load_image", "as_rgb_image", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "ViTGPT2Processor", "ImageLoadError", "load_image", "as_rgb_image", "to_rgb"]
+
+
+# The file extensions read as images (lower case) wherever files are picked by name: image folders, the demo's
+# examples and the samples of webdataset shards.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 # A file path, a PIL image, an HxW / HxWxC uint8 array, or an undecoded `datasets` image ({"bytes": ..., "path": ...}).

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -135,7 +136,7 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
     else:
         raise ValueError("--streaming needs --dataset_name (or give --train_shards)")
     counts = StreamCounts()
-    train = _shuffled(decoded_rows(raw, counts), data_args, seed)
+    train = decoded_rows(_shuffled(raw, data_args, seed), counts)
 
     if data_args.val_json or data_args.val_images:
         if not (data_args.val_json and data_args.val_images):
@@ -145,7 +146,7 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
         source = stream_webdataset(data_args.val_shards) if data_args.val_shards else stream_hf_dataset(
             data_args.dataset_name, data_args.val_split, data_args.image_column, data_args.caption_column,
             data_args.dataset_config_name)
-        val = materialise(decoded_rows(source, StreamCounts()), data_args.max_eval_images)
+        val = materialise(decoded_rows(source, StreamCounts(), keep_shard=True), data_args.max_eval_images)
     else:
         raise ValueError("streamed training needs a validation set: --val_shards, or --val_json and --val_images")
     val_images = references_per_image(val)
@@ -156,7 +157,8 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
 
 def _shuffled(stream: datasets.IterableDataset, data_args: DataArguments, seed: int) -> datasets.IterableDataset:
     """A training stream with its shard order and a `--shuffle_buffer` of samples shuffled, seeded (the image
-    stream and the stream of cached features alike, so that both give the same batches)."""
+    stream and the stream of cached features alike, so that both give the same batches). The buffer holds what the
+    stream holds at this point: shuffle undecoded samples (encoded image bytes), not decoded images."""
     if data_args.shuffle_buffer > 0:
         return stream.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer)
     return stream
@@ -419,9 +421,14 @@ def _stream_summary(data_args: DataArguments, training_args: CaptionTrainingArgu
     summary["used_samples"] = sum(part.used for part in parts)
     summary["skipped_samples"] = sum(part.skipped for part in parts)
     summary["skipped_by_reason"] = dict(sum((part.reasons for part in parts), start=type(counts.reasons)()))
+    by_shard = {}
+    for part in parts:
+        for shard, reasons in part.by_shard.items():
+            by_shard[shard] = dict(Counter(by_shard.get(shard, {})) + reasons)
+    summary["skipped_by_shard"] = dict(sorted(by_shard.items()))
     if summary["skipped_samples"]:
         logger.warning(f"skipped {summary['skipped_samples']} bad sample(s) of the stream: "
-                       f"{summary['skipped_by_reason']}")
+                       f"{summary['skipped_by_reason']}; by shard: {summary['skipped_by_shard']}")
     return summary
 
 
@@ -539,9 +546,10 @@ def _feature_cache_collators(data_args, training_args, peft_args, model, process
     base.to(training_args.device)
     cache = EncoderFeatureCache(cache_dir, base, processor)
     if data_args.train_shards:
-        shards = cache.build_shards(expand_shards(data_args.train_shards),
-                                    batch_size=training_args.per_device_eval_batch_size)
-        train_rows = _shuffled(stream_feature_shards(shards, stream_counts), data_args, training_args.seed)
+        sources = expand_shards(data_args.train_shards)
+        shards = cache.build_shards(sources, batch_size=training_args.per_device_eval_batch_size)
+        train_rows = stream_feature_shards(shards, stream_counts, sources,
+                                           reorder=lambda rows: _shuffled(rows, data_args, training_args.seed))
     else:
         # One call per dataset: `build` reads a dataset's `image_path` column directly, without a dict per row.
         cache.build(train_rows, batch_size=training_args.per_device_eval_batch_size)
