@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -262,3 +263,81 @@ def test_a_second_run_into_a_busy_output_folder_stops_naming_the_holder(
     message = runner.tail().strip().splitlines()[-1]
     assert message.startswith("train.py: error: ") and str(output_dir) in message and f"pid {os.getpid()}" in message
     assert not any(output_dir.glob("checkpoint-*"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile shards: a bad sample, or the rest of a bad shard, is skipped and counted with its shard; the run goes on.
+
+
+def hostile_shards(folder: Path) -> dict[str, Path]:
+    """A good shard of 3 samples and one shard per kind of damage, each with one good sample where it can hold one."""
+    from helpers import image_bytes, write_tar
+
+    def sample(key, **fields):
+        return [(f"{key}.jpg", image_bytes(seed=len(key))), *((f"{key}.{name}", data) for name, data in fields.items())]
+
+    good = [m for key in ("g0", "g1", "g2") for m in sample(key, txt=f"caption {key}".encode())]
+    shards = {
+        "good": write_tar(folder / "good.tar", good),
+        "latin1": write_tar(folder / "latin1.tar", sample("a0", txt="café crème".encode("latin-1"))
+                            + sample("a1", txt=b"fine")),
+        "bad_json": write_tar(folder / "bad_json.tar", sample("b0", json=b"{caption: 1}") + sample("b1", txt=b"fine")),
+        "list_json": write_tar(folder / "list_json.tar", sample("c0", json=b"[1, 2]") + sample("c1", txt=b"fine")),
+        "empty": folder / "empty.tar",
+    }
+    shards["empty"].write_bytes(b"")
+    whole = write_tar(folder / "whole.tar", sample("d0", txt=b"fine") + sample("d1", txt=b"lost"))
+    with tarfile.open(whole) as archive:
+        cut = archive.getmember("d1.jpg").offset_data + 100  # inside d1's image
+    shards["truncated"] = folder / "truncated.tar"
+    shards["truncated"].write_bytes(whole.read_bytes()[:cut])
+    return shards
+
+
+def test_hostile_shards_are_skipped_by_reason_with_the_shard_named(tmp_path, caplog):
+    from modeling_vitgpt2.data.streaming import StreamCounts, decoded_rows, stream_webdataset
+
+    shards = hostile_shards(tmp_path)
+    counts = StreamCounts()
+    rows = list(decoded_rows(stream_webdataset([str(path) for path in shards.values()]), counts))
+    assert [row["image_name"] for row in rows] == ["g0", "g1", "g2", "a1", "b1", "c1", "d0"]
+    assert counts.by_shard == {
+        str(shards["latin1"]): {"unreadable caption": 1},
+        str(shards["bad_json"]): {"unreadable metadata": 1},
+        str(shards["list_json"]): {"unreadable metadata": 1},
+        str(shards["empty"]): {"unreadable shard": 1},
+        str(shards["truncated"]): {"unreadable shard": 1},
+    }
+    assert "Skipping sample a0: unreadable caption: not UTF-8" in caplog.text
+    assert "the shard is cut short after 1 sample(s); the rest of it is skipped" in caplog.text
+    assert f"(shard {shards['truncated']})" in caplog.text
+
+
+def test_training_on_hostile_shards_goes_on_and_reports_them(shapes, pretrained_parts, tmp_path):
+    from conftest import training_arguments
+    from modeling_vitgpt2.training.run import DataArguments, run_training
+
+    shards = hostile_shards(tmp_path / "shards")
+    model_args, _, peft_args, training_args = training_arguments(
+        shapes, pretrained_parts, tmp_path / "out", max_steps=3, per_device_train_batch_size=2)
+    data_args = DataArguments(train_shards=",".join(str(path) for path in shards.values()),
+                              val_shards=str(shards["good"]), max_eval_images=2, max_caption_length=24,
+                              shuffle_buffer=0)
+    run_training(model_args, data_args, peft_args, training_args)
+    stream = json.loads((tmp_path / "out" / "training_summary.json").read_text())["stream"]
+    assert stream["skipped_by_shard"][str(shards["empty"])] == {"unreadable shard": 1}
+    assert stream["skipped_by_reason"]["unreadable metadata"] == 2
+
+
+def test_a_shard_list_with_nothing_readable_is_refused(shapes, pretrained_parts, tmp_path):
+    from conftest import training_arguments
+    from modeling_vitgpt2.data.captions import CaptionDataError
+    from modeling_vitgpt2.training.run import DataArguments, run_training
+
+    shards = hostile_shards(tmp_path / "shards")
+    model_args, _, peft_args, training_args = training_arguments(
+        shapes, pretrained_parts, tmp_path / "out", max_steps=3, per_device_train_batch_size=2)
+    data_args = DataArguments(train_shards=f"{shards['empty']},{shards['empty']}", val_shards=str(shards["good"]),
+                              max_eval_images=2, max_caption_length=24, shuffle_buffer=0)
+    with pytest.raises(CaptionDataError, match="no readable sample.*2 unreadable shard"):
+        run_training(model_args, data_args, peft_args, training_args)

@@ -41,6 +41,7 @@ import datasets
 import fsspec
 from braceexpand import braceexpand
 from PIL import Image
+from transformers import TrainerCallback
 
 from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS, as_rgb_image
 from .captions import CaptionDataError
@@ -49,6 +50,7 @@ __all__ = [
     "BadSample",
     "decode_sample",
     "decoded_rows",
+    "EmptyStreamCheck",
     "expand_shards",
     "first_captions",
     "materialise",
@@ -101,6 +103,28 @@ class StreamCounts:
             logger.warning("Skipping sample %s: %s (shard %s)", name, reason, shard)
         else:
             logger.warning("Skipping sample %s: %s", name, reason)
+
+
+class EmptyStreamCheck(TrainerCallback):
+    """Stops a run whose training stream went through a whole pass without one usable sample (every shard
+    unreadable or every sample bad): `Trainer` would otherwise end at step 0 with exit status 0."""
+
+    def __init__(self, counts: StreamCounts, source: str):
+        self.counts, self.source, self.start_step = counts, source, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.global_step != self.start_step:
+            return
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.counts.reasons.most_common()) or "none counted"
+        shards = ", ".join(sorted(self.counts.by_shard)[:5]) or self.source
+        raise CaptionDataError(
+            f"the training stream {self.source} has no readable sample: a whole pass gave nothing to train on "
+            f"(skipped: {reasons}; in {shards}). The log has a line per skipped sample; replace the shards or "
+            "point --train_shards at readable ones."
+        )
 
 
 def expand_shards(pattern: str) -> list[str]:

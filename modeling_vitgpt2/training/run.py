@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, TrainerCallback, set_seed
 
 from ..data.captions import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
+from ..data.streaming import EmptyStreamCheck
 from ..data.synthetic import write_synthetic_coco
 from ..inference.loading import BASE_MODEL_FOLDER, is_peft_model
 from ..model.configuration_vitgpt2 import ViTGPT2Config
@@ -302,6 +303,8 @@ def _run_training(
     collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
     eval_collator = collator
     callbacks = [RunTimeEstimate(trainable, total), *(callbacks or [])]
+    if stream_counts is not None:
+        callbacks.append(EmptyStreamCheck(stream_counts, data_args.train_shards or data_args.dataset_name))
     if data_args.cache_encoder_features:
         collator, eval_collator, page_out, train_rows = _feature_cache_collators(
             data_args, training_args, peft_args, model, processor, collator, train_rows, val_images, stream_counts
