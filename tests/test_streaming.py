@@ -406,3 +406,23 @@ def test_samples_may_mix_image_extensions_and_keys_follow_webdataset(tmp_path):
     assert rows[-1]["caption"] == "a caption of take.v2/cat" and set(rows[0]) == {"image", "caption", "image_name"}
     assert counts.used == 16 and counts.reasons == {"no image": 1}
     assert counts.by_shard == {f"{tmp_path}/00002.tar": {"no image": 1}}
+
+
+@pytest.mark.parametrize("where", ["two_shards", "one_shard"])
+def test_duplicate_validation_keys_are_refused_naming_both_shards(tmp_path, where):
+    """Two downloads of one validation shard, or a key repeated inside one, would be merged into one image and the
+    metric computed on fewer images: refused, as the COCO path refuses two images of one name."""
+    from helpers import image_bytes, write_tar
+    from modeling_vitgpt2.training.run import DataArguments, load_streamed_caption_data
+
+    write_shards(tmp_path / "train", num_shards=1)
+    samples = [m for key in ("v0", "v1") for m in ((f"{key}.jpg", image_bytes()), (f"{key}.txt", b"a caption"))]
+    first = write_tar(tmp_path / "val-a.tar", samples)
+    second = write_tar(tmp_path / "val-b.tar", samples) if where == "two_shards" else first
+    if where == "one_shard":
+        write_tar(first, samples + samples[:2])
+    data_args = DataArguments(train_shards=str(tmp_path / "train" / "00000.tar"),
+                              val_shards=f"{first},{second}" if where == "two_shards" else str(first))
+    with pytest.raises(CaptionDataError, match=rf"two validation samples have the key 'v0': in {first} and in "
+                                               rf"{second}"):
+        load_streamed_caption_data(data_args, seed=0)
