@@ -426,3 +426,19 @@ def test_duplicate_validation_keys_are_refused_naming_both_shards(tmp_path, wher
     with pytest.raises(CaptionDataError, match=rf"two validation samples have the key 'v0': in {first} and in "
                                                rf"{second}"):
         load_streamed_caption_data(data_args, seed=0)
+
+
+def test_the_shuffle_buffer_holds_undecoded_samples(tmp_path, monkeypatch):
+    """--shuffle_buffer 8: taking the first 2 training rows decodes 2 images, not the 8 + 2 a buffer of decoded
+    images would (each decoded original weighs megabytes; its JPEG a tenth or less)."""
+    import modeling_vitgpt2.data.streaming as streaming
+    from modeling_vitgpt2.training.run import DataArguments, load_streamed_caption_data
+
+    write_shards(tmp_path)
+    data_args = DataArguments(train_shards=f"{tmp_path}/{{00000..00003}}.tar", val_shards=f"{tmp_path}/00000.tar",
+                              shuffle_buffer=8)
+    train, _, _, _ = load_streamed_caption_data(data_args, seed=0)
+    decoded, decode = [], streaming.as_rgb_image
+    monkeypatch.setattr(streaming, "as_rgb_image", lambda image, name: decoded.append(name) or decode(image, name))
+    first = [row["image_name"] for _, row in zip(range(2), train)]
+    assert decoded == first
