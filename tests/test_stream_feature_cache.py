@@ -200,3 +200,10 @@ def test_the_cache_on_a_streamed_dataset_without_shards_is_refused(train_script,
                                 "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu"])
     assert status == 2
     assert "needs --train_shards" in capsys.readouterr().err
+
+
+def test_a_complete_feature_shard_leaves_no_lock_file(cache_of, tmp_path):
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=2)
+    paths = cache_of(tmp_path / "cache").build_shards(expand_shards(f"{tmp_path}/shards/{{00000..00001}}.tar"))
+    assert sorted(path.name for path in paths[0].parent.iterdir()) == sorted(
+        name for path in paths for name in (path.name, path.with_suffix(".json").name))

@@ -497,38 +497,44 @@ class EncoderFeatureCache:
     def _build_shard(self, shard: str, digest: str, path: Path, batch_size: int, num_workers: int) -> None:
         """Writes the feature shard of `shard` to `path` unless it is complete. The lock keeps a second job that
         shares the cache folder from writing it at the same time; under it, the temporary files of a killed
-        pre-pass are deleted."""
+        pre-pass are deleted. The lock file is deleted once the shard is complete: a job that still locks the
+        deleted file, or a new one, then finds the shard complete and writes nothing."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(path.with_suffix(".lock")):
-            if _complete_shard(path):
-                return
-            for leftover in leftover_temporaries(path) + leftover_temporaries(path.with_suffix(".json")):
-                leftover.unlink()
-            samples = skipped = 0
-            encoder = self.model.get_encoder()
-            was_training = encoder.training
-            encoder.eval()
-            chunks = self._checked_chunks(stream_webdataset([shard]), batch_size, num_workers)
-            try:
-                with atomic_path(path) as temporary, tarfile.open(temporary, "w") as archive, closing(chunks), \
-                        torch.inference_mode():
-                    for rows, reasons, pixel_values in chunks:
-                        features = iter(_encoded(encoder, pixel_values) if pixel_values is not None else ())
-                        for row, reason in zip(rows, reasons):
-                            array = next(features) if reason is None else np.zeros((0, 0), STORAGE_DTYPE)
-                            sample = {"caption": row["caption"].strip() if reason is None else "",
-                                      "skipped": reason or ""}
-                            _add_to_tar(archive, f"{row['image_name']}.npy", _npy_bytes(array))
-                            _add_to_tar(archive, f"{row['image_name']}.json", json.dumps(sample).encode())
-                        samples += len(rows)
-                        skipped += sum(reason is not None for reason in reasons)
-            finally:
-                encoder.train(was_training)
-            # Written last: a shard counts as complete only with this record and the size it names.
-            write_json_atomic(path.with_suffix(".json"), {
-                "input": str(Path(shard).resolve()), "input_sha256": digest, "samples": samples, "skipped": skipped,
-                "bytes": path.stat().st_size, "identity": self.identity,
-            })
+        lock = path.with_suffix(".lock")
+        with FileLock(lock):
+            if not _complete_shard(path):
+                self._write_shard(shard, digest, path, batch_size, num_workers)
+            lock.unlink(missing_ok=True)
+
+    def _write_shard(self, shard: str, digest: str, path: Path, batch_size: int, num_workers: int) -> None:
+        """Encodes `shard` into the feature shard `path` and its record (called under the shard's lock)."""
+        for leftover in leftover_temporaries(path) + leftover_temporaries(path.with_suffix(".json")):
+            leftover.unlink()
+        samples = skipped = 0
+        encoder = self.model.get_encoder()
+        was_training = encoder.training
+        encoder.eval()
+        chunks = self._checked_chunks(stream_webdataset([shard]), batch_size, num_workers)
+        try:
+            with atomic_path(path) as temporary, tarfile.open(temporary, "w") as archive, closing(chunks), \
+                    torch.inference_mode():
+                for rows, reasons, pixel_values in chunks:
+                    features = iter(_encoded(encoder, pixel_values) if pixel_values is not None else ())
+                    for row, reason in zip(rows, reasons):
+                        array = next(features) if reason is None else np.zeros((0, 0), STORAGE_DTYPE)
+                        sample = {"caption": row["caption"].strip() if reason is None else "",
+                                  "skipped": reason or ""}
+                        _add_to_tar(archive, f"{row['image_name']}.npy", _npy_bytes(array))
+                        _add_to_tar(archive, f"{row['image_name']}.json", json.dumps(sample).encode())
+                    samples += len(rows)
+                    skipped += sum(reason is not None for reason in reasons)
+        finally:
+            encoder.train(was_training)
+        # Written last: a shard counts as complete only with this record and the size it names.
+        write_json_atomic(path.with_suffix(".json"), {
+            "input": str(Path(shard).resolve()), "input_sha256": digest, "samples": samples, "skipped": skipped,
+            "bytes": path.stat().st_size, "identity": self.identity,
+        })
 
     def _checked_chunks(
         self, rows: Iterable[dict], batch_size: int, num_workers: int
