@@ -207,3 +207,55 @@ def test_a_complete_feature_shard_leaves_no_lock_file(cache_of, tmp_path):
     paths = cache_of(tmp_path / "cache").build_shards(expand_shards(f"{tmp_path}/shards/{{00000..00001}}.tar"))
     assert sorted(path.name for path in paths[0].parent.iterdir()) == sorted(
         name for path in paths for name in (path.name, path.with_suffix(".json").name))
+
+
+def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp_path, monkeypatch, caplog):
+    """Two processes of one job, played in turn: process 1 fails on its first shard, then process 0 encodes its own
+    shards, waits (saying so at WARNING) for process 1's, finds its failure record and stops with its error."""
+    import threading
+    from types import SimpleNamespace
+
+    import modeling_vitgpt2.data.feature_cache as feature_cache
+    from modeling_vitgpt2.data.feature_cache import EncoderFeatureCache, PrePassFailedError
+    from modeling_vitgpt2.utils.io import file_digest
+
+    write_shards(tmp_path / "shards", num_shards=4, per_shard=2)
+    shards = expand_shards(f"{tmp_path}/shards/{{00000..00003}}.tar")
+    digests = [(index, file_digest(shard)) for index, shard in enumerate(shards)]
+
+    def as_process(rank):
+        monkeypatch.setattr(feature_cache, "PartialState", lambda: SimpleNamespace(
+            process_index=rank, num_processes=2, is_main_process=rank == 0))
+        # Both processes learn the same run (process 0's) and every process's shard hashes.
+        monkeypatch.setattr(feature_cache, "gather_object", lambda items: [
+            (item[0], "run-1") for item in items] * 2 if isinstance(items[0][0], str) else digests)
+
+    as_process(1)
+    write = EncoderFeatureCache._write_shard
+
+    def failing(self, shard, *args):
+        if shard.endswith("00001.tar"):
+            raise OSError("No space left on device")
+        return write(self, shard, *args)
+
+    monkeypatch.setattr(EncoderFeatureCache, "_write_shard", failing)
+    with pytest.raises(OSError, match="No space left"):
+        cache_of(tmp_path / "cache").build_shards(shards)
+
+    as_process(0)
+    outcome = []
+
+    def process_0():
+        try:
+            cache_of(tmp_path / "cache").build_shards(shards, poll_seconds=0.05)
+        except Exception as error:
+            outcome.append(error)
+
+    waiter = threading.Thread(target=process_0, daemon=True)
+    waiter.start()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive(), "process 0 still waits for the failed process's shards"
+    assert isinstance(outcome[0], PrePassFailedError)
+    assert f"process 1 failed while encoding {shards[1]}: OSError: No space left on device" in str(outcome[0])
+    assert any(record.levelname == "WARNING" and "Waiting for 2 of 4 feature shards" in record.getMessage()
+               for record in caplog.records)

@@ -47,7 +47,9 @@ sample is skipped, as the image stream counts it, else ""). A shard is written w
 is encoded again, so a killed pre-pass resumes at its first incomplete shard. Under accelerate/torchrun process `p`
 of `n` hashes and encodes the shards `p, p + n, ...` only (each shard written once, by one process), the processes
 exchange the hashes, and each waits, by polling the folder rather than in a collective that would time out, until
-every shard is complete. `stream_feature_shards` then streams them through `datasets` like the image shards (same
+every shard is complete. A process whose pre-pass fails writes `shards/.failed-<run>.json` naming itself, the shard
+and the error before it exits; the others, waiting, find it and stop with that error instead of waiting forever (the
+next pre-pass deletes the markers of earlier runs). `stream_feature_shards` then streams them through `datasets` like the image shards (same
 order, same split over processes and the same shuffle), so training reads features instead of decoding images.
 """
 
@@ -63,6 +65,7 @@ import os
 import sys
 import tarfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -84,6 +87,7 @@ from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..model.processing_vitgpt2 import ImageLoadError, as_rgb_image
+from ..utils.errors import UserError
 from ..utils.io import PathLike, atomic_path, file_digest, leftover_temporaries, read_json, write_json_atomic
 from .captions import CaptionCollator, image_source
 from .streaming import BadSample, StreamCounts, decode_sample, stream_webdataset
@@ -94,6 +98,7 @@ __all__ = [
     "EncoderFeatureCache",
     "FEATURES_COLUMN",
     "FeatureCacheMissError",
+    "PrePassFailedError",
     "encoder_fingerprint",
     "image_key",
     "page_out_encoder",
@@ -123,6 +128,10 @@ FEATURE_SHARD_FIELDS = datasets.Features({
     "__url__": datasets.Value("string"),
 })
 FEATURES_COLUMN = "encoder_features"  # streamed rows carry their features in this column
+
+
+class PrePassFailedError(UserError):
+    """Another process of a multi-process job failed its part of the streamed pre-pass; the message names it."""
 
 
 class FeatureCacheMissError(LookupError):
@@ -474,25 +483,55 @@ class EncoderFeatureCache:
             )
         state = PartialState()
         mine = range(state.process_index, len(shards), state.num_processes)
-        folders = set(gather_object([str(self.folder)]))
+        joined = gather_object([(str(self.folder), uuid.uuid4().hex)])
+        folders, run = {folder for folder, _ in joined}, joined[0][1]
         if len(folders) > 1:  # each would wait for shards the others write elsewhere
             raise ValueError(f"the processes key the feature cache differently ({', '.join(sorted(folders))}): "
                              "their encoder weights or image processor settings differ")
+        markers = self.folder / SHARDS_FOLDER
+        failed = markers / f".failed-{run}.json"
+        markers.mkdir(parents=True, exist_ok=True)
+        if state.is_main_process:
+            for stale in markers.glob(".failed-*.json"):
+                if stale != failed:
+                    stale.unlink(missing_ok=True)
         hashed = [(index, file_digest(shards[index])) for index in tqdm(mine, desc="Hashing shards", unit="shard")]
         digests = dict(gather_object(hashed))  # a short collective: hashing is quick next to encoding
         paths = [
             self.folder / SHARDS_FOLDER / f"{Path(shard).name.removesuffix('.tar')}-{digests[index][:16]}.tar"
             for index, shard in enumerate(shards)
         ]
-        for index in tqdm(mine, desc="Encoding shards", unit="shard"):
-            self._build_shard(shards[index], digests[index], paths[index], batch_size, num_workers)
-        waiting = [path for path in paths if not _complete_shard(path)]
-        if waiting:
-            logger.info("Waiting for %d feature shards that other processes encode.", len(waiting))
-        while waiting:  # no collective here: another process's pre-pass may outlast torch.distributed's timeout
+        index = None
+        try:
+            for index in tqdm(mine, desc="Encoding shards", unit="shard"):
+                self._build_shard(shards[index], digests[index], paths[index], batch_size, num_workers)
+        except BaseException as error:  # Ctrl-C too: the others must not wait for this process's shards
+            write_json_atomic(failed, {"process": state.process_index, "shard": shards[index] if index is not None
+                                       else None, "error": f"{type(error).__name__}: {error}"})
+            raise
+        self._wait_for_shards(shards, paths, failed, poll_seconds)
+        return paths
+
+    def _wait_for_shards(self, shards: Sequence[str], paths: list[Path], failed: Path, poll_seconds: float) -> None:
+        """Polls until every feature shard is complete (no collective: another process's pre-pass may outlast
+        torch.distributed's timeout), saying what it waits for whenever that changes; stops with the error of a
+        process that failed."""
+        waiting, shown = [path for path in paths if not _complete_shard(path)], None
+        while waiting:
+            if len(waiting) != shown:
+                shown = len(waiting)
+                logger.warning("Waiting for %d of %d feature shards that other processes encode (next: %s).",
+                               len(waiting), len(paths), shards[paths.index(waiting[0])])
+            if failed.exists():
+                failure = read_json(failed, "pre-pass failure record")
+                raise PrePassFailedError(
+                    f"process {failure.get('process')} failed while encoding {failure.get('shard')}: "
+                    f"{failure.get('error')}; this process stops too ({len(waiting)} feature shard(s) missing, "
+                    f"e.g. for {shards[paths.index(waiting[0])]}). Fix the cause and run again: the complete "
+                    "shards are kept."
+                )
             time.sleep(poll_seconds)
             waiting = [path for path in waiting if not _complete_shard(path)]
-        return paths
 
     def _build_shard(self, shard: str, digest: str, path: Path, batch_size: int, num_workers: int) -> None:
         """Writes the feature shard of `shard` to `path` unless it is complete. The lock keeps a second job that
