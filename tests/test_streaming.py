@@ -442,3 +442,34 @@ def test_the_shuffle_buffer_holds_undecoded_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(streaming, "as_rgb_image", lambda image, name: decoded.append(name) or decode(image, name))
     first = [row["image_name"] for _, row in zip(range(2), train)]
     assert decoded == first
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_shards": "SHARDS/{00000..00002}.tar"}, r"1 shard\(s\) no longer given \(.*00003.tar\)"),
+    ({"train_shards": "SHARDS/00004.tar,SHARDS/{00000..00003}.tar"}, r"1 shard\(s\) new \(.*00004.tar\)"),
+    ({"shuffle_buffer": 4}, r"--shuffle_buffer was 0, is now 4"),
+], ids=["shard_dropped", "shard_added_in_front", "shuffle_buffer_changed"])
+def test_a_stream_is_resumed_only_on_the_stream_it_stopped_in(shapes, pretrained_parts, tmp_path, change, message):
+    """The saved position is an index into the stream: on another shard list it would skip or repeat samples, on
+    another shuffle buffer datasets fails with a KeyError. Refused, naming the difference; --ignore_data_skip starts
+    the new stream from its beginning."""
+    from conftest import training_arguments
+    from modeling_vitgpt2.training.run import DataArguments, run_training
+
+    write_shards(tmp_path / "shards", num_shards=5)
+
+    def run(max_steps, train_shards="SHARDS/{00000..00003}.tar", shuffle_buffer=0, **training):
+        model_args, _, peft_args, training_args = training_arguments(
+            shapes, pretrained_parts, tmp_path / "out", max_steps=max_steps, save_strategy="steps", save_steps=2,
+            per_device_train_batch_size=3, **training)
+        data_args = DataArguments(train_shards=train_shards.replace("SHARDS", str(tmp_path / "shards")),
+                                  val_shards=f"{tmp_path}/shards/00000.tar", max_eval_images=1, max_caption_length=24,
+                                  shuffle_buffer=shuffle_buffer)
+        run_training(model_args, data_args, peft_args, training_args)
+
+    run(2)
+    with pytest.raises(ValueError, match=rf"checkpoint-2 stopped in another stream than this run's: {message}.*"
+                                         r"--ignore_data_skip true"):
+        run(4, resume_from_checkpoint="true", **change)
+    run(4, resume_from_checkpoint="true", ignore_data_skip=True, **change)
+    assert json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4

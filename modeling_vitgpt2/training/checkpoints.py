@@ -26,6 +26,7 @@ __all__ = [
     "last_complete_checkpoint",
     "read_checkpoint_manifest",
     "read_stream_position",
+    "stream_change",
     "resolve_resume",
     "rotate_complete_checkpoints",
     "write_checkpoint_manifest",
@@ -137,6 +138,27 @@ def read_stream_position(folder: str | os.PathLike, process_index: int, num_proc
         )
     return read_json(positions / f"process_{process_index}.json", "stream position")
 
+
+
+def stream_change(saved: dict, current: dict) -> str | None:
+    """What differs between the stream a checkpoint's position was taken in (`saved`) and this run's (`current`),
+    both as `run.stream_identity` describes them, or None. The position is an index into that stream: applied to
+    another shard list it would skip or repeat samples; to another shuffle buffer it does not even load."""
+    changes = []
+    old_shards, new_shards = dict(map(tuple, saved.get("shards") or [])), dict(map(tuple, current.get("shards") or []))
+    removed = [name for name in old_shards if name not in new_shards]
+    added = [name for name in new_shards if name not in old_shards]
+    resized = [name for name in new_shards if name in old_shards and new_shards[name] != old_shards[name]]
+    for what, names in (("no longer given", removed), ("new", added), ("changed size", resized)):
+        if names:
+            changes.append(f"{len(names)} shard(s) {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if not (removed or added) and list(old_shards) != list(new_shards):
+        changes.append("the shards are in another order")
+    for key, label in (("source", "the data source"), ("shuffle_buffer", "--shuffle_buffer"), ("seed", "--seed"),
+                       ("pipeline", "the stream (--cache_encoder_features)")):
+        if saved.get(key) != current.get(key):
+            changes.append(f"{label} was {saved.get(key)!r}, is now {current.get(key)!r}")
+    return "; ".join(changes) or None
 
 
 def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:

@@ -49,6 +49,7 @@ __all__ = [
     "load_streamed_caption_data",
     "run_training",
     "save_trained_model",
+    "stream_identity",
 ]
 
 
@@ -154,6 +155,23 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
     if data_args.max_eval_images is not None:
         val_images = val_images.select(range(min(data_args.max_eval_images, len(val_images))))
     return train, (lambda: first_captions(raw, TOKENIZER_SAMPLE_CAPTIONS)), val_images, counts
+
+
+def stream_identity(data_args: DataArguments, seed: int) -> dict:
+    """What a saved stream position is an index into: the shard list (absolute paths and sizes), or the dataset and
+    split, the shuffle buffer and its seed, and whether the stream is of images or of cached features."""
+    from ..data.streaming import expand_shards
+
+    if data_args.train_shards:
+        shards = [[name, None] if "://" in name else [os.path.abspath(name), os.path.getsize(name)]
+                  for name in expand_shards(data_args.train_shards)]
+        source = "--train_shards"
+    else:
+        shards = []
+        source = f"{data_args.dataset_name} {data_args.dataset_config_name or ''} split {data_args.train_split}"
+    return {"source": source, "shards": shards, "shuffle_buffer": data_args.shuffle_buffer,
+            "seed": seed if data_args.shuffle_buffer > 0 else None,
+            "pipeline": "cached features" if data_args.cache_encoder_features else "images"}
 
 
 def _shuffled(stream: datasets.IterableDataset, data_args: DataArguments, seed: int) -> datasets.IterableDataset:
@@ -321,6 +339,7 @@ def _run_training(
         eval_collator=eval_collator,
         clip_model=data_args.clip_model,
         callbacks=callbacks,
+        stream_identity=stream_identity(data_args, training_args.seed) if data_args.streamed else None,
     )
     resume = resolve_resume(training_args)
     resumed_at_step = read_checkpoint_manifest(resume)["global_step"] if resume else 0  # rotation may delete it

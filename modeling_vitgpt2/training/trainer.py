@@ -27,6 +27,7 @@ from .checkpoints import (
     read_checkpoint_manifest,
     read_stream_position,
     rotate_complete_checkpoints,
+    stream_change,
     write_checkpoint_manifest,
 )
 
@@ -44,9 +45,11 @@ class CaptionTrainer(Seq2SeqTrainer):
     exactly once; the stock loop pads the last batch with duplicates, which would bias CIDEr.
     """
 
-    def __init__(self, *args, eval_collator=None, clip_model: str | None = None, **kwargs):
+    def __init__(self, *args, eval_collator=None, clip_model: str | None = None, stream_identity: dict | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
+        self.stream_identity = stream_identity  # saved with each stream position, checked on resume
         self.clip_model = clip_model
         self._clip = None
         self._stream_position = None
@@ -167,6 +170,14 @@ class CaptionTrainer(Seq2SeqTrainer):
             if self._streamed and not self.args.ignore_data_skip:
                 self._stream_position = read_stream_position(resume_from_checkpoint, self.args.process_index,
                                                              self.args.world_size)
+                saved = self._stream_position.get("stream")
+                change = stream_change(saved, self.stream_identity or {}) if saved is not None else None
+                if change:
+                    raise ValueError(
+                        f"{resume_from_checkpoint} stopped in another stream than this run's: {change}. Its position "
+                        "would skip or repeat samples here. Resume with the data settings it was saved with, or pass "
+                        "--ignore_data_skip true to start this stream from its beginning."
+                    )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial):
@@ -190,7 +201,8 @@ class CaptionTrainer(Seq2SeqTrainer):
             # batch it handed to training (it reads one batch ahead), which is where a resume must continue.
             loader = self.callback_handler.train_dataloader
             write_json_atomic(folder / STREAM_POSITION_FOLDER / f"process_{self.args.process_index}.json",
-                              {"pass": loader.iteration, "data_loader": loader.state_dict()})
+                              {"pass": loader.iteration, "data_loader": loader.state_dict(),
+                               "stream": self.stream_identity})
         self.accelerator.wait_for_everyone()  # every process's files are in the folder
         if self.args.should_save:
             loss_sum = self._total_loss_scalar + self._tr_loss.item() + (self._loss_sum_before_resume or 0.0)
