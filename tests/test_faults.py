@@ -341,3 +341,13 @@ def test_a_shard_list_with_nothing_readable_is_refused(shapes, pretrained_parts,
                               max_eval_images=2, max_caption_length=24, shuffle_buffer=0)
     with pytest.raises(CaptionDataError, match="no readable sample.*2 unreadable shard"):
         run_training(model_args, data_args, peft_args, training_args)
+
+
+def test_the_output_folder_lock_file_is_deleted_when_the_run_ends(tmp_path):
+    from modeling_vitgpt2.training.run import hold_output_dir
+
+    with hold_output_dir(tmp_path, 0):
+        assert (tmp_path / ".train.lock.0").read_text().strip() == str(os.getpid())
+    assert not (tmp_path / ".train.lock.0").exists()
+    with hold_output_dir(tmp_path, 0):  # and the folder can be taken again
+        pass

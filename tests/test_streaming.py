@@ -473,3 +473,17 @@ def test_a_stream_is_resumed_only_on_the_stream_it_stopped_in(shapes, pretrained
         run(4, resume_from_checkpoint="true", **change)
     run(4, resume_from_checkpoint="true", ignore_data_skip=True, **change)
     assert json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_a_stream_trains_without_a_validation_set_when_it_never_evaluates(shapes, pretrained_parts, tmp_path):
+    """--eval_strategy no needs no validation set; and a finished run leaves no lock file in its output folder."""
+    from conftest import training_arguments
+    from modeling_vitgpt2.training.run import DataArguments, run_training
+
+    write_shards(tmp_path / "shards", num_shards=2)
+    model_args, _, peft_args, training_args = training_arguments(
+        shapes, pretrained_parts, tmp_path / "out", max_steps=2, per_device_train_batch_size=3, eval_strategy="no")
+    data_args = DataArguments(train_shards=f"{tmp_path}/shards/{{00000..00001}}.tar", max_caption_length=24)
+    assert run_training(model_args, data_args, peft_args, training_args) == {}
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["eval_images"] is None
+    assert not list((tmp_path / "out").glob(".train.lock*"))

@@ -61,7 +61,7 @@ def train(model_args, data_args, peft_args, training_args) -> dict:
     metrics = run_training(model_args, data_args, peft_args, without_trainer_push(training_args))
     if training_args.process_index == 0:
         summary = " | ".join(f"{key}: {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
-        print(f"[train] final evaluation: {summary}")
+        print(f"[train] final evaluation: {summary}" if metrics else "[train] no evaluation (--eval_strategy no)")
         print(f"[train] saved to {training_args.output_dir}")
         if training_args.push_to_hub:
             push_training_output(training_args, training_args.output_dir)

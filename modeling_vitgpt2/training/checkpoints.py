@@ -192,24 +192,34 @@ def hold_output_dir(output_dir: str | os.PathLike, process_index: int):
     """Holds a lock on the output folder for the run, so that a second run into it stops at once with an error naming
     the folder and the holder's pid, instead of both overwriting each other's checkpoints. Each process of a
     multi-process run holds its own lock file (`.train.lock.<process index>`); the OS releases it when the process
-    ends, however it ends, so a killed run never leaves a stale lock."""
+    ends, however it ends, so a killed run never leaves a stale lock. A run that ends deletes its lock file."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f".train.lock.{process_index}"
-    with open(path, "a+") as handle:
+    while True:
+        handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
+            handle.close()
             raise OutputFolderInUseError(
                 f"{folder} is in use by another training run (pid {holder}); wait for it to finish or choose another "
                 "--output_dir"
             ) from None
+        # A run that ended between our open and our lock deleted the file: a lock on it would hold nothing.
+        if path.exists() and path.stat().st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding the lock
+        handle.close()
 
 

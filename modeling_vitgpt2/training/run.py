@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, gather_object
 from torch.distributed.tensor import DTensor
-from transformers import AutoTokenizer, TrainerCallback, set_seed
+from transformers import AutoTokenizer, IntervalStrategy, TrainerCallback, set_seed
 
 from ..data.captions import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
 from ..data.streaming import EmptyStreamCheck
@@ -117,10 +117,11 @@ def load_caption_data(data_args: DataArguments) -> tuple[datasets.Dataset, datas
 TOKENIZER_SAMPLE_CAPTIONS = 20_000
 
 
-def load_streamed_caption_data(data_args: DataArguments, seed: int):
+def load_streamed_caption_data(data_args: DataArguments, seed: int, evaluates: bool = True):
     """(training stream of decoded rows, captions to train a tokenizer on, validation images, this process's
     `StreamCounts`). The validation set is small and read into memory: --val_shards, the COCO layout
-    (--val_json/--val_images) or the dataset's --val_split."""
+    (--val_json/--val_images) or the dataset's --val_split; a run that `evaluates` not at all (--eval_strategy no)
+    may give none (validation images None)."""
     from ..data.streaming import (
         StreamCounts,
         decoded_rows,
@@ -149,8 +150,11 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int):
             data_args.dataset_name, data_args.val_split, data_args.image_column, data_args.caption_column,
             data_args.dataset_config_name)
         val = materialise(decoded_rows(source, StreamCounts(), keep_shard=True), data_args.max_eval_images)
+    elif evaluates:
+        raise ValueError("streamed training needs a validation set: --val_shards, or --val_json and --val_images "
+                         "(or --eval_strategy no, to train without evaluating)")
     else:
-        raise ValueError("streamed training needs a validation set: --val_shards, or --val_json and --val_images")
+        return train, (lambda: first_captions(raw, TOKENIZER_SAMPLE_CAPTIONS)), None, counts
     val_images = references_per_image(val)
     if data_args.max_eval_images is not None:
         val_images = val_images.select(range(min(data_args.max_eval_images, len(val_images))))
@@ -276,7 +280,7 @@ def _run_training(
         training_args = _streamed_training_args(data_args, training_args)
         with state.main_process_first():
             train_rows, tokenizer_captions, val_images, stream_counts = load_streamed_caption_data(
-                data_args, training_args.seed
+                data_args, training_args.seed, evaluates=training_args.eval_strategy != IntervalStrategy.NO
             )
     else:
         with state.main_process_first():
@@ -350,9 +354,11 @@ def _run_training(
         (parameter.to_local() if isinstance(parameter, DTensor) else parameter).numel()
         for parameter in trainer.model_wrapped.parameters()
     )])
-    metrics = trainer.evaluate()
+    # A stream trained with --eval_strategy no may have no validation set: no final evaluation then.
+    metrics = trainer.evaluate() if val_images is not None else {}
     trainer.save_metrics("train", train_result.metrics)
-    trainer.save_metrics("eval", metrics)
+    if val_images is not None:
+        trainer.save_metrics("eval", metrics)
     if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # The weights are sharded over the processes: Trainer gathers them (every process takes part) and saves.
         trainer.save_model(str(output_dir))
@@ -373,7 +379,7 @@ def _run_training(
                 "distributed_type": str(getattr(state.distributed_type, "value", state.distributed_type)),
                 "train_captions": len(train_rows) if isinstance(train_rows, datasets.Dataset) else None,
                 **({"stream": stream_summary} if stream_summary else {}),
-                "eval_images": len(val_images),
+                "eval_images": len(val_images) if val_images is not None else None,
                 "hyperparameters": {
                     "learning_rate": training_args.learning_rate,
                     "weight_decay": training_args.weight_decay,
@@ -575,6 +581,7 @@ def _feature_cache_collators(data_args, training_args, peft_args, model, process
     else:
         # One call per dataset: `build` reads a dataset's `image_path` column directly, without a dict per row.
         cache.build(train_rows, batch_size=training_args.per_device_eval_batch_size)
-    cache.build(val_images, batch_size=training_args.per_device_eval_batch_size)
+    if val_images is not None:
+        cache.build(val_images, batch_size=training_args.per_device_eval_batch_size)
     collators = CachedFeatureCollator(collator, cache), CachedFeatureCollator(collator, cache)
     return *collators, PageOutEncoderCallback(base, cache_dir), train_rows
