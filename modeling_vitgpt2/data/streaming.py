@@ -119,7 +119,8 @@ class EmptyStreamCheck(TrainerCallback):
         if state.global_step != self.start_step:
             return
         reasons = ", ".join(f"{count} {reason}" for reason, count in self.counts.reasons.most_common()) or "none counted"
-        shards = ", ".join(sorted(self.counts.by_shard)[:5]) or self.source
+        named = sorted(self.counts.by_shard)
+        shards = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "") or self.source
         raise CaptionDataError(
             f"the training stream {self.source} has no readable sample: a whole pass gave nothing to train on "
             f"(skipped: {reasons}; in {shards}). The log has a line per skipped sample; replace the shards or "
@@ -166,6 +167,9 @@ def _caption_row(shard: str, key: str, fields: dict[str, bytes]) -> dict:
             else:
                 caption = metadata.get("caption")
                 row["caption"] = caption if isinstance(caption, str) else None
+        if row["caption"] is None and row["problem"] is None:
+            row["problem"] = (f"no caption: neither a .{SHARD_CAPTION_FIELD} field nor a 'caption' string in a "
+                              f".{SHARD_METADATA_FIELD} field (the sample has {sorted(fields)})")
     except UnicodeDecodeError as error:
         row["problem"] = f"unreadable caption: not UTF-8 ({error})"
     except json.JSONDecodeError as error:
