@@ -156,6 +156,8 @@ def stream_change(saved: dict, current: dict) -> str | None:
         changes.append("the shards are in another order")
     for key, label in (("source", "the data source"), ("shuffle_buffer", "--shuffle_buffer"), ("seed", "--seed"),
                        ("pipeline", "the stream (--cache_encoder_features)")):
+        if key == "seed" and saved.get("shuffle_buffer") != current.get("shuffle_buffer"):
+            continue  # the seed orders a shuffle buffer only: said with the buffer's change
         if saved.get(key) != current.get(key):
             changes.append(f"{label} was {saved.get(key)!r}, is now {current.get(key)!r}")
     return "; ".join(changes) or None
