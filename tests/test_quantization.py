@@ -100,3 +100,14 @@ def test_demo_quantize_int8_captions_with_attention_panels(saved_captioner):
     demo = load_demo(parse_args(["--model", str(saved_captioner), "--quantize", "int8"]))
     assert isinstance(demo.model.decoder.h[0].mlp.c_fc, DynamicQuantizedLinear)
     demo.warm_up()  # a caption with the attention panels of every layer, through the int8 model
+
+
+def test_an_int8_model_refuses_to_save_before_writing_anything(saved_captioner, tmp_path):
+    # It used to write config.json and the code, then die on the int8 weights ('torch.dtype' object has no
+    # attribute 'data_ptr'), leaving a folder that looked like a model.
+    from modeling_vitgpt2.inference.loading import load_for_inference
+
+    quantized = load_for_inference(saved_captioner, quantize="int8")
+    with pytest.raises(RuntimeError, match="quantized to int8 .* cannot be saved: load it again with quantize=None"):
+        quantized.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()

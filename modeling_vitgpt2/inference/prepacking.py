@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from ..model.modeling_vitgpt2 import ViTGPT2LMHead
 from .loading import is_peft_model
 
-__all__ = ["PrepackedLinear", "can_prepack", "float32_cpu_model", "prepack_for_cpu"]
+__all__ = ["PrepackedLinear", "can_prepack", "float32_cpu_model", "prepack_for_cpu", "refuse_to_save"]
 
 
 def _has_onednn() -> bool:
@@ -120,10 +120,14 @@ def prepack_for_cpu(model: nn.Module, layers: Collection[str] | None = None) -> 
                 # input embedding's, so this costs nothing.
                 packed.weight = child.weight
             setattr(parent, child_name, packed)
-    model.save_pretrained = _refuse_to_save  # before it writes a config beside weights it cannot write
+    refuse_to_save(model, "prepacked for CPU inference", "prepack=False")
     return model
 
 
-def _refuse_to_save(*args, **kwargs):
-    raise RuntimeError("this model is prepacked for CPU inference and cannot be saved: load it again with "
-                       "prepack=False to save it")
+def refuse_to_save(model: nn.Module, what: str, load_option: str) -> None:
+    """Makes `model.save_pretrained` raise before it writes anything: an inference-only model (prepacked, int8)
+    would otherwise write its config and code and then fail on weights it cannot write, leaving a folder that looks
+    like a model."""
+    def save_pretrained(*args, **kwargs):
+        raise RuntimeError(f"this model is {what} and cannot be saved: load it again with {load_option} to save it")
+    model.save_pretrained = save_pretrained

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .prepacking import float32_cpu_model
+from .prepacking import float32_cpu_model, refuse_to_save
 
 __all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "quantize_for_cpu"]
 
@@ -70,4 +70,6 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
         # The deprecation notices point to torchao, which this module chose against (see the module docstring).
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        return torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
+        model = torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
+    refuse_to_save(model, "quantized to int8 for CPU inference", "quantize=None")
+    return model
