@@ -65,6 +65,15 @@ def check_one_epoch_read_once(output_dir: Path, log: str) -> None:
     assert "Skipping sample 000010001: unreadable image" in log
 
 
+def huge_png(path: Path, side: int = 12_000) -> Path:
+    """A 1-bit PNG of side x side pixels (144 megapixels by default, above the default pixel limit but below Pillow's
+    own refusal) that compresses to a few tens of kB."""
+    from PIL import Image
+
+    Image.new("1", (side, side)).save(path)
+    return path
+
+
 def _add(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import load_cli_module
+from helpers import huge_png, load_cli_module
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2Processor
 from modeling_vitgpt2.data.captions import CaptionDataError, load_coco_captions, references_per_image
 from modeling_vitgpt2.evaluation.jobs import read_coco_references
@@ -120,17 +120,31 @@ def test_an_output_under_a_file_fails_before_any_captioning(captioner_dir, data,
 # Images and models given to eval.py
 
 
-def test_a_decompression_bomb_is_named_by_eval_caption(captioner_dir, tmp_path, capsys, monkeypatch):
+def test_an_image_past_the_pixel_limit_is_named_by_eval_caption_and_attention(captioner_dir, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
-    Image.new("L", (200, 200)).save(images / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 pixels: more than twice the limit
+    huge_png(images / "bomb.png")  # 144 Mpx in a small file: Pillow alone would decode it
     for command in (["caption", "--images", images, "--output", tmp_path / "out" / "p.json"],
                     ["attention", "--images", images / "bomb.png", "--output_dir", tmp_path / "out"]):
         status, err = run_eval([command[0], "--model", captioner_dir, *command[1:]], capsys)
         assert status == 2
-        assert "bomb.png" in err and "decompression bomb" in err.lower()
+        assert ("bomb.png: it is 12,000 x 12,000 = 144,000,000 pixels, more than the limit of 89,478,485 (a guard "
+                "against decompression bombs). Shrink it, or raise the limit with the environment variable "
+                "VITGPT2_MAX_IMAGE_PIXELS=144000000") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_pixel_limit_is_set_for_eval_by_environment(captioner_dir, tmp_path, capsys, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("L", (200, 200)).save(images / "big.png")
+    monkeypatch.setenv("VITGPT2_MAX_IMAGE_PIXELS", "10000")
+    status, err = run_eval(["caption", "--model", captioner_dir, "--images", images, "--output", tmp_path / "p.json"],
+                           capsys)
+    assert status == 2 and "big.png: it is 200 x 200 = 40,000 pixels, more than the limit of 10,000" in err
+    monkeypatch.setenv("VITGPT2_MAX_IMAGE_PIXELS", "40000")
+    assert run_eval(["caption", "--model", captioner_dir, "--images", images, "--output", tmp_path / "p.json"],
+                    capsys)[0] == 0
 
 
 def _break_model(folder, how):

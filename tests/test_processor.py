@@ -40,7 +40,7 @@ def test_decompression_bombs_are_refused_by_name(tiny_processor, tmp_path):
     path = tmp_path / "bomb.png"
     Image.new("1", (20000, 20000)).save(path)  # 400 megapixels in a ~50 kB file
     assert path.stat().st_size < 100_000
-    with pytest.raises(ImageLoadError, match="bomb.png.*decompression bomb"):
+    with pytest.raises(ImageLoadError, match="bomb.png: it is 400,000,000 pixels, more than the limit of 89,478,485 .a guard against decompression bombs"):
         tiny_processor(images=[path])
 
 
@@ -83,3 +83,45 @@ def test_wrong_inputs_are_explained(tiny_processor):
         tiny_processor()
     with pytest.raises(ImageLoadError, match="images\\[0\\]"):
         tiny_processor(images=[np.zeros((4, 4, 5), dtype=np.uint8)])
+
+
+def test_one_pixel_limit_refuses_an_image_from_its_header_before_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from helpers import huge_png
+    from modeling_vitgpt2.model.processing_vitgpt2 import ImageTooLargeError, as_rgb_image, load_image
+
+    path = huge_png(tmp_path / "huge.png")  # 144 Mpx: Pillow itself refuses only above 178,956,970
+    assert path.stat().st_size < 100_000
+
+    def no_decoding(self):
+        raise AssertionError("decoded an image the limit refuses")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    figure = r"12,000 x 12,000 = 144,000,000 pixels, more than the limit of 89,478,485"
+    how = "VITGPT2_MAX_IMAGE_PIXELS=144000000"
+    for load in (lambda: load_image(path), lambda: as_rgb_image({"bytes": path.read_bytes(), "path": "huge.png"})):
+        with pytest.raises(ImageTooLargeError, match=f"huge.png: it is {figure}.*{how}"):
+            load()
+
+
+def test_the_pixel_limit_is_set_by_environment_or_argument_even_past_pillows_own(tmp_path, monkeypatch):
+    from modeling_vitgpt2.model.processing_vitgpt2 import ImageTooLargeError, as_rgb_image, load_image
+
+    path = tmp_path / "fifty.png"
+    Image.new("L", (50, 50)).save(path)  # 2,500 pixels
+    monkeypatch.setenv("VITGPT2_MAX_IMAGE_PIXELS", "2,000")
+    with pytest.raises(ImageTooLargeError, match="50 x 50 = 2,500 pixels, more than the limit of 2,000"):
+        load_image(path)
+    assert load_image(path, max_pixels=2_500).size == (50, 50)
+    monkeypatch.setenv("VITGPT2_MAX_IMAGE_PIXELS", "2500")
+    # Pillow alone would refuse above twice its own figure (here 200): the configured limit is the one that counts.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert as_rgb_image(path).size == (50, 50)
+    monkeypatch.setenv("VITGPT2_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="VITGPT2_MAX_IMAGE_PIXELS='lots' is not a number of pixels"):
+        load_image(path)
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ImageTooLargeError("huge.png", (3, 4), 12, 10)))
+    assert str(error).startswith("refusing to decode image huge.png: it is 3 x 4 = 12 pixels, more than the limit of 10")

@@ -68,6 +68,14 @@ def test_rows_are_what_the_collator_reads(tmp_path):
     assert row["image"].mode == "RGB" and row["image"].size == (32, 32) and row["caption"] and row["image_name"] == "000000000"
 
 
+def test_a_streamed_image_past_the_pixel_limit_is_skipped_undecoded_and_counted(tmp_path, monkeypatch):
+    good = write_shards(tmp_path, num_shards=1, per_shard=3, image_size=32)  # 1,024 pixels each
+    monkeypatch.setenv("VITGPT2_MAX_IMAGE_PIXELS", "1000")  # the same limit as every other entry point
+    counts = StreamCounts()
+    assert list(decoded_rows(stream_webdataset(str(tmp_path / "00000.tar")), counts)) == []
+    assert counts.skipped == len(good) and counts.reasons == {"image too large": len(good)}
+
+
 CPU_DATA_PARALLEL = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: MULTI_GPU

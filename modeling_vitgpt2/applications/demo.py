@@ -29,7 +29,7 @@ from ..evaluation.clip_score import load_clip
 from ..evaluation.jobs import load_captioner
 from ..evaluation.zero_shot import ENSEMBLE, IMAGE_EXTENSIONS, class_probabilities
 from ..inference.generation import generation_kwargs
-from ..model.processing_vitgpt2 import ImageLoadError, load_image
+from ..model.processing_vitgpt2 import ImageLoadError, ImageTooLargeError, load_image
 from ..utils.errors import run_command
 from .hub.space import SPACE_MODEL_FOLDER
 
@@ -148,11 +148,13 @@ class Demo:
         name = (upload.get("orig_name") if isinstance(upload, dict) else None) or Path(path).name
         try:
             image = load_image(path)
+        except ImageTooLargeError as error:
+            # The visitor cannot change the server's limit: say what to upload instead.
+            raise gr.Error(f"{name} is too large to decode safely: it is {error.figure()}, more than this page's "
+                           f"limit of {error.limit:,}. Upload a smaller image.") from None
         except ImageLoadError as error:
             # The reason without the server's temporary path, which means nothing to the visitor.
             reason = str(error.__cause__ or error).replace(str(path), name)
-            if isinstance(error.__cause__, Image.DecompressionBombError):
-                raise gr.Error(f"{name} is too large to decode safely: {reason}") from None
             raise gr.Error(f"{name} is not an image this page can read: {reason}") from None
         if min(image.size) < self.min_side:
             raise gr.Error(

@@ -43,7 +43,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from transformers import TrainerCallback
 
-from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS, as_rgb_image
+from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS, ImageTooLargeError, as_rgb_image
 from .captions import CaptionDataError
 
 __all__ = [
@@ -264,6 +264,8 @@ def decode_sample(image, caption, name) -> Image.Image:
         raise BadSample(f"no caption: {caption!r}")
     try:
         return as_rgb_image(image, name=str(name))
+    except ImageTooLargeError as error:  # refused from its header, undecoded: the limit says how to raise it
+        raise BadSample(f"image too large: {error}") from None
     except Exception as error:  # a decoder may raise anything on garbage bytes; count it rather than crash
         raise BadSample(f"unreadable image: {type(error).__name__}: {error}") from None
 

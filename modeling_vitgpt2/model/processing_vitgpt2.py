@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
-__all__ = ["IMAGE_EXTENSIONS", "ViTGPT2Processor", "ImageLoadError", "load_image", "as_rgb_image", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "ViTGPT2Processor", "ImageLoadError", "ImageTooLargeError", "load_image", "as_rgb_image",
+           "to_rgb", "max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS", "MAX_IMAGE_PIXELS_VARIABLE"]
 
 
 # The file extensions read as images (lower case) wherever files are picked by name: image folders, the demo's
@@ -29,6 +32,33 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray | Mapping
 
 class ImageLoadError(ValueError):
     """An image that cannot be read or decoded; the message names the file."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image that declares more pixels than the limit (`max_image_pixels`), refused before it is decoded."""
+
+    def __init__(self, name: str, size: tuple[int, int] | None, pixels: int | None, limit: int):
+        self.name, self.size, self.pixels, self.limit = name, size, pixels, limit
+        super().__init__(
+            f"refusing to decode image {name}: it is {self.figure()}, more than the limit of {limit:,} (a guard "
+            f"against decompression bombs). Shrink it, or raise the limit with the environment variable "
+            f"{MAX_IMAGE_PIXELS_VARIABLE}={pixels or 'PIXELS'} (0: no limit)."
+        )
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses to another process
+        return type(self), (self.name, self.size, self.pixels, self.limit)
+
+    def figure(self) -> str:
+        """How many pixels the image has, as exactly as its header said."""
+        if self.size is not None:
+            return f"{self.size[0]:,} x {self.size[1]:,} = {self.pixels:,} pixels"
+        return f"{self.pixels:,} pixels" if self.pixels is not None else "too many pixels to open"
+
+
+MAX_IMAGE_PIXELS_VARIABLE = "VITGPT2_MAX_IMAGE_PIXELS"
+# Pillow's own warning figure (about 9,459 x 9,459), which Pillow only enforces at twice the size. An image is
+# resized to the encoder's few hundred pixels anyway; what this bounds is the memory and time of decoding it.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
@@ -60,20 +90,64 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Opens an image file fully (so truncated files fail here, not mid-batch) and returns it as RGB."""
+def max_image_pixels() -> int | None:
+    """The most pixels an image may declare and still be decoded, the one limit of every entry point (captioning,
+    evaluation, training data, streams, the demo): `VITGPT2_MAX_IMAGE_PIXELS` when set (0: no limit), else
+    `DEFAULT_MAX_IMAGE_PIXELS`."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        limit = int(value.replace(",", "").replace("_", ""))
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ValueError(f"{MAX_IMAGE_PIXELS_VARIABLE}={value!r} is not a number of pixels: set it to a whole number "
+                         "(0 for no limit) or unset it")
+    return limit or None
+
+
+def _pixel_limit(max_pixels: int | None) -> int | None:
+    return max_image_pixels() if max_pixels is None else (max_pixels or None)
+
+
+def _decoded(source, name: str, limit: int | None) -> Image.Image:
+    """Opens `source` (a path or a file object), refuses it from its header when it declares more than `limit`
+    pixels, and only then decodes it fully (so truncated files fail here, not mid-batch), as RGB."""
+    if Image.MAX_IMAGE_PIXELS is not None and (limit is None or limit > 2 * Image.MAX_IMAGE_PIXELS):
+        # Pillow refuses above twice its own figure while opening, before this limit could let the image through:
+        # a limit raised past Pillow's is the user's explicit choice, so Pillow's guard follows it.
+        Image.MAX_IMAGE_PIXELS = None if limit is None else limit
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its own figure; the limit below decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image_file = Image.open(source)
+    except Image.DecompressionBombError as error:
+        # Only past twice the limit (see above), whose exact figure Pillow names; it stopped before reading the size.
+        counted = re.search(r"\((\d+) pixels\)", str(error))
+        raise ImageTooLargeError(name, None, int(counted[1]) if counted else None, limit) from error
+    with image_file as image:
+        width, height = image.size
+        if limit is not None and width * height > limit:
+            raise ImageTooLargeError(name, (width, height), width * height, limit)
+        image.load()
+        return to_rgb(image)
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Opens an image file fully (so truncated files fail here, not mid-batch) and returns it as RGB.
+
+    An image whose header declares more than `max_pixels` pixels (default: `max_image_pixels()`; 0: no limit) is
+    refused with `ImageTooLargeError` before it is decoded."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
+    limit = _pixel_limit(max_pixels)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except Image.DecompressionBombError as error:
-        raise ImageLoadError(
-            f"refusing to decode image {path}: {str(error).rstrip('.')}. Shrink it to at most "
-            f"{Image.MAX_IMAGE_PIXELS:,} pixels."
-        ) from error
+        return _decoded(path, str(path), limit)
+    except ImageLoadError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(
             f"cannot read image {path}: {error}. Check that the file is a complete image "
@@ -81,26 +155,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         ) from error
 
 
-def _decode_bytes(data: bytes, name: str) -> Image.Image:
+def _decode_bytes(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    limit = _pixel_limit(max_pixels)
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
+        return _decoded(io.BytesIO(data), name, limit)
+    except ImageLoadError:
+        raise
     except Exception as error:  # a decoder may raise anything on garbage bytes
         raise ImageLoadError(
             f"cannot read {name}: {error}. Replace it with a complete image, or drop its rows."
         ) from error
 
 
-def as_rgb_image(image: ImageLike, name: str = "image") -> Image.Image:
+def as_rgb_image(image: ImageLike, name: str = "image", max_pixels: int | None = None) -> Image.Image:
     """The one image loader: a path, a PIL image, an HxW / HxWxC uint8 array or an undecoded `datasets` image
-    (`{"bytes": ..., "path": ...}`) -> an RGB PIL image. Unreadable input raises `ImageLoadError` naming it."""
+    (`{"bytes": ..., "path": ...}`) -> an RGB PIL image. Unreadable input raises `ImageLoadError` naming it; a file
+    or bytes declaring more than `max_pixels` pixels (see `load_image`) raises `ImageTooLargeError` undecoded."""
     if isinstance(image, Mapping):
         if image.get("bytes") is None:
-            return load_image(image["path"])
-        return _decode_bytes(image["bytes"], str(image.get("path") or name))
+            return load_image(image["path"], max_pixels)
+        return _decode_bytes(image["bytes"], str(image.get("path") or name), max_pixels)
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, np.ndarray):
