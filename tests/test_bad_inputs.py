@@ -178,6 +178,29 @@ def test_a_damaged_model_folder_is_named(captioner_dir, data, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("weights", ["adapter_model.bin", None], ids=["pickled", "none"])
+def test_an_adapter_folder_without_safetensors_weights_says_why(captioner_dir, data, tmp_path, capsys, weights):
+    # It said "No such file or directory: .../adapter_model.safetensors", as if the adapter were lost.
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(captioner_dir / name, folder / name)
+    write_json_atomic(folder / "adapter_config.json",
+                      {"peft_type": "LORA", "base_model_name_or_path": str(captioner_dir), "r": 2})
+    if weights:
+        torch.save({"base_model.model.decoder.h.0.attn.c_attn.lora_A.weight": torch.zeros(2, 4)}, folder / weights)
+        message = (r"adapter_model\.bin: adapter weights as a pickle, and no adapter_model\.safetensors; this project "
+                   r"loads adapter weights only from safetensors, which cannot run code\. If you trust the file, "
+                   r"convert it: python -c .*st\.save_file\(torch\.load\(")
+    else:
+        message = r"has adapter_config\.json but no adapter weights \(adapter_model\.safetensors\): the adapter was"
+    status, err = run_eval(["caption", "--model", folder, "--images", data / "photos",
+                            "--output", tmp_path / "out" / "p.json"], capsys)
+    assert status == 2
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_no_images_is_a_clear_value_error(captioner_dir):
     processor = ViTGPT2Processor.from_pretrained(captioner_dir)
     model = ViTGPT2ForConditionalGeneration.from_pretrained(captioner_dir)

@@ -78,6 +78,8 @@ def check_model_folder(folder: Path) -> None:
         folder.glob("model*.safetensors"))
     if not adapter and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: give the folder a model was saved to (save_pretrained)")
+    if adapter and not weights[0].is_file():
+        _missing_adapter_weights(folder)
     if not weights and not (folder / "pytorch_model.bin").is_file():
         raise FileNotFoundError(f"{folder} has no weights (model.safetensors): the model was not fully saved; save it "
                                 "again")
@@ -90,6 +92,20 @@ def check_model_folder(folder: Path) -> None:
         base = Path(adapter_base(folder))
         if base.is_dir():
             check_model_folder(base)
+
+
+def _missing_adapter_weights(folder: Path) -> None:
+    pickled = folder / "adapter_model.bin"
+    if pickled.is_file():
+        # A pickle can run code when it is loaded; safetensors holds tensors only.
+        raise ValueError(
+            f"{pickled}: adapter weights as a pickle, and no adapter_model.safetensors; this project loads adapter "
+            "weights only from safetensors, which cannot run code. If you trust the file, convert it: python -c "
+            f"\"import torch, safetensors.torch as st; st.save_file(torch.load('{pickled}', weights_only=True), "
+            f"'{folder / 'adapter_model.safetensors'}')\""
+        )
+    raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter weights (adapter_model.safetensors): "
+                            "the adapter was not fully saved; save it again (model.save_pretrained(folder))")
 
 
 def is_peft_model(model: nn.Module) -> bool:
