@@ -104,6 +104,41 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
+def test_a_full_disk_during_an_atomic_write_names_the_disk_and_file(tmp_path, monkeypatch):
+    import errno
+
+    from modeling_vitgpt2.utils import io
+    from modeling_vitgpt2.utils.errors import UserError
+
+    def full(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full)
+    with pytest.raises(io.DiskFullError, match=r"^no space left on /\S* writing .*scores\.json \([\d,]+ bytes free\): "
+                       r"free some space there") as raised:
+        write_json_atomic(tmp_path / "scores.json", {"cider": 1.0})
+    assert raised.value.errno == errno.ENOSPC and isinstance(raised.value, (UserError, OSError))
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary
+
+
+def test_torchs_short_write_is_a_full_disk_only_when_the_disk_is_full(tmp_path, monkeypatch):
+    # torch.save reports a full disk as an internal assertion, with no errno.
+    from collections import namedtuple
+
+    from modeling_vitgpt2.utils import io
+
+    short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(io.DiskFullError, match=r"writing .*checkpoint-6, about 5,000,000 bytes needed \(1,000 bytes"):
+        with io.naming_a_full_disk(tmp_path / "checkpoint-6", needed_bytes=5_000_000):
+            raise short_write
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda folder: usage(10**12, 0, 10**12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # room enough: some other fault, left as it is
+        with io.naming_a_full_disk(tmp_path / "checkpoint-6", needed_bytes=5_000_000):
+            raise short_write
+
+
 def test_an_output_under_a_file_fails_before_any_captioning(captioner_dir, data, tmp_path, capsys, monkeypatch):
     from modeling_vitgpt2.evaluation import jobs as evaluation
 

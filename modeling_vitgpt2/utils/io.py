@@ -4,17 +4,23 @@ reads with useful errors, checks that an output can be written before long work 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 __all__ = [
+    "DiskFullError",
     "InvalidJSONError",
+    "naming_a_full_disk",
     "atomic_path",
     "check_safetensors",
     "check_writable",
@@ -31,6 +37,73 @@ PathLike = str | os.PathLike
 
 class InvalidJSONError(ValueError):
     """A JSON file that cannot be parsed or does not have the expected shape; the message names the file."""
+
+
+class DiskFullError(UserError, OSError):
+    """Writing a file failed for lack of room: names the file system, the file and how many bytes it needs.
+
+    An `OSError` with errno ENOSPC (as the OS reports it), and a `UserError`: the fix is room on the disk or another
+    output folder, and a rerun then resumes (checkpoints are complete before they count)."""
+
+    def __init__(self, path: PathLike, needed_bytes: int | None = None):
+        path = Path(path)
+        self.path, self.needed_bytes, self.mount = path, needed_bytes, _mount_point(path)
+        self.free_bytes = _free_bytes(self.mount)
+        needed = "" if needed_bytes is None else f", about {needed_bytes:,} bytes needed"
+        free = "" if self.free_bytes is None else f" ({self.free_bytes:,} bytes free)"
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on {self.mount} writing {path}{needed}{free}: free some space there (or choose an output "
+            "folder on another disk) and run the same command again",
+        )
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses to another process
+        return type(self), (self.path, self.needed_bytes)
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.absolute()
+    return next((folder for folder in (path, *path.parents) if folder.exists() and os.path.ismount(folder)), Path("/"))
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+# What torch's zip writer (torch.save, hence Trainer's optimizer and scheduler files) raises when the disk fills: it
+# checks how far each write got and reports a short write as an internal assertion, without the OS's errno.
+_SHORT_WRITE_MARKERS = ("unexpected pos", "file write failed", "No space left on device")
+
+
+def _is_disk_full(error: BaseException, path: Path, needed_bytes: int | None) -> bool:
+    if isinstance(error, DiskFullError):
+        return False  # already says so
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, RuntimeError) and any(marker in str(error) for marker in _SHORT_WRITE_MARKERS):
+        # A short write is a full disk (or quota) unless the room is plainly there.
+        free = _free_bytes(_mount_point(path))
+        return free is None or free < (needed_bytes or 0) + 2**20
+    return False
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(path: PathLike, needed_bytes: int | None = None) -> Iterator[None]:
+    """Turns a full disk met while writing under `path` (the OS's ENOSPC, or torch's short-write assertion
+    `[enforce fail at inline_container.cc] . unexpected pos ...`) into a `DiskFullError` that names the file system,
+    `path` and `needed_bytes` (an estimate of what the writes need, when the caller knows one)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if not _is_disk_full(error, Path(path), needed_bytes):
+            raise
+        raise DiskFullError(path, needed_bytes) from error
 
 
 def _current_umask() -> int:
@@ -73,14 +146,15 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
     try:
-        yield temporary
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fchmod(descriptor, 0o666 & ~_current_umask())
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
+        with naming_a_full_disk(path):
+            yield temporary
+            descriptor = os.open(temporary, os.O_RDONLY)
+            try:
+                os.fchmod(descriptor, 0o666 & ~_current_umask())
+                os.fsync(descriptor)  # where a file system that allocates late reports the disk full
+            finally:
+                os.close(descriptor)
+            os.replace(temporary, path)
     except BaseException:
         # never leave the temporary file behind, whatever interrupted the write
         temporary.unlink(missing_ok=True)
