@@ -109,6 +109,18 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(finished_study, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_study_name_that_is_a_path_is_refused(study_file, tmp_path, capsys, monkeypatch):
+    # The name makes the default output folder, outputs/study-<name>: "../x" wrote the whole study elsewhere.
+    monkeypatch.chdir(tmp_path)
+    spec = yaml.safe_load(study_file.read_text())
+    for name in ("../../../../elsewhere/x", "a/b", ".hidden"):
+        spec["name"] = name
+        (tmp_path / "named.yaml").write_text(yaml.safe_dump(spec))
+        assert study_module.main([str(tmp_path / "named.yaml")]) == 2
+        assert f"'name' {name!r} must be a folder-safe name (letters, digits, _ . -)" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["named.yaml"]
+
+
 def test_every_reported_number_is_what_eval_py_score_computes(finished_study, tmp_path, capsys):
     output_dir, results, _ = finished_study
     data = output_dir / "data"

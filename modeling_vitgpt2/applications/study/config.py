@@ -55,6 +55,10 @@ def _argument_names() -> set[str]:
     return {f.name for group in ARGUMENT_GROUPS for f in fields(group) if f.init}
 
 
+def _folder_safe(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None
+
+
 def load_study(path) -> Study:
     """Reads and checks a study file; every mistake is reported with the file and the field before anything runs."""
     path = Path(path)
@@ -95,13 +99,17 @@ def load_study(path) -> Study:
     raw_variants = content.get("variants")
     if not isinstance(raw_variants, list) or not raw_variants:
         raise fail("'variants'", "must be a non-empty list of {name: ..., <train.py argument>: ...}")
+    study_name = content.get("name")
+    if study_name is not None and not (isinstance(study_name, str) and _folder_safe(study_name)):
+        # It names the default output folder (outputs/study-<name>): a path there would write the study elsewhere.
+        raise fail("'name'", f"{study_name!r} must be a folder-safe name (letters, digits, _ . -)")
     variants, seen = [], set()
     for index, variant in enumerate(raw_variants):
         where = f"variants[{index}]"
         if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
             raise fail(where, "must be a mapping with a 'name'")
         name = variant["name"]
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name == BASE_ROW:
+        if not _folder_safe(name) or name == BASE_ROW:
             raise fail(f"{where}.name", f"{name!r} must be a folder-safe name (letters, digits, _ . -), not 'base'")
         if name in seen:
             raise fail(f"{where}.name", f"{name!r} is used twice")
