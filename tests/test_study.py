@@ -109,6 +109,21 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(finished_study, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_second_study_into_a_busy_folder_stops_before_writing(study_file, tmp_path, capsys, monkeypatch):
+    # Two studies into one folder each failed a variant on the other's training lock and wrote a report saying so.
+    import os
+
+    from modeling_vitgpt2.training.checkpoints import hold_output_dir
+
+    monkeypatch.setattr(study_run, "_run_study", lambda *args: pytest.fail("a second study ran"))
+    folder = tmp_path / "out"
+    with hold_output_dir(folder, job="study"):  # what a running study holds
+        assert study_module.main([str(study_file), "--output_dir", str(folder)]) == 2
+    assert (f"{folder} is in use by another study (pid {os.getpid()}); wait for it to finish or choose another "
+            "--output_dir") in capsys.readouterr().err
+    assert [path.name for path in folder.iterdir()] == [".study.lock.0"]
+
+
 def test_a_study_name_that_is_a_path_is_refused(study_file, tmp_path, capsys, monkeypatch):
     # The name makes the default output folder, outputs/study-<name>: "../x" wrote the whole study elsewhere.
     monkeypatch.chdir(tmp_path)

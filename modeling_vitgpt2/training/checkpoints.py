@@ -186,18 +186,20 @@ def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:
 
 
 class OutputFolderInUseError(UserError, RuntimeError):
-    """Another training run holds the output folder."""
+    """Another run (training, or a study) holds the output folder."""
 
 
 @contextlib.contextmanager
-def hold_output_dir(output_dir: str | os.PathLike, process_index: int):
+def hold_output_dir(output_dir: str | os.PathLike, process_index: int = 0, job: str = "train"):
     """Holds a lock on the output folder for the run, so that a second run into it stops at once with an error naming
     the folder and the holder's pid, instead of both overwriting each other's checkpoints. Each process of a
-    multi-process run holds its own lock file (`.train.lock.<process index>`); the OS releases it when the process
-    ends, however it ends, so a killed run never leaves a stale lock. A run that ends deletes its lock file."""
+    multi-process run holds its own lock file (`.<job>.lock.<process index>`); the OS releases it when the process
+    ends, however it ends, so a killed run never leaves a stale lock. A run that ends deletes its lock file. `job`
+    names the kind of run ("train", "study"): a study holds its folder while the training runs of its variants hold
+    theirs inside it."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f".train.lock.{process_index}"
+    path = folder / f".{job}.lock.{process_index}"
     while True:
         handle = open(path, "a+")
         try:
@@ -206,8 +208,9 @@ def hold_output_dir(output_dir: str | os.PathLike, process_index: int):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
+            kind = "training run" if job == "train" else job
             raise OutputFolderInUseError(
-                f"{folder} is in use by another training run (pid {holder}); wait for it to finish or choose another "
+                f"{folder} is in use by another {kind} (pid {holder}); wait for it to finish or choose another "
                 "--output_dir"
             ) from None
         # A run that ended between our open and our lock deleted the file: a lock on it would hold nothing.

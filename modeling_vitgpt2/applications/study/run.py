@@ -333,9 +333,15 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
 
 
 def run_study(study: Study, output_dir, *, show_progress: bool = True) -> dict:
-    """Runs (or resumes) every part of the study and writes the report; returns the results.json content."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Runs (or resumes) every part of the study and writes the report; returns the results.json content. Holds
+    the output folder meanwhile (`hold_output_dir`): a second study into it stops at once."""
+    from ...training.checkpoints import hold_output_dir
+
+    with hold_output_dir(output_dir, job="study"):
+        return _run_study(study, Path(output_dir), show_progress)
+
+
+def _run_study(study: Study, output_dir: Path, show_progress: bool) -> dict:
     if study.torch_threads:
         torch.set_num_threads(study.torch_threads)
     progress = StudyProgress(len(study.variants), enabled=show_progress)
