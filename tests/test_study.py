@@ -206,6 +206,42 @@ def test_rerun_skips_finished_variants_and_resumes_an_interrupted_one(finished_s
     assert (cross / "eval_predictions.json").is_file()
 
 
+def test_an_edited_study_reruns_the_variants_whose_settings_changed(finished_study, study_file, tmp_path, capsys,
+                                                                   monkeypatch):
+    # It said "already finished, skipped" and reported the old lora_rank beside the new study file.
+    output_dir, _, _ = finished_study
+    copy = tmp_path / "study"
+    shutil.copytree(output_dir, copy)
+    cross_before = json.loads((copy / "variants" / "cross" / "study_result.json").read_text())
+    spec = yaml.safe_load(study_file.read_text())
+    spec["variants"][0]["lora_rank"] = 4
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(spec))
+
+    calls = []
+    from modeling_vitgpt2.training import run as training
+
+    original = training.run_training
+
+    def spy(model_args, data_args, peft_args, training_args, callbacks=None):
+        calls.append((training_args.output_dir, training_args.resume_from_checkpoint))
+        return original(model_args, data_args, peft_args, training_args, callbacks=callbacks)
+
+    monkeypatch.setattr(training, "run_training", spy)
+    capsys.readouterr()
+    second = study_module.run_study(study_module.load_study(edited), copy)
+    assert "variant 1/3 lora: settings changed since its last run: lora_rank 2 -> 4; running it again" in \
+        capsys.readouterr().out
+    assert calls == [(str(copy / "variants" / "lora"), None), (str(copy / "variants" / "broken"), None)]
+    rows = {row["name"]: row for row in second["rows"]}
+    assert rows["lora"]["status"] == "ok" and rows["lora"]["settings"] == {"peft": "lora", "lora_rank": 4}
+    assert rows["cross"] == cross_before  # unchanged: kept
+    report_line = next(line for line in (copy / "report.md").read_text().splitlines() if line.startswith("| lora |"))
+    assert "lora_rank=4" in report_line
+    recorded = json.loads((copy / "variants" / "lora" / "study_settings.json").read_text())
+    assert recorded["training"]["lora_rank"] == 4
+
+
 def test_the_extremes_are_drawn_with_the_recipes_generation_settings(finished_study, study_file, tmp_path,
                                                                      monkeypatch):
     """The attention maps caption the best and worst images again with the settings the variant's predictions were

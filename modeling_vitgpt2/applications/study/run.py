@@ -3,9 +3,11 @@ resumable), zero-shot templates, the best and worst captions, and the side-by-si
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "study_result.json"
+# Beside each variant's result and checkpoints: the settings they were made with (`_settings`).
+SETTINGS_FILE = "study_settings.json"
 # The data options that describe the built-in synthetic set, written once for the whole study.
 SYNTHETIC_ARGUMENTS = ("synthetic_train_images", "synthetic_val_images", "synthetic_image_size", "synthetic_domain",
                        "synthetic_dir")
@@ -236,6 +240,7 @@ def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progre
     from ...training.trainer import CaptionTrainer
 
     folder = output_dir / "variants" / BASE_ROW
+    _clear_if_changed(folder, _settings(study, {}), "base model", progress)
     finished = _finished(folder)
     if finished:
         progress.say("base model: already evaluated, skipped")
@@ -272,6 +277,44 @@ def _finished(folder: Path) -> dict | None:
     return None
 
 
+def _settings(study: Study, overrides: dict) -> dict:
+    """Everything a row's result depends on that the study file says: the train.py arguments of the variant (the
+    recipe, the data section, the base model, its own overrides) and how it is scored. Paths inside the study folder
+    are left out, so a moved folder is still recognised."""
+    settings = {"training": {**RUN_DEFAULTS, **study.recipe, **study.data, **_base_arguments(study), **overrides},
+                "scoring": {"metrics": study.metrics, "clip_model": study.clip_model,
+                            "clip_prefix": study.clip_prefix}}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))  # as it reads back from the file
+
+
+def _changes(recorded, settings: dict) -> str:
+    """What differs between two `_settings`, as "learning_rate 0.01 -> 0.001, lora_rank 2 -> 4"."""
+    def flat(groups) -> dict:
+        if not isinstance(groups, dict) or not all(isinstance(values, dict) for values in groups.values()):
+            return {"(the whole record)": groups}
+        return {key: value for values in groups.values() for key, value in values.items()}
+
+    before, after = flat(recorded), flat(settings)
+    return ", ".join(f"{key} {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}"
+                     for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key))
+
+
+def _clear_if_changed(folder: Path, settings: dict, label: str, progress: StudyProgress) -> None:
+    """Deletes a row's folder (result, checkpoints, predictions) when the study file changed what it was made with,
+    so that the row is trained and scored again rather than reported with results of other settings; then records
+    the settings the folder's new contents are made with."""
+    if folder.is_dir() and any(not path.name.startswith(".train.lock.") for path in folder.iterdir()):
+        record = folder / SETTINGS_FILE
+        recorded = read_json(record) if record.is_file() else None
+        if recorded == settings:
+            return
+        reason = ("its folder records no settings (made by an older version)" if recorded is None
+                  else f"settings changed since its last run: {_changes(recorded, settings)}")
+        progress.say(f"{label}: {reason}; running it again")
+        shutil.rmtree(folder)
+    write_json_atomic(folder / SETTINGS_FILE, settings)
+
+
 def _best_epoch(log_history: list[dict]) -> float | None:
     evaluations = [entry for entry in log_history if "eval_cider" in entry and "epoch" in entry]
     if not evaluations:
@@ -287,6 +330,7 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
 
     folder = output_dir / "variants" / name
     progress.start_variant(index, name)
+    _clear_if_changed(folder, _settings(study, overrides), f"variant {index}/{progress.total} {name}", progress)
     finished = _finished(folder)
     if finished:
         progress.say(f"variant {index}/{progress.total} {name}: already finished, skipped")
