@@ -4,6 +4,7 @@ every number is what `eval.py score` computes on the variant's saved predictions
 import csv
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -122,6 +123,26 @@ def test_a_second_study_into_a_busy_folder_stops_before_writing(study_file, tmp_
     assert (f"{folder} is in use by another study (pid {os.getpid()}); wait for it to finish or choose another "
             "--output_dir") in capsys.readouterr().err
     assert [path.name for path in folder.iterdir()] == [".study.lock.0"]
+
+
+def test_a_full_disk_stops_the_study_with_its_message_instead_of_failing_the_variant(study_file, tmp_path, capsys,
+                                                                                     monkeypatch):
+    # It was recorded as the variant's failure ("RuntimeError: [enforce fail at inline_container.cc:672] ...") and
+    # the study went on to fail every later variant the same way.
+    from modeling_vitgpt2.training import run as training
+    from modeling_vitgpt2.utils.io import DiskFullError
+
+    def full_disk(model_args, data_args, peft_args, training_args, callbacks=None):
+        raise DiskFullError(f"{training_args.output_dir}/checkpoint-2", 123_456)
+
+    monkeypatch.setattr(training, "run_training", full_disk)
+    monkeypatch.setattr(study_run, "_evaluate_base", lambda *args: {"name": "base", "status": "ok"})
+    folder = tmp_path / "out"
+    assert study_module.main([str(study_file), "--output_dir", str(folder), "--quiet"]) == 2
+    assert re.search(rf"no space left on \S+ writing {re.escape(str(folder))}/variants/lora/checkpoint-2, about "
+                     r"123,456 bytes needed", capsys.readouterr().err)
+    assert not (folder / "variants" / "lora" / "study_result.json").exists()
+    assert not (folder / "variants" / "cross").exists()
 
 
 def test_a_study_name_that_is_a_path_is_refused(study_file, tmp_path, capsys, monkeypatch):

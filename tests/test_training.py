@@ -190,3 +190,35 @@ def test_cached_training_pages_the_idle_encoder_out_and_saves_it_intact(
     saved = load_for_inference(tmp_path / "run").encoder.model.state_dict()
     for name, tensor in load_file(pretrained_parts[0]).items():  # the full model was saved from the mapped weights
         assert torch.equal(saved[name], tensor), name
+
+
+def test_a_full_disk_while_checkpointing_names_the_disk_and_counts_no_checkpoint(shapes, pretrained_parts, tmp_path,
+                                                                                 monkeypatch):
+    # torch.save reported it as "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ...".
+    from collections import namedtuple
+
+    from modeling_vitgpt2.training.checkpoints import last_complete_checkpoint
+    from modeling_vitgpt2.utils import io
+    from modeling_vitgpt2.utils.errors import UserError
+
+    real_save = torch.save
+
+    def short_write(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):
+            real_save(obj, path, *args, **kwargs)
+            with open(path, "r+b") as file:  # as far as the disk had room
+                file.truncate(100)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", short_write)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 4096, 4096))
+    output_dir = tmp_path / "run"
+    with pytest.raises(io.DiskFullError) as raised:
+        run_training(*training_arguments(shapes, pretrained_parts, output_dir, save_strategy="steps", save_steps=4))
+    message = str(raised.value)
+    assert message.startswith(f"no space left on {raised.value.mount} writing {output_dir}/checkpoint-4, about ")
+    assert "bytes needed (4,096 bytes free): free some space there" in message
+    assert raised.value.needed_bytes > 0 and isinstance(raised.value, UserError)
+    assert last_complete_checkpoint(output_dir) is None  # the cut-short checkpoint does not count

@@ -24,7 +24,7 @@ from ..inference.loading import BASE_MODEL_FOLDER, is_peft_model
 from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from ..model.processing_vitgpt2 import ViTGPT2Processor
-from ..utils.io import write_json_atomic
+from ..utils.io import naming_a_full_disk, write_json_atomic
 from .arguments import CaptionTrainingArguments, DataArguments, ModelArguments, json_argument
 from .checkpoints import hold_output_dir, read_checkpoint_manifest, resolve_resume
 from .peft_methods import (
@@ -37,7 +37,7 @@ from .peft_methods import (
     resolve_method,
 )
 from .tokenizer import train_caption_tokenizer
-from .trainer import CaptionTrainer
+from .trainer import CaptionTrainer, saved_weight_bytes
 
 __all__ = [
     "DEFAULT_SCRATCH_MODEL",
@@ -301,8 +301,9 @@ def _run_training(
         # adapter/prefix modules) is saved once so that `PeftModel.from_pretrained(base, OUTPUT_DIR)` finds it.
         base_dir = output_dir / BASE_MODEL_FOLDER
         if state.is_main_process:
-            model.save_pretrained(base_dir)
-            processor.save_pretrained(base_dir)
+            with naming_a_full_disk(base_dir, saved_weight_bytes(model)):
+                model.save_pretrained(base_dir)
+                processor.save_pretrained(base_dir)
         _record_base(model, str(base_dir.resolve()))
     elif model_args.model_name_or_path:
         _record_base(model, model_args.model_name_or_path)
@@ -361,9 +362,10 @@ def _run_training(
         trainer.save_metrics("eval", metrics)
     if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # The weights are sharded over the processes: Trainer gathers them (every process takes part) and saves.
-        trainer.save_model(str(output_dir))
-        if state.is_main_process:
-            processor.save_pretrained(output_dir)
+        with naming_a_full_disk(output_dir, saved_weight_bytes(trainer.model)):
+            trainer.save_model(str(output_dir))
+            if state.is_main_process:
+                processor.save_pretrained(output_dir)
     else:
         save_trained_model(trainer.model, processor, output_dir, training_args.merge, state)
     stream_summary = _stream_summary(data_args, training_args, stream_counts, resumed_at_step)
@@ -472,8 +474,9 @@ def save_trained_model(model, processor: ViTGPT2Processor, output_dir: Path, mer
         return
     if is_peft_model(model) and merge:
         model = model.merge_and_unload()
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    with naming_a_full_disk(output_dir, saved_weight_bytes(model)):
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
 
 
 def _changes_default_size(model_args: ModelArguments) -> bool:

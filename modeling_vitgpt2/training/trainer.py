@@ -21,7 +21,8 @@ from transformers import Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..evaluation.metrics import compute_metrics
-from ..utils.io import write_json_atomic
+from ..inference.loading import is_peft_model
+from ..utils.io import naming_a_full_disk, write_json_atomic
 from .checkpoints import (
     STREAM_POSITION_FOLDER,
     read_checkpoint_manifest,
@@ -31,7 +32,7 @@ from .checkpoints import (
     write_checkpoint_manifest,
 )
 
-__all__ = ["CaptionTrainer"]
+__all__ = ["CaptionTrainer", "saved_weight_bytes"]
 
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,11 @@ class CaptionTrainer(Seq2SeqTrainer):
             # so that no stale file (or stale manifest) mixes with the new ones.
             shutil.rmtree(folder)
         self.accelerator.wait_for_everyone()  # before any process writes its RNG state into the folder
+        # The optimizer's file is written by torch.save, which reports a full disk as an internal assertion.
+        with naming_a_full_disk(folder, _checkpoint_bytes(model)):
+            self._write_checkpoint(model, trial, run_dir, folder)
+
+    def _write_checkpoint(self, model, trial, run_dir: Path, folder: Path) -> None:
         save_total_limit = self.args.save_total_limit
         # Trainer rotates at the end of its save, before the manifest below exists: a kill in between would leave
         # no complete checkpoint at all. Rotation runs here instead, once this checkpoint is complete.
@@ -251,6 +257,22 @@ class CaptionTrainer(Seq2SeqTrainer):
             steps_here = max(self.state.global_step - resumed_at, 0.001)  # Trainer's guard against zero steps
             self._total_loss_scalar = whole_run * steps_here / self.state.global_step
         return super()._finalize_training(trial, num_train_samples, start_time)
+
+
+def _parameter_bytes(parameters) -> int:
+    return sum(parameter.numel() * parameter.element_size() for parameter in parameters)
+
+
+def saved_weight_bytes(model: torch.nn.Module) -> int:
+    """About how many bytes `save_pretrained` writes for `model`: an adapter's trainable weights, else every weight."""
+    if is_peft_model(model):
+        return _parameter_bytes(parameter for parameter in model.parameters() if parameter.requires_grad)
+    return _parameter_bytes(model.parameters())
+
+
+def _checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About how many bytes one checkpoint takes: the saved weights, and Adam's two moments per trainable weight."""
+    return saved_weight_bytes(model) + 2 * _parameter_bytes(p for p in model.parameters() if p.requires_grad)
 
 
 def _batches_read(loader_state: dict) -> int:

@@ -18,7 +18,7 @@ import yaml
 from transformers import HfArgumentParser, TrainerCallback
 
 from ...evaluation.metrics import metric_names
-from ...utils.io import read_json, write_json_atomic
+from ...utils.io import DiskFullError, read_json, write_json_atomic
 from .config import BASE_ROW, Study, StudyConfigError
 from .report import format_duration, write_report
 
@@ -361,6 +361,8 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
                   "peak_memory_kind": peak_kind, "best_epoch": _best_epoch(callback.log_history),
                   "log_history": callback.log_history, "resumed_from": checkpoint,
                   **_score(study, folder, data, clip)}
+    except DiskFullError:
+        raise  # every later variant would fail the same way: stop, say so; a rerun resumes once there is room
     except Exception as error:  # one variant's failure must not stop the others
         logger.exception("variant %s failed", name)
         result = {"name": name, "status": "failed", "settings": overrides,
