@@ -120,9 +120,10 @@ def test_a_second_study_into_a_busy_folder_stops_before_writing(study_file, tmp_
     folder = tmp_path / "out"
     with hold_output_dir(folder, job="study"):  # what a running study holds
         assert study_module.main([str(study_file), "--output_dir", str(folder)]) == 2
+        assert [path.name for path in folder.iterdir()] == [".study.lock.0"]
     assert (f"{folder} is in use by another study (pid {os.getpid()}); wait for it to finish or choose another "
             "--output_dir") in capsys.readouterr().err
-    assert [path.name for path in folder.iterdir()] == [".study.lock.0"]
+    assert list(folder.iterdir()) == [], "the holder's lock file outlived it"
 
 
 def test_a_full_disk_stops_the_study_with_its_message_instead_of_failing_the_variant(study_file, tmp_path, capsys,
