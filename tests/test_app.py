@@ -6,10 +6,14 @@ for a moment to the tiny captions (so it writes words) and a tiny CLIP are saved
 users' folders are. The photo is a real one from ../shared/data when present, else a generated scene.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +86,21 @@ def hostile_files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(captioner_dir, tiny_clip, photo, tmp_path_factory):
+def example_folder(photo, tmp_path_factory) -> Path:
+    """A folder as users have them: the example photo among files nobody meant to publish."""
+    folder = tmp_path_factory.mktemp("home")
+    shutil.copyfile(photo, folder / "example.jpg")
+    (folder / "notes.txt").write_text("private notes")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret")
+    shutil.copyfile(photo, folder / "holiday.jpg")  # an image beside the example, not given as one
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(captioner_dir, tiny_clip, example_folder, tmp_path_factory):
     """`python app.py --model ... --clip_model ...` on a free localhost port, started as a user starts it."""
-    arguments = ["--model", str(captioner_dir), "--clip_model", str(tiny_clip), "--examples", str(photo)]
+    arguments = ["--model", str(captioner_dir), "--clip_model", str(tiny_clip), "--examples",
+                 str(example_folder / "example.jpg")]
     with serving_app(REPO / "app.py", arguments, cwd=tmp_path_factory.mktemp("app")) as url:
         yield url
 
@@ -110,6 +126,50 @@ def caption_on_page(client, image: Path, num_beams=3, max_new_tokens=12, length_
                     head="mean"):
     return client.predict(gradio_client.handle_file(str(image)), num_beams, max_new_tokens, length_penalty,
                           list(layers), head, api_name="/caption")
+
+
+def fetch(server: str, path: str | Path) -> tuple[int, bytes]:
+    """(HTTP status, body) of the page's file route for a local path, as any visitor can ask for it."""
+    url = f"{server}gradio_api/file={urllib.parse.quote(str(path))}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+
+
+def served_example_paths(server: str) -> list[str]:
+    """The paths of the example images as the page's config hands them to the browser."""
+    with urllib.request.urlopen(f"{server}config", timeout=30) as response:
+        config = json.load(response)
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("path"), str) and node["path"].endswith("example.jpg"):
+                found.append(node["path"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return list(dict.fromkeys(found))
+
+
+def test_the_page_serves_the_example_and_no_file_beside_it(server, example_folder, captioner_dir):
+    served = served_example_paths(server)
+    assert served  # the premise: the page offers the example
+    for path in served:
+        assert fetch(server, path) == (200, (example_folder / "example.jpg").read_bytes())
+        # Nothing else in the folder the example is served from.
+        for name in ("notes.txt", ".env", "holiday.jpg"):
+            assert fetch(server, Path(path).parent / name)[0] in (403, 404)
+    # The user's folder the example came from: neither its other files nor its dotfiles, nor anything elsewhere.
+    for path in (example_folder / "notes.txt", example_folder / ".env", example_folder / "holiday.jpg",
+                 captioner_dir / "config.json", "/etc/passwd"):
+        assert fetch(server, path)[0] in (403, 404), path
 
 
 @pytest.mark.parametrize("num_beams, max_new_tokens, length_penalty", [(3, 12, 1.0), (1, 12, 1.0), (4, 8, 2.0)])

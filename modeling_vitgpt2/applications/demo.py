@@ -16,6 +16,7 @@ for it; requests queue and run one at a time, on the one model in memory.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -46,6 +47,7 @@ __all__ = [
     "MAX_EXAMPLES",
     "MEAN_OF_HEADS",
     "parse_args",
+    "private_copies",
     "space_model",
     "SPACE_README",
 ]
@@ -309,11 +311,27 @@ def main(argv: list[str] | None = None, prog: str = "app.py") -> int:
     return run_command(prog, lambda: serve(args))
 
 
+def private_copies(examples: list[str], folder: Path) -> list[str]:
+    """Copies of the example images in `folder`, each in a subfolder of its own (two examples may share a name).
+
+    The page serves `folder` and nothing else: allowing the examples' own folders would serve every file beside
+    them (a home folder's keys, `.env` files) to anyone who asks for it by path."""
+    copies = []
+    for index, example in enumerate(examples):
+        copy = folder / str(index) / Path(example).name
+        copy.parent.mkdir()
+        shutil.copyfile(example, copy)
+        copies.append(str(copy))
+    return copies
+
+
 def serve(args: argparse.Namespace) -> None:
     examples = find_examples(args.examples)
     demo = load_demo(args)
     demo.warm_up()
-    page = build_page(demo, examples, title="ViT-GPT2 captioner: where each word looked")
-    page.queue(default_concurrency_limit=1)  # one model in memory: requests wait their turn
-    page.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
-                allowed_paths=[str(Path(path).resolve().parent) for path in examples])
+    with tempfile.TemporaryDirectory(prefix="vitgpt2-examples-") as served:
+        page = build_page(demo, private_copies(examples, Path(served)),
+                          title="ViT-GPT2 captioner: where each word looked")
+        page.queue(default_concurrency_limit=1)  # one model in memory: requests wait their turn
+        page.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
+                    allowed_paths=[served] if examples else [])
