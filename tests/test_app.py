@@ -9,11 +9,13 @@ users' folders are. The photo is a real one from ../shared/data when present, el
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +233,91 @@ def test_requests_queue_and_each_gets_its_own_answer(client, photo):
             for setting in settings]  # submitted at once; the page runs one at a time
     answers = [job.result(timeout=120)[0] for job in jobs]
     assert answers == [caption_on_page(client, photo, *setting)[0] for setting in settings]
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("num_beams", 1024, "Beams must be a whole number from 1 to 8, as on the page; got 1024"),
+    ("num_beams", 0, "Beams must be a whole number from 1 to 8, as on the page; got 0"),
+    ("num_beams", 2.5, "Beams must be a whole number from 1 to 8"),
+    ("max_new_tokens", 0, "Maximum new tokens must be a whole number from 1 to 63, as on the page; got 0"),
+    ("length_penalty", 1e9, "Length penalty must be a number from -2.0 to 2.0"),
+    ("layers", ["99"], r"Decoder layers \['99'\] have no cross-attention in this model: choose from \[0, 1\]"),
+    ("head", "99", "Attention head '99' does not exist: choose 'mean' or one of 0..1"),
+])
+def test_settings_the_sliders_forbid_get_a_message_from_the_server(client, photo, setting, value, message):
+    settings = {"num_beams": 3, "max_new_tokens": 12, "length_penalty": 1.0, "layers": ["all"], "head": "mean",
+                setting: value}
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        caption_on_page(client, photo, **settings)
+    assert caption_on_page(client, photo, max_new_tokens=4)[0]
+
+
+def scenes(folder: Path, count: int) -> list[Path]:
+    """`count` different generated scenes of different sizes, so that a batch holds different images."""
+    import random
+
+    from modeling_vitgpt2.data.synthetic import draw_scene, random_scene
+
+    paths = []
+    for index in range(count):
+        path = folder / f"scene{index}.png"
+        draw_scene(random_scene(random.Random(index)), 40 + 10 * index).save(path)
+        paths.append(path)
+    return paths
+
+
+def batched_page(captioner_dir, max_batch_size: int):
+    """The page served in this process (so that the test sees how requests were grouped): (URL, page, the sizes
+    of the `generate` calls made for captions)."""
+    from modeling_vitgpt2.applications import demo as demo_module
+
+    model, processor = load_captioner(captioner_dir, device="cpu")
+    demo = demo_module.Demo(model, processor)
+    batch_sizes = []
+    caption_images = demo.caption_images
+    demo.caption_images = lambda images, settings: batch_sizes.append(len(images)) or caption_images(images, settings)
+    page = demo_module.build_page(demo, [], title="batched", max_batch_size=max_batch_size)
+    page.queue(default_concurrency_limit=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}/", page, batch_sizes
+
+
+@pytest.mark.parametrize("max_batch_size", [4, 1])
+def test_concurrent_callers_are_batched_and_each_gets_its_single_call_caption(captioner_dir, photo, hostile_files,
+                                                                               tmp_path, max_batch_size):
+    images = [photo, *scenes(tmp_path, 5)]
+    url, page, batch_sizes = batched_page(captioner_dir, max_batch_size)
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        # One call at a time: every caption alone in its batch.
+        alone = {(image, beams): caption_on_page(client, image, num_beams=beams) for image in images for beams in (3, 1)}
+        assert set(batch_sizes) == {1}
+        batch_sizes.clear()
+
+        def call(request):
+            image, beams = request
+            try:
+                return caption_on_page(client, image, num_beams=beams)
+            except gradio_client.exceptions.AppError as error:
+                return error
+
+        # A burst: 12 valid callers at once (two beam settings) and one caller with a text file for an image.
+        burst = [*alone, (hostile_files["not-an-image"], 3)]
+        with ThreadPoolExecutor(len(burst)) as pool:
+            answers = dict(zip(burst, pool.map(call, burst)))
+        assert "holiday.jpg is not an image this page can read" in str(answers.pop(burst[-1]))
+        for request, answer in answers.items():
+            assert not isinstance(answer, Exception), (request, answer)
+            caption, beams, panels, note = answer
+            assert (caption, beams["data"], note) == (alone[request][0], alone[request][1]["data"], alone[request][3])
+            assert [panel["caption"] for panel in panels] == [panel["caption"] for panel in alone[request][2]]
+        assert sum(batch_sizes) == len(alone)
+        assert max(batch_sizes) == max_batch_size if max_batch_size == 1 else 1 < max(batch_sizes) <= max_batch_size
+    finally:
+        page.close()
 
 
 def test_zero_shot_gives_clips_probabilities_per_template(client, tiny_clip, photo):

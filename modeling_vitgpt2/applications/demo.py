@@ -10,14 +10,24 @@ app.py (`python -m modeling_vitgpt2.applications.hub space MODEL --repo_id you/n
 model is the `model/` folder pushed with it, or else the repository its README names under `models:`.
 
 The model is loaded, and run once on a blank image, before the page is served, so the first visitor does not wait
-for it; requests queue and run one at a time, on the one model in memory.
+for it. There is one model in memory and one thread that runs it: caption requests that arrive while it is busy
+wait, and up to `--max_batch_size` of them are then captioned together, in one `generate` call per group of equal
+settings (a batch of 8 costs far less than 8 batches of 1 on a CPU; `--max_batch_size 1` runs them one at a time).
+Every setting that reaches the server is checked against the page's own bounds, so an API caller gets the page's
+limits and a message, not a crash or a 1,024-beam search.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import queue
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -25,7 +35,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from ..evaluation.attention_maps import REPORT_LAYERS, attention_overlay, caption_attention_maps, cross_attention_layers
+from ..evaluation.attention_maps import (
+    REPORT_LAYERS,
+    attention_overlay,
+    caption_attention_maps_batch,
+    cross_attention_layers,
+)
 from ..evaluation.clip_score import load_clip
 from ..evaluation.jobs import load_captioner
 from ..evaluation.zero_shot import ENSEMBLE, IMAGE_EXTENSIONS, class_probabilities
@@ -36,12 +51,18 @@ from .hub.space import SPACE_MODEL_FOLDER
 
 __all__ = [
     "ALL_LAYERS",
+    "BatchedDemo",
+    "BEAM_BOUNDS",
     "build_page",
+    "CaptionBatcher",
+    "CaptionSettings",
     "DEFAULT_EXAMPLE_FOLDERS",
+    "DEFAULT_MAX_BATCH_SIZE",
     "DEFAULT_MODEL",
     "DEFAULT_TEMPLATES",
     "Demo",
     "find_examples",
+    "LENGTH_PENALTY_BOUNDS",
     "load_demo",
     "main",
     "MAX_EXAMPLES",
@@ -61,6 +82,38 @@ MAX_EXAMPLES = 8
 ALL_LAYERS = "all"
 MEAN_OF_HEADS = "mean"
 DEFAULT_TEMPLATES = "This is a photo of {object}.\nThis is not a photo of {object}."
+# The page's sliders and the server's checks both read these (the new-token bound is the model's own).
+BEAM_BOUNDS = (1, 8)
+LENGTH_PENALTY_BOUNDS = (-2.0, 2.0)
+DEFAULT_MAX_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """One request's checked settings; requests with equal settings can share one `generate` call."""
+
+    num_beams: int
+    max_new_tokens: int
+    length_penalty: float
+    layers: tuple[int, ...] | str  # ALL_LAYERS, or 0-based decoder layers
+    head: int | None  # None: the mean of the heads
+
+    def generation(self) -> dict:
+        return generation_kwargs(num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+                                 length_penalty=self.length_penalty)
+
+
+def _bounded_number(value, label: str, bounds: tuple, whole: bool):
+    """`value` as the page's slider `label` would give it, or a `gradio.Error` naming the slider and its bounds."""
+    low, high = bounds
+    kind = "a whole number" if whole else "a number"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and low <= number <= high) or (whole and not number.is_integer()):
+        raise gr.Error(f"{label} must be {kind} from {low} to {high}, as on the page; got {value!r}.")
+    return int(number) if whole else number
 
 
 def space_model(folder: Path = Path(".")) -> str | None:
@@ -91,11 +144,17 @@ def parse_args(argv: list[str] | None = None, prog: str = "app.py") -> argparse.
     parser.add_argument("--examples", nargs="+", default=None,
                         help=f"example image files or folders (default: the first {MAX_EXAMPLES} images of "
                              f"{' or '.join(DEFAULT_EXAMPLE_FOLDERS)})")
+    parser.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="caption up to this many waiting requests together, in one generate call per group of "
+                             f"equal settings (default: {DEFAULT_MAX_BATCH_SIZE}; 1: one at a time)")
     parser.add_argument("--server_name", default=None, help="address to listen on (Gradio's default: 127.0.0.1; "
                                                             "0.0.0.0 serves the local network)")
     parser.add_argument("--server_port", type=int, default=None, help="port (Gradio's default: 7860 or the next free)")
     parser.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_batch_size < 1:
+        parser.error(f"--max_batch_size must be at least 1 (1 captions one request at a time); got {args.max_batch_size}")
+    return args
 
 
 def find_examples(sources: list[str] | None) -> list[str]:
@@ -165,33 +224,93 @@ class Demo:
             )
         return image
 
+    @property
+    def new_token_bounds(self) -> tuple[int, int]:
+        return 1, self.longest_caption
+
+    def check_settings(self, num_beams, max_new_tokens, length_penalty, layers, head) -> CaptionSettings:
+        """The page's settings as they reach the server, checked against the page's own bounds: an API caller can
+        send anything, and 0 beams, 1,024 beams or a layer the model lacks must get a message, not run or crash."""
+        if layers is None or isinstance(layers, (str, int)):
+            layers = [] if layers in (None, "") else [layers]
+        choices = {str(layer): layer for layer in self.layers}
+        unknown = [value for value in layers if str(value) != ALL_LAYERS and str(value) not in choices]
+        if unknown:
+            raise gr.Error(f"Decoder layers {unknown} have no cross-attention in this model: choose from "
+                           f"{self.layers} or {ALL_LAYERS!r}.")
+        chosen = ALL_LAYERS if not layers or ALL_LAYERS in map(str, layers) else tuple(
+            dict.fromkeys(choices[str(value)] for value in layers))
+        if head in (None, "", MEAN_OF_HEADS):
+            head = None
+        elif str(head) not in {str(index) for index in range(self.heads)}:
+            raise gr.Error(f"Attention head {head!r} does not exist: choose {MEAN_OF_HEADS!r} or one of "
+                           f"0..{self.heads - 1}.")
+        else:
+            head = int(head)
+        return CaptionSettings(
+            num_beams=_bounded_number(num_beams, "Beams", BEAM_BOUNDS, whole=True),
+            max_new_tokens=_bounded_number(max_new_tokens, "Maximum new tokens", self.new_token_bounds, whole=True),
+            length_penalty=_bounded_number(length_penalty, "Length penalty", LENGTH_PENALTY_BOUNDS, whole=False),
+            layers=chosen, head=head,
+        )
+
     def caption(self, upload, num_beams, max_new_tokens, length_penalty, layers, head):
         """(caption, every beam with its score, one attention panel per word, a note) for the page."""
-        image = self.load_upload(upload)
-        settings = generation_kwargs(num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
-                                     length_penalty=float(length_penalty))
+        settings = self.check_settings(num_beams, max_new_tokens, length_penalty, layers, head)
+        return self.caption_images([self.load_upload(upload)], settings)[0]
+
+    def caption_images(self, images: list[Image.Image], settings: CaptionSettings) -> list[tuple]:
+        """`caption`'s answers for several images with the same settings, from one `generate` call (and one more
+        with eager attention for the maps). Every image the processor resizes to the same pixel tensor, so an
+        image's caption does not depend on the images batched with it."""
+        generation = settings.generation()
+        beams_per_image = settings.num_beams
         with torch.no_grad():
             output = self.model.generate(
-                **self.processor(images=[image]).to(self.model.device), num_return_sequences=settings["num_beams"],
-                output_scores=True, return_dict_in_generate=True, **settings,
+                **self.processor(images=images).to(self.model.device), num_return_sequences=beams_per_image,
+                output_scores=True, return_dict_in_generate=True, **generation,
             )
-        captions = self.processor.batch_decode(output.sequences)
-        if settings["num_beams"] > 1:
+        texts = self.processor.batch_decode(output.sequences)
+        if beams_per_image > 1:
             scores = output.sequences_scores.tolist()
-        else:  # greedy search: the caption's log-probability
+        else:  # greedy search: the caption's log-probability, up to and including its end token
             steps = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
-            scores = [float(steps[0][torch.isfinite(steps[0])].sum())]
-        beams = [[rank + 1, text, round(score, 4)] for rank, (text, score) in enumerate(zip(captions, scores))]
+            written = output.sequences[:, -steps.shape[1]:]
+            ended = written == self.processor.tokenizer.eos_token_id
+            after_the_end = (ended.cumsum(dim=1) - ended.int()) > 0  # a finished caption's padding
+            steps = steps.masked_fill(after_the_end | ~torch.isfinite(steps), 0.0)
+            scores = steps.sum(dim=1).tolist()
 
-        layer = ALL_LAYERS if not layers or ALL_LAYERS in layers else [int(value) for value in layers]
-        head = None if head in (None, "", MEAN_OF_HEADS) else int(head)
-        result = caption_attention_maps(self.model, self.processor, image, layer=layer, head=head, **settings)
-        panels = [(attention_overlay(result, index), word) for index, word in enumerate(result.words)]
-        note = ""
-        if result.caption != captions[0]:
-            # The maps need eager attention, whose rounding can, rarely, tip a beam the other way.
-            note = f"The maps follow the caption the model wrote with eager attention: \"{result.caption}\"."
-        return captions[0], beams, panels, note
+        layer = ALL_LAYERS if settings.layers == ALL_LAYERS else list(settings.layers)
+        maps = caption_attention_maps_batch(self.model, self.processor, images, layer=layer, head=settings.head,
+                                            **generation)
+        answers = []
+        for index, result in enumerate(maps):
+            rows = range(index * beams_per_image, (index + 1) * beams_per_image)
+            beams = [[rank + 1, texts[row], round(scores[row], 4)] for rank, row in enumerate(rows)]
+            panels = [(attention_overlay(result, word), text) for word, text in enumerate(result.words)]
+            note = ""
+            if result.caption != beams[0][1]:
+                # The maps need eager attention, whose rounding can, rarely, tip a beam the other way.
+                note = f"The maps follow the caption the model wrote with eager attention: \"{result.caption}\"."
+            answers.append((beams[0][1], beams, panels, note))
+        return answers
+
+    def caption_requests(self, requests: Sequence[tuple[Image.Image, CaptionSettings]]) -> list:
+        """Each request's answer, or the exception that stopped it: one `caption_images` call per group of requests
+        with equal settings, so a group that fails does not take the others with it."""
+        groups: dict[CaptionSettings, list[int]] = {}
+        for index, (_, settings) in enumerate(requests):
+            groups.setdefault(settings, []).append(index)
+        answers: list = [None] * len(requests)
+        for settings, indices in groups.items():
+            try:
+                group_answers = self.caption_images([requests[index][0] for index in indices], settings)
+            except Exception as error:  # handed to each caller of the group, as its own call would have raised it
+                group_answers = [error] * len(indices)
+            for index, answer in zip(indices, group_answers):
+                answers[index] = answer
+        return answers
 
     def refresh(self, upload, *settings):
         """`caption` for the page's own events: a removed image empties the outputs instead of being an error."""
@@ -231,9 +350,67 @@ class Demo:
             self.caption({"path": str(blank)}, 1, 2, 1.0, [ALL_LAYERS], MEAN_OF_HEADS)
 
 
-def build_page(demo: Demo, examples: list[str], title: str):
+class CaptionBatcher:
+    """The one thread that runs the captioner. Callers (Gradio's workers, up to `max_batch_size` at once) check
+    and decode their own request, then wait here; whatever is waiting when the thread is free, up to
+    `max_batch_size` requests, becomes its next batch.
+
+    This, rather than Gradio's batched events (`batch=True`), because Gradio fails every request of a batch when
+    its function raises: one visitor's unreadable upload or out-of-range setting would fail the others' captions
+    with that visitor's message. Here each request is checked alone, and each caller gets its own answer or error.
+    """
+
+    def __init__(self, run_batch: Callable[[list], list], max_batch_size: int):
+        self.run_batch, self.max_batch_size = run_batch, max_batch_size
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="caption-batches", daemon=True).start()
+
+    def __call__(self, request):
+        answer: Future = Future()
+        self.waiting.put((request, answer))
+        return answer.result()
+
+    def _serve(self) -> None:
+        while True:
+            batch = [self.waiting.get()]
+            while len(batch) < self.max_batch_size:
+                try:
+                    batch.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self.run_batch([request for request, _ in batch])
+            except Exception as error:  # a bug in the batch's bookkeeping: every caller hears of it
+                results = [error] * len(batch)
+            for (_, answer), result in zip(batch, results):
+                if isinstance(result, Exception):
+                    answer.set_exception(result)
+                else:
+                    answer.set_result(result)
+
+
+class BatchedDemo:
+    """The page's caption events, answered through a `CaptionBatcher` over `demo`."""
+
+    def __init__(self, demo: Demo, max_batch_size: int):
+        self.demo, self.max_batch_size = demo, max_batch_size
+        self.batcher = CaptionBatcher(demo.caption_requests, max_batch_size)
+
+    def caption(self, upload, num_beams, max_new_tokens, length_penalty, layers, head):
+        settings = self.demo.check_settings(num_beams, max_new_tokens, length_penalty, layers, head)
+        return self.batcher((self.demo.load_upload(upload), settings))
+
+    def refresh(self, upload, *settings):
+        if not upload:
+            return "", [], [], ""
+        return self.caption(upload, *settings)
+
+
+def build_page(demo: Demo, examples: list[str], title: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
     """The Gradio page. Inputs reach `Demo` unprocessed (`preprocess=False`), so a bad upload becomes this
-    project's message on the page instead of a decoding failure inside Gradio."""
+    project's message on the page instead of a decoding failure inside Gradio. Caption requests are batched
+    (`BatchedDemo`): up to `max_batch_size` of them wait in the captioner's queue at once."""
+    captioner = BatchedDemo(demo, max_batch_size)
     layer_choices = [ALL_LAYERS] + [str(layer) for layer in demo.layers]
     head_choices = [MEAN_OF_HEADS] + [str(head) for head in range(demo.heads)]
     with gr.Blocks(title=title) as page:
@@ -246,10 +423,10 @@ def build_page(demo: Demo, examples: list[str], title: str):
                     if examples:
                         gr.Examples(examples=examples, inputs=image, label="Examples")
                     with gr.Accordion("Generation", open=False):
-                        num_beams = gr.Slider(1, 8, value=3, step=1, label="Beams")
-                        max_new_tokens = gr.Slider(1, demo.longest_caption, value=demo.default_new_tokens, step=1,
+                        num_beams = gr.Slider(*BEAM_BOUNDS, value=3, step=1, label="Beams")
+                        max_new_tokens = gr.Slider(*demo.new_token_bounds, value=demo.default_new_tokens, step=1,
                                                    label="Maximum new tokens")
-                        length_penalty = gr.Slider(-2.0, 2.0, value=1.0, step=0.1, label="Length penalty",
+                        length_penalty = gr.Slider(*LENGTH_PENALTY_BOUNDS, value=1.0, step=0.1, label="Length penalty",
                                                    info="above 0 favours longer captions, below 0 shorter ones")
                     run = gr.Button("Caption", variant="primary")
                 with gr.Column(scale=2):
@@ -266,10 +443,12 @@ def build_page(demo: Demo, examples: list[str], title: str):
                     note = gr.Markdown()
             inputs = [image, num_beams, max_new_tokens, length_penalty, layers, head]
             outputs = [caption, beams, panels, note]
-            run.click(demo.caption, inputs, outputs, preprocess=False, api_name="caption")
+            # The page's and the API's caption events share one limit: as many waiting requests as one batch holds.
+            run.click(captioner.caption, inputs, outputs, preprocess=False, api_name="caption",
+                      concurrency_limit=max_batch_size, concurrency_id="caption")
             for trigger in (image.change, layers.input, head.input):
-                trigger(demo.refresh, inputs, outputs, preprocess=False, api_visibility="private",
-                        trigger_mode="always_last")
+                trigger(captioner.refresh, inputs, outputs, preprocess=False, api_visibility="private",
+                        trigger_mode="always_last", concurrency_limit=max_batch_size, concurrency_id="caption")
         if demo.clip is not None:
             with gr.Tab("Zero-shot (CLIP)"):
                 with gr.Row():
@@ -331,7 +510,7 @@ def serve(args: argparse.Namespace) -> None:
     demo.warm_up()
     with tempfile.TemporaryDirectory(prefix="vitgpt2-examples-") as served:
         page = build_page(demo, private_copies(examples, Path(served)),
-                          title="ViT-GPT2 captioner: where each word looked")
-        page.queue(default_concurrency_limit=1)  # one model in memory: requests wait their turn
+                          title="ViT-GPT2 captioner: where each word looked", max_batch_size=args.max_batch_size)
+        page.queue(default_concurrency_limit=1)  # zero-shot: one CLIP in memory, requests wait their turn
         page.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
                     allowed_paths=[served] if examples else [])
