@@ -18,6 +18,7 @@ from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDe
 
 from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from modeling_vitgpt2.model.convert_vision_encoder_decoder import convert_vision_encoder_decoder
+from modeling_vitgpt2.utils.cpu_features import relevant_cpu_flags
 from modeling_vitgpt2.utils.io import write_json_atomic
 
 
@@ -159,6 +160,8 @@ def describe_machine(device: torch.device) -> dict:
         "cores": os.cpu_count(),
         # The widest vector instructions torch's CPU kernels use here (AVX2, AVX512, ...): int8 gains depend on it.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # The instructions int8 and bfloat16 speeds hinge on (avx512_vnni, avx512_bf16, AMX): every figure needs them.
+        "cpu_flags": relevant_cpu_flags(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
