@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "app.py") -> argparse.
                              "or in a Hub Space the model its README names)")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8 inference on the CPU: shorter waits, captions may differ slightly from float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="bfloat16: faster on CPUs with bfloat16 instructions (avx512_bf16 or AMX; refused "
+                             "elsewhere); captions may differ slightly from float32 (default: float32)")
     parser.add_argument("--clip_model", default=None,
                         help="CLIP Hub id or folder; enables the zero-shot tab (e.g. openai/clip-vit-base-patch32)")
     parser.add_argument("--examples", nargs="+", default=None,
@@ -475,7 +478,7 @@ def load_demo(args) -> Demo:
         raise FileNotFoundError(f"no model at {DEFAULT_MODEL}: make it with `python train.py` (a few minutes on 2 CPU "
                                 "cores), or pass --model a model folder, adapter folder or Hub id")
     try:
-        model, processor = load_captioner(model_name, quantize=args.quantize)
+        model, processor = load_captioner(model_name, quantize=args.quantize, dtype=args.dtype)
         clip = None
         if args.clip_model:
             clip = load_clip(args.clip_model, device=model.device)

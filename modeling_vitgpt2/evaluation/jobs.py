@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data.captions import image_file_in, read_coco_captions
 from ..inference.generation import generation_kwargs
-from ..inference.loading import check_model_folder, load_for_inference, model_folder
+from ..inference.loading import check_inference_dtype, check_model_folder, load_for_inference, model_folder
 from ..inference.prepacking import can_prepack, prepack_for_cpu
 from ..inference.quantization import quantize_for_cpu
 from ..model.processing_vitgpt2 import ViTGPT2Processor, load_image
@@ -89,7 +89,7 @@ def check_images_readable(paths: Sequence[Path], progress: bool = True) -> None:
 
 def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
                    device: str | torch.device | None = None, quantize: str | None = None,
-                   prepack: bool | None = None):
+                   prepack: bool | None = None, dtype: str | None = None):
     """Returns `(model, processor)` in eval mode on `device` (default: CUDA when available, else the CPU).
 
     `model_or_path` is a loaded model (then pass its `processor`), a saved model folder or Hub id, or a peft adapter
@@ -98,11 +98,16 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
     `prepack` prepacks the linear layers for oneDNN (`modeling_vitgpt2.inference.prepacking`: faster float32 CPU inference,
     the same function up to rounding). By default a model loaded here from a folder or Hub id is prepacked when it
     runs on the CPU in float32 and its adapter (if any) merges; a loaded model passed in is left as it is.
+    `dtype="bfloat16"` runs it in bfloat16 (refused on a CPU without bfloat16 instructions; see
+    `modeling_vitgpt2.inference.loading.check_inference_dtype`).
     """
     if quantize is not None:
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on the CPU only, got device={device!r}")
         device = "cpu"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = check_inference_dtype(dtype, device, quantize)  # before the slow load
     loaded_here = isinstance(model_or_path, (str, os.PathLike))
     if loaded_here:
         model_or_path = model_folder(model_or_path)
@@ -110,7 +115,7 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
         if processor is None:
             processor = ViTGPT2Processor.from_pretrained(model_or_path)
         try:
-            model = load_for_inference(model_or_path, quantize=quantize)
+            model = load_for_inference(model_or_path, quantize=quantize, dtype=dtype, device=device)
         except pickle.UnpicklingError:
             pickled = sorted(model_or_path.glob("*.bin"))
             raise ValueError(f"{pickled[0] if pickled else model_or_path}: pickled weights that torch refuses to load "
@@ -122,11 +127,12 @@ def load_captioner(model_or_path, processor: ViTGPT2Processor | None = None,
             raise ValueError("a loaded model needs its processor: pass processor=ViTGPT2Processor.from_pretrained(...)")
         if quantize is not None:
             model = quantize_for_cpu(model.to("cpu"), quantize)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
     model = model.to(device).eval()
     if prepack is None:
-        prepack = loaded_here and quantize is None and torch.device(device).type == "cpu" and can_prepack(model)
+        prepack = (loaded_here and quantize is None and torch_dtype in (None, torch.float32)
+                   and torch.device(device).type == "cpu" and can_prepack(model))
     if prepack:
         model = prepack_for_cpu(model)
     return model, processor
@@ -180,7 +186,7 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
                    max_length: int | None = None, *, processor: ViTGPT2Processor | None = None,
                    output: PathLike | None = None, device: str | torch.device | None = None,
                    max_new_tokens: int | None = None, progress: bool = True, quantize: str | None = None,
-                   num_workers: int | None = None) -> dict[str, str]:
+                   num_workers: int | None = None, dtype: str | None = None) -> dict[str, str]:
     """Captions every image file in `images_dir` (sorted) and returns `{file name without extension: caption}`.
 
     Args:
@@ -193,13 +199,14 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
         output: if given, the predictions JSON is written there atomically once every image is captioned.
         quantize: "int8" runs the model in int8 on the CPU (`modeling_vitgpt2.inference.quantization`).
         num_workers: processes that decode images while the model runs (`caption_images`).
+        dtype: "bfloat16" runs the model in bfloat16 (`load_captioner`).
     """
     if output is not None:
         check_writable(output)  # an unwritable output must fail now, not after captioning every image
     paths = list_images(images_dir)
     image_names(paths)  # fail on clashing names before the slow part
     check_images_readable(paths, progress)
-    model, processor = load_captioner(model_path_or_model, processor, device, quantize=quantize)
+    model, processor = load_captioner(model_path_or_model, processor, device, quantize=quantize, dtype=dtype)
     captions = caption_images(model, processor, paths, num_beams=num_beams, batch_size=batch_size,
                               max_length=max_length, max_new_tokens=max_new_tokens, progress=progress,
                               num_workers=num_workers)

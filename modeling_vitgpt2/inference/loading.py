@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from huggingface_hub import snapshot_download
 from peft import PeftModel
 from torch import nn
 
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+from ..utils.cpu_features import has_fast_bfloat16
+from ..utils.errors import UserError
 from ..utils.io import check_safetensors, read_json
 
 __all__ = [
     "BASE_MODEL_FOLDER",
+    "INFERENCE_DTYPES",
     "adapter_base",
+    "check_inference_dtype",
     "check_model_folder",
     "is_peft_model",
     "load_for_inference",
@@ -23,6 +28,29 @@ __all__ = [
 
 # Where a run saves the base model it built for its adapter, and where a pushed adapter repository carries it.
 BASE_MODEL_FOLDER = "base_model"
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_inference_dtype(dtype: str | None, device: str | torch.device = "cpu",
+                          quantize: str | None = None) -> torch.dtype | None:
+    """The torch dtype named by `--dtype` (None: the saved weights' float32), refused where it cannot be fast.
+
+    bfloat16 on a CPU needs its bfloat16 instructions (avx512_bf16, or AMX): elsewhere torch emulates bfloat16 in
+    float32 arithmetic, tens of times slower than float32 itself, so a load there is refused rather than left slow.
+    """
+    if dtype is None:
+        return None
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported: choose one of {', '.join(INFERENCE_DTYPES)}")
+    if dtype == "bfloat16":
+        if quantize is not None:
+            raise UserError(f"--dtype bfloat16 and --quantize {quantize} exclude each other: int8 replaces the "
+                            "float weights; choose one")
+        if torch.device(device).type == "cpu" and not has_fast_bfloat16():
+            raise UserError("--dtype bfloat16 needs a CPU with bfloat16 instructions (avx512_bf16 or AMX among "
+                            "/proc/cpuinfo's flags); this CPU has neither, and emulated bfloat16 is far slower than "
+                            "float32: leave --dtype at float32, or use --quantize int8 for speed on the CPU")
+    return INFERENCE_DTYPES[dtype]
 
 
 def model_folder(name: str | os.PathLike) -> Path:
@@ -37,22 +65,30 @@ def model_folder(name: str | os.PathLike) -> Path:
                       f"({type(error).__name__}: {error}); pass a model folder, adapter folder or Hub id") from error
 
 
-def load_for_inference(path: str | os.PathLike, quantize: str | None = None, **kwargs):
-    """Loads a trained output folder or Hub repository: a full model, or a peft adapter on the base model recorded
-    in it.
+def load_for_inference(path: str | os.PathLike, quantize: str | None = None, dtype: str | None = None,
+                       device: str | torch.device = "cpu", **kwargs):
+    """Loads a trained output folder or Hub repository onto `device`: a full model, or a peft adapter on the base
+    model recorded in it.
 
     `quantize="int8"` returns it ready for int8 inference on the CPU (`quantization.quantize_for_cpu`; an adapter is
-    merged into the weights first); other keyword arguments go to `from_pretrained`.
+    merged into the weights first); `dtype="bfloat16"` loads it in bfloat16 (`check_inference_dtype` says where
+    that is refused); other keyword arguments go to `from_pretrained`.
     """
+    torch_dtype = check_inference_dtype(dtype, device, quantize)
     if quantize is not None:
         from .quantization import quantize_for_cpu
 
         return quantize_for_cpu(load_for_inference(path, **kwargs), quantize)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
     path = model_folder(path)
     if (path / "adapter_config.json").is_file():
         base = ViTGPT2ForConditionalGeneration.from_pretrained(adapter_base(path), **kwargs)
-        return PeftModel.from_pretrained(base, path).eval()
-    return ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = ViTGPT2ForConditionalGeneration.from_pretrained(path, **kwargs)
+    # An adapter's own weights load in float32 whatever the base's dtype: one dtype throughout.
+    return (model if torch_dtype is None else model.to(torch_dtype)).to(device).eval()
 
 
 def adapter_base(folder: Path) -> str:
