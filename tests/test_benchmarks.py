@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH_GENERATE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+BENCH_DEMO_BATCHING = BENCH_GENERATE.with_name("bench_demo_batching.py")
 
 
 def test_generate_benchmark_reports_identical_captions(tmp_path):
@@ -28,6 +31,25 @@ def test_generate_benchmark_reports_identical_captions(tmp_path):
         for model in ("ours", "peer"):
             assert {"captions_per_s", "encoder_s", "decode_s", "fraction_of_matmul"} <= row[model].keys()
     assert report["profile"]["ours"] and report["profile"]["peer"]
+
+
+def test_demo_batching_benchmark_compares_both_pages_with_every_caption_checked(tmp_path):
+    pytest.importorskip("gradio_client", reason="the demo benchmark needs the [test] extra (gradio_client)")
+    output = tmp_path / "tmp.json"
+    finished = subprocess.run(
+        [sys.executable, str(BENCH_DEMO_BATCHING), "--size", "tiny", "--callers", "4", "--requests", "2", "--images",
+         "3", "--max_batch_size", "4", "--max_new_tokens", "4", "--time_limit", "300", "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+    report = json.loads(output.read_text())
+    assert report["identical_captions"] is True and report["speedup"] > 0
+    assert set(report["machine"]["cpu_flags"]) >= {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}
+    assert [page["max_batch_size"] for page in report["pages"].values()] == [1, 4]
+    for page in report["pages"].values():
+        assert page["images"] == 8 and page["identical_captions"] is True
+        assert page["images_per_s"] > 0 and 0 < page["latency_p50_s"] <= page["latency_p95_s"]
 
 
 def test_generate_benchmark_reports_int8_latency_bandwidth_and_memory(tmp_path):
