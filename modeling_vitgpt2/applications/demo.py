@@ -34,6 +34,7 @@ import gradio as gr
 import pandas as pd
 import torch
 from PIL import Image
+from transformers.modeling_outputs import BaseModelOutput
 
 from ..evaluation.attention_maps import (
     REPORT_LAYERS,
@@ -268,10 +269,13 @@ class Demo:
         image's caption does not depend on the images batched with it."""
         generation = settings.generation()
         beams_per_image = settings.num_beams
+        pixel_values = self.processor(images=images)["pixel_values"].to(self.model.device)
         with torch.no_grad():
+            # Encoded once for both `generate` calls (the maps' call would run the encoder again).
+            image_tokens = self.model.get_encoder()(pixel_values).last_hidden_state
             output = self.model.generate(
-                **self.processor(images=images).to(self.model.device), num_return_sequences=beams_per_image,
-                output_scores=True, return_dict_in_generate=True, **generation,
+                encoder_outputs=BaseModelOutput(last_hidden_state=image_tokens),
+                num_return_sequences=beams_per_image, output_scores=True, return_dict_in_generate=True, **generation,
             )
         texts = self.processor.batch_decode(output.sequences)
         if beams_per_image > 1:
@@ -286,7 +290,7 @@ class Demo:
 
         layer = ALL_LAYERS if settings.layers == ALL_LAYERS else list(settings.layers)
         maps = caption_attention_maps_batch(self.model, self.processor, images, layer=layer, head=settings.head,
-                                            **generation)
+                                            image_tokens=image_tokens, **generation)
         answers = []
         for index, result in enumerate(maps):
             rows = range(index * beams_per_image, (index + 1) * beams_per_image)

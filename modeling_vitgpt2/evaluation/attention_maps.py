@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
+from transformers.modeling_outputs import BaseModelOutput
 
 from ..inference.generation import generation_kwargs
 from ..model.processing_vitgpt2 import ImageLike, as_rgb_image
@@ -199,6 +200,7 @@ def caption_attention_maps_batch(
     head: int | None = None,
     num_beams: int = 3,
     max_length: int | None = None,
+    image_tokens: torch.Tensor | None = None,
     **generate_kwargs,
 ) -> list[CaptionAttention]:
     """Captions `images` together with beam search and returns each one's per-word cross-attention maps.
@@ -206,6 +208,8 @@ def caption_attention_maps_batch(
     layer: 0-based decoder layer(s) with cross-attention, a list of them (averaged), or "all"; default (2, 3), the
         report's "3rd-4th layer". head: a 0-based head, or None to average the heads.
     max_length: caption length limit in tokens, start token included (default: the model's generation_config).
+    image_tokens: the encoder's output for these images, when the caller has it already (the demo captions the
+        images first), so that the encoder does not run again.
     generate_kwargs: passed to `model.generate` (length_penalty, ...).
 
     The model runs with eager attention (the only implementation that returns weights) and in eval mode (attention
@@ -225,14 +229,20 @@ def caption_attention_maps_batch(
     positions = [cross_attention_layers(model).index(index) for index in layers]  # outputs hold only cross layers
     end_token = processor.tokenizer.eos_token_id
 
-    pixel_values = processor(images=rgb_images, return_tensors="pt")["pixel_values"].to(model.device)
     settings = generation_kwargs(num_beams, max_length, **generate_kwargs)
     previous_implementation, was_training = model.config._attn_implementation, model.training
     model.set_attn_implementation("eager")
     model.eval()
     try:
-        output = model.generate(
-            pixel_values=pixel_values, output_attentions=True, return_dict_in_generate=True, **settings
+        if image_tokens is None:
+            pixel_values = processor(images=rgb_images, return_tensors="pt")["pixel_values"].to(model.device)
+            with torch.no_grad():
+                # Encoded apart from `generate`, which would ask the encoder for its attentions too (a slower path
+                # whose weights the maps do not use).
+                image_tokens = model.get_encoder()(pixel_values).last_hidden_state
+        output = model.generate(  # a new BaseModelOutput: `generate` expands it per beam in place
+            encoder_outputs=BaseModelOutput(last_hidden_state=image_tokens), output_attentions=True,
+            return_dict_in_generate=True, **settings,
         )
     finally:
         model.set_attn_implementation(previous_implementation)
