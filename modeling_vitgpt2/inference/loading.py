@@ -65,15 +65,17 @@ def model_folder(name: str | os.PathLike) -> Path:
                       f"({type(error).__name__}: {error}); pass a model folder, adapter folder or Hub id") from error
 
 
-def load_for_inference(path: str | os.PathLike, quantize: str | None = None, dtype: str | None = None,
+def load_for_inference(path: str | os.PathLike, quantize: str | None = None, dtype: str | torch.dtype | None = None,
                        device: str | torch.device = "cpu", **kwargs):
     """Loads a trained output folder or Hub repository onto `device`: a full model, or a peft adapter on the base
     model recorded in it.
 
     `quantize="int8"` returns it ready for int8 inference on the CPU (`quantization.quantize_for_cpu`; an adapter is
     merged into the weights first); `dtype="bfloat16"` loads it in bfloat16 (`check_inference_dtype` says where
-    that is refused); other keyword arguments go to `from_pretrained`.
+    that is refused); a `torch.dtype` goes to `from_pretrained` unchecked, as other keyword arguments do.
     """
+    if isinstance(dtype, torch.dtype):
+        kwargs["dtype"], dtype = dtype, None
     torch_dtype = check_inference_dtype(dtype, device, quantize)
     if quantize is not None:
         from .quantization import quantize_for_cpu
