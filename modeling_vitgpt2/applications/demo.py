@@ -44,9 +44,9 @@ from ..evaluation.attention_maps import (
 )
 from ..evaluation.clip_score import load_clip
 from ..evaluation.jobs import load_captioner
-from ..evaluation.zero_shot import ENSEMBLE, IMAGE_EXTENSIONS, class_probabilities
+from ..evaluation.zero_shot import ENSEMBLE, class_probabilities
 from ..inference.generation import generation_kwargs
-from ..model.processing_vitgpt2 import ImageLoadError, ImageTooLargeError, load_image
+from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS, ImageLoadError, ImageTooLargeError, load_image
 from ..utils.errors import run_command
 from .hub.space import SPACE_MODEL_FOLDER
 

@@ -27,7 +27,6 @@ from .clip_score import DEFAULT_CLIP_MODEL, ClipLike, LoadedClip, embed_images, 
 
 __all__ = [
     "ENSEMBLE",
-    "IMAGE_EXTENSIONS",
     "ZeroShotResult",
     "class_id_from_filename",
     "class_probabilities",
