@@ -71,19 +71,27 @@ def load_for_inference(path: str | os.PathLike, quantize: str | None = None, dty
     model recorded in it.
 
     `quantize="int8"` returns it ready for int8 inference on the CPU (`quantization.quantize_for_cpu`; an adapter is
-    merged into the weights first); `dtype="bfloat16"` loads it in bfloat16 (`check_inference_dtype` says where
-    that is refused); a `torch.dtype` goes to `from_pretrained` unchecked, as other keyword arguments do.
+    merged into the weights first); a full model, or a LoRA adapter on one, is read straight into int8
+    (`quantization.load_quantized`), so its float32 weights are never all resident. `dtype="bfloat16"` loads it in
+    bfloat16 (`check_inference_dtype` says where that is refused); a `torch.dtype` goes to `from_pretrained`
+    unchecked, as other keyword arguments do.
     """
     if isinstance(dtype, torch.dtype):
         kwargs["dtype"], dtype = dtype, None
     torch_dtype = check_inference_dtype(dtype, device, quantize)
+    path = model_folder(path)
     if quantize is not None:
-        from .quantization import quantize_for_cpu
+        from .quantization import load_quantized, quantize_for_cpu
 
-        return quantize_for_cpu(load_for_inference(path, **kwargs), quantize)
+        # Straight from the weights file into int8 where it can, so the float32 model is never resident (a LoRA
+        # adapter's layers stay float32 until it is merged into them); `from_pretrained`'s options take the
+        # float32 route.
+        adapter = (path / "adapter_config.json").is_file()
+        quantized = None if kwargs else load_quantized(adapter_base(path) if adapter else path, quantize,
+                                                       adapter=path if adapter else None)
+        return quantize_for_cpu(quantized if quantized is not None else load_for_inference(path, **kwargs), quantize)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    path = model_folder(path)
     if (path / "adapter_config.json").is_file():
         base = ViTGPT2ForConditionalGeneration.from_pretrained(adapter_base(path), **kwargs)
         model = PeftModel.from_pretrained(base, path)
