@@ -1,6 +1,8 @@
 """The opt-in int8 CPU path: `load_for_inference(..., quantize="int8")` and `eval.py caption --quantize int8`."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,6 +57,155 @@ def test_int8_replaces_every_linear_layer_and_stays_close_to_float32(saved_capti
     assert not torch.equal(logits, expected)  # the int8 layers really ran
     assert (logits - expected).abs().max() < 0.05 * expected.abs().max()
     assert captions.shape[0] == 4 and (captions[:, 1:] != reference.config.pad_token_id).any()
+
+
+def _quantize_whole_model_at_once(model):
+    """The int8 model as `quantize_for_cpu` made it before it worked layer by layer: the float32 model converted whole
+    and handed to `quantize_dynamic` once, with a cloned, untied vocabulary projection."""
+    from modeling_vitgpt2.inference.quantization import conv1d_to_linear
+
+    def replace_conv1d(module):
+        for name, child in module.named_children():
+            setattr(module, name, conv1d_to_linear(child)) if isinstance(child, Conv1D) else replace_conv1d(child)
+
+    replace_conv1d(model.eval())
+    head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    model.set_output_embeddings(head)
+    targets = {name: torch.ao.quantization.per_channel_dynamic_qconfig if name == "lm_head"
+               else torch.ao.quantization.default_dynamic_qconfig
+               for name, module in model.named_modules() if type(module) is nn.Linear}
+    return torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
+
+
+@pytest.mark.parametrize(("tie_word_embeddings", "max_shard_size"), [(True, None), (False, "100KB")])
+def test_int8_load_gives_the_outputs_of_quantizing_the_whole_float32_model(tmp_path, tiny_tokenizer, tiny_processor,
+                                                                          tie_word_embeddings, max_shard_size):
+    """Reading the weights file straight into int8 (and quantizing an in-memory model layer by layer) changes no
+    logit and no caption against quantizing the loaded float32 model at once."""
+    from conftest import tiny_config_kwargs
+    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
+    from modeling_vitgpt2.inference.loading import load_for_inference
+    from modeling_vitgpt2.inference.quantization import quantize_for_cpu
+
+    torch.manual_seed(0)
+    config = ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer), tie_word_embeddings=tie_word_embeddings)
+    ViTGPT2ForConditionalGeneration(config).save_pretrained(tmp_path, **(
+        {"max_shard_size": max_shard_size} if max_shard_size else {}))
+    assert (tmp_path / "model.safetensors.index.json").is_file() == bool(max_shard_size)
+    expected = _quantize_whole_model_at_once(load_for_inference(tmp_path))
+    candidates = {"read into int8": load_for_inference(tmp_path, quantize="int8"),
+                  "quantized in memory": quantize_for_cpu(load_for_inference(tmp_path))}
+
+    side = max(expected.encoder.model.patch_embed.img_size)
+    pixel_values = tiny_processor(images=[random_image(seed, (side, side)) for seed in range(3)],
+                                  return_tensors="pt")["pixel_values"]
+    start = torch.full((3, 1), config.decoder_start_token_id)
+    settings = dict(num_beams=3, min_new_tokens=8, max_new_tokens=8)
+    with torch.inference_mode():
+        expected_logits = expected(pixel_values=pixel_values, decoder_input_ids=start).logits
+        expected_tokens = expected.generate(pixel_values=pixel_values, **settings)
+        for name, model in candidates.items():
+            assert str(model) == str(expected), name  # the same layers, int8 where they were
+            assert model.config.to_dict() == expected.config.to_dict(), name
+            assert model.generation_config.to_dict() == expected.generation_config.to_dict(), name
+            assert not model.training, name
+            assert torch.equal(model(pixel_values=pixel_values, decoder_input_ids=start).logits, expected_logits), name
+            assert torch.equal(model.generate(pixel_values=pixel_values, **settings), expected_tokens), name
+
+
+def test_int8_load_of_a_lora_adapter_gives_the_outputs_of_quantizing_the_merged_model(tmp_path, saved_captioner,
+                                                                                       tiny_processor):
+    """An adapter's layers (LoRA targets and the modules it saves whole) are read in float32, merged, then
+    quantized; everything else straight into int8: the same logits and captions as merging into the float32 model
+    and quantizing that at once."""
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_vitgpt2.inference.loading import BASE_MODEL_FOLDER, load_for_inference
+    from modeling_vitgpt2.training.peft_methods import DEFAULT_LORA_TARGETS
+
+    torch.manual_seed(0)
+    adapter = tmp_path / "adapter"
+    peft_model = get_peft_model(load_for_inference(saved_captioner), LoraConfig(
+        r=2, target_modules=DEFAULT_LORA_TARGETS, fan_in_fan_out=True, init_lora_weights=False,
+        modules_to_save=["crossattention", "ln_cross_attn"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "modules_to_save" in name:  # as training leaves them: unlike the base model's
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    peft_model.save_pretrained(adapter)
+    (adapter / BASE_MODEL_FOLDER).symlink_to(saved_captioner, target_is_directory=True)
+
+    expected = _quantize_whole_model_at_once(load_for_inference(adapter).merge_and_unload())
+    quantized = load_for_inference(adapter, quantize="int8")
+    assert str(quantized) == str(expected)
+    side = max(expected.encoder.model.patch_embed.img_size)
+    pixel_values = tiny_processor(images=[random_image(seed, (side, side)) for seed in range(3)],
+                                  return_tensors="pt")["pixel_values"]
+    start = torch.full((3, 1), expected.config.decoder_start_token_id)
+    settings = dict(num_beams=3, min_new_tokens=8, max_new_tokens=8)
+    with torch.inference_mode():
+        assert torch.equal(quantized(pixel_values=pixel_values, decoder_input_ids=start).logits,
+                           expected(pixel_values=pixel_values, decoder_input_ids=start).logits)
+        assert torch.equal(quantized.generate(pixel_values=pixel_values, **settings),
+                           expected.generate(pixel_values=pixel_values, **settings))
+        base = _quantize_whole_model_at_once(load_for_inference(saved_captioner))
+        assert not torch.equal(base(pixel_values=pixel_values, decoder_input_ids=start).logits,
+                               expected(pixel_values=pixel_values, decoder_input_ids=start).logits)
+
+
+MEASURE_INT8_LOAD = """
+import sys
+import threading
+
+from modeling_vitgpt2.inference.loading import load_for_inference
+
+folder, warm_up = sys.argv[1:]
+load_for_inference(warm_up, quantize="int8")  # lazy imports and first-call allocations, outside the measurement
+
+
+def resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+before = peak = resident()
+done = threading.Event()
+
+
+def sample() -> None:
+    global peak
+    while not done.wait(0.0005):
+        peak = max(peak, resident())
+
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+model = load_for_inference(folder, quantize="int8")
+done.set()
+sampler.join()
+print(max(peak, resident()) - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_int8_load_never_holds_the_float32_weights(tmp_path, tiny_tokenizer, saved_captioner):
+    """Loading in int8 grows the process by far less than the float32 weights: they are never all resident (the
+    whole-model route held them all, and the file's pages it had read, while quantizing)."""
+    from conftest import tiny_config_kwargs
+    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
+
+    torch.manual_seed(0)
+    encoder = dict(img_size=28, patch_size=14, embed_dim=512, depth=6, num_heads=8)  # 75 MB of float32 weights
+    ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(
+        tiny_tokenizer, encoder_kwargs=encoder, encoder_hidden_size=512))).save_pretrained(tmp_path)
+    float32_bytes = (tmp_path / "model.safetensors").stat().st_size
+    finished = subprocess.run([sys.executable, "-c", MEASURE_INT8_LOAD, str(tmp_path), str(saved_captioner)],
+                              capture_output=True, text=True, timeout=300, check=False)
+    assert finished.returncode == 0, finished.stderr
+    growth = int(finished.stdout.split()[-1])
+    # int8 weights are a quarter of the float32 ones; one float32 layer at a time comes on top.
+    assert growth < 0.6 * float32_bytes, (growth, float32_bytes)
 
 
 def test_int8_merges_a_lora_adapter_first(saved_captioner):
