@@ -124,3 +124,25 @@ def test_scaling_on_paper_reproduces_the_training_benchmarks_flops_and_the_cache
     page = (BENCH_GENERATE.parents[1] / "docs" / "scaling.md").read_text()
     for dataset in ("### COCO", "### CC3M"):
         assert finished.stdout.split(dataset)[1].split("\n\n")[1].strip() in page
+
+
+BENCH_INT8_MEMORY = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_int8_memory.py"
+
+
+def test_int8_memory_benchmark_measures_each_load_in_its_own_process(tmp_path):
+    output = tmp_path / "memory.json"
+    finished = subprocess.run(
+        [sys.executable, str(BENCH_INT8_MEMORY), "--size", "tiny", "--configurations", "fp32", "int8", "int8_lora",
+         "--new_tokens", "4", "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+    report = json.loads(output.read_text())
+    assert report["machine"]["cpu_flags"] is not None and "--size tiny" in report["command"]
+    runs = {run["configuration"]: run for run in report["runs"]}
+    assert set(runs) == {"fp32", "int8", "int8_lora"}
+    for run in runs.values():
+        assert 0 < run["after_import"]["peak_mb"] <= run["after_load"]["peak_mb"] <= run["after_generate"]["peak_mb"]
+        assert run["after_generate"]["seconds"] > 0 and len(run["tokens"][0]) == 5  # the start token + 4
+    assert all(run["same_tokens_as_compared"] is None for run in runs.values())  # no --compare_with
