@@ -88,8 +88,9 @@ def _int8_layer(module: nn.Module) -> DynamicInt8Linear | None:
 
 
 def _int8_vocabulary_projection(weight: torch.Tensor) -> DynamicInt8Linear:
-    """An int8 vocabulary projection from the (vocabulary x width) float32 weight it is tied to, which stays the
-    input embedding's: the int8 layer holds its own quantized copy, so the float32 one is not cloned."""
+    """An int8 vocabulary projection from the output embeddings' (vocabulary x width) float32 weight (the input
+    embedding's when tied, which stays float32): the int8 layer holds its own quantized copy, so the float32 weight
+    is not cloned."""
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     head.weight = nn.Parameter(weight.detach(), requires_grad=False)
     return _int8(head, per_output_row=True)
@@ -100,9 +101,9 @@ def _release_freed_memory() -> None:
 
     glibc's malloc keeps freed heap memory for the process to reuse and returns it only from the top of the heap;
     a layer's weights (a few MB) come from the heap once glibc has raised its mmap threshold, and the float32 ones,
-    freed among int8 ones allocated after them, would otherwise stay resident: measured, loading the real-size
-    model without this held the whole float32 encoder at once. `malloc_trim` is glibc's documented call for this
-    (it releases free pages anywhere in the heap); other C libraries (musl, macOS) lack it and need nothing here.
+    freed among int8 ones allocated after them, would otherwise stay resident, up to the whole float32 encoder by
+    the end of it. `malloc_trim` is glibc's documented call for this (it releases free pages anywhere in the heap);
+    other C libraries (musl, macOS) lack it and need nothing here.
     """
     try:
         ctypes.CDLL(None).malloc_trim(0)
