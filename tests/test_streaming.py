@@ -495,3 +495,30 @@ def test_a_stream_trains_without_a_validation_set_when_it_never_evaluates(shapes
     assert run_training(model_args, data_args, peft_args, training_args) == {}
     assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["eval_images"] is None
     assert not list((tmp_path / "out").glob(".train.lock*"))
+
+
+def test_field_names_in_upper_case_and_oversized_captions(tmp_path, monkeypatch):
+    """`KEY.JPG` with `KEY.TXT` (cameras and Windows tools write upper case) is a sample like any other; a caption
+    member larger than the limit is skipped, counted, and never read into memory; fields the reader does not use
+    (a video beside the image) are not read either."""
+    import tarfile
+
+    from helpers import image_bytes, write_tar
+    from modeling_vitgpt2.data import streaming
+
+    monkeypatch.setattr(streaming, "MAX_TEXT_FIELD_BYTES", 1000)
+    write_tar(tmp_path / "00000.tar", [("UP.JPG", image_bytes()), ("UP.TXT", b"an upper-case caption"),
+                                       ("big.jpg", image_bytes()), ("big.txt", b"x" * 1001),
+                                       ("meta.jpg", image_bytes()), ("meta.JSON", b'{"caption": "from json"}'),
+                                       ("clip.jpg", image_bytes()), ("clip.txt", b"with a video"),
+                                       ("clip.mp4", b"v" * 5000)])
+    read_sizes = []
+    extractfile = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, member: read_sizes.append(member.size) or extractfile(self, member))
+    counts = StreamCounts()
+    rows = list(decoded_rows(stream_webdataset([str(tmp_path / "00000.tar")]), counts))
+    assert [(row["image_name"], row["caption"]) for row in rows] == [
+        ("UP", "an upper-case caption"), ("meta", "from json"), ("clip", "with a video")]
+    assert counts.reasons == {"caption too large": 1}
+    assert max(read_sizes) < 1000  # neither the oversized caption nor the video was read

@@ -7,8 +7,9 @@ both give rows with the columns `CaptionCollator` reads: `image` (a decoded RGB 
 Tar shards follow webdataset's conventions: the files of one sample are consecutive members whose names share a
 key, and the key is the member's path up to the first dot of its file name (`dir.v2/cat.jpg` -> key `dir.v2/cat`,
 field `jpg`; `v1.2.jpg` -> key `v1`, field `2.jpg`, which is not an image field). A sample's image is its field
-with any of `IMAGE_EXTENSIONS` (case ignored), so shards may mix `.jpg`, `.png`, `.webp` ... sample by sample; its
-caption is the `.txt` field, else the `caption` of the `.json` field.
+with any of `IMAGE_EXTENSIONS`, so shards may mix `.jpg`, `.png`, `.webp` ... sample by sample; its caption is the
+`.txt` field, else the `caption` of the `.json` field (field names in any case: `KEY.JPG` with `KEY.TXT`). A `.txt`
+or `.json` over `MAX_TEXT_FIELD_BYTES` is not read, and its sample is skipped.
 
 A bad sample (no image, no or an empty caption, a caption that is not UTF-8, a `.json` that is not a JSON object,
 an image that does not decode) is skipped, and so is a shard that is not a tar file or the rest of a shard that is
@@ -54,6 +55,7 @@ __all__ = [
     "expand_shards",
     "first_captions",
     "materialise",
+    "MAX_TEXT_FIELD_BYTES",
     "SHARD_CAPTION_FIELD",
     "SHARD_METADATA_FIELD",
     "SHARD_PROBLEM_KEY",
@@ -73,6 +75,10 @@ SHARD_PROBLEM_KEY = "__shard__"
 # webdataset's `base_plus_ext`: the key is the path up to the first dot of the file name, the field what follows.
 _KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 _IMAGE_FIELDS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}
+# A caption or its metadata larger than this is not a caption: its sample is skipped without reading the member,
+# so that one multi-gigabyte `.txt` cannot take the process's memory.
+MAX_TEXT_FIELD_BYTES = 1 << 20
+_TEXT_FIELDS = (SHARD_CAPTION_FIELD, SHARD_METADATA_FIELD)
 # The columns of a tar stream's rows. A row's `problem` is why it is skipped (None for a good one), counted in
 # `decoded_rows` rather than where it is read, so that it is counted in the process that would have trained it.
 _TAR_ROW_FEATURES = datasets.Features({
@@ -151,7 +157,12 @@ def expand_shards(pattern: str) -> list[str]:
 def _caption_row(shard: str, key: str, fields: dict[str, bytes]) -> dict:
     """The row of one sample's fields: its image bytes and caption, or the problem that makes it unusable."""
     row = {"image": None, "caption": None, "image_name": key, "shard": shard, "problem": None}
-    image_field = next((name for name in fields if name.lower() in _IMAGE_FIELDS), None)
+    oversized = [name for name, value in fields.items() if isinstance(value, int)]
+    if oversized:
+        row["problem"] = (f"caption too large: {key}.{oversized[0]} has {fields[oversized[0]]:,} bytes, more than "
+                          f"{MAX_TEXT_FIELD_BYTES:,}")
+        return row
+    image_field = next((name for name in fields if name in _IMAGE_FIELDS), None)
     if image_field is None:
         row["problem"] = (f"no image: the sample has the fields {sorted(fields)} and none is an image "
                           f"({', '.join(IMAGE_EXTENSIONS)}; the key ends at the first dot of the file name)")
@@ -195,12 +206,20 @@ def _shard_samples(shard: str) -> Iterator[dict]:
                 if match is None:
                     continue
                 member_key, field_name = match.groups()
+                # Field names are compared case-insensitively (`KEY.JPG` with `KEY.TXT`).
+                field_name = field_name.lower()
                 if key is not None and (member_key != key or field_name in fields):
                     samples += 1
                     yield _caption_row(shard, key, fields)
                     fields = {}
                 key = member_key
-                fields[field_name] = archive.extractfile(member).read()
+                # Fields this reader does not use are named but not read.
+                if field_name in _TEXT_FIELDS and member.size > MAX_TEXT_FIELD_BYTES:
+                    fields[field_name] = member.size
+                elif field_name in _IMAGE_FIELDS or field_name in _TEXT_FIELDS:
+                    fields[field_name] = archive.extractfile(member).read()
+                else:
+                    fields[field_name] = b""
     except (tarfile.TarError, OSError, EOFError) as error:
         where = "the shard cannot be read as a tar file" if samples == 0 and key is None else \
             f"the shard is cut short after {samples} sample(s); the rest of it is skipped"
