@@ -262,3 +262,26 @@ def test_an_int8_model_refuses_to_save_before_writing_anything(saved_captioner, 
     with pytest.raises(RuntimeError, match="quantized to int8 .* cannot be saved: load it again with quantize=None"):
         quantized.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+def test_int8_load_reads_the_weights_file_that_from_pretrained_reads(tmp_path, tiny_tokenizer):
+    """A folder saved sharded, then saved again in one file, keeps the old index (its shards are deleted):
+    `from_pretrained` reads the one file, and so must the int8 load, rather than stop on a missing shard. An index
+    without a weight map is refused naming the file."""
+    from conftest import tiny_config_kwargs
+    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
+    from modeling_vitgpt2.inference.loading import load_for_inference
+
+    for seed, shard_size in ((0, "100KB"), (1, None)):
+        torch.manual_seed(seed)
+        model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer)))
+        model.save_pretrained(tmp_path, **({"max_shard_size": shard_size} if shard_size else {}))
+    assert (tmp_path / "model.safetensors.index.json").is_file()  # the premise: the stale index stays
+    embeddings = "decoder.wte.weight"
+    loaded = dict(load_for_inference(tmp_path, quantize="int8").named_parameters())
+    assert torch.equal(loaded[embeddings], model.state_dict()[embeddings])
+
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json has no 'weight_map'"):
+        load_for_inference(tmp_path, quantize="int8")

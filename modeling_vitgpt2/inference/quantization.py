@@ -155,12 +155,19 @@ class _Checkpoint:
     with it every weight page the load read."""
 
     def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = {key: folder / file for key, file in read_json(index, "weights index")["weight_map"].items()}
+        # The single file first, as `from_pretrained` reads them: a folder saved sharded and then saved again in one
+        # file keeps the old index (its shards deleted), and a float32 load reads the one file.
+        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+        if single.is_file():
+            with safe_open(single, "pt") as weights:
+                self.files = dict.fromkeys(weights.keys(), single)
         else:
-            with safe_open(folder / "model.safetensors", "pt") as weights:
-                self.files = dict.fromkeys(weights.keys(), folder / "model.safetensors")
+            weight_map = read_json(index, "weights index")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map' object naming each weight's file; save the model "
+                                 "again")
+            self.files = {key: folder / file for key, file in weight_map.items()}
         self.float32 = True
         for file in set(self.files.values()):
             with safe_open(file, "pt") as weights:
