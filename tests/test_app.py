@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -318,6 +319,61 @@ def test_concurrent_callers_are_batched_and_each_gets_its_single_call_caption(ca
         assert max(batch_sizes) == max_batch_size if max_batch_size == 1 else 1 < max(batch_sizes) <= max_batch_size
     finally:
         page.close()
+
+
+def test_examples_are_the_image_files_of_a_folder_and_copies_never_collide(tmp_path):
+    """A folder named like an image (`old.png/`) is no example (copying it stopped the page from starting); two
+    examples with one file name, one through `..`, each get their own copy."""
+    from modeling_vitgpt2.applications.demo import find_examples, private_copies
+
+    for folder, colour in (("a", "red"), ("b", "blue")):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8), colour).save(tmp_path / folder / "cat.png")
+    (tmp_path / "a" / "old.png").mkdir()
+    examples = find_examples([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "b" / ".." / "a" / "cat.png")])
+    assert examples == [str(tmp_path / "a" / "cat.png"), str(tmp_path / "b" / "cat.png"),
+                        str(tmp_path / "b" / ".." / "a" / "cat.png")]
+    (tmp_path / "served").mkdir()
+    copies = private_copies(examples, tmp_path / "served")
+    assert len(set(copies)) == 3
+    assert [Path(copy).read_bytes() for copy in copies] == [Path(example).read_bytes() for example in examples]
+
+
+def test_the_captioner_thread_answers_every_caller_whatever_its_batch_function_does():
+    """A batch function that answers too few requests, or raises what is no `Exception` (SystemExit), must give its
+    callers an error, and the thread must serve the next batch: otherwise every later visitor waits forever."""
+    from modeling_vitgpt2.applications.demo import CaptionBatcher
+
+    calls = []
+
+    def misbehaving(requests):
+        calls.append(requests)
+        if len(calls) == 1:
+            return []
+        if len(calls) == 2:
+            raise SystemExit(3)
+        return [request * 2 for request in requests]
+
+    def answer(request):
+        """The caller's answer or error; a caller left waiting fails the test instead of hanging it."""
+        answers = []
+        caller = threading.Thread(target=lambda: answers.append(_outcome(batcher, request)), daemon=True)
+        caller.start()
+        caller.join(timeout=30)
+        assert answers, "the caller was never answered"
+        return answers[0]
+
+    batcher = CaptionBatcher(misbehaving, max_batch_size=4)
+    assert "gave 0 answers to 1 requests" in repr(answer(1))
+    assert "stopped (SystemExit: 3)" in repr(answer(1))
+    assert answer(21) == 42
+
+
+def _outcome(function, *arguments):
+    try:
+        return function(*arguments)
+    except Exception as error:
+        return error
 
 
 def test_zero_shot_gives_clips_probabilities_per_template(client, tiny_clip, photo):

@@ -169,7 +169,8 @@ def find_examples(sources: list[str] | None) -> list[str]:
     examples = []
     for source in map(Path, sources):
         if source.is_dir():
-            examples += sorted(path for path in source.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
+            examples += sorted(path for path in source.iterdir()
+                               if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
         elif source.is_file():
             examples.append(source)
         else:
@@ -387,7 +388,13 @@ class CaptionBatcher:
                     break
             try:
                 results = self.run_batch([request for request, _ in batch])
-            except Exception as error:  # a bug in the batch's bookkeeping: every caller hears of it
+                if len(results) != len(batch):
+                    raise RuntimeError(f"the captioner gave {len(results)} answers to {len(batch)} requests")
+            # A bug in the batch's bookkeeping, or anything that would end this thread (then every later caller
+            # would wait forever): every caller of the batch hears of it, and the thread serves on.
+            except BaseException as error:
+                if not isinstance(error, Exception):  # a SystemExit must not end the caller's thread either
+                    error = RuntimeError(f"the captioner stopped ({type(error).__name__}: {error})")
                 results = [error] * len(batch)
             for (_, answer), result in zip(batch, results):
                 if isinstance(result, Exception):
