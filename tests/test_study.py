@@ -146,6 +146,18 @@ def test_a_full_disk_stops_the_study_with_its_message_instead_of_failing_the_var
     assert not (folder / "variants" / "cross").exists()
 
 
+def test_variant_names_that_differ_only_in_case_are_refused(study_file, tmp_path, capsys):
+    # Each names a folder: on macOS and Windows `LoRA/` is `lora/`, and `Base/` the base model's row.
+    spec = yaml.safe_load(study_file.read_text())
+    for names, message in ((["lora", "LoRA"], "variants[1].name 'LoRA' is used twice"),
+                           (["Base"], "variants[0].name 'Base' must be a folder-safe name")):
+        spec["variants"] = [{"name": name, "peft": "lora"} for name in names]
+        (tmp_path / "cased.yaml").write_text(yaml.safe_dump(spec))
+        assert study_module.main([str(tmp_path / "cased.yaml"), "--output_dir", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_study_name_that_is_a_path_is_refused(study_file, tmp_path, capsys, monkeypatch):
     # The name makes the default output folder, outputs/study-<name>: "../x" wrote the whole study elsewhere.
     monkeypatch.chdir(tmp_path)

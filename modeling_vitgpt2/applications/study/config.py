@@ -109,11 +109,14 @@ def load_study(path) -> Study:
         if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
             raise fail(where, "must be a mapping with a 'name'")
         name = variant["name"]
-        if not _folder_safe(name) or name == BASE_ROW:
+        # Compared without case: each names a folder, and on macOS and Windows `LoRA/` and `lora/` are one folder,
+        # where the two variants would delete each other's results on every run.
+        if not _folder_safe(name) or name.casefold() == BASE_ROW:
             raise fail(f"{where}.name", f"{name!r} must be a folder-safe name (letters, digits, _ . -), not 'base'")
-        if name in seen:
-            raise fail(f"{where}.name", f"{name!r} is used twice")
-        seen.add(name)
+        if name.casefold() in seen:
+            raise fail(f"{where}.name", f"{name!r} is used twice (names are compared without case: each names a "
+                                        "folder)")
+        seen.add(name.casefold())
         overrides = {key: value for key, value in variant.items() if key != "name"}
         wrong = sorted(set(overrides) - arguments)
         if wrong:
