@@ -40,6 +40,8 @@ def test_shard_patterns_expand_like_webdataset_and_name_missing_shards(tmp_path)
     assert [Path(p).name for p in expand_shards(f"{tmp_path}/{{00000..00002}}.tar")] == \
         ["00000.tar", "00001.tar", "00002.tar"]
     assert len(expand_shards(f"{tmp_path}/*.tar")) == 3
+    # A trailing or doubled comma named a shard "" and was refused as "1 of the 3 shards ... are missing: ".
+    assert len(expand_shards(f"{tmp_path}/00000.tar,,{tmp_path}/00001.tar, ")) == 2
     with pytest.raises(CaptionDataError, match=r"1 of the 4 shards.*00003.tar"):
         expand_shards(f"{tmp_path}/{{00000..00003}}.tar")
 

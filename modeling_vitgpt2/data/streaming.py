@@ -137,8 +137,8 @@ class EmptyStreamCheck(TrainerCallback):
 def expand_shards(pattern: str) -> list[str]:
     """The tar files a pattern names: braces as in webdataset (`data/{00000..00099}.tar`), globs, or a comma list."""
     files = []
-    for part in pattern.split(","):
-        for name in braceexpand(part.strip()):
+    for part in filter(None, map(str.strip, pattern.split(","))):  # a trailing comma names no empty shard
+        for name in braceexpand(part):
             if "://" in name:  # remote files are opened by fsspec; nothing to check here
                 files.append(name)
             elif glob.has_magic(name):
