@@ -524,3 +524,19 @@ def test_field_names_in_upper_case_and_oversized_captions(tmp_path, monkeypatch)
         ("UP", "an upper-case caption"), ("meta", "from json"), ("clip", "with a video")]
     assert counts.reasons == {"caption too large": 1}
     assert max(read_sizes) < 1000  # neither the oversized caption nor the video was read
+
+
+def test_a_shard_given_twice_is_part_of_the_stream_a_position_is_taken_in():
+    """`a.tar,a.tar` reads `a.tar` twice per pass: a position taken there, resumed on `a.tar` alone, would skip or
+    repeat samples, and was accepted (the shard list was compared as a set of names)."""
+    from modeling_vitgpt2.training.checkpoints import stream_change
+
+    def stream(*names):
+        return {"source": "--train_shards", "shards": [[name, 10] for name in names], "shuffle_buffer": 0,
+                "seed": None, "pipeline": "images"}
+
+    assert stream_change(stream("/d/a.tar", "/d/a.tar"), stream("/d/a.tar")) == \
+        "the list names 1 shard(s) counting repeats, was 2"
+    assert stream_change(stream("/d/a.tar", "/d/b.tar"), stream("/d/b.tar", "/d/a.tar")) == \
+        "the shards are in another order"
+    assert stream_change(stream("/d/a.tar", "/d/a.tar"), stream("/d/a.tar", "/d/a.tar")) is None

@@ -152,8 +152,12 @@ def stream_change(saved: dict, current: dict) -> str | None:
     for what, names in (("no longer given", removed), ("new", added), ("changed size", resized)):
         if names:
             changes.append(f"{len(names)} shard(s) {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-    if not (removed or added) and list(old_shards) != list(new_shards):
-        changes.append("the shards are in another order")
+    old_order = [name for name, _ in saved.get("shards") or []]
+    new_order = [name for name, _ in current.get("shards") or []]
+    if not (removed or added) and old_order != new_order:
+        # A shard given twice (to read it twice per pass) counts: the position is an index into the list as given.
+        changes.append("the shards are in another order" if len(old_order) == len(new_order) else
+                       f"the list names {len(new_order)} shard(s) counting repeats, was {len(old_order)}")
     for key, label in (("source", "the data source"), ("shuffle_buffer", "--shuffle_buffer"), ("seed", "--seed"),
                        ("pipeline", "the stream (--cache_encoder_features)")):
         if key == "seed" and saved.get("shuffle_buffer") != current.get("shuffle_buffer"):
