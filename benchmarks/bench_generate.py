@@ -6,8 +6,9 @@ images with beam search and a fixed caption length (min = max new tokens), so th
 the same tokens. Each run is split into encoder time (forward hooks on the encoder) and decode time (the rest).
 On the CPU in float32 "ours" runs as `eval.py caption` and the demo run it, with its linear layers prepacked for
 oneDNN (`modeling_vitgpt2.inference.prepacking`); "ours_blas" is the same model without prepacking. It also times our model in
-int8 (`modeling_vitgpt2.inference.quantization`), interleaved with the others, their latency for one image, and (with
-`--trained_model`) int8's CIDEr against float32 on a trained model.
+int8 (`modeling_vitgpt2.inference.quantization`) and, with `--with_bf16`, in bfloat16 loaded as `--dtype bfloat16`
+loads it (`load_for_inference(..., dtype="bfloat16")`), interleaved with the others, their latency for one image, and
+(with `--trained_model`) int8's and bfloat16's CIDEr against float32 on a trained model.
 
     python benchmarks/bench_generate.py --size real --batch_sizes 1 4 \
         --output benchmarks/results/generate_cpu_fp32_real.json
@@ -48,6 +49,7 @@ from common import (
 )
 from torch.profiler import profile
 
+from modeling_vitgpt2.inference.loading import load_for_inference
 from modeling_vitgpt2.inference.prepacking import PrepackedLinear, prepack_for_cpu
 from modeling_vitgpt2.inference.quantization import quantize_for_cpu
 
@@ -101,12 +103,15 @@ def generate_flops(size: GenerateSize, images: int, num_beams: int, new_tokens: 
     return {"encoder": float(encoder), "decode": float(decode)}
 
 
-def decode_weight_bytes(size: GenerateSize, int8: bool) -> float:
+# Bytes a weight of each timed model takes; the others hold float32 (or bfloat16 with --dtype bf16).
+WEIGHT_BYTES = {"int8": 1, "bf16": 2}
+
+
+def decode_weight_bytes(size: GenerateSize, bytes_per_weight: int) -> float:
     """Bytes of weights one decoding step reads (each weight once, whatever the batch and beams): the decoder's
-    products and the vocabulary projection, 1 byte a weight when quantized, else 4; biases, norms and embeddings
-    ignored."""
+    products and the vocabulary projection at `bytes_per_weight`; biases, norms and embeddings ignored."""
     d_model = size.decoder_width
-    return float((size.decoder_layers * 14 * d_model**2 + size.vocab_size * d_model) * (1 if int8 else 4))
+    return float((size.decoder_layers * 14 * d_model**2 + size.vocab_size * d_model) * bytes_per_weight)
 
 
 def latency(models: dict, pixels: torch.Tensor, settings: dict, calls: int, device: torch.device) -> dict:
@@ -124,31 +129,38 @@ def latency(models: dict, pixels: torch.Tensor, settings: dict, calls: int, devi
     }
 
 
-def trained_model_int8_quality(model_path: Path, images: int) -> dict:
-    """CIDEr of a trained model (the default run's: `python train.py`) in float32 and in int8 on the first `images`
-    of the built-in synthetic validation split, and the share of images captioned identically, through
-    `eval.py caption`'s code with the model's own generation settings."""
+# How `eval.py caption` runs each variant: its --quantize and --dtype.
+CAPTION_OPTIONS = {"fp32": {}, "int8": {"quantize": "int8"}, "bf16": {"dtype": "bfloat16"}}
+
+
+def trained_model_quality(model_path: Path, images: int, variants: tuple[str, ...]) -> dict[str, dict]:
+    """CIDEr of a trained model (the default run's: `python train.py`) in float32 and in each of `variants` (int8,
+    bf16) on the first `images` of the built-in synthetic validation split, and the share of images captioned as in
+    float32, through `eval.py caption`'s code with the model's own generation settings."""
     from modeling_vitgpt2.data.synthetic import write_synthetic_coco
     from modeling_vitgpt2.evaluation.jobs import caption_folder, score_predictions
 
     with tempfile.TemporaryDirectory() as folder:
         # The validation split has its own random stream: without training images it is the run's validation set.
         split = write_synthetic_coco(folder, num_train=0, num_val=images)
-        captions = {quantize or "fp32": caption_folder(model_path, split.val_images, quantize=quantize,
-                                                       progress=False, device="cpu")
-                    for quantize in (None, "int8")}
+        captions = {name: caption_folder(model_path, split.val_images, progress=False, device="cpu",
+                                         **CAPTION_OPTIONS[name])
+                    for name in ("fp32", *variants)}
         cider = {name: score_predictions(predictions, split.val_json, metrics=["cider"]).cider
                  for name, predictions in captions.items()}
-    same = sum(captions["fp32"][name] == captions["int8"][name] for name in captions["fp32"])
-    return {
-        "model": str(model_path),
-        "images": images,
-        "cider_fp32": cider["fp32"],
-        "cider_int8": cider["int8"],
-        # An untrained model can score 0 in float32: no relative difference then.
-        "cider_difference_percent": 100 * (cider["int8"] - cider["fp32"]) / cider["fp32"] if cider["fp32"] else None,
-        "identical_captions": same / len(captions["fp32"]),
-    }
+    reports = {}
+    for name in variants:
+        same = sum(captions["fp32"][image] == captions[name][image] for image in captions["fp32"])
+        reports[name] = {
+            "model": str(model_path),
+            "images": images,
+            "cider_fp32": cider["fp32"],
+            f"cider_{name}": cider[name],
+            # An untrained model can score 0 in float32: no relative difference then.
+            "cider_difference_percent": 100 * (cider[name] - cider["fp32"]) / cider["fp32"] if cider["fp32"] else None,
+            "identical_captions": same / len(captions["fp32"]),
+        }
+    return reports
 
 
 class EncoderClock:
@@ -244,6 +256,9 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
     int8 = "int8" in rows[0]
     if int8:
         header += f" {'int8 cap/s':>10} {'int8 x':>6} {'int8 %bw':>8} {'int8 same':>9}"
+    bf16 = "bf16" in rows[0]
+    if bf16:
+        header += f" {'bf16 cap/s':>10} {'bf16 x':>6} {'bf16 %bw':>8} {'bf16 same':>9}"
     print(header)
     for row in rows:
         peer, ours = row["peer"], row["ours"]
@@ -260,6 +275,9 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
         if int8:
             line += (f" {row['int8']['captions_per_s']:>10.3f} {row['int8_speedup']:>6.2f} "
                      f"{100 * row['int8']['decode_fraction_of_bandwidth']:>7.1f}% {row['int8_identical_captions']:>9.2f}")
+        if bf16:
+            line += (f" {row['bf16']['captions_per_s']:>10.3f} {row['bf16_speedup']:>6.2f} "
+                     f"{100 * row['bf16']['decode_fraction_of_bandwidth']:>7.1f}% {row['bf16_identical_captions']:>9.2f}")
         print(line)
     print(f"%mm: share of the measured {matmul:.1f} GFLOP/s matmul throughput reached (useful FLOPs / time); "
           f"%bw: the decode loop's share of its weight-bandwidth bound (weight bytes per step x steps / "
@@ -270,6 +288,9 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
     if int8:
         print("int8: our model with int8 linear layers; 'int8 x' is its speedup over ours in float32, 'int8 same' "
               "the share of images whose caption equals float32's")
+    if bf16:
+        print("bf16: our model loaded in bfloat16 as --dtype bfloat16 loads it; 'bf16 x' is its speedup over ours in "
+              "float32 (prepacked), 'bf16 same' the share of images whose caption equals float32's")
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -285,11 +306,16 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile one decode loop of each model")
     parser.add_argument("--profile_top", type=int, default=12, help="how many ops --profile lists")
     parser.add_argument("--no_int8", action="store_true", help="skip our model in int8 (CPU float32 runs only)")
+    parser.add_argument("--with_bf16", action="store_true",
+                        help="also time our model in bfloat16, loaded through load_for_inference(dtype='bfloat16') "
+                             "as --dtype bfloat16 loads it (CPU float32 runs only; refused on a CPU without "
+                             "avx512_bf16 or AMX), and with --trained_model its CIDEr against float32")
     parser.add_argument("--latency_calls", type=int, default=20,
                         help="one-image generate calls per model for latency p50/p95 (0 skips)")
     parser.add_argument("--trained_model", type=Path,
                         help="a trained model folder (the default run's: outputs/synthetic-default): CIDEr of int8 "
-                             "against float32 on the built-in synthetic validation split")
+                             "(and bfloat16 with --with_bf16) against float32 on the built-in synthetic validation "
+                             "split")
     parser.add_argument("--trained_model_images", type=int, default=200,
                         help="validation images for --trained_model (the default run's split has 200)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
@@ -327,6 +353,11 @@ def main() -> None:
     with_int8 = not arguments.no_int8 and on_cpu_in_float32
     if with_int8:
         models["int8"] = quantize_for_cpu(copy.deepcopy(models["ours"]))
+    with_bf16 = arguments.with_bf16 and on_cpu_in_float32
+    if with_bf16:
+        with tempfile.TemporaryDirectory() as folder:  # the same weights, through the loader users' --dtype takes
+            models["ours"].save_pretrained(folder)
+            models["bf16"] = load_for_inference(folder, dtype="bfloat16", device=device)
     if on_cpu_in_float32:  # as eval.py caption and the demo load it on a CPU
         models["ours_blas"] = copy.deepcopy(models["ours"])
         models["ours"] = prepack_for_cpu(models["ours"])
@@ -347,7 +378,8 @@ def main() -> None:
         for name, timing in timings.items():
             timing["captions_per_s"] = batch_size / timing["seconds"]
             timing["fraction_of_matmul"] = (flops["encoder"] + flops["decode"]) / timing["seconds"] / 1e9 / matmul
-            bound_s = arguments.new_tokens * decode_weight_bytes(size, int8=name == "int8") / (bandwidth * 1e9)
+            weight_bytes = decode_weight_bytes(size, WEIGHT_BYTES.get(name, dtype.itemsize))
+            bound_s = arguments.new_tokens * weight_bytes / (bandwidth * 1e9)
             timing["decode_fraction_of_bandwidth"] = bound_s / timing["decode_s"]
         row = {
             "batch_size": batch_size,
@@ -364,6 +396,10 @@ def main() -> None:
             row["int8_speedup"] = timings["ours"]["seconds"] / timings["int8"]["seconds"]
             row["int8_identical_captions"] = (tokens["int8"] == tokens["ours"]).all(dim=1).float().mean().item()
             row["int8_token_agreement"] = (tokens["int8"] == tokens["ours"]).float().mean().item()
+        if with_bf16:
+            row["bf16_speedup"] = timings["ours"]["seconds"] / timings["bf16"]["seconds"]
+            row["bf16_identical_captions"] = (tokens["bf16"] == tokens["ours"]).all(dim=1).float().mean().item()
+            row["bf16_token_agreement"] = (tokens["bf16"] == tokens["ours"]).float().mean().item()
         rows.append(row)
         print(f"batch {batch_size} done", file=sys.stderr)
 
@@ -381,8 +417,11 @@ def main() -> None:
     if with_int8:
         extra["int8_speedup"] = math.exp(statistics.mean(math.log(row["int8_speedup"]) for row in rows))
         print(f"int8 speedup over ours in float32 (geometric mean): {extra['int8_speedup']:.2f}x")
+    if with_bf16:
+        extra["bf16_speedup"] = math.exp(statistics.mean(math.log(row["bf16_speedup"]) for row in rows))
+        print(f"bf16 speedup over ours in float32 (geometric mean): {extra['bf16_speedup']:.2f}x")
     if arguments.latency_calls > 0:
-        latency_models = {name: models[name] for name in ("ours", "ours_blas", "int8") if name in models}
+        latency_models = {name: models[name] for name in ("ours", "ours_blas", "int8", "bf16") if name in models}
         extra["latency_batch_1"] = latency(latency_models, random_images(1), settings, arguments.latency_calls,
                                            device)
         for name, figures in extra["latency_batch_1"].items():
@@ -402,12 +441,14 @@ def main() -> None:
         for name, figures in extra["memory_mb"].items() if name != "batch_size")
         + f" (process peak {max(f.get('peak', 0) for k, f in extra['memory_mb'].items() if k != 'batch_size'):.0f})")
     if arguments.trained_model is not None:
-        extra["trained_model_int8"] = trained_model_int8_quality(arguments.trained_model,
-                                                                 arguments.trained_model_images)
-        quality = extra["trained_model_int8"]
-        print(f"{quality['model']} on {quality['images']} synthetic validation images: CIDEr {quality['cider_fp32']:.4f} "
-              f"float32, {quality['cider_int8']:.4f} int8 ({quality['cider_difference_percent'] or 0:+.2f}%), "
-              f"identical captions {100 * quality['identical_captions']:.1f}%")
+        variants = ("int8",) + (("bf16",) if with_bf16 else ())
+        for name, quality in trained_model_quality(arguments.trained_model, arguments.trained_model_images,
+                                                   variants).items():
+            extra[f"trained_model_{name}"] = quality
+            print(f"{quality['model']} on {quality['images']} synthetic validation images: CIDEr "
+                  f"{quality['cider_fp32']:.4f} float32, {quality[f'cider_{name}']:.4f} {name} "
+                  f"({quality['cider_difference_percent'] or 0:+.2f}%), identical captions "
+                  f"{100 * quality['identical_captions']:.1f}%")
     load_average = {"start": load_at_start, "end": os.getloadavg()[0]}
     print(f"1-minute load average: {load_average['start']:.1f} at start, {load_average['end']:.1f} at end "
           f"({machine['cores']} cores)")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from modeling_vitgpt2.utils.cpu_features import has_fast_bfloat16
+
 BENCH_GENERATE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
 BENCH_DEMO_BATCHING = BENCH_GENERATE.with_name("bench_demo_batching.py")
 
@@ -81,6 +83,37 @@ def test_generate_benchmark_reports_int8_latency_bandwidth_and_memory(tmp_path):
     quality = report["trained_model_int8"]
     assert quality["images"] == 4 and 0 <= quality["identical_captions"] <= 1
     assert {"cider_fp32", "cider_int8", "cider_difference_percent"} <= quality.keys()
+
+
+@pytest.mark.skipif(not has_fast_bfloat16(), reason="bfloat16 loads are refused on a CPU without avx512_bf16 or AMX")
+def test_generate_benchmark_times_bf16_loaded_as_users_load_it(tmp_path):
+    """--with_bf16 adds our model in bfloat16 (through load_for_inference, as --dtype bfloat16) to the timed models,
+    the latency and the memory figures, and its CIDEr against float32 on a trained model."""
+    output = tmp_path / "tmp.json"
+    model_dir = tmp_path / "model"
+    subprocess.run([sys.executable, "-c", SAVE_TINY_TRAINED_MODEL, str(model_dir)], check=True, timeout=300,
+                   cwd=Path(__file__).parent)
+    finished = subprocess.run(
+        [sys.executable, str(BENCH_GENERATE), "--size", "tiny", "--batch_sizes", "2", "--repeats", "1", "--no_int8",
+         "--with_bf16", "--latency_calls", "2", "--new_tokens", "4", "--trained_model", str(model_dir),
+         "--trained_model_images", "4", "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+    report = json.loads(output.read_text())
+    assert report["bf16_speedup"] > 0 and "int8" not in report["rows"][0]
+    row = report["rows"][0]
+    assert 0 <= row["bf16_identical_captions"] <= 1 and 0 < row["bf16_token_agreement"] <= 1
+    assert row["bf16"]["decode_fraction_of_bandwidth"] > 0
+    # Half of float32's bytes: the loader really gave bfloat16 weights.
+    assert report["memory_mb"]["bf16"]["weights"] == pytest.approx(report["memory_mb"]["ours_blas"]["weights"] / 2,
+                                                                   rel=0.01)
+    assert 0 < report["latency_batch_1"]["bf16"]["p50_s"]
+    quality = report["trained_model_bf16"]
+    assert quality["images"] == 4 and 0 <= quality["identical_captions"] <= 1
+    assert {"cider_fp32", "cider_bf16", "cider_difference_percent"} <= quality.keys()
+    assert "cider_int8" in report["trained_model_int8"]
 
 
 SAVE_TINY_TRAINED_MODEL = """
