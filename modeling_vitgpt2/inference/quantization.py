@@ -78,13 +78,12 @@ def _int8(linear: nn.Linear, per_output_row: bool) -> DynamicInt8Linear:
         return DynamicInt8Linear.from_float(linear)
 
 
-def _int8_layer(module: nn.Module) -> DynamicInt8Linear | None:
-    # Exact types: a subclass may read its weight elsewhere (`nn.MultiheadAttention`'s output projection does).
-    if type(module) is Conv1D:
-        return _int8(conv1d_to_linear(module), per_output_row=False)
-    if type(module) is nn.Linear:
-        return _int8(module, per_output_row=False)
-    return None
+# Compared by exact type: a subclass may read its weight elsewhere (`nn.MultiheadAttention`'s output projection does).
+_LINEAR_TYPES = (Conv1D, nn.Linear)
+
+
+def _int8_layer(layer: Conv1D | nn.Linear) -> DynamicInt8Linear:
+    return _int8(conv1d_to_linear(layer) if type(layer) is Conv1D else layer, per_output_row=False)
 
 
 def _int8_vocabulary_projection(weight: torch.Tensor) -> DynamicInt8Linear:
@@ -122,7 +121,7 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
     """
     _check_choice(quantize)
     model = float32_cpu_model(model, "int8 quantization")
-    _replace_linear_layers(model)
+    _quantize_linear_layers(model)
     if not isinstance(model.get_output_embeddings(), DynamicInt8Linear):  # `load_quantized` may have made it
         model.set_output_embeddings(_int8_vocabulary_projection(model.get_output_embeddings().weight))
     _release_freed_memory()
@@ -133,17 +132,6 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
 def _check_choice(quantize: str) -> None:
     if quantize not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATION_CHOICES}")
-
-
-def _replace_linear_layers(module: nn.Module) -> None:
-    for name in list(module._modules):  # names, not modules: a replaced float32 layer must not stay referenced
-        layer = _int8_layer(module._modules[name])
-        if layer is None:
-            if module._modules[name] is not None:
-                _replace_linear_layers(module._modules[name])
-        else:
-            setattr(module, name, layer)
-            _release_freed_memory()
 
 
 class _Checkpoint:
@@ -214,7 +202,7 @@ def load_quantized(folder: str | os.PathLike, quantize: str = "int8",
         model.generation_config = GenerationConfig.from_pretrained(folder)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    _fill_and_quantize_linear_layers(model, "", checkpoint)
+    _quantize_linear_layers(model, checkpoint)
     model.set_output_embeddings(_int8_vocabulary_projection(
         model.get_input_embeddings().weight if tied else checkpoint.tensor("lm_head.weight")))
     _release_freed_memory()
@@ -238,7 +226,7 @@ def _changed_by_adapter(adapter: str | os.PathLike) -> Callable[[str], bool] | N
 
 
 def _is_linear_name(model: nn.Module, name: str) -> bool:
-    return type(model.get_submodule(name)) in (Conv1D, nn.Linear, ViTGPT2LMHead)
+    return type(model.get_submodule(name)) in (*_LINEAR_TYPES, ViTGPT2LMHead)
 
 
 def _fill(module: nn.Module, prefix: str, checkpoint: _Checkpoint, wanted: Callable[[str], bool]) -> None:
@@ -254,14 +242,15 @@ def _fill(module: nn.Module, prefix: str, checkpoint: _Checkpoint, wanted: Calla
             _fill(child, f"{prefix}{name}.", checkpoint, wanted)
 
 
-def _fill_and_quantize_linear_layers(module: nn.Module, prefix: str, checkpoint: _Checkpoint) -> None:
-    """Replaces every linear layer of `module` by its int8 form, reading it from `checkpoint` first if still empty."""
+def _quantize_linear_layers(module: nn.Module, checkpoint: _Checkpoint | None = None, prefix: str = "") -> None:
+    """Replaces every linear layer of `module` by its int8 form, one at a time, reading a layer that is still empty
+    (meta) from `checkpoint` first."""
     for name in list(module._modules):  # names, not modules: a replaced float32 layer must not stay referenced
         child = module._modules[name]
         if child is None:
             continue
-        if type(child) not in (Conv1D, nn.Linear):
-            _fill_and_quantize_linear_layers(child, f"{prefix}{name}.", checkpoint)
+        if type(child) not in _LINEAR_TYPES:
+            _quantize_linear_layers(child, checkpoint, f"{prefix}{name}.")
             continue
         if child.weight.is_meta:
             _fill(child, f"{prefix}{name}.", checkpoint, lambda name: True)
