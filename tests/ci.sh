@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
-apt-get update -qq && apt-get install -y -qq chromium
+# g++: Inductor compiles C++ for --quantize int8-compiled (tests/test_compiled_encoder.py).
+apt-get update -qq && apt-get install -y -qq chromium g++
 pip install -c tests/constraints.txt torch==2.14.1 torchvision==0.29.1 -e ".[test]"
 ruff check .
 bash tests/wheel_install_check.sh

@@ -46,6 +46,7 @@ from ..evaluation.clip_score import load_clip
 from ..evaluation.jobs import load_captioner
 from ..evaluation.zero_shot import ENSEMBLE, class_probabilities
 from ..inference.generation import generation_kwargs
+from ..inference.loading import QUANTIZATION_CHOICES
 from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS, ImageLoadError, ImageTooLargeError, load_image
 from ..utils.errors import run_command
 from .hub.space import SPACE_MODEL_FOLDER
@@ -138,8 +139,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "app.py") -> argparse.
     parser.add_argument("--model", default=None,
                         help=f"model folder, peft adapter folder from train.py, or Hub id (default: {DEFAULT_MODEL}, "
                              "or in a Hub Space the model its README names)")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="int8 inference on the CPU: shorter waits, captions may differ slightly from float32")
+    parser.add_argument("--quantize", choices=QUANTIZATION_CHOICES, default=None,
+                        help="int8 inference on the CPU: shorter waits, captions may differ slightly from float32; "
+                             "int8-compiled also compiles the vision encoder (shorter still; tens of seconds at "
+                             "start, needs torchao and a C++ compiler)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="bfloat16: faster on CPUs with bfloat16 instructions (avx512_bf16 or AMX; refused "
                              "elsewhere); captions may differ slightly from float32 (default: float32)")

@@ -82,15 +82,20 @@ def add_clip_prefix(parser: argparse.ArgumentParser) -> None:
 def build_parser(prog: str = "eval.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Imported here, not at the top: the module imports torch, which this file's import keeps off the start-up path.
+    from ..inference.loading import QUANTIZATION_CHOICES
+
     commands = parser.add_subparsers(dest="command", required=True)
 
     caption = commands.add_parser("caption", help="caption every image in a folder into a predictions JSON")
     add_captioner_options(caption)
     caption.add_argument("--images", required=True, help="folder of images")
     caption.add_argument("--output", required=True, help='predictions JSON: {"<file name without extension>": "..."}')
-    caption.add_argument("--quantize", choices=["int8"],
+    caption.add_argument("--quantize", choices=QUANTIZATION_CHOICES,
                          help="int8 inference on the CPU (dynamic int8 linear layers; faster, captions may differ "
-                              "slightly from float32)")
+                              "slightly from float32); int8-compiled also compiles the vision encoder for the CPU's "
+                              "int8 kernels (faster still; tens of seconds at start, needs torchao and a C++ "
+                              "compiler)")
     caption.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                          help="bfloat16: faster on CPUs with bfloat16 instructions (avx512_bf16 or AMX; refused "
                               "elsewhere); captions may differ slightly from float32 (default: float32)")

@@ -18,6 +18,7 @@ from ..utils.io import check_safetensors, read_json
 __all__ = [
     "BASE_MODEL_FOLDER",
     "INFERENCE_DTYPES",
+    "QUANTIZATION_CHOICES",
     "adapter_base",
     "check_inference_dtype",
     "check_model_folder",
@@ -29,6 +30,9 @@ __all__ = [
 # Where a run saves the base model it built for its adapter, and where a pushed adapter repository carries it.
 BASE_MODEL_FOLDER = "base_model"
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# int8: eager int8 layers, ready at once (quantization.py); int8-compiled: the vision encoder compiled for the CPU's
+# int8 kernels first, tens of seconds at load for a faster encoder (compiled_encoder.py).
+QUANTIZATION_CHOICES = ("int8", "int8-compiled")
 
 
 def check_inference_dtype(dtype: str | None, device: str | torch.device = "cpu",

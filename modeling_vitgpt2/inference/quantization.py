@@ -40,11 +40,11 @@ from transformers.pytorch_utils import Conv1D
 from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2LMHead
 from ..utils.io import read_json
+from .compiled_encoder import CompiledInt8VisionTrunk, compile_int8_vision_trunk
+from .loading import QUANTIZATION_CHOICES
 from .prepacking import float32_cpu_model, refuse_to_save
 
-__all__ = ["QUANTIZATION_CHOICES", "conv1d_to_linear", "load_quantized", "quantize_for_cpu"]
-
-QUANTIZATION_CHOICES = ("int8",)
+__all__ = ["conv1d_to_linear", "load_quantized", "quantize_for_cpu"]
 
 DynamicInt8Linear = torch.ao.nn.quantized.dynamic.Linear
 
@@ -121,12 +121,26 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
     """
     _check_choice(quantize)
     model = float32_cpu_model(model, "int8 quantization")
+    if quantize == "int8-compiled":
+        _compile_encoder(model)
     _quantize_linear_layers(model)
     if not isinstance(model.get_output_embeddings(), DynamicInt8Linear):  # `load_quantized` may have made it
         model.set_output_embeddings(_int8_vocabulary_projection(model.get_output_embeddings().weight))
     _release_freed_memory()
     refuse_to_save(model, "quantized to int8 for CPU inference", "quantize=None")
     return model
+
+
+def _compile_encoder(model: nn.Module) -> None:
+    """Replaces the float32 timm ViT inside `model`'s encoder by its compiled int8 form (once)."""
+    encoder = model.get_encoder()
+    if isinstance(encoder.model, CompiledInt8VisionTrunk):
+        return
+    if encoder.image_size is None:
+        raise ValueError(f"--quantize int8-compiled compiles the encoder for its image size, and "
+                         f"{model.config.encoder_name!r} has none (no patch embedding); use --quantize int8")
+    encoder.model = compile_int8_vision_trunk(encoder.model, encoder.image_size)
+    _release_freed_memory()
 
 
 def _check_choice(quantize: str) -> None:
@@ -182,8 +196,15 @@ def load_quantized(folder: str | os.PathLike, quantize: str = "int8",
     """
     _check_choice(quantize)
     folder = Path(folder)
-    keep_float32 = _changed_by_adapter(adapter) if adapter is not None else (lambda name: False)
-    if keep_float32 is None or not (
+    changed_by_adapter = _changed_by_adapter(adapter) if adapter is not None else (lambda name: False)
+    if changed_by_adapter is None:
+        return None
+    compile_encoder = quantize == "int8-compiled"
+
+    def keep_float32(name: str) -> bool:  # read in float32 now: for the adapter to merge into, or to compile
+        return changed_by_adapter(name) or (compile_encoder and name.split(".")[0] == "encoder")
+
+    if not (
             (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
         return None
     checkpoint = _Checkpoint(folder)
@@ -192,7 +213,7 @@ def load_quantized(folder: str | os.PathLike, quantize: str = "int8",
         model = ViTGPT2ForConditionalGeneration(config)
     tied = config.tie_word_embeddings and "lm_head.weight" not in checkpoint.files
     expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
-    if not checkpoint.float32 or expected != set(checkpoint.files) or keep_float32("lm_head"):
+    if not checkpoint.float32 or expected != set(checkpoint.files) or changed_by_adapter("lm_head"):
         return None
     # All but the linear layers an adapter leaves alone; those stay empty until after the merge, since torch's int8
     # layers cannot take part in the partial `load_state_dict` by which peft loads an adapter.
@@ -202,6 +223,8 @@ def load_quantized(folder: str | os.PathLike, quantize: str = "int8",
         model.generation_config = GenerationConfig.from_pretrained(folder)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if compile_encoder:
+        _compile_encoder(model)
     _quantize_linear_layers(model, checkpoint)
     model.set_output_embeddings(_int8_vocabulary_projection(
         model.get_input_embeddings().weight if tied else checkpoint.tensor("lm_head.weight")))

@@ -1,0 +1,172 @@
+"""The vision encoder in int8 compiled for the CPU (`quantize="int8-compiled"`): torchao's PT2E quantization with the
+x86 quantizer (dynamic int8 activations, int8 weights per output channel), lowered by `torch.compile` with freezing
+to oneDNN's int8 matmuls with their bias and GELU fused in.
+
+Why this route, among those that run an int8 ViT on a CPU (benchmarks/bench_int8_encoder.py measures them on the same
+weights): the eager int8 layers of `quantization.py` (fbgemm, through the deprecated `quantize_dynamic`) quantize,
+multiply and dequantize each linear layer on its own and run GELU and the residual adds as separate passes over
+memory, and fell behind ONNX Runtime's dynamic int8 as the batch grew. PT2E is where `quantize_dynamic`'s
+deprecation points (torchao, PyTorch's own quantization library) and its x86 quantizer is the one Inductor lowers
+to fused oneDNN kernels; ONNX Runtime as the encoder's runtime would match it only by exporting and keeping a second
+copy of the encoder on disk, with a dependency users do not otherwise need.
+
+The cost is paid once per process: exporting and compiling the encoder takes tens of seconds and needs a C++
+compiler (Inductor writes C++), and the float32 encoder is resident while it compiles. It is compiled for one image
+and runs a batch image by image: the encoder is bound by arithmetic, not by reading its weights, so a larger batch
+gains it little, and one compiled shape means no recompiling when the demo's or `eval.py caption`'s batch size
+changes. It returns the encoder's last tokens only: encoder attention weights and hidden states need the eager model
+(`quantize="int8"` or none); the decoder's cross-attention maps are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch._inductor import config as inductor_config
+
+from ..utils.errors import UserError
+
+__all__ = ["CompiledInt8VisionTrunk", "compile_int8_vision_trunk"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Features(nn.Module):
+    """The timm ViT's token features as its `forward`, the one method `torch.export` traces."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(pixel_values)
+
+
+class CompiledInt8VisionTrunk(nn.Module):
+    """Stands in for the timm ViT inside `ViTGPT2Encoder`: `forward_features` runs the compiled int8 graph one image at
+    a time. It keeps what callers read from the ViT: its patch embedding (a few MB, float32: patch and image size,
+    the device and dtype of the encoder's first parameter), token width and number of tokens before the patches
+    (the attention maps' layout); the compiled graph holds its own weights."""
+
+    def __init__(self, compiled: Callable, patch_embed: nn.Module, num_features: int, num_prefix_tokens: int):
+        super().__init__()
+        # A plain attribute, not a submodule: the compiled graph is no layer of the model for `named_modules`,
+        # `state_dict` or `to` to walk (its weights are constants inside it).
+        object.__setattr__(self, "_compiled", compiled)
+        self.patch_embed = patch_embed
+        self.num_features = num_features
+        self.num_prefix_tokens = num_prefix_tokens
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise UserError("the compiled int8 encoder returns its last tokens only: load the model with --quantize int8 "
+                        "(or without --quantize) for the encoder's attention weights or hidden states")
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # The graph was compiled under `no_grad` with ordinary tensors, and its guards hold it to exactly that:
+        # under `inference_mode`, or given an inference tensor, torch.compile would fall back to the eager graph,
+        # whose float32 weights freezing discarded. So inference mode is left for the call and each image copied.
+        with torch.inference_mode(False), torch.no_grad():
+            return torch.cat([self._compiled(image.clone()) for image in pixel_values.split(1)])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(pixel_values)
+
+
+def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int]) -> CompiledInt8VisionTrunk:
+    """`vit` (a float32 timm ViT, left unchanged) quantized to int8 and compiled for one image of `image_size`; the
+    compiling happens here, with a log line, so that the first caption does not wait for it."""
+    _check_compiler()
+    quantize_pt2e = _import_pt2e()
+    example = torch.randn(1, 3, *image_size, generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    logger.warning("Compiling the int8 vision encoder (once per process; a ViT-L takes about a minute)...")
+    with torch.no_grad(), _quiet_compiling():
+        exported = torch.export.export(_Features(vit).eval(), (example,)).module()
+        quantizer = quantize_pt2e.X86InductorQuantizer()
+        quantizer.set_global(quantize_pt2e.get_default_x86_inductor_quantization_config(is_dynamic=True))
+        prepared = quantize_pt2e.prepare_pt2e(exported, quantizer)
+        prepared(example)  # dynamic quantization observes activations at run time: this only completes the graph
+        converted = quantize_pt2e.convert_pt2e(prepared)
+        del exported, prepared
+        # Freezing folds the weights into the graph as constants, which is what lets Inductor prepack them for
+        # oneDNN and fuse the quantize/dequantize steps; it then drops the float32 copies the graph module held.
+        # Set as global config for the compiling call, not as `torch.compile(options=...)`: Inductor decides whether
+        # to register its int8 weight-prepacking passes from the global setting, and without them compiling fails.
+        compiled = torch.compile(converted, dynamic=False)
+        with inductor_config.patch(freezing=True, freezing_discard_parameters=True):
+            compiled(example)
+    logger.warning("Compiled the int8 vision encoder in %.0f s", time.perf_counter() - started)
+    return CompiledInt8VisionTrunk(compiled, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
+
+
+class _PT2E:
+    """torchao's PT2E entry points, imported on first use: torchao is an optional dependency."""
+
+    def __init__(self):
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        self.prepare_pt2e, self.convert_pt2e = prepare_pt2e, convert_pt2e
+        self.X86InductorQuantizer = X86InductorQuantizer
+        self.get_default_x86_inductor_quantization_config = get_default_x86_inductor_quantization_config
+
+
+def _import_pt2e() -> _PT2E:
+    try:
+        with _quiet_torchao_import():
+            return _PT2E()
+    except ImportError as error:
+        raise UserError("--quantize int8-compiled needs torchao: pip install 'modeling-vitgpt2[int8-compiled]' "
+                        f"({error}); or use --quantize int8, which needs nothing more") from error
+
+
+@contextmanager
+def _quiet_torchao_import() -> Iterator[None]:
+    # torchao 0.18 registers an enum with torch's pytree on import, which torch 2.14 logs a deprecation warning for.
+    pytree_logger = logging.getLogger("torch.utils._pytree")
+    level = pytree_logger.level
+    pytree_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pytree_logger.setLevel(level)
+
+
+@contextmanager
+def _quiet_compiling() -> Iterator[None]:
+    # Inductor's int8 lowering warns about its own tensor copies, and its C++ builder that it found no CUDA: notices
+    # for PyTorch's developers, repeated on every load, that users can do nothing about.
+    builder_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = builder_logger.level
+    builder_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+            yield
+    finally:
+        builder_logger.setLevel(level)
+
+
+def _check_compiler() -> None:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        compiler = get_cpp_compiler()
+    except Exception as error:  # Inductor raises its own types for a missing or unusable compiler
+        compiler, reason = None, f"{type(error).__name__}: {error}"
+    else:
+        reason = f"{compiler} is not on PATH"
+    if compiler is None or shutil.which(compiler) is None:
+        raise UserError(f"--quantize int8-compiled compiles the encoder with a C++ compiler ({reason}): install "
+                        "one (apt-get install g++) or use --quantize int8")

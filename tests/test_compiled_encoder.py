@@ -1,0 +1,139 @@
+"""`--quantize int8-compiled`: the vision encoder quantized with torchao's PT2E and compiled by Inductor, the decoder in
+eager int8, loaded through the same loader, CLI and demo as `--quantize int8`."""
+
+import json
+import sys
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from conftest import fit_tiny_captions, random_image, tiny_config_kwargs
+
+pytest.importorskip("torchao", reason="--quantize int8-compiled needs torchao (the test extra installs it)")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+DynamicQuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
+
+
+@pytest.fixture(scope="module")
+def saved_captioner(tmp_path_factory, tiny_tokenizer, tiny_processor):
+    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer)))
+    fit_tiny_captions(model, tiny_processor, steps=40)
+    folder = tmp_path_factory.mktemp("captioner")
+    model.save_pretrained(folder)
+    tiny_processor.save_pretrained(folder)
+    return folder
+
+
+def _pixels(processor, model, count: int) -> torch.Tensor:
+    side = max(model.encoder.model.patch_embed.img_size)
+    return processor(images=[random_image(seed, (side, side)) for seed in range(count)],
+                     return_tensors="pt")["pixel_values"]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_the_encoder_compiles_once_and_serves_every_batch_size_close_to_float32(saved_captioner, tiny_processor):
+    from modeling_vitgpt2.inference.compiled_encoder import CompiledInt8VisionTrunk
+    from modeling_vitgpt2.inference.loading import load_for_inference
+
+    reference = load_for_inference(saved_captioner)
+    compiled = load_for_inference(saved_captioner, quantize="int8-compiled")
+    assert isinstance(compiled.encoder.model, CompiledInt8VisionTrunk)
+    assert isinstance(compiled.decoder.h[0].crossattention.c_attn, DynamicQuantizedLinear)
+    assert isinstance(compiled.get_output_embeddings(), DynamicQuantizedLinear)
+
+    pixel_values = _pixels(tiny_processor, reference, 4)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():  # as eval.py caption runs it; the demo's thread runs under no_grad
+        batch = compiled.get_encoder()(pixel_values=pixel_values).last_hidden_state
+        one_by_one = [compiled.get_encoder()(pixel_values=image[None]).last_hidden_state for image in pixel_values]
+        expected = reference.get_encoder()(pixel_values=pixel_values).last_hidden_state
+        captions = compiled.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=8)
+    with torch.no_grad():
+        again = compiled.get_encoder()(pixel_values=pixel_values[:3]).last_hidden_state
+    # Compiled for one image at load; batches of 4, 1 and 3, in inference mode or not, reuse that graph.
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(batch, torch.cat(one_by_one)) and torch.equal(again, batch[:3])
+    assert not torch.equal(batch, expected)  # int8 really ran
+    assert _cosine(batch, expected) > 0.999
+    assert captions.shape[0] == 4 and (captions[:, 1:] != reference.config.pad_token_id).any()
+
+
+def test_a_lora_adapter_on_the_encoder_is_merged_before_compiling(tmp_path, saved_captioner, tiny_processor):
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_vitgpt2.inference.loading import BASE_MODEL_FOLDER, load_for_inference
+
+    torch.manual_seed(0)
+    adapter = tmp_path / "adapter"
+    peft_model = get_peft_model(load_for_inference(saved_captioner), LoraConfig(
+        r=4, target_modules=["qkv", "c_attn"], init_lora_weights=False, fan_in_fan_out=False))
+    peft_model.save_pretrained(adapter)
+    (adapter / BASE_MODEL_FOLDER).symlink_to(saved_captioner, target_is_directory=True)
+
+    merged = load_for_inference(adapter).merge_and_unload()
+    base = load_for_inference(saved_captioner)
+    compiled = load_for_inference(adapter, quantize="int8-compiled")
+    pixel_values = _pixels(tiny_processor, base, 2)
+    with torch.inference_mode():
+        tokens = compiled.get_encoder()(pixel_values=pixel_values).last_hidden_state
+        with_adapter = merged.get_encoder()(pixel_values=pixel_values).last_hidden_state
+        without = base.get_encoder()(pixel_values=pixel_values).last_hidden_state
+    assert (tokens - with_adapter).abs().max() < (tokens - without).abs().max() / 4
+
+
+def test_the_compiled_encoder_refuses_attentions_and_saving(saved_captioner, tiny_processor, tmp_path):
+    from modeling_vitgpt2.inference.loading import load_for_inference
+    from modeling_vitgpt2.utils.errors import UserError
+
+    compiled = load_for_inference(saved_captioner, quantize="int8-compiled")
+    with pytest.raises(UserError, match="--quantize int8"), torch.inference_mode():
+        compiled.get_encoder()(pixel_values=_pixels(tiny_processor, compiled, 1), output_attentions=True)
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        compiled.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_eval_caption_and_the_demo_take_int8_compiled(saved_captioner, tmp_path):
+    pytest.importorskip("gradio")
+    import eval as eval_cli
+
+    from modeling_vitgpt2.applications.demo import load_demo, parse_args
+    from modeling_vitgpt2.inference.compiled_encoder import CompiledInt8VisionTrunk
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(3):
+        random_image(seed, (40, 30)).save(images / f"img{seed}.png")
+    output = tmp_path / "preds.json"
+    assert eval_cli.main(["caption", "--model", str(saved_captioner), "--images", str(images), "--output",
+                          str(output), "--quantize", "int8-compiled", "--max_new_tokens", "6", "--batch_size", "2",
+                          "--num_workers", "0"]) == 0
+    assert sorted(json.loads(output.read_text())) == ["img0", "img1", "img2"]
+
+    demo = load_demo(parse_args(["--model", str(saved_captioner), "--quantize", "int8-compiled"]))
+    assert isinstance(demo.model.encoder.model, CompiledInt8VisionTrunk)
+    demo.warm_up()  # a caption with the cross-attention panels of every layer, from the demo's model thread
+
+
+def test_without_torchao_or_a_compiler_the_message_says_what_to_do(saved_captioner, monkeypatch):
+    from torch._inductor import cpp_builder
+
+    from modeling_vitgpt2.inference.loading import load_for_inference
+    from modeling_vitgpt2.utils.errors import UserError
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "no-such-c++-compiler")
+    with pytest.raises(UserError, match=r"C\+\+ compiler .*apt-get install g\+\+.*--quantize int8"):
+        load_for_inference(saved_captioner, quantize="int8-compiled")
+    monkeypatch.undo()
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization.pt2e.quantize_pt2e", None)  # import fails, as uninstalled
+    with pytest.raises(UserError, match=r"needs torchao: pip install 'modeling-vitgpt2\[int8-compiled\]'"):
+        load_for_inference(saved_captioner, quantize="int8-compiled")
