@@ -6,9 +6,10 @@ images with beam search and a fixed caption length (min = max new tokens), so th
 the same tokens. Each run is split into encoder time (forward hooks on the encoder) and decode time (the rest).
 On the CPU in float32 "ours" runs as `eval.py caption` and the demo run it, with its linear layers prepacked for
 oneDNN (`modeling_vitgpt2.inference.prepacking`); "ours_blas" is the same model without prepacking. It also times our model in
-int8 (`modeling_vitgpt2.inference.quantization`) and, with `--with_bf16`, in bfloat16 loaded as `--dtype bfloat16`
-loads it (`load_for_inference(..., dtype="bfloat16")`), interleaved with the others, their latency for one image, and
-(with `--trained_model`) int8's and bfloat16's CIDEr against float32 on a trained model.
+int8 (`modeling_vitgpt2.inference.quantization`), with `--with_int8_compiled` in int8 with its vision encoder
+compiled (`--quantize int8-compiled`), and with `--with_bf16` in bfloat16 loaded as `--dtype bfloat16` loads it
+(`load_for_inference(..., dtype="bfloat16")`), interleaved with the others, their latency for one image, and (with
+`--trained_model`) each one's CIDEr against float32 on a trained model.
 
     python benchmarks/bench_generate.py --size real --batch_sizes 1 4 \
         --output benchmarks/results/generate_cpu_fp32_real.json
@@ -104,7 +105,15 @@ def generate_flops(size: GenerateSize, images: int, num_beams: int, new_tokens: 
 
 
 # Bytes a weight of each timed model takes; the others hold float32 (or bfloat16 with --dtype bf16).
-WEIGHT_BYTES = {"int8": 1, "bf16": 2}
+WEIGHT_BYTES = {"int8": 1, "int8_compiled": 1, "bf16": 2}
+
+# Our model run other ways than float32, as users load it; each is timed beside float32, its captions compared.
+VARIANT_DESCRIPTIONS = {
+    "int8": "our model with int8 linear layers (--quantize int8)",
+    "int8_compiled": "int8 with the vision encoder compiled for the CPU's int8 kernels (--quantize int8-compiled; "
+                     "its compiling is not timed)",
+    "bf16": "our model loaded in bfloat16 as --dtype bfloat16 loads it",
+}
 
 
 def decode_weight_bytes(size: GenerateSize, bytes_per_weight: int) -> float:
@@ -130,7 +139,8 @@ def latency(models: dict, pixels: torch.Tensor, settings: dict, calls: int, devi
 
 
 # How `eval.py caption` runs each variant: its --quantize and --dtype.
-CAPTION_OPTIONS = {"fp32": {}, "int8": {"quantize": "int8"}, "bf16": {"dtype": "bfloat16"}}
+CAPTION_OPTIONS = {"fp32": {}, "int8": {"quantize": "int8"}, "int8_compiled": {"quantize": "int8-compiled"},
+                   "bf16": {"dtype": "bfloat16"}}
 
 
 def trained_model_quality(model_path: Path, images: int, variants: tuple[str, ...]) -> dict[str, dict]:
@@ -253,12 +263,10 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
     blas = "speedup_blas" in rows[0]
     if blas:
         header += f" {'blas x':>6}"
-    int8 = "int8" in rows[0]
-    if int8:
-        header += f" {'int8 cap/s':>10} {'int8 x':>6} {'int8 %bw':>8} {'int8 same':>9}"
-    bf16 = "bf16" in rows[0]
-    if bf16:
-        header += f" {'bf16 cap/s':>10} {'bf16 x':>6} {'bf16 %bw':>8} {'bf16 same':>9}"
+    variants = [name for name in VARIANT_DESCRIPTIONS if name in rows[0]]
+    columns = {name: [f"{name} {column}" for column in ("cap/s", "x", "%bw", "same")] for name in variants}
+    for name in variants:
+        header += "".join(f" {column:>{max(10, len(column))}}" for column in columns[name])
     print(header)
     for row in rows:
         peer, ours = row["peer"], row["ours"]
@@ -272,12 +280,11 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
         )
         if blas:
             line += f" {row['speedup_blas']:>6.2f}"
-        if int8:
-            line += (f" {row['int8']['captions_per_s']:>10.3f} {row['int8_speedup']:>6.2f} "
-                     f"{100 * row['int8']['decode_fraction_of_bandwidth']:>7.1f}% {row['int8_identical_captions']:>9.2f}")
-        if bf16:
-            line += (f" {row['bf16']['captions_per_s']:>10.3f} {row['bf16_speedup']:>6.2f} "
-                     f"{100 * row['bf16']['decode_fraction_of_bandwidth']:>7.1f}% {row['bf16_identical_captions']:>9.2f}")
+        for name in variants:
+            widths = [max(10, len(column)) for column in columns[name]]
+            line += (f" {row[name]['captions_per_s']:>{widths[0]}.3f} {row[f'{name}_speedup']:>{widths[1]}.2f} "
+                     f"{100 * row[name]['decode_fraction_of_bandwidth']:>{widths[2] - 1}.1f}% "
+                     f"{row[f'{name}_identical_captions']:>{widths[3]}.2f}")
         print(line)
     print(f"%mm: share of the measured {matmul:.1f} GFLOP/s matmul throughput reached (useful FLOPs / time); "
           f"%bw: the decode loop's share of its weight-bandwidth bound (weight bytes per step x steps / "
@@ -285,12 +292,9 @@ def print_table(rows: list[dict], matmul: float, bandwidth: float) -> None:
     if blas:
         print("ours: linear layers prepacked for oneDNN, as eval.py caption and the demo run on a CPU; 'blas x' is "
               "the speedup over the peer of the same model without prepacking")
-    if int8:
-        print("int8: our model with int8 linear layers; 'int8 x' is its speedup over ours in float32, 'int8 same' "
-              "the share of images whose caption equals float32's")
-    if bf16:
-        print("bf16: our model loaded in bfloat16 as --dtype bfloat16 loads it; 'bf16 x' is its speedup over ours in "
-              "float32 (prepacked), 'bf16 same' the share of images whose caption equals float32's")
+    for name in variants:
+        print(f"{name}: {VARIANT_DESCRIPTIONS[name]}; '{name} x' is its speedup over ours in float32 (prepacked), "
+              f"'{name} same' the share of images whose caption equals float32's")
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -306,6 +310,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile one decode loop of each model")
     parser.add_argument("--profile_top", type=int, default=12, help="how many ops --profile lists")
     parser.add_argument("--no_int8", action="store_true", help="skip our model in int8 (CPU float32 runs only)")
+    parser.add_argument("--with_int8_compiled", action="store_true",
+                        help="also time our model with --quantize int8-compiled (needs torchao and a C++ compiler; "
+                             "compiling takes about a minute at real size), and with --trained_model its CIDEr")
     parser.add_argument("--with_bf16", action="store_true",
                         help="also time our model in bfloat16, loaded through load_for_inference(dtype='bfloat16') "
                              "as --dtype bfloat16 loads it (CPU float32 runs only; refused on a CPU without "
@@ -353,6 +360,8 @@ def main() -> None:
     with_int8 = not arguments.no_int8 and on_cpu_in_float32
     if with_int8:
         models["int8"] = quantize_for_cpu(copy.deepcopy(models["ours"]))
+    if arguments.with_int8_compiled and on_cpu_in_float32:
+        models["int8_compiled"] = quantize_for_cpu(copy.deepcopy(models["ours"]), "int8-compiled")
     with_bf16 = arguments.with_bf16 and on_cpu_in_float32
     if with_bf16:
         with tempfile.TemporaryDirectory() as folder:  # the same weights, through the loader users' --dtype takes
@@ -361,6 +370,7 @@ def main() -> None:
     if on_cpu_in_float32:  # as eval.py caption and the demo load it on a CPU
         models["ours_blas"] = copy.deepcopy(models["ours"])
         models["ours"] = prepack_for_cpu(models["ours"])
+    variants = [name for name in VARIANT_DESCRIPTIONS if name in models]
     clocks = {name: EncoderClock(model.get_encoder(), device) for name, model in models.items()}
     print(f"size {arguments.size} ({size.image_tokens} image tokens), {arguments.dtype}, beams {arguments.num_beams}, "
           f"{arguments.new_tokens} new tokens, median of {arguments.repeats} runs after a warm-up\n")
@@ -392,14 +402,10 @@ def main() -> None:
         if on_cpu_in_float32:
             row["speedup_blas"] = timings["peer"]["seconds"] / timings["ours_blas"]["seconds"]
             row["blas_identical"] = torch.equal(tokens["ours_blas"], tokens["peer"])
-        if with_int8:
-            row["int8_speedup"] = timings["ours"]["seconds"] / timings["int8"]["seconds"]
-            row["int8_identical_captions"] = (tokens["int8"] == tokens["ours"]).all(dim=1).float().mean().item()
-            row["int8_token_agreement"] = (tokens["int8"] == tokens["ours"]).float().mean().item()
-        if with_bf16:
-            row["bf16_speedup"] = timings["ours"]["seconds"] / timings["bf16"]["seconds"]
-            row["bf16_identical_captions"] = (tokens["bf16"] == tokens["ours"]).all(dim=1).float().mean().item()
-            row["bf16_token_agreement"] = (tokens["bf16"] == tokens["ours"]).float().mean().item()
+        for name in variants:
+            row[f"{name}_speedup"] = timings["ours"]["seconds"] / timings[name]["seconds"]
+            row[f"{name}_identical_captions"] = (tokens[name] == tokens["ours"]).all(dim=1).float().mean().item()
+            row[f"{name}_token_agreement"] = (tokens[name] == tokens["ours"]).float().mean().item()
         rows.append(row)
         print(f"batch {batch_size} done", file=sys.stderr)
 
@@ -414,14 +420,11 @@ def main() -> None:
         extra["speedup_blas"] = math.exp(statistics.mean(math.log(row["speedup_blas"]) for row in rows))
         print(f"without prepacking (ours_blas): {extra['speedup_blas']:.2f}x; identical tokens at every batch size: "
               f"{all(row['blas_identical'] for row in rows)}")
-    if with_int8:
-        extra["int8_speedup"] = math.exp(statistics.mean(math.log(row["int8_speedup"]) for row in rows))
-        print(f"int8 speedup over ours in float32 (geometric mean): {extra['int8_speedup']:.2f}x")
-    if with_bf16:
-        extra["bf16_speedup"] = math.exp(statistics.mean(math.log(row["bf16_speedup"]) for row in rows))
-        print(f"bf16 speedup over ours in float32 (geometric mean): {extra['bf16_speedup']:.2f}x")
+    for name in variants:
+        extra[f"{name}_speedup"] = math.exp(statistics.mean(math.log(row[f"{name}_speedup"]) for row in rows))
+        print(f"{name} speedup over ours in float32 (geometric mean): {extra[f'{name}_speedup']:.2f}x")
     if arguments.latency_calls > 0:
-        latency_models = {name: models[name] for name in ("ours", "ours_blas", "int8", "bf16") if name in models}
+        latency_models = {name: models[name] for name in ("ours", "ours_blas", *variants)}
         extra["latency_batch_1"] = latency(latency_models, random_images(1), settings, arguments.latency_calls,
                                            device)
         for name, figures in extra["latency_batch_1"].items():
@@ -433,17 +436,17 @@ def main() -> None:
     extra["memory_mb"] = {"batch_size": max(batch_sizes)}
     for name, model in models.items():
         extra["memory_mb"][name] = {
-            "weights": weights_mb(model),
+            # The compiled encoder's weights are constants inside Inductor's generated code, out of reach here.
+            "weights": None if name == "int8_compiled" else weights_mb(model),
             **(peak_resident_mb(lambda: model.generate(pixel_values=pixels, **settings))[0] or {}),
         }
     print(f"memory at batch {max(batch_sizes)}, MB: " + "; ".join(
-        f"{name} weights {figures['weights']:.0f}, growth during a call {figures.get('growth', float('nan')):.0f}"
+        f"{name} weights {figures['weights'] or float('nan'):.0f}, growth during a call {figures.get('growth', float('nan')):.0f}"
         for name, figures in extra["memory_mb"].items() if name != "batch_size")
         + f" (process peak {max(f.get('peak', 0) for k, f in extra['memory_mb'].items() if k != 'batch_size'):.0f})")
     if arguments.trained_model is not None:
-        variants = ("int8",) + (("bf16",) if with_bf16 else ())
         for name, quality in trained_model_quality(arguments.trained_model, arguments.trained_model_images,
-                                                   variants).items():
+                                                   tuple(dict.fromkeys(("int8", *variants)))).items():
             extra[f"trained_model_{name}"] = quality
             print(f"{quality['model']} on {quality['images']} synthetic validation images: CIDEr "
                   f"{quality['cider_fp32']:.4f} float32, {quality[f'cider_{name}']:.4f} {name} "

@@ -55,7 +55,8 @@ def test_demo_batching_benchmark_compares_both_pages_with_every_caption_checked(
 
 
 def test_generate_benchmark_reports_int8_latency_bandwidth_and_memory(tmp_path):
-    """One run with everything the int8 path adds, including CIDEr on a trained model (a tiny one saved here)."""
+    """One run with everything the int8 paths add (eager, and with the encoder compiled), including CIDEr on a
+    trained model (a tiny one saved here)."""
     output = tmp_path / "tmp.json"
     model_dir = tmp_path / "model"
     subprocess.run([sys.executable, "-c", SAVE_TINY_TRAINED_MODEL, str(model_dir)], check=True, timeout=300,
@@ -63,14 +64,16 @@ def test_generate_benchmark_reports_int8_latency_bandwidth_and_memory(tmp_path):
     finished = subprocess.run(
         [sys.executable, str(BENCH_GENERATE), "--size", "tiny", "--batch_sizes", "2", "--repeats", "1",
          "--latency_calls", "2", "--new_tokens", "4", "--trained_model", str(model_dir),
-         "--trained_model_images", "4", "--output", str(output)],
+         "--trained_model_images", "4", "--with_int8_compiled", "--output", str(output)],
         capture_output=True, text=True, timeout=600,  # seconds when idle; generous for a shared CI machine
     )
     assert finished.returncode == 0, finished.stderr
 
     report = json.loads(output.read_text())
     assert report["machine"]["cpu_capability"] and report["memory_read_gbs"] > 0
-    assert report["int8_speedup"] > 0
+    assert report["int8_speedup"] > 0 and report["int8_compiled_speedup"] > 0
+    assert 0 < report["latency_batch_1"]["int8_compiled"]["p50_s"]
+    assert "cider_int8_compiled" in report["trained_model_int8_compiled"]
     row = report["rows"][0]
     assert 0 <= row["int8_identical_captions"] <= 1 and 0 < row["int8_token_agreement"] <= 1
     for model in ("ours", "peer", "int8"):
