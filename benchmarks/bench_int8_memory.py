@@ -1,5 +1,6 @@
-"""Peak resident memory of loading a saved captioner for CPU inference (float32, float32 prepacked, int8), each
-followed by one `generate` call, every configuration in a fresh process.
+"""Peak resident memory of loading a saved captioner for CPU inference (float32, float32 prepacked, int8, int8 with a
+LoRA adapter, int8 with the encoder compiled), each followed by one `generate` call, every configuration in a fresh
+process.
 
 A process's peak resident set size (`ru_maxrss`) only grows, so each configuration runs in its own subprocess: the
 figure is what a user who loads the model this way needs, loading included. The model is built once at the chosen
@@ -40,7 +41,7 @@ SIZES = {
                  bos_token_id=299, eos_token_id=299, pad_token_id=299, decoder_start_token_id=299),
     "real": {},
 }
-CONFIGURATIONS = ("fp32", "fp32_prepacked", "int8", "int8_lora")
+CONFIGURATIONS = ("fp32", "fp32_prepacked", "int8", "int8_lora", "int8_compiled")
 LORA_FOLDER = "lora"  # inside the model folder: a LoRA adapter on it, for the int8 route that merges one first
 
 
@@ -53,6 +54,16 @@ def save_random_model(size: str, folder: Path, seed: int) -> int:
     model = ViTGPT2ForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def save_models(arguments: argparse.Namespace) -> None:
+    """Run in a child process: the random model (and LoRA adapter) the configurations load, unless already saved."""
+    folder = arguments.model_dir
+    if not (folder / "config.json").is_file():
+        parameters = save_random_model(arguments.size, folder, arguments.seed)
+        print(f"saved a random {arguments.size} model ({parameters / 1e6:.0f}M parameters) to {folder}")
+    if "int8_lora" in arguments.configurations and not (folder / LORA_FOLDER).is_dir():
+        save_random_lora(folder, arguments.seed)
 
 
 def save_random_lora(folder: Path, seed: int) -> None:
@@ -90,7 +101,8 @@ def measure(configuration: str, folder: Path, num_beams: int, new_tokens: int) -
     imported = {"resident_mb": _resident_mb(), "peak_mb": _peak_mb()}
     start = time.perf_counter()
     if configuration.startswith("int8"):
-        model = load_for_inference(folder / LORA_FOLDER if configuration == "int8_lora" else folder, quantize="int8")
+        model = load_for_inference(folder / LORA_FOLDER if configuration == "int8_lora" else folder,
+                                   quantize="int8-compiled" if configuration == "int8_compiled" else "int8")
     else:
         model = load_for_inference(folder)
         if configuration == "fp32_prepacked":
@@ -140,6 +152,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     parser.add_argument("--child", choices=CONFIGURATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--save_child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -147,6 +160,9 @@ def main() -> None:
     arguments = parse_arguments()
     if arguments.child:
         print(json.dumps(measure(arguments.child, arguments.model_dir, arguments.num_beams, arguments.new_tokens)))
+        return
+    if arguments.save_child:
+        save_models(arguments)
         return
     command = shlex.join(["python", *sys.argv])
     machine = describe_machine(torch.device("cpu"))
@@ -158,11 +174,10 @@ def main() -> None:
           f"{machine['cpu_capability']}, flags {' '.join(machine['cpu_flags'])}")
     with tempfile.TemporaryDirectory() as temporary:
         folder = arguments.model_dir or Path(temporary)
-        if not (folder / "config.json").is_file():
-            parameters = save_random_model(arguments.size, folder, arguments.seed)
-            print(f"saved a random {arguments.size} model ({parameters / 1e6:.0f}M parameters) to {folder}")
-        if "int8_lora" in arguments.configurations and not (folder / LORA_FOLDER).is_dir():
-            save_random_lora(folder, arguments.seed)
+        # In a process of its own: a child process starts with its parent's peak resident size (ru_maxrss carries
+        # over fork and exec), so a parent that had held the model would set every measurement's floor.
+        subprocess.run([sys.executable, __file__, "--save_child", "--size", arguments.size, "--model_dir", str(folder),
+                        "--seed", str(arguments.seed), "--configurations", *arguments.configurations], check=True)
         weights_mb = sum(path.stat().st_size for path in folder.glob("*.safetensors")) / 2**20
         runs = [(configuration, REPOSITORY) for configuration in arguments.configurations]
         if arguments.compare_with is not None:

@@ -96,6 +96,8 @@ def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int]) -> Co
         prepared(example)  # dynamic quantization observes activations at run time: this only completes the graph
         converted = quantize_pt2e.convert_pt2e(prepared)
         del exported, prepared
+        _forget_cached_modules()
+        _drop_unused_weights(converted)
         # Freezing folds the weights into the graph as constants, which is what lets Inductor prepack them for
         # oneDNN and fuse the quantize/dequantize steps; it then drops the float32 copies the graph module held.
         # Set as global config for the compiling call, not as `torch.compile(options=...)`: Inductor decides whether
@@ -105,6 +107,30 @@ def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int]) -> Co
             compiled(example)
     logger.warning("Compiled the int8 vision encoder in %.0f s", time.perf_counter() - started)
     return CompiledInt8VisionTrunk(compiled, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
+
+
+def _forget_cached_modules() -> None:
+    """Empties the unbounded `lru_cache`s through which PT2E looks up a module's device: they key on the module, so
+    they keep the exported float32 graph module (the whole float32 encoder) alive for as long as the process runs.
+    Only a cache is cleared; a later call fills it again."""
+    from torch.ao.quantization.fx import utils as fx_utils
+    from torchao import utils as torchao_utils
+
+    for cached in (getattr(torchao_utils, "_assert_and_get_unique_device", None),
+                   getattr(fx_utils, "assert_and_get_unique_device", None)):
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+
+
+def _drop_unused_weights(graph_module: torch.fx.GraphModule) -> None:
+    """Deletes the float32 weights the quantized graph no longer reads. Converting replaces each weight the graph
+    read by an int8 constant, but the exported module still holds the float32 original as an attribute; freezing
+    discards only what the graph reads, so these would keep the whole float32 encoder resident."""
+    read = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*graph_module.named_parameters(), *graph_module.named_buffers()]:
+        if name not in read:
+            owner, _, attribute = name.rpartition(".")
+            delattr(graph_module.get_submodule(owner), attribute)
 
 
 class _PT2E:
@@ -124,23 +150,10 @@ class _PT2E:
 
 def _import_pt2e() -> _PT2E:
     try:
-        with _quiet_torchao_import():
-            return _PT2E()
+        return _PT2E()
     except ImportError as error:
         raise UserError("--quantize int8-compiled needs torchao: pip install 'modeling-vitgpt2[int8-compiled]' "
                         f"({error}); or use --quantize int8, which needs nothing more") from error
-
-
-@contextmanager
-def _quiet_torchao_import() -> Iterator[None]:
-    # torchao 0.18 registers an enum with torch's pytree on import, which torch 2.14 logs a deprecation warning for.
-    pytree_logger = logging.getLogger("torch.utils._pytree")
-    level = pytree_logger.level
-    pytree_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        pytree_logger.setLevel(level)
 
 
 @contextmanager

@@ -6,7 +6,9 @@ build, (a) torchao's int8 tensors have no fast CPU kernel in eager mode, so its 
 layers ran slower than float32 here (benchmarks/README.md, "Int8"), and (b) transformers' torchao integration
 quantizes `nn.Linear` only, so GPT-2's `Conv1D` layers (the whole decoder) would stay float32. `quantize_dynamic`
 runs fbgemm/oneDNN int8 kernels in eager mode. It is deprecated in torch 2.14 in favour of torchao, so this module
-is the one place to switch once torchao's CPU path is fast.
+is the one place to switch once torchao's eager CPU path is fast. torchao compiled is fast for the vision encoder,
+whose shapes never change: `quantize="int8-compiled"` takes that route for it (`compiled_encoder.py`); the decoder's
+shapes change at every step of `generate`, and compiling its step was slower than these eager layers.
 
 The vocabulary projection, tied to the input embedding, gets an int8 copy of its own, quantized per output row
 (per-channel): the embedding stays float32, and one scale for all 50257 rows would flatten the rows of rare tokens.
