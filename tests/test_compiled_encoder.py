@@ -104,7 +104,6 @@ def test_the_compiled_encoder_refuses_attentions_and_saving(saved_captioner, tin
 def test_eval_caption_and_the_demo_take_int8_compiled(saved_captioner, tmp_path):
     pytest.importorskip("gradio")
     import eval as eval_cli
-
     from modeling_vitgpt2.applications.demo import load_demo, parse_args
     from modeling_vitgpt2.inference.compiled_encoder import CompiledInt8VisionTrunk
 

@@ -98,9 +98,9 @@ def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int]) -> Co
         del exported, prepared
         _forget_cached_modules()
         _drop_unused_weights(converted)
-        # Freezing folds the weights into the graph as constants, which is what lets Inductor prepack them for
-        # oneDNN and fuse the quantize/dequantize steps; it then drops the float32 copies the graph module held.
-        # Set as global config for the compiling call, not as `torch.compile(options=...)`: Inductor decides whether
+        # Freezing folds the int8 weights into the compiled code as constants, which is what lets Inductor prepack
+        # them for oneDNN and fuse the quantize/dequantize steps; `freezing_discard_parameters` then drops the graph
+        # module's own copies. Set as global config for the compiling call, not as `torch.compile(options=...)`: Inductor decides whether
         # to register its int8 weight-prepacking passes from the global setting, and without them compiling fails.
         compiled = torch.compile(converted, dynamic=False)
         with inductor_config.patch(freezing=True, freezing_discard_parameters=True):
