@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def caption(client: Client, image: Path, settings: dict, timeout: float) -> str:
     return job.result(timeout=timeout)[0]
 
 
-def run_burst(url: str, images: list[Path], callers: int, requests: int, settings: dict, time_limit: float) -> dict:
+def run_burst(url: str, images: list[Path], callers: int, requests: int, settings: dict, time_limit: float,
+              server_log: Path) -> dict:
     """`callers` clients start together; each sends `requests` captions back to back (its own run of images)."""
     clients = [Client(url, verbose=False) for _ in range(callers)]
     start_line = threading.Barrier(callers + 1)
@@ -155,7 +157,10 @@ def run_burst(url: str, images: list[Path], callers: int, requests: int, setting
         thread.join(timeout=max(0.0, time_limit - (time.perf_counter() - started)))
     seconds = time.perf_counter() - started
     if errors or any(thread.is_alive() for thread in threads):
-        sys.exit(f"the burst failed or ran past --time_limit {time_limit} s: {errors[:1] or 'still running'}")
+        # The caller's traceback says which request broke, the server's log why.
+        failure = "".join(traceback.format_exception(errors[0])[-6:]) if errors else "still running\n"
+        sys.exit(f"the burst failed or ran past --time_limit {time_limit} s ({len(errors)} of {callers} callers "
+                 f"failed):\n{failure}server log ({server_log}), last lines:\n{server_log.read_text()[-3000:]}")
     for client in clients:
         client.close()
     done = [answer for caller in answers for answer in caller]
@@ -213,7 +218,7 @@ def main() -> None:
             for repeat in range(arguments.repeats):
                 for name in pages:
                     burst = run_burst(urls[name], images, arguments.callers, arguments.requests, settings,
-                                      arguments.time_limit)
+                                      arguments.time_limit, scratch / f"{name}.log")
                     burst["identical_captions"] = all(alone[image] == text for image, text in burst.pop("captions"))
                     bursts[name].append(burst)
                     print(f"  repeat {repeat + 1} {name:<14} {burst['images_per_s']:6.2f} images/s  p50 "
