@@ -38,6 +38,7 @@ from bench_generate import SIZES
 from common import build_models, describe_machine, write_report
 from torch import nn
 
+from modeling_vitgpt2.inference.compiled_encoder import TokenFeatures
 from modeling_vitgpt2.inference.prepacking import prepack_for_cpu
 from modeling_vitgpt2.inference.quantization import quantize_for_cpu
 from modeling_vitgpt2.utils.cpu_features import has_fast_bfloat16
@@ -53,17 +54,6 @@ RUNTIMES = {
     "openvino": "OpenVINO at its default inference precision for this CPU",
     "openvino_fp32": "OpenVINO with INFERENCE_PRECISION_HINT f32",
 }
-
-
-class TokenFeatures(nn.Module):
-    """The timm ViT's tokens (what our encoder returns) as a module's forward, for the exporters."""
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_features(pixel_values)
 
 
 def ours(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -33,13 +33,13 @@ from torch._inductor import config as inductor_config
 
 from ..utils.errors import UserError
 
-__all__ = ["CompiledInt8VisionTrunk", "compile_int8_vision_trunk"]
+__all__ = ["CompiledInt8VisionTrunk", "TokenFeatures", "compile_int8_vision_trunk"]
 
 logger = logging.getLogger(__name__)
 
 
-class _Features(nn.Module):
-    """The timm ViT's token features as its `forward`, the one method `torch.export` traces."""
+class TokenFeatures(nn.Module):
+    """The timm ViT's token features (what the encoder returns) as its `forward`, the one method exporters trace."""
 
     def __init__(self, vit: nn.Module):
         super().__init__()
@@ -89,7 +89,7 @@ def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int]) -> Co
     started = time.perf_counter()
     logger.warning("Compiling the int8 vision encoder (once per process; a ViT-L takes about a minute)...")
     with torch.no_grad(), _quiet_compiling():
-        exported = torch.export.export(_Features(vit).eval(), (example,)).module()
+        exported = torch.export.export(TokenFeatures(vit).eval(), (example,)).module()
         quantizer = quantize_pt2e.X86InductorQuantizer()
         quantizer.set_global(quantize_pt2e.get_default_x86_inductor_quantization_config(is_dynamic=True))
         prepared = quantize_pt2e.prepare_pt2e(exported, quantizer)
