@@ -164,6 +164,20 @@ def tiny_model(tiny_tokenizer):
     return ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer))).eval()
 
 
+@pytest.fixture(scope="module")
+def saved_captioner(tmp_path_factory, tiny_tokenizer, tiny_processor):
+    """A tiny captioner fitted to write real captions, saved as train.py saves one (the int8 tests load it)."""
+    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer)))
+    fit_tiny_captions(model, tiny_processor, steps=40)
+    folder = tmp_path_factory.mktemp("captioner")
+    model.save_pretrained(folder)
+    tiny_processor.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def real_photos(shared_data) -> list[Path]:
     folder = shared_data / "real_images"

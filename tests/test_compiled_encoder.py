@@ -8,25 +8,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import fit_tiny_captions, random_image, tiny_config_kwargs
+from conftest import random_image
 
 pytest.importorskip("torchao", reason="--quantize int8-compiled needs torchao (the test extra installs it)")
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 DynamicQuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
-
-
-@pytest.fixture(scope="module")
-def saved_captioner(tmp_path_factory, tiny_tokenizer, tiny_processor):
-    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
-
-    torch.manual_seed(0)
-    model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer)))
-    fit_tiny_captions(model, tiny_processor, steps=40)
-    folder = tmp_path_factory.mktemp("captioner")
-    model.save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    return folder
 
 
 def _pixels(processor, model, count: int) -> torch.Tensor:

@@ -9,26 +9,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import fit_tiny_captions, random_image
+from conftest import random_image
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 DynamicQuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
-
-
-@pytest.fixture(scope="module")
-def saved_captioner(tmp_path_factory, tiny_tokenizer, tiny_processor):
-    """A tiny captioner fitted to write real captions, saved as train.py saves one."""
-    from conftest import tiny_config_kwargs
-    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration
-
-    torch.manual_seed(0)
-    model = ViTGPT2ForConditionalGeneration(ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer)))
-    fit_tiny_captions(model, tiny_processor, steps=40)
-    folder = tmp_path_factory.mktemp("captioner")
-    model.save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    return folder
 
 
 def test_int8_replaces_every_linear_layer_and_stays_close_to_float32(saved_captioner, tiny_processor):
