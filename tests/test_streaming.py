@@ -526,6 +526,97 @@ def test_field_names_in_upper_case_and_oversized_captions(tmp_path, monkeypatch)
     assert max(read_sizes) < 1000  # neither the oversized caption nor the video was read
 
 
+def test_linked_members_are_skipped_naming_the_link_and_never_followed(tmp_path):
+    """`tar` over a folder with hard-linked duplicates writes the second copy as a hard link to the first member,
+    which a tar stream cannot go back to: that sample was skipped as "no image: the sample has the fields ['txt']".
+    Now each linked field skips its sample as a "link" naming the member, its target and how to re-pack; a symbolic
+    link pointing outside the shard is never opened (its target's bytes appear in no row), and the regular samples
+    around the links still come through."""
+    import os
+    import tarfile
+
+    from helpers import image_bytes
+
+    secret_image, secret_text = tmp_path / "secret.png", tmp_path / "secret.txt"
+    secret_image.write_bytes(image_bytes("PNG", seed=99))  # a valid image: followed, it would have been trained on
+    secret_text.write_text("TOP-SECRET-CONTENT")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for key in ("a", "c", "t", "z"):
+        (folder / f"{key}.jpg").write_bytes(image_bytes(seed=len(key) + ord(key)))
+    for key in ("a", "b", "c", "s", "f", "z"):
+        (folder / f"{key}.txt").write_text(f"a caption of {key}")
+    os.link(folder / "a.jpg", folder / "b.jpg")  # a duplicate image, hard-linked as `cp -l` or rdfind leave it
+    os.symlink(secret_image, folder / "s.jpg")
+    os.symlink(secret_text, folder / "t.txt")
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as archive:
+        for name in ("a.jpg", "a.txt", "b.jpg", "b.txt", "c.jpg", "c.txt", "s.jpg", "s.txt", "t.jpg", "t.txt"):
+            archive.add(folder / name, arcname=name)  # tarfile writes b.jpg as a hard link to a.jpg, as tar does
+        fifo = tarfile.TarInfo("f.jpg")
+        fifo.type = tarfile.FIFOTYPE
+        archive.addfile(fifo)
+        archive.add(folder / "f.txt", arcname="f.txt")
+        archive.add(folder / "z.jpg", arcname="z.jpg")
+        archive.add(folder / "z.txt", arcname="z.txt")
+    with tarfile.open(shard) as archive:
+        assert [(member.name, member.type) for member in archive if not member.isfile()] == [
+            ("b.jpg", tarfile.LNKTYPE), ("s.jpg", tarfile.SYMTYPE), ("t.txt", tarfile.SYMTYPE),
+            ("f.jpg", tarfile.FIFOTYPE)]
+
+    raw = list(stream_webdataset([str(shard)]))
+    problems = {row["image_name"]: row["problem"] for row in raw if row["problem"]}
+    assert problems == {
+        "b": "link: b.jpg is a hard link to 'a.jpg', and links in a shard are not followed; re-pack the shard with "
+             "the files' contents (GNU tar --hard-dereference, or webdataset's TarWriter)",
+        "s": f"link: s.jpg is a symbolic link to {str(secret_image)!r}, and links in a shard are not followed; "
+             "re-pack the shard with the files' contents (GNU tar --dereference, or webdataset's TarWriter)",
+        "t": f"link: t.txt is a symbolic link to {str(secret_text)!r}, and links in a shard are not followed; "
+             "re-pack the shard with the files' contents (GNU tar --dereference, or webdataset's TarWriter)",
+        "f": "not a file: f.jpg is a FIFO, not a regular file; re-pack the shard with the files' contents",
+    }
+    for row in raw:  # the targets' bytes were never read
+        assert "TOP-SECRET-CONTENT" not in str(row)
+        assert row["image"] is None or row["image"]["bytes"] != secret_image.read_bytes()
+
+    counts = StreamCounts()
+    rows = list(decoded_rows(stream_webdataset([str(shard)]), counts))
+    assert [(row["image_name"], row["caption"]) for row in rows] == [
+        ("a", "a caption of a"), ("c", "a caption of c"), ("z", "a caption of z")]
+    assert counts.used == 3 and counts.reasons == {"link": 3, "not a file": 1}
+    assert counts.by_shard == {str(shard): {"link": 3, "not a file": 1}}
+
+
+def test_an_image_member_over_the_byte_limit_is_skipped_unread(tmp_path, monkeypatch):
+    """An image member is read whole before the pixel limit can look at its header: one of several gigabytes made
+    every process allocate it. Over `MAX_IMAGE_FIELD_BYTES` (made small here) its sample is skipped, counted, and
+    its bytes never read; the samples on either side are used."""
+    import tarfile
+
+    from helpers import image_bytes, write_tar
+    from modeling_vitgpt2.data import streaming
+
+    assert streaming.MAX_IMAGE_FIELD_BYTES == 256 << 20  # 3 bytes x the default pixel limit, rounded up
+    monkeypatch.setattr(streaming, "MAX_IMAGE_FIELD_BYTES", 1000)
+    big = image_bytes(size=128)  # a valid image: read, it would have been used
+    assert len(big) > 1000 > len(image_bytes())
+    write_tar(tmp_path / "00000.tar", [("a.jpg", image_bytes()), ("a.txt", b"before"),
+                                       ("big.JPG", big), ("big.txt", b"a huge image"),
+                                       ("z.jpg", image_bytes(seed=1)), ("z.txt", b"after")])
+    read_sizes = []
+    extractfile = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, member: read_sizes.append(member.size) or extractfile(self, member))
+    raw = list(stream_webdataset([str(tmp_path / "00000.tar")]))
+    assert [row["problem"] for row in raw] == [
+        None, f"image too large: big.JPG has {len(big):,} bytes, more than 1,000 (an uncompressed RGB image at the "
+              "default pixel limit); re-encode it (JPEG, PNG or WebP) or leave it out", None]
+    assert max(read_sizes) < 1000  # the big member was skipped in the stream, not read
+    counts = StreamCounts()
+    rows = list(decoded_rows(stream_webdataset([str(tmp_path / "00000.tar")]), counts))
+    assert [(row["image_name"], row["caption"]) for row in rows] == [("a", "before"), ("z", "after")]
+    assert counts.reasons == {"image too large": 1} and counts.used == 2
+
 def test_a_shard_given_twice_is_part_of_the_stream_a_position_is_taken_in():
     """`a.tar,a.tar` reads `a.tar` twice per pass: a position taken there, resumed on `a.tar` alone, would skip or
     repeat samples, and was accepted (the shard list was compared as a set of names)."""

@@ -9,7 +9,9 @@ key, and the key is the member's path up to the first dot of its file name (`dir
 field `jpg`; `v1.2.jpg` -> key `v1`, field `2.jpg`, which is not an image field). A sample's image is its field
 with any of `IMAGE_EXTENSIONS`, so shards may mix `.jpg`, `.png`, `.webp` ... sample by sample; its caption is the
 `.txt` field, else the `caption` of the `.json` field (field names in any case: `KEY.JPG` with `KEY.TXT`). A `.txt`
-or `.json` over `MAX_TEXT_FIELD_BYTES` is not read, and its sample is skipped.
+or `.json` over `MAX_TEXT_FIELD_BYTES`, or an image over `MAX_IMAGE_FIELD_BYTES`, is not read, and its sample is
+skipped. A field stored as a hard or symbolic link (or as a device or FIFO) is not followed: its sample is skipped
+with the link and its target named (see `_unread_field`).
 
 A bad sample (no image, no or an empty caption, a caption that is not UTF-8, a `.json` that is not a JSON object,
 an image that does not decode) is skipped, and so is a shard that is not a tar file or the rest of a shard that is
@@ -55,6 +57,7 @@ __all__ = [
     "expand_shards",
     "first_captions",
     "materialise",
+    "MAX_IMAGE_FIELD_BYTES",
     "MAX_TEXT_FIELD_BYTES",
     "SHARD_CAPTION_FIELD",
     "SHARD_METADATA_FIELD",
@@ -78,6 +81,14 @@ _IMAGE_FIELDS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}
 # A caption or its metadata larger than this is not a caption: its sample is skipped without reading the member,
 # so that one multi-gigabyte `.txt` cannot take the process's memory.
 MAX_TEXT_FIELD_BYTES = 1 << 20
+# The same guard for an image member, which is otherwise read whole before the decoder's pixel limit can look at its
+# header. 256 MiB is the size of an uncompressed 8-bit RGB image at the default pixel limit (3 bytes x
+# `DEFAULT_MAX_IMAGE_PIXELS` = 89,478,485 pixels, the figure Pillow derived that limit from, rounded up): a JPEG, PNG
+# or WebP of any image the decoder accepts is far smaller, and even an uncompressed RGB BMP or TIFF at the limit fits.
+# Only uncompressed 16-bit or alpha images near the limit are refused, and those are re-encoded at no loss for a model
+# that sees a few hundred pixels a side. It does not follow VITGPT2_MAX_IMAGE_PIXELS: what it bounds is the bytes
+# every process allocates for one member before anything looks at them.
+MAX_IMAGE_FIELD_BYTES = 256 << 20
 _TEXT_FIELDS = (SHARD_CAPTION_FIELD, SHARD_METADATA_FIELD)
 # The columns of a tar stream's rows. A row's `problem` is why it is skipped (None for a good one), counted in
 # `decoded_rows` rather than where it is read, so that it is counted in the process that would have trained it.
@@ -154,13 +165,46 @@ def expand_shards(pattern: str) -> list[str]:
     return files
 
 
-def _caption_row(shard: str, key: str, fields: dict[str, bytes]) -> dict:
+@dataclass(frozen=True)
+class _Unread:
+    """A field whose member was not read, with the reason its sample is skipped."""
+
+    problem: str
+
+
+def _unread_field(member: tarfile.TarInfo, field_name: str) -> _Unread | None:
+    """Why the member of an image or caption field is not to be read, if it is not.
+
+    A link is not followed. A hard link names an earlier member of the shard, whose bytes a tar stream (`r|*`, read
+    once, front to back, which remote shards need) has gone past; keeping every member's bytes in case a later one
+    links to it would hold the whole shard in memory. A symbolic link may name any path, outside the shard too
+    (`/etc/passwd`), and nothing in a shard is to make the reader open a file of this machine. webdataset's own
+    reader drops link members without a word, so the fix is the same for both: shards holding the files' bytes."""
+    if member.islnk() or member.issym():
+        kind, repack = ("a hard link", "--hard-dereference") if member.islnk() else ("a symbolic link", "--dereference")
+        return _Unread(f"link: {member.name} is {kind} to {member.linkname!r}, and links in a shard are not followed; "
+                       f"re-pack the shard with the files' contents (GNU tar {repack}, or webdataset's TarWriter)")
+    if not member.isfile():
+        kind = ("a character device" if member.ischr() else "a block device" if member.isblk() else
+                "a FIFO" if member.isfifo() else f"a member of tar type {member.type!r}")
+        return _Unread(f"not a file: {member.name} is {kind}, not a regular file; re-pack the shard with the "
+                       "files' contents")
+    if field_name in _TEXT_FIELDS and member.size > MAX_TEXT_FIELD_BYTES:
+        return _Unread(f"caption too large: {member.name} has {member.size:,} bytes, more than "
+                       f"{MAX_TEXT_FIELD_BYTES:,}")
+    if field_name in _IMAGE_FIELDS and member.size > MAX_IMAGE_FIELD_BYTES:
+        return _Unread(f"image too large: {member.name} has {member.size:,} bytes, more than {MAX_IMAGE_FIELD_BYTES:,}"
+                       " (an uncompressed RGB image at the default pixel limit); re-encode it (JPEG, PNG or WebP) "
+                       "or leave it out")
+    return None
+
+
+def _caption_row(shard: str, key: str, fields: dict[str, bytes | _Unread]) -> dict:
     """The row of one sample's fields: its image bytes and caption, or the problem that makes it unusable."""
     row = {"image": None, "caption": None, "image_name": key, "shard": shard, "problem": None}
-    oversized = [name for name, value in fields.items() if isinstance(value, int)]
-    if oversized:
-        row["problem"] = (f"caption too large: {key}.{oversized[0]} has {fields[oversized[0]]:,} bytes, more than "
-                          f"{MAX_TEXT_FIELD_BYTES:,}")
+    unread = next((value for value in fields.values() if isinstance(value, _Unread)), None)
+    if unread is not None:
+        row["problem"] = unread.problem
         return row
     image_field = next((name for name in fields if name in _IMAGE_FIELDS), None)
     if image_field is None:
@@ -202,7 +246,9 @@ def _shard_samples(shard: str) -> Iterator[dict]:
     try:
         with fsspec.open(shard, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as archive:
             for member in archive:
-                match = _KEY_AND_FIELD.match(member.name) if member.isfile() else None
+                # Any member but a folder is a field, links included: a sample whose image is a link is then
+                # skipped as such, not as "no image" (see `_unread_field`).
+                match = None if member.isdir() else _KEY_AND_FIELD.match(member.name)
                 if match is None:
                     continue
                 member_key, field_name = match.groups()
@@ -213,11 +259,10 @@ def _shard_samples(shard: str) -> Iterator[dict]:
                     yield _caption_row(shard, key, fields)
                     fields = {}
                 key = member_key
-                # Fields this reader does not use are named but not read.
-                if field_name in _TEXT_FIELDS and member.size > MAX_TEXT_FIELD_BYTES:
-                    fields[field_name] = member.size
-                elif field_name in _IMAGE_FIELDS or field_name in _TEXT_FIELDS:
-                    fields[field_name] = archive.extractfile(member).read()
+                # Fields this reader does not use are named but not read, and neither is a member refused by
+                # `_unread_field`: in stream mode tarfile reads past an unread member in small blocks.
+                if field_name in _IMAGE_FIELDS or field_name in _TEXT_FIELDS:
+                    fields[field_name] = _unread_field(member, field_name) or archive.extractfile(member).read()
                 else:
                     fields[field_name] = b""
     except (tarfile.TarError, OSError, EOFError) as error:
