@@ -408,7 +408,18 @@ class CaptionBatcher:
             if self.closed:
                 return
             self.closed = True
+            # Taken before the sentinel is queued: taking the sentinel too would leave the thread waiting forever.
+            waiting = self._take_waiting()
             self.waiting.put(_CLOSE)  # wakes the thread if it is waiting for requests
+        _refuse(waiting)
+
+    def _take_waiting(self) -> list:
+        taken = []
+        while True:
+            try:
+                taken.append(self.waiting.get_nowait())
+            except queue.Empty:
+                return taken
 
     def _serve(self, run_batch: Callable[[list], list]) -> None:
         while True:
@@ -418,19 +429,11 @@ class CaptionBatcher:
                     batch.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            # `closed` is set before the sentinel is queued and before any request is refused, so once it reads
-            # True every request ever queued is in `batch` or still in the queue: each gets the error, none runs.
+            # Requests taken after `close` began (`close` refuses the rest) get the error too: none runs.
             if self.closed:
                 break
             self._answer(run_batch, batch)
-        while True:
-            try:
-                batch.append(self.waiting.get_nowait())
-            except queue.Empty:
-                break
-        for item in batch:
-            if item is not _CLOSE:
-                item[1].set_exception(_closed_page_error())
+        _refuse(batch + self._take_waiting())
 
     @staticmethod
     def _answer(run_batch: Callable[[list], list], batch: list) -> None:
@@ -452,6 +455,13 @@ class CaptionBatcher:
 
 
 _CLOSE = object()  # queued by `CaptionBatcher.close`: no request, only a wake-up for its thread
+
+
+def _refuse(waiting: list) -> None:
+    """Answers each of a closed `CaptionBatcher`'s waiting requests with the closed page's error."""
+    for item in waiting:
+        if item is not _CLOSE:
+            item[1].set_exception(_closed_page_error())
 
 
 class BatchedDemo:
