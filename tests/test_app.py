@@ -6,6 +6,7 @@ for a moment to the tiny captions (so it writes words) and a tiny CLIP are saved
 users' folders are. The photo is a real one from ../shared/data when present, else a generated scene.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -13,9 +14,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from conftest import REPO, fit_tiny_captions, serving_app, tiny_config_kwargs
 from helpers import huge_png
 
 gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the [test] extra (gradio_client)")
-pytest.importorskip("gradio", reason="the demo page needs the [demo] extra (gradio)")
+gr = pytest.importorskip("gradio", reason="the demo page needs the [demo] extra (gradio)")
 
 from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor  # noqa: E402
 from modeling_vitgpt2.evaluation.attention_maps import attention_overlay, caption_attention_maps  # noqa: E402
@@ -354,19 +357,106 @@ def test_the_captioner_thread_answers_every_caller_whatever_its_batch_function_d
             raise SystemExit(3)
         return [request * 2 for request in requests]
 
-    def answer(request):
-        """The caller's answer or error; a caller left waiting fails the test instead of hanging it."""
-        answers = []
-        caller = threading.Thread(target=lambda: answers.append(_outcome(batcher, request)), daemon=True)
-        caller.start()
-        caller.join(timeout=30)
-        assert answers, "the caller was never answered"
-        return answers[0]
-
     batcher = CaptionBatcher(misbehaving, max_batch_size=4)
-    assert "gave 0 answers to 1 requests" in repr(answer(1))
-    assert "stopped (SystemExit: 3)" in repr(answer(1))
-    assert answer(21) == 42
+    assert "gave 0 answers to 1 requests" in repr(outcome_within(30, batcher, 1))
+    assert "stopped (SystemExit: 3)" in repr(outcome_within(30, batcher, 1))
+    assert outcome_within(30, batcher, 21) == 42
+
+
+def test_closing_the_batcher_lets_the_running_batch_answer_and_refuses_the_rest_at_once():
+    """`close` while a batch runs: that batch still answers its caller, the callers waiting behind it and any that
+    come later get the closed page's error at once (not when the batch ends, and never a wait forever), none of
+    theirs runs, and the thread ends."""
+    from modeling_vitgpt2.applications.demo import CaptionBatcher
+
+    running, release = threading.Event(), threading.Event()
+    batches = []
+
+    def slow(requests):
+        batches.append(list(requests))
+        running.set()
+        release.wait(timeout=60)
+        return [request * 2 for request in requests]
+
+    batcher = CaptionBatcher(slow, max_batch_size=4)
+    outcomes = {}
+
+    def call(request):
+        outcomes[request] = _outcome(batcher, request)
+
+    callers = {request: threading.Thread(target=call, args=(request,), daemon=True) for request in (1, 2, 3)}
+    callers[1].start()
+    assert running.wait(timeout=30), "the first batch never started"
+    callers[2].start()
+    callers[3].start()
+    deadline = time.monotonic() + 30
+    while batcher.waiting.qsize() < 2:
+        assert time.monotonic() < deadline, "the second and third callers never queued"
+        time.sleep(0.01)
+
+    batcher.close()
+    for request in (2, 3):
+        callers[request].join(timeout=30)
+        assert not callers[request].is_alive(), f"caller {request}, queued before the close, was left waiting"
+        assert isinstance(outcomes[request], gr.Error) and "page was closed" in str(outcomes[request])
+    late = outcome_within(30, batcher, 4)
+    assert isinstance(late, gr.Error) and "page was closed" in str(late)
+    assert 1 not in outcomes and batcher.thread.is_alive(), "the close did not wait for the running batch"
+
+    release.set()
+    callers[1].join(timeout=30)
+    assert outcomes.get(1) == 2
+    batcher.thread.join(timeout=30)
+    assert not batcher.thread.is_alive()
+    assert batches == [[1]]
+    batcher.close()  # a second close is harmless
+
+
+def test_closing_the_page_ends_its_captioner_thread_and_lets_go_of_the_model(captioner_dir, photo):
+    """A closed page's caption-batches thread served on, holding the model, for the life of the process: one model
+    per page built (tests, a notebook rebuilding the page). Gradio keeps a closed page referenced (FastAPI's caches
+    hold its routes), so the model must be let go while the page object itself lives on."""
+    from modeling_vitgpt2.applications.demo import Demo, build_page
+    from modeling_vitgpt2.utils.errors import UserError
+
+    url, page, _ = batched_page(captioner_dir, max_batch_size=2)
+    model = weakref.ref(page.captioner.demo.model)
+    thread = page.captioner.batcher.thread
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        assert caption_on_page(client, photo)[0]
+        client.close()
+    finally:
+        page.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the caption-batches thread outlived its page"
+    gc.collect()
+    assert model() is None, "the closed page still holds its model"
+
+    refused = outcome_within(30, page.captioner.caption, {"path": str(photo)}, 1, 12, 1.0, ["all"], "mean")
+    assert isinstance(refused, gr.Error) and "page was closed" in str(refused)
+    with pytest.raises(UserError, match="build a new page"):
+        page.launch(prevent_thread_lock=True, quiet=True)
+
+    # A page that was built but never launched: Gradio's own close does nothing for it, the thread still ends.
+    unlaunched = build_page(Demo(*load_captioner(captioner_dir, device="cpu")), [], title="never launched")
+    model, thread = weakref.ref(unlaunched.captioner.demo.model), unlaunched.captioner.batcher.thread
+    unlaunched.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    gc.collect()
+    assert model() is None
+
+
+def outcome_within(seconds: float, function, *arguments):
+    """`function(*arguments)`'s answer or error, from another thread; a call left waiting fails the test instead of
+    hanging it."""
+    outcomes = []
+    caller = threading.Thread(target=lambda: outcomes.append(_outcome(function, *arguments)), daemon=True)
+    caller.start()
+    caller.join(timeout=seconds)
+    assert outcomes, f"no answer within {seconds} s"
+    return outcomes[0]
 
 
 def _outcome(function, *arguments):

@@ -13,6 +13,8 @@ The model is loaded, and run once on a blank image, before the page is served, s
 for it. There is one model in memory and one thread that runs it: caption requests that arrive while it is busy
 wait, and up to `--max_batch_size` of them are then captioned together, in one `generate` call per group of equal
 settings (a batch of 8 costs far less than 8 batches of 1 on a CPU; `--max_batch_size 1` runs them one at a time).
+Closing the page (`page.close()`, `gradio.close_all()`) ends that thread and lets go of the model, so a notebook or
+test that builds the page again does not keep one model per build.
 Every setting that reaches the server is checked against the page's own bounds, so an API caller gets the page's
 limits and a message, not a crash or a 1,024-beam search.
 """
@@ -48,7 +50,7 @@ from ..evaluation.zero_shot import ENSEMBLE, class_probabilities
 from ..inference.generation import generation_kwargs
 from ..inference.loading import QUANTIZATION_CHOICES
 from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS, ImageLoadError, ImageTooLargeError, load_image
-from ..utils.errors import run_command
+from ..utils.errors import UserError, run_command
 from .hub.space import SPACE_MODEL_FOLDER
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TEMPLATES",
     "Demo",
+    "DemoPage",
     "find_examples",
     "LENGTH_PENALTY_BOUNDS",
     "load_demo",
@@ -361,6 +364,11 @@ class Demo:
             self.caption({"path": str(blank)}, 1, 2, 1.0, [ALL_LAYERS], MEAN_OF_HEADS)
 
 
+def _closed_page_error() -> gr.Error:
+    return gr.Error("The captioner has stopped: this page was closed, and a closed page lets go of its model. "
+                    "Build a new page (build_page) to caption again.")
+
+
 class CaptionBatcher:
     """The one thread that runs the captioner. Callers (Gradio's workers, up to `max_batch_size` at once) check
     and decode their own request, then wait here; whatever is waiting when the thread is free, up to
@@ -369,19 +377,51 @@ class CaptionBatcher:
     This, rather than Gradio's batched events (`batch=True`), because Gradio fails every request of a batch when
     its function raises: one visitor's unreadable upload or out-of-range setting would fail the others' captions
     with that visitor's message. Here each request is checked alone, and each caller gets its own answer or error.
+
+    `close()` ends the thread. Only the thread holds `run_batch` (and through it the model), so once it has ended
+    the batcher holds no model: a closed page's batcher, which Gradio or FastAPI may keep referenced, keeps none.
     """
 
     def __init__(self, run_batch: Callable[[list], list], max_batch_size: int):
-        self.run_batch, self.max_batch_size = run_batch, max_batch_size
+        self.max_batch_size = max_batch_size
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="caption-batches", daemon=True).start()
+        self.closed = False
+        # Held while checking `closed` and while queueing, so that no request is queued after the close sentinel:
+        # one queued behind it would never be answered.
+        self._closing = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, args=(run_batch,), name="caption-batches", daemon=True)
+        self.thread.start()
 
     def __call__(self, request):
         answer: Future = Future()
-        self.waiting.put((request, answer))
+        with self._closing:
+            if self.closed:
+                raise _closed_page_error()
+            self.waiting.put((request, answer))
         return answer.result()
 
-    def _serve(self) -> None:
+    def close(self) -> None:
+        """Ends the thread without waiting for it (`self.thread.join()` waits): the batch it is running finishes
+        and answers its callers; requests still waiting, and any that come later, get an error at once. Closing
+        twice is harmless."""
+        with self._closing:
+            if self.closed:
+                return
+            self.closed = True
+            # Taken before the sentinel is queued: taking the sentinel too would leave the thread waiting forever.
+            waiting = self._take_waiting()
+            self.waiting.put(_CLOSE)  # wakes the thread if it is waiting for requests
+        _refuse(waiting)
+
+    def _take_waiting(self) -> list:
+        taken = []
+        while True:
+            try:
+                taken.append(self.waiting.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def _serve(self, run_batch: Callable[[list], list]) -> None:
         while True:
             batch = [self.waiting.get()]
             while len(batch) < self.max_batch_size:
@@ -389,48 +429,111 @@ class CaptionBatcher:
                     batch.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                results = self.run_batch([request for request, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"the captioner gave {len(results)} answers to {len(batch)} requests")
-            # A bug in the batch's bookkeeping, or anything that would end this thread (then every later caller
-            # would wait forever): every caller of the batch hears of it, and the thread serves on.
-            except BaseException as error:
-                if not isinstance(error, Exception):  # a SystemExit must not end the caller's thread either
-                    error = RuntimeError(f"the captioner stopped ({type(error).__name__}: {error})")
-                results = [error] * len(batch)
-            for (_, answer), result in zip(batch, results):
-                if isinstance(result, Exception):
-                    answer.set_exception(result)
-                else:
-                    answer.set_result(result)
+            # Requests taken after `close` began (`close` refuses the rest) get the error too: none runs.
+            if self.closed:
+                break
+            self._answer(run_batch, batch)
+        _refuse(batch + self._take_waiting())
+
+    @staticmethod
+    def _answer(run_batch: Callable[[list], list], batch: list) -> None:
+        try:
+            results = run_batch([request for request, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the captioner gave {len(results)} answers to {len(batch)} requests")
+        # A bug in the batch's bookkeeping, or anything that would end this thread (then every later caller
+        # would wait forever): every caller of the batch hears of it, and the thread serves on.
+        except BaseException as error:
+            if not isinstance(error, Exception):  # a SystemExit must not end the caller's thread either
+                error = RuntimeError(f"the captioner stopped ({type(error).__name__}: {error})")
+            results = [error] * len(batch)
+        for (_, answer), result in zip(batch, results):
+            if isinstance(result, Exception):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
+
+
+_CLOSE = object()  # queued by `CaptionBatcher.close`: no request, only a wake-up for its thread
+
+
+def _refuse(waiting: list) -> None:
+    """Answers each of a closed `CaptionBatcher`'s waiting requests with the closed page's error."""
+    for item in waiting:
+        if item is not _CLOSE:
+            item[1].set_exception(_closed_page_error())
 
 
 class BatchedDemo:
-    """The page's caption events, answered through a `CaptionBatcher` over `demo`."""
+    """The page's events, answered by `demo` (captions through a `CaptionBatcher`). The page reaches `demo` only
+    through this object, so that `close()` can let go of it: Gradio's Blocks outlives its close (FastAPI's
+    callable caches keep the page's routes, and through them the Blocks, referenced), and a closed page must not
+    keep a model in memory for the life of the process."""
 
     def __init__(self, demo: Demo, max_batch_size: int):
-        self.demo, self.max_batch_size = demo, max_batch_size
+        self.demo: Demo | None = demo
+        self.max_batch_size = max_batch_size
         self.batcher = CaptionBatcher(demo.caption_requests, max_batch_size)
 
+    def close(self) -> None:
+        """Stops the batcher (the batch it is running still answers its callers) and lets go of the demo; every
+        later event gets an error."""
+        self.batcher.close()
+        self.demo = None
+
+    def _open_demo(self) -> Demo:
+        demo = self.demo
+        if demo is None:
+            raise _closed_page_error()
+        return demo
+
     def caption(self, upload, num_beams, max_new_tokens, length_penalty, layers, head):
-        settings = self.demo.check_settings(num_beams, max_new_tokens, length_penalty, layers, head)
-        return self.batcher((self.demo.load_upload(upload), settings))
+        demo = self._open_demo()
+        settings = demo.check_settings(num_beams, max_new_tokens, length_penalty, layers, head)
+        return self.batcher((demo.load_upload(upload), settings))
 
     def refresh(self, upload, *settings):
         if not upload:
             return "", [], [], ""
         return self.caption(upload, *settings)
 
+    def zero_shot(self, upload, class_names: str, templates: str):
+        return self._open_demo().zero_shot(upload, class_names, templates)
+
+
+class DemoPage(gr.Blocks):
+    """The page `build_page` returns: a `gradio.Blocks` whose `close()` (what users, notebooks, tests and
+    `gradio.close_all()` call) also stops its captioner thread and lets go of its model. Gradio has no hook for its
+    close; without this the thread, and the model it holds, outlive the page: one model per page built in the
+    process. A closed page is not launched again (Gradio would allow it): it has no model left to serve."""
+
+    def __init__(self, captioner: BatchedDemo, **blocks_kwargs):
+        super().__init__(**blocks_kwargs)
+        self.captioner = captioner
+
+    def launch(self, *args, **kwargs):
+        if self.captioner.demo is None:
+            raise UserError("this demo page was closed, which let go of its model: build a new page with "
+                            "build_page(demo, examples, title) to serve it again")
+        return super().launch(*args, **kwargs)
+
+    def close(self, verbose: bool = True) -> None:
+        # Gradio's own close returns at once for a page that is not running: the captioner is closed regardless.
+        try:
+            super().close(verbose)
+        finally:
+            self.captioner.close()
+
 
 def build_page(demo: Demo, examples: list[str], title: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
     """The Gradio page. Inputs reach `Demo` unprocessed (`preprocess=False`), so a bad upload becomes this
     project's message on the page instead of a decoding failure inside Gradio. Caption requests are batched
-    (`BatchedDemo`): up to `max_batch_size` of them wait in the captioner's queue at once."""
+    (`BatchedDemo`): up to `max_batch_size` of them wait in the captioner's queue at once. Close the returned
+    `DemoPage` (`close()`) when done with it: that ends the captioner's thread and lets go of `demo`."""
     captioner = BatchedDemo(demo, max_batch_size)
     layer_choices = [ALL_LAYERS] + [str(layer) for layer in demo.layers]
     head_choices = [MEAN_OF_HEADS] + [str(head) for head in range(demo.heads)]
-    with gr.Blocks(title=title) as page:
+    with DemoPage(captioner, title=title) as page:
         gr.Markdown(f"# {title}\nUpload an image: the model captions it, and every word of the caption shows where "
                     "in the image its cross-attention looked while writing it. Click a panel to see it large.")
         with gr.Tab("Caption"):
@@ -480,7 +583,7 @@ def build_page(demo: Demo, examples: list[str], title: str, max_batch_size: int 
                     plot = gr.BarPlot(x="prompt", y="probability", color="template", y_lim=[0, 1],
                                       label="CLIP's probabilities (each template's bars sum to 1)",
                                       x_label_angle=-30, sort=None)
-                classify.click(demo.zero_shot, [zs_image, class_names, templates], plot, preprocess=False,
+                classify.click(captioner.zero_shot, [zs_image, class_names, templates], plot, preprocess=False,
                                api_name="zero_shot")
     return page
 
