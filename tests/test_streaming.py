@@ -4,6 +4,7 @@ accelerate splits them, with bad samples skipped and counted."""
 import contextlib
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -485,6 +486,37 @@ def test_a_stream_is_resumed_only_on_the_stream_it_stopped_in(shapes, pretrained
     assert json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
 
 
+def test_a_stream_named_through_a_symbolic_link_resumes_on_the_same_files_named_directly(shapes, pretrained_parts,
+                                                                                       tmp_path):
+    """A scratch disk linked into the project: the output folder and the shard folder are symbolic links to it. A
+    position saved while the shards were named through the link was refused when the run was resumed with their
+    real path ("4 shard(s) no longer given (...); 4 shard(s) new (...)"), though it indexes the very same files. It
+    resumes, to the losses of the run it was copied from."""
+    from conftest import training_arguments
+    from modeling_vitgpt2.training.run import DataArguments, run_training
+
+    scratch = tmp_path / "scratch"
+    write_shards(scratch / "shards")
+    (scratch / "out").mkdir()
+    (tmp_path / "data").symlink_to(scratch, target_is_directory=True)
+    (tmp_path / "out").symlink_to(scratch / "out", target_is_directory=True)
+
+    def run(output_dir, shards, **training):
+        model_args, _, peft_args, training_args = training_arguments(
+            shapes, pretrained_parts, output_dir, max_steps=4, save_strategy="steps", save_steps=2,
+            save_total_limit=2, per_device_train_batch_size=3, **training)
+        data_args = DataArguments(train_shards=f"{shards}/{{00000..00003}}.tar", val_shards=f"{shards}/00000.tar",
+                                  max_eval_images=1, max_caption_length=24, shuffle_buffer=0)
+        run_training(model_args, data_args, peft_args, training_args)
+
+    run(tmp_path / "whole", tmp_path / "data" / "shards")
+    # What a kill right after checkpoint-2 leaves, in the linked output folder.
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "out" / "checkpoint-2")
+    run(tmp_path / "out", scratch / "shards", resume_from_checkpoint="true")
+    assert step_losses(tmp_path / "out", "checkpoint-4") == step_losses(tmp_path / "whole", "checkpoint-4")
+    assert json.loads((scratch / "out" / "training_summary.json").read_text())["stream"]["counted_from_step"] == 2
+
+
 def test_a_stream_trains_without_a_validation_set_when_it_never_evaluates(shapes, pretrained_parts, tmp_path):
     """--eval_strategy no needs no validation set; and a finished run leaves no lock file in its output folder."""
     from conftest import training_arguments
@@ -631,3 +663,30 @@ def test_a_shard_given_twice_is_part_of_the_stream_a_position_is_taken_in():
     assert stream_change(stream("/d/a.tar", "/d/b.tar"), stream("/d/b.tar", "/d/a.tar")) == \
         "the shards are in another order"
     assert stream_change(stream("/d/a.tar", "/d/a.tar"), stream("/d/a.tar", "/d/a.tar")) is None
+
+
+def test_a_shard_is_the_same_shard_whether_named_through_a_symbolic_link_or_directly():
+    """A position saved with `/project/data/a.tar` (a link into `/scratch`) indexes the file `/scratch/a.tar`: named
+    either way now, it is that shard. Another file is not, even of the same name and size; the same file resized is
+    a changed shard; an older checkpoint's shards (path and size only) are compared by path as before."""
+    from modeling_vitgpt2.training.checkpoints import stream_change
+
+    def stream(*shards):
+        return {"source": "--train_shards", "shards": [list(shard) for shard in shards], "shuffle_buffer": 0,
+                "seed": None, "pipeline": "images"}
+
+    linked, direct = ("/project/data/a.tar", 10, "/scratch/a.tar"), ("/scratch/a.tar", 10, "/scratch/a.tar")
+    linked_b, direct_b = ("/project/data/b.tar", 20, "/scratch/b.tar"), ("/scratch/b.tar", 20, "/scratch/b.tar")
+    assert stream_change(stream(linked, linked_b), stream(direct, direct_b)) is None
+    assert stream_change(stream(direct, direct_b), stream(linked, direct_b)) is None
+    assert stream_change(stream(linked, linked_b), stream(direct_b, direct)) == "the shards are in another order"
+    assert stream_change(stream(linked), stream(("/scratch/a.tar", 12, "/scratch/a.tar"))) == \
+        "1 shard(s) changed size (/scratch/a.tar)"
+    assert stream_change(stream(linked), stream(("/copy/a.tar", 10, "/copy/a.tar"))) == \
+        "1 shard(s) no longer given (/project/data/a.tar); 1 shard(s) new (/copy/a.tar)"
+    assert stream_change(stream(("/project/data/a.tar", 10)), stream(direct)) == \
+        "1 shard(s) no longer given (/project/data/a.tar); 1 shard(s) new (/scratch/a.tar)"
+    assert stream_change(stream(("/project/data/a.tar", 10)), stream(linked)) is None
+    # One file given twice, once through the link: read twice per pass, as the list given now reads it.
+    assert stream_change(stream(linked, direct), stream(direct, direct)) is None
+    assert stream_change(stream(linked, direct), stream(direct)) == "the list names 1 shard(s) counting repeats, was 2"

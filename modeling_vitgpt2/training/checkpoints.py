@@ -140,20 +140,44 @@ def read_stream_position(folder: str | os.PathLike, process_index: int, num_proc
 
 
 
+def _shards_named_as_now(saved: list, current: list) -> list[tuple[str, int | None]]:
+    """The saved shard list as (path, size), with each shard that this run names by another path, when both paths
+    resolve to the same file, under this run's path. A position indexes files, and a symbolic link (a scratch disk
+    linked into the project, say) changes how they are named, not what is read. Only the same resolved file renames
+    a shard: another file under another name stays another shard, whatever its size. A saved path that this run
+    gives too keeps its name even where it now resolves elsewhere, as before: a link moved to the same data moved
+    cannot be told from one moved to other data without reading both (the size still tells most). The shards of
+    older checkpoints, saved as path and size only, keep their names too."""
+    given = {shard[0] for shard in current}
+    named_now: dict[str, str] = {}
+    for shard in current:
+        if len(shard) > 2 and shard[2] is not None:
+            named_now.setdefault(shard[2], shard[0])
+    renamed = []
+    for shard in saved:
+        name = shard[0]
+        if name not in given and len(shard) > 2:
+            name = named_now.get(shard[2], name)
+        renamed.append((name, shard[1]))
+    return renamed
+
+
 def stream_change(saved: dict, current: dict) -> str | None:
     """What differs between the stream a checkpoint's position was taken in (`saved`) and this run's (`current`),
     both as `run.stream_identity` describes them, or None. The position is an index into that stream: applied to
     another shard list it would skip or repeat samples; to another shuffle buffer it does not even load."""
     changes = []
-    old_shards, new_shards = dict(map(tuple, saved.get("shards") or [])), dict(map(tuple, current.get("shards") or []))
+    saved_list = _shards_named_as_now(saved.get("shards") or [], current.get("shards") or [])
+    current_list = [(shard[0], shard[1]) for shard in current.get("shards") or []]
+    old_shards, new_shards = dict(saved_list), dict(current_list)
     removed = [name for name in old_shards if name not in new_shards]
     added = [name for name in new_shards if name not in old_shards]
     resized = [name for name in new_shards if name in old_shards and new_shards[name] != old_shards[name]]
     for what, names in (("no longer given", removed), ("new", added), ("changed size", resized)):
         if names:
             changes.append(f"{len(names)} shard(s) {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-    old_order = [name for name, _ in saved.get("shards") or []]
-    new_order = [name for name, _ in current.get("shards") or []]
+    old_order = [name for name, _ in saved_list]
+    new_order = [name for name, _ in current_list]
     if not (removed or added) and old_order != new_order:
         # A shard given twice (to read it twice per pass) counts: the position is an index into the list as given.
         changes.append("the shards are in another order" if len(old_order) == len(new_order) else

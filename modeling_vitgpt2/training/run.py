@@ -162,12 +162,16 @@ def load_streamed_caption_data(data_args: DataArguments, seed: int, evaluates: b
 
 
 def stream_identity(data_args: DataArguments, seed: int) -> dict:
-    """What a saved stream position is an index into: the shard list (absolute paths and sizes), or the dataset and
-    split, the shuffle buffer and its seed, and whether the stream is of images or of cached features."""
+    """What a saved stream position is an index into: the shard list (each shard's absolute path as given, its size,
+    and the file that path resolves to), or the dataset and split, the shuffle buffer and its seed, and whether the
+    stream is of images or of cached features."""
     from ..data.streaming import expand_shards
 
     if data_args.train_shards:
-        shards = [[name, None] if "://" in name else [os.path.abspath(name), os.path.getsize(name)]
+        # The resolved file lets a resume name the same shards another way (through a symbolic link, or the real path
+        # of a linked folder) without being taken for another stream (`stream_change`).
+        shards = [[name, None, None] if "://" in name else
+                  [os.path.abspath(name), os.path.getsize(name), os.path.realpath(name)]
                   for name in expand_shards(data_args.train_shards)]
         source = "--train_shards"
     else:
