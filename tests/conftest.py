@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -17,6 +18,22 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_encoder_cache(tmp_path_factory) -> Iterator[Path]:
+    """One cache of compiled int8 encoders for the session (`--quantize int8-compiled`), instead of the user's
+    `$HF_HOME`: later loads of the same tiny encoder skip compiling, as a user's second start does."""
+    from modeling_vitgpt2.inference.compiled_encoder import CACHE_ENVIRONMENT_VARIABLE
+
+    folder = tmp_path_factory.mktemp("compiled_encoders")
+    previous = os.environ.get(CACHE_ENVIRONMENT_VARIABLE)
+    os.environ[CACHE_ENVIRONMENT_VARIABLE] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(CACHE_ENVIRONMENT_VARIABLE, None)
+    else:
+        os.environ[CACHE_ENVIRONMENT_VARIABLE] = previous
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from conftest import random_image
 
@@ -37,7 +36,6 @@ def test_the_encoder_compiles_once_and_serves_every_batch_size_close_to_float32(
     assert isinstance(compiled.get_output_embeddings(), DynamicQuantizedLinear)
 
     pixel_values = _pixels(tiny_processor, reference, 4)
-    graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():  # as eval.py caption runs it; the demo's thread runs under no_grad
         batch = compiled.get_encoder()(pixel_values=pixel_values).last_hidden_state
         one_by_one = [compiled.get_encoder()(pixel_values=image[None]).last_hidden_state for image in pixel_values]
@@ -45,8 +43,7 @@ def test_the_encoder_compiles_once_and_serves_every_batch_size_close_to_float32(
         captions = compiled.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=8)
     with torch.no_grad():
         again = compiled.get_encoder()(pixel_values=pixel_values[:3]).last_hidden_state
-    # Compiled for one image at load; batches of 4, 1 and 3, in inference mode or not, reuse that graph.
-    assert counters["stats"]["unique_graphs"] == graphs
+    # Compiled for one image; batches of 4, 1 and 3, in inference mode or not, run it image by image.
     assert torch.equal(batch, torch.cat(one_by_one)) and torch.equal(again, batch[:3])
     assert not torch.equal(batch, expected)  # int8 really ran
     assert _cosine(batch, expected) > 0.999
@@ -109,17 +106,20 @@ def test_eval_caption_and_the_demo_take_int8_compiled(saved_captioner, tmp_path)
     demo.warm_up()  # a caption with the cross-attention panels of every layer, from the demo's model thread
 
 
-def test_without_torchao_or_a_compiler_the_message_says_what_to_do(saved_captioner, monkeypatch):
+def test_without_torchao_or_a_compiler_the_message_says_what_to_do(saved_captioner, monkeypatch, tmp_path):
     from torch._inductor import cpp_builder
 
+    from modeling_vitgpt2.inference.compiled_encoder import CACHE_ENVIRONMENT_VARIABLE
     from modeling_vitgpt2.inference.loading import load_for_inference
     from modeling_vitgpt2.utils.errors import UserError
 
+    monkeypatch.setenv(CACHE_ENVIRONMENT_VARIABLE, str(tmp_path / "empty cache"))  # else a cached package needs neither
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "no-such-c++-compiler")
     with pytest.raises(UserError, match=r"C\+\+ compiler .*apt-get install g\+\+.*--quantize int8"):
         load_for_inference(saved_captioner, quantize="int8-compiled")
     monkeypatch.undo()
 
+    monkeypatch.setenv(CACHE_ENVIRONMENT_VARIABLE, str(tmp_path / "empty cache"))
     monkeypatch.setitem(sys.modules, "torchao.quantization.pt2e.quantize_pt2e", None)  # import fails, as uninstalled
     with pytest.raises(UserError, match=r"needs torchao: pip install 'modeling-vitgpt2\[int8-compiled\]'"):
         load_for_inference(saved_captioner, quantize="int8-compiled")
@@ -141,3 +141,100 @@ def test_compiling_lets_the_float32_encoder_go(saved_captioner):
     model = quantize_for_cpu(model, "int8-compiled")
     gc.collect()
     assert weights and all(weight() is None for weight in weights)
+
+
+def _encoder_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.get_encoder()(pixel_values=pixel_values).last_hidden_state
+
+
+def _packages(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_a_second_load_reads_the_compiled_encoder_from_the_cache_without_compiling(
+        saved_captioner, tiny_processor, tmp_path, monkeypatch, caplog):
+    """What a restarted Space does: the second load of the same weights on the same machine loads the package the
+    first one compiled (no compiler, no float32 encoder layers read), with the same results; a LoRA adapter on the
+    decoder alone shares it, one on the encoder gets its own."""
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_vitgpt2.inference import compiled_encoder, quantization
+    from modeling_vitgpt2.inference.loading import BASE_MODEL_FOLDER, load_for_inference
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(cache))
+    first = load_for_inference(saved_captioner, quantize="int8-compiled")
+    assert len(_packages(cache)) == 1 and _packages(cache)[0].endswith(".pt2")  # no partial file left beside it
+    pixel_values = _pixels(tiny_processor, first, 2)
+
+    read = []
+    real_tensor = quantization._Checkpoint.tensor
+    monkeypatch.setattr(quantization._Checkpoint, "tensor", lambda self, key: read.append(key) or real_tensor(self, key))
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again although the cache holds this encoder")
+
+    monkeypatch.setattr(quantization, "compile_int8_vision_trunk", no_compiling)
+    with caplog.at_level("INFO", logger=compiled_encoder.__name__):
+        second = load_for_inference(saved_captioner, quantize="int8-compiled")
+    assert torch.equal(_encoder_tokens(second, pixel_values), _encoder_tokens(first, pixel_values))
+    assert str(cache) in caplog.text
+    # The encoder's linear layers were read once each, for the digest, and never kept.
+    encoder_linear_keys = [key for key in read if key.startswith("encoder.") and ".blocks." in key]
+    assert encoder_linear_keys and len(encoder_linear_keys) == len(set(encoder_linear_keys))
+
+    def adapter_on(target_modules, name):
+        torch.manual_seed(0)
+        folder = tmp_path / name
+        get_peft_model(load_for_inference(saved_captioner), LoraConfig(
+            r=4, target_modules=target_modules, init_lora_weights=False)).save_pretrained(folder)
+        (folder / BASE_MODEL_FOLDER).symlink_to(saved_captioner, target_is_directory=True)
+        return folder
+
+    load_for_inference(adapter_on(["c_fc"], "decoder adapter"), quantize="int8-compiled")
+    assert len(_packages(cache)) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(cache))
+    load_for_inference(adapter_on(["fc1"], "encoder adapter"), quantize="int8-compiled")
+    assert len(_packages(cache)) == 2
+
+
+def test_an_unreadable_cached_package_is_compiled_again_and_replaced(saved_captioner, tiny_processor, tmp_path,
+                                                                        monkeypatch, caplog):
+    from modeling_vitgpt2.inference import compiled_encoder
+    from modeling_vitgpt2.inference.loading import load_for_inference
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(cache))
+    good = load_for_inference(saved_captioner, quantize="int8-compiled")
+    (package,) = cache.iterdir()
+    package.write_bytes(package.read_bytes()[:1000])  # a copy cut short: a full disk, a killed rsync
+    with caplog.at_level("WARNING", logger=compiled_encoder.__name__):
+        again = load_for_inference(saved_captioner, quantize="int8-compiled")
+    assert f"Cannot load the compiled encoder {package}" in caplog.text and "compiling it again" in caplog.text
+    pixel_values = _pixels(tiny_processor, good, 1)
+    assert torch.equal(_encoder_tokens(again, pixel_values), _encoder_tokens(good, pixel_values))
+    assert _packages(cache) == [package.name] and package.stat().st_size > 1000
+
+
+def test_with_the_cache_off_or_unwritable_nothing_is_kept_and_the_model_still_loads(
+        saved_captioner, tmp_path, monkeypatch, caplog):
+    from modeling_vitgpt2.inference import compiled_encoder
+    from modeling_vitgpt2.inference.compiled_encoder import CompiledInt8VisionTrunk
+    from modeling_vitgpt2.inference.loading import load_for_inference
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf home"))
+    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, "off")
+    assert compiled_encoder.compiled_encoder_cache() is None
+    model = load_for_inference(saved_captioner, quantize="int8-compiled")
+    assert isinstance(model.encoder.model, CompiledInt8VisionTrunk)
+    assert not (tmp_path / "hf home").exists()
+
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(blocked / "cache"))
+    with caplog.at_level("WARNING", logger=compiled_encoder.__name__):
+        model = load_for_inference(saved_captioner, quantize="int8-compiled")
+    assert isinstance(model.encoder.model, CompiledInt8VisionTrunk)
+    assert f"Cannot write to the compiled-encoder cache {blocked / 'cache'}" in caplog.text

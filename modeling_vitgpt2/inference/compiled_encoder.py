@@ -10,8 +10,16 @@ deprecation points (torchao, PyTorch's own quantization library) and its x86 qua
 to fused oneDNN kernels; ONNX Runtime as the encoder's runtime would match it only by exporting and keeping a second
 copy of the encoder on disk, with a dependency users do not otherwise need.
 
-The cost is paid once per process: exporting and compiling the encoder takes tens of seconds and needs a C++
-compiler (Inductor writes C++), and the float32 encoder is resident while it compiles. It is compiled for one image
+The cost is paid once per encoder, not once per process: exporting and compiling takes tens of seconds, needs a C++
+compiler (Inductor writes C++) and holds the float32 encoder while it compiles, so the result is kept. It is compiled
+ahead of time by AOTInductor (`torch._inductor.aoti_compile_and_package`) into a `.pt2` package in
+`compiled_encoder_cache()`, named by a digest of everything the compiled code depends on (the encoder's weights,
+after any adapter is merged, its image size, the torch and torchao versions, the CPU instruction set Inductor
+targets). A later load with the same digest reads the package, an int8 file of about a quarter of the float32
+encoder, in seconds, and never reads the float32 encoder's layers. Under `$HF_HOME` by default, so a Space whose
+`HF_HOME` is on persistent storage compiles once across restarts; `VITGPT2_COMPILED_ENCODER_CACHE` names another
+folder, or `off` to compile into a temporary folder each time. A package is native code that the process runs: keep
+the folder as private as the rest of `$HF_HOME`. It is compiled for one image
 and runs a batch image by image: the encoder is bound by arithmetic, not by reading its weights, so a larger batch
 gains it little, and one compiled shape means no recompiling when the demo's or `eval.py caption`'s batch size
 changes. It returns the encoder's last tokens only: encoder attention weights and hidden states need the eager model
@@ -20,20 +28,38 @@ changes. It returns the encoder's last tokens only: encoder attention weights an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
 from torch import nn
 from torch._inductor import config as inductor_config
 
 from ..utils.errors import UserError
 
-__all__ = ["CompiledInt8VisionTrunk", "TokenFeatures", "compile_int8_vision_trunk"]
+__all__ = [
+    "CACHE_ENVIRONMENT_VARIABLE",
+    "CompiledInt8VisionTrunk",
+    "TokenFeatures",
+    "compile_int8_vision_trunk",
+    "compiled_encoder_cache",
+    "int8_vision_trunk_digest",
+    "load_cached_int8_vision_trunk",
+]
+
+CACHE_ENVIRONMENT_VARIABLE = "VITGPT2_COMPILED_ENCODER_CACHE"
+# Part of every digest: a change to how the encoder is quantized or compiled here must not load packages made before.
+_RECIPE = "pt2e-x86-inductor-dynamic-int8, aoti, one image, v1"
 
 logger = logging.getLogger(__name__)
 
@@ -70,25 +96,70 @@ class CompiledInt8VisionTrunk(nn.Module):
                         "(or without --quantize) for the encoder's attention weights or hidden states")
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # The graph was compiled under `no_grad` with ordinary tensors, and its guards hold it to exactly that:
-        # under `inference_mode`, or given an inference tensor, torch.compile would fall back to the eager graph,
-        # whose float32 weights freezing discarded. So inference mode is left for the call and each image copied.
-        with torch.inference_mode(False), torch.no_grad():
-            return torch.cat([self._compiled(image.clone()) for image in pixel_values.split(1)])
+        with torch.no_grad():
+            return torch.cat([self._compiled(image.contiguous()) for image in pixel_values.split(1)])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.forward_features(pixel_values)
 
 
-def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int]) -> CompiledInt8VisionTrunk:
-    """`vit` (a float32 timm ViT, left unchanged) quantized to int8 and compiled for one image of `image_size`; the
-    compiling happens here, with a log line, so that the first caption does not wait for it."""
+def compiled_encoder_cache() -> Path | None:
+    """The folder of compiled encoders: `$VITGPT2_COMPILED_ENCODER_CACHE`, or `modeling_vitgpt2/compiled_encoders`
+    under `$HF_HOME`; None when that variable is `off` (compile each time, keep nothing)."""
+    chosen = os.environ.get(CACHE_ENVIRONMENT_VARIABLE)
+    if chosen is not None and chosen.strip().lower() in ("off", "0", "false", "none", ""):
+        return None
+    return Path(chosen).expanduser() if chosen else Path(hub_constants.HF_HOME) / "modeling_vitgpt2" / "compiled_encoders"
+
+
+def int8_vision_trunk_digest(named_tensors: Iterable[tuple[str, torch.Tensor]], image_size: tuple[int, int]) -> str:
+    """The name of the compiled package for a timm ViT whose float32 state (`named_tensors`, in `state_dict` order,
+    taken one at a time so that they need not all be resident) is compiled for `image_size` on this machine."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    digest = hashlib.sha256(json.dumps({
+        "recipe": _RECIPE, "image_size": list(image_size), "torch": torch.__version__,
+        "torchao": _import_pt2e().torchao_version, "instruction_set": str(pick_vec_isa()),
+    }, sort_keys=True).encode())
+    for name, tensor in named_tensors:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def load_cached_int8_vision_trunk(digest: str, vit: nn.Module) -> CompiledInt8VisionTrunk | None:
+    """The compiled encoder of `digest` from the cache, standing in for `vit` (of which only the patch embedding
+    need hold weights), or None when the cache has none or it cannot be loaded (then the caller compiles anew and
+    the new package replaces the unreadable one)."""
+    folder = compiled_encoder_cache()
+    package = folder / f"{digest}.pt2" if folder is not None else None
+    if package is None or not package.is_file():
+        return None
+    try:
+        with _quiet_compiling():
+            runner = torch._inductor.aoti_load_package(str(package))
+    except Exception as error:  # a truncated or foreign file; AOTInductor raises RuntimeError or zip errors
+        logger.warning("Cannot load the compiled encoder %s (%s: %s); compiling it again", package,
+                       type(error).__name__, error)
+        return None
+    logger.info("Loaded the compiled int8 vision encoder from %s", package)
+    return CompiledInt8VisionTrunk(runner, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
+
+
+def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int], digest: str | None = None
+                              ) -> CompiledInt8VisionTrunk:
+    """`vit` (a float32 timm ViT, left unchanged) quantized to int8 and compiled for one image of `image_size`, kept
+    in the cache as `digest` (`int8_vision_trunk_digest`, computed here when not given); the compiling happens here,
+    with a log line, so that the first caption does not wait for it."""
     _check_compiler()
     quantize_pt2e = _import_pt2e()
+    if digest is None:
+        digest = int8_vision_trunk_digest(vit.state_dict().items(), image_size)
     example = torch.randn(1, 3, *image_size, generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
-    logger.warning("Compiling the int8 vision encoder (once per process; a ViT-L takes about a minute)...")
-    with torch.no_grad(), _quiet_compiling():
+    logger.warning("Compiling the int8 vision encoder (once for these weights on this machine; a ViT-L takes about a "
+                   "minute)...")
+    with torch.no_grad(), _quiet_compiling(), _package_path(digest) as package:
         exported = torch.export.export(TokenFeatures(vit).eval(), (example,)).module()
         quantizer = quantize_pt2e.X86InductorQuantizer()
         quantizer.set_global(quantize_pt2e.get_default_x86_inductor_quantization_config(is_dynamic=True))
@@ -98,15 +169,43 @@ def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int]) -> Co
         del exported, prepared
         _forget_cached_modules()
         _drop_unused_weights(converted)
+        program = torch.export.export(converted, (example,))
+        del converted
         # Freezing folds the int8 weights into the compiled code as constants, which is what lets Inductor prepack
-        # them for oneDNN and fuse the quantize/dequantize steps; `freezing_discard_parameters` then drops the graph
-        # module's own copies. Set as global config for the compiling call, not as `torch.compile(options=...)`: Inductor decides whether
-        # to register its int8 weight-prepacking passes from the global setting, and without them compiling fails.
-        compiled = torch.compile(converted, dynamic=False)
-        with inductor_config.patch(freezing=True, freezing_discard_parameters=True):
-            compiled(example)
+        # them for oneDNN and fuse the quantize/dequantize steps. Set as global config, not as per-call options:
+        # Inductor decides whether to register its int8 weight-prepacking passes from the global setting.
+        with inductor_config.patch(freezing=True):
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        del program
+        runner = torch._inductor.aoti_load_package(str(package))
     logger.warning("Compiled the int8 vision encoder in %.0f s", time.perf_counter() - started)
-    return CompiledInt8VisionTrunk(compiled, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
+    return CompiledInt8VisionTrunk(runner, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
+
+
+@contextmanager
+def _package_path(digest: str) -> Iterator[Path]:
+    """Where to write the package of `digest`: a private file in the cache folder, moved into place under its final
+    name only once it is complete (a second process compiling the same encoder at the same time writes its own and
+    the last move wins; a crash leaves no half-written package under the final name); a temporary folder when the
+    cache is off or cannot be written."""
+    folder = compiled_encoder_cache()
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(prefix=f".{digest}.", suffix=".pt2", dir=folder)
+            os.close(handle)
+        except OSError as error:
+            logger.warning("Cannot write to the compiled-encoder cache %s (%s); the compiled encoder is not kept. Set "
+                           "%s to a writable folder, or to off", folder, error, CACHE_ENVIRONMENT_VARIABLE)
+        else:
+            try:
+                yield Path(partial)
+                os.replace(partial, folder / f"{digest}.pt2")
+            finally:
+                Path(partial).unlink(missing_ok=True)
+            return
+    with tempfile.TemporaryDirectory() as scratch:
+        yield Path(scratch) / "encoder.pt2"
 
 
 def _forget_cached_modules() -> None:
@@ -137,12 +236,14 @@ class _PT2E:
     """torchao's PT2E entry points, imported on first use: torchao is an optional dependency."""
 
     def __init__(self):
+        import torchao
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer,
             get_default_x86_inductor_quantization_config,
         )
 
+        self.torchao_version = torchao.__version__
         self.prepare_pt2e, self.convert_pt2e = prepare_pt2e, convert_pt2e
         self.X86InductorQuantizer = X86InductorQuantizer
         self.get_default_x86_inductor_quantization_config = get_default_x86_inductor_quantization_config

@@ -42,7 +42,12 @@ from transformers.pytorch_utils import Conv1D
 from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration, ViTGPT2LMHead
 from ..utils.io import read_json
-from .compiled_encoder import CompiledInt8VisionTrunk, compile_int8_vision_trunk
+from .compiled_encoder import (
+    CompiledInt8VisionTrunk,
+    compile_int8_vision_trunk,
+    int8_vision_trunk_digest,
+    load_cached_int8_vision_trunk,
+)
 from .loading import QUANTIZATION_CHOICES
 from .prepacking import float32_cpu_model, refuse_to_save
 
@@ -133,15 +138,32 @@ def quantize_for_cpu(model: nn.Module, quantize: str = "int8") -> nn.Module:
     return model
 
 
-def _compile_encoder(model: nn.Module) -> None:
-    """Replaces the float32 timm ViT inside `model`'s encoder by its compiled int8 form (once)."""
+def _compile_encoder(model: nn.Module, checkpoint: _Checkpoint | None = None) -> None:
+    """Replaces the float32 timm ViT inside `model`'s encoder by its compiled int8 form (once): from the cache of
+    compiled encoders when it holds one for these weights, else compiled now. Weights of the ViT still empty (meta)
+    are read from `checkpoint`: one at a time for the digest, and all of them only if the encoder must be compiled."""
     encoder = model.get_encoder()
-    if isinstance(encoder.model, CompiledInt8VisionTrunk):
+    vit = encoder.model
+    if isinstance(vit, CompiledInt8VisionTrunk):
         return
     if encoder.image_size is None:
         raise ValueError(f"--quantize int8-compiled compiles the encoder for its image size, and "
                          f"{model.config.encoder_name!r} has none (no patch embedding); use --quantize int8")
-    encoder.model = compile_int8_vision_trunk(encoder.model, encoder.image_size)
+    prefix = next(name for name, module in model.named_modules() if module is vit) + "."
+
+    def float32_state() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in vit.state_dict().items():
+            yield name, checkpoint.tensor(prefix + name) if tensor.is_meta else tensor
+
+    digest = int8_vision_trunk_digest(float32_state(), encoder.image_size)
+    if checkpoint is not None:
+        _fill(vit.patch_embed, prefix + "patch_embed.", checkpoint, lambda name: True)
+    compiled = load_cached_int8_vision_trunk(digest, vit)
+    if compiled is None:
+        if checkpoint is not None:
+            _fill(vit, prefix, checkpoint, lambda name: True)
+        compiled = compile_int8_vision_trunk(vit, encoder.image_size, digest)
+    encoder.model = compiled
     _release_freed_memory()
 
 
@@ -203,8 +225,8 @@ def load_quantized(folder: str | os.PathLike, quantize: str = "int8",
         return None
     compile_encoder = quantize == "int8-compiled"
 
-    def keep_float32(name: str) -> bool:  # read in float32 now: for the adapter to merge into, or to compile
-        return changed_by_adapter(name) or (compile_encoder and name.split(".")[0] == "encoder")
+    def keep_float32(name: str) -> bool:  # read in float32 now: for the adapter to merge into
+        return changed_by_adapter(name)
 
     if not (
             (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
@@ -226,7 +248,7 @@ def load_quantized(folder: str | os.PathLike, quantize: str = "int8",
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if compile_encoder:
-        _compile_encoder(model)
+        _compile_encoder(model, checkpoint)
     _quantize_linear_layers(model, checkpoint)
     model.set_output_embeddings(_int8_vocabulary_projection(
         model.get_input_embeddings().weight if tied else checkpoint.tensor("lm_head.weight")))
@@ -255,10 +277,12 @@ def _is_linear_name(model: nn.Module, name: str) -> bool:
 
 
 def _fill(module: nn.Module, prefix: str, checkpoint: _Checkpoint, wanted: Callable[[str], bool]) -> None:
-    """Reads the weights of `module` and of the submodules `wanted` names from `checkpoint`, in float32."""
+    """Reads the still empty (meta) weights of `module` and of the submodules `wanted` names from `checkpoint`, in
+    float32; weights already read (and maybe merged with an adapter) stay."""
     for name, parameter in list(module.named_parameters(recurse=False)):
-        module._parameters[name] = nn.Parameter(checkpoint.tensor(prefix + name),
-                                                requires_grad=parameter.requires_grad)
+        if parameter.is_meta:
+            module._parameters[name] = nn.Parameter(checkpoint.tensor(prefix + name),
+                                                    requires_grad=parameter.requires_grad)
     for name in list(module._buffers):
         if prefix + name in checkpoint.files:
             module._buffers[name] = checkpoint.tensor(prefix + name)
