@@ -33,6 +33,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -42,9 +44,11 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch._inductor import config as inductor_config
 
+from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..utils.errors import UserError
 
 __all__ = [
@@ -146,20 +150,49 @@ def load_cached_int8_vision_trunk(digest: str, vit: nn.Module) -> CompiledInt8Vi
     return CompiledInt8VisionTrunk(runner, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
 
 
-def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int], digest: str | None = None
+def compile_int8_vision_trunk(encoder_config: ViTGPT2Config, vit: nn.Module, digest: str | None = None
                               ) -> CompiledInt8VisionTrunk:
-    """`vit` (a float32 timm ViT, left unchanged) quantized to int8 and compiled for one image of `image_size`, kept
-    in the cache as `digest` (`int8_vision_trunk_digest`, computed here when not given); the compiling happens here,
-    with a log line, so that the first caption does not wait for it."""
+    """`vit` (the float32 timm ViT that `ViTGPT2Encoder` builds from `encoder_config`, left unchanged) quantized to
+    int8 and compiled for one image, kept in the cache as `digest` (`int8_vision_trunk_digest`, computed here when
+    not given); the compiling happens here, with a log line, so that the first caption does not wait for it.
+
+    It runs in a child process, given the ViT's weights in a temporary safetensors file: Inductor keeps its
+    prepacked copies of the int8 weights referenced after an ahead-of-time compile (twice the int8 encoder, which
+    this process would hold for as long as it runs), and a compiler that fails or is killed for memory then ends
+    the child, not the server that asked for it.
+    """
     _check_compiler()
-    quantize_pt2e = _import_pt2e()
+    _import_pt2e()
+    image_size = tuple(vit.patch_embed.img_size)
     if digest is None:
         digest = int8_vision_trunk_digest(vit.state_dict().items(), image_size)
-    example = torch.randn(1, 3, *image_size, generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
     logger.warning("Compiling the int8 vision encoder (once for these weights on this machine; a ViT-L takes about a "
                    "minute)...")
-    with torch.no_grad(), _quiet_compiling(), _package_path(digest) as package:
+    with tempfile.TemporaryDirectory(prefix="vitgpt2-encoder-") as scratch, _package_path(digest) as package:
+        weights, config = Path(scratch) / "vit.safetensors", Path(scratch) / "config.json"
+        save_file({name: tensor.contiguous() for name, tensor in vit.state_dict().items()}, weights)
+        encoder_config.to_json_file(config)
+        # The child imports this package from wherever this process did (a checkout, a wheel, an editable install).
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
+        finished = subprocess.run([sys.executable, "-m", __name__, str(config), str(weights), str(package)],
+                                  env=environment, capture_output=True, text=True, check=False)
+        if finished.returncode != 0:
+            reason = finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else (
+                f"exit status {finished.returncode}")
+            raise RuntimeError(f"compiling the int8 vision encoder failed ({reason}); use --quantize int8, which "
+                               f"does not compile. The compiler's output:\n{finished.stderr[-4000:]}")
+        with _quiet_compiling():
+            runner = torch._inductor.aoti_load_package(str(package))
+    logger.warning("Compiled the int8 vision encoder in %.0f s", time.perf_counter() - started)
+    return CompiledInt8VisionTrunk(runner, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
+
+
+def _compile_package(vit: nn.Module, package: Path) -> None:
+    """Writes `vit` quantized to int8 and compiled for one image as the AOTInductor package `package`."""
+    quantize_pt2e = _import_pt2e()
+    example = torch.randn(1, 3, *vit.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), _quiet_compiling():
         exported = torch.export.export(TokenFeatures(vit).eval(), (example,)).module()
         quantizer = quantize_pt2e.X86InductorQuantizer()
         quantizer.set_global(quantize_pt2e.get_default_x86_inductor_quantization_config(is_dynamic=True))
@@ -176,10 +209,15 @@ def compile_int8_vision_trunk(vit: nn.Module, image_size: tuple[int, int], diges
         # Inductor decides whether to register its int8 weight-prepacking passes from the global setting.
         with inductor_config.patch(freezing=True):
             torch._inductor.aoti_compile_and_package(program, package_path=str(package))
-        del program
-        runner = torch._inductor.aoti_load_package(str(package))
-    logger.warning("Compiled the int8 vision encoder in %.0f s", time.perf_counter() - started)
-    return CompiledInt8VisionTrunk(runner, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
+
+
+def _compile_in_child(config_file: str, weights_file: str, package: str) -> None:
+    """The child process of `compile_int8_vision_trunk`."""
+    from ..model.modeling_vitgpt2 import ViTGPT2Encoder
+
+    vit = ViTGPT2Encoder(ViTGPT2Config.from_json_file(config_file)).model
+    vit.load_state_dict(load_file(weights_file))
+    _compile_package(vit.eval(), Path(package))
 
 
 @contextmanager
@@ -284,3 +322,7 @@ def _check_compiler() -> None:
     if compiler is None or shutil.which(compiler) is None:
         raise UserError(f"--quantize int8-compiled compiles the encoder with a C++ compiler ({reason}): install "
                         "one (apt-get install g++) or use --quantize int8")
+
+
+if __name__ == "__main__":
+    _compile_in_child(*sys.argv[1:])

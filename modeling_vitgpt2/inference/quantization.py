@@ -162,7 +162,7 @@ def _compile_encoder(model: nn.Module, checkpoint: _Checkpoint | None = None) ->
     if compiled is None:
         if checkpoint is not None:
             _fill(vit, prefix, checkpoint, lambda name: True)
-        compiled = compile_int8_vision_trunk(vit, encoder.image_size, digest)
+        compiled = compile_int8_vision_trunk(model.config, vit, digest)
     encoder.model = compiled
     _release_freed_memory()
 
