@@ -238,3 +238,21 @@ def test_with_the_cache_off_or_unwritable_nothing_is_kept_and_the_model_still_lo
         model = load_for_inference(saved_captioner, quantize="int8-compiled")
     assert isinstance(model.encoder.model, CompiledInt8VisionTrunk)
     assert f"Cannot write to the compiled-encoder cache {blocked / 'cache'}" in caplog.text
+
+
+def test_a_compiler_that_dies_leaves_no_package_and_says_what_to_do(saved_captioner, tmp_path, monkeypatch):
+    """A compiler killed for memory (what a 2-core, 16 GB Space can meet) ends the child process that compiles, not
+    the server that asked: the load fails with a message, and nothing half-written is left to be loaded later."""
+    import subprocess
+
+    from modeling_vitgpt2.inference import compiled_encoder
+    from modeling_vitgpt2.inference.loading import load_for_inference
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(cache))
+    killed = subprocess.CompletedProcess(args=[], returncode=-9, stdout="", stderr="")
+    monkeypatch.setattr(compiled_encoder.subprocess, "run", lambda *args, **kwargs: killed)
+    with pytest.raises(RuntimeError, match=r"compiling the int8 vision encoder failed \(exit status -9\); use "
+                                           r"--quantize int8"):
+        load_for_inference(saved_captioner, quantize="int8-compiled")
+    assert _packages(cache) == []
