@@ -152,8 +152,24 @@ def _packages(folder) -> list[str]:
     return sorted(path.name for path in folder.iterdir())
 
 
+def _cache_holding_the_package_of(saved_captioner, session_cache, folder):
+    """A cache folder of its own holding only the package of `saved_captioner`'s encoder, named by its digest and
+    copied from the session's cache (where it is compiled at most once per test session)."""
+    import shutil
+
+    from modeling_vitgpt2.inference.compiled_encoder import int8_vision_trunk_digest
+    from modeling_vitgpt2.inference.loading import load_for_inference
+
+    load_for_inference(saved_captioner, quantize="int8-compiled")
+    encoder = load_for_inference(saved_captioner).get_encoder()
+    name = int8_vision_trunk_digest(encoder.model.state_dict().items(), encoder.image_size) + ".pt2"
+    folder.mkdir()
+    shutil.copy(session_cache / name, folder / name)
+    return folder / name
+
+
 def test_a_second_load_reads_the_compiled_encoder_from_the_cache_without_compiling(
-        saved_captioner, tiny_processor, tmp_path, monkeypatch, caplog):
+        saved_captioner, compiled_encoder_cache, tiny_processor, tmp_path, monkeypatch, caplog):
     """What a restarted Space does: the second load of the same weights on the same machine loads the package the
     first one compiled (no compiler, no float32 encoder layers read), with the same results; a LoRA adapter on the
     decoder alone shares it, one on the encoder gets its own."""
@@ -162,10 +178,9 @@ def test_a_second_load_reads_the_compiled_encoder_from_the_cache_without_compili
     from modeling_vitgpt2.inference import compiled_encoder, quantization
     from modeling_vitgpt2.inference.loading import BASE_MODEL_FOLDER, load_for_inference
 
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(cache))
     first = load_for_inference(saved_captioner, quantize="int8-compiled")
-    assert len(_packages(cache)) == 1 and _packages(cache)[0].endswith(".pt2")  # no partial file left beside it
+    cache = _cache_holding_the_package_of(saved_captioner, compiled_encoder_cache, tmp_path / "cache").parent
+    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(cache))
     pixel_values = _pixels(tiny_processor, first, 2)
 
     read = []
@@ -200,22 +215,22 @@ def test_a_second_load_reads_the_compiled_encoder_from_the_cache_without_compili
     assert len(_packages(cache)) == 2
 
 
-def test_an_unreadable_cached_package_is_compiled_again_and_replaced(saved_captioner, tiny_processor, tmp_path,
-                                                                        monkeypatch, caplog):
+def test_an_unreadable_cached_package_is_compiled_again_and_replaced(
+        saved_captioner, compiled_encoder_cache, tiny_processor, tmp_path, monkeypatch, caplog):
     from modeling_vitgpt2.inference import compiled_encoder
     from modeling_vitgpt2.inference.loading import load_for_inference
 
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(cache))
     good = load_for_inference(saved_captioner, quantize="int8-compiled")
-    (package,) = cache.iterdir()
+    package = _cache_holding_the_package_of(saved_captioner, compiled_encoder_cache, tmp_path / "cache")
+    cache = package.parent
+    monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(cache))
     package.write_bytes(package.read_bytes()[:1000])  # a copy cut short: a full disk, a killed rsync
     with caplog.at_level("WARNING", logger=compiled_encoder.__name__):
         again = load_for_inference(saved_captioner, quantize="int8-compiled")
     assert f"Cannot load the compiled encoder {package}" in caplog.text and "compiling it again" in caplog.text
     pixel_values = _pixels(tiny_processor, good, 1)
     assert torch.equal(_encoder_tokens(again, pixel_values), _encoder_tokens(good, pixel_values))
-    assert _packages(cache) == [package.name] and package.stat().st_size > 1000
+    assert _packages(cache) == [package.name] and package.stat().st_size > 1000  # and no partial file beside it
 
 
 def test_with_the_cache_off_or_unwritable_nothing_is_kept_and_the_model_still_loads(
@@ -231,13 +246,17 @@ def test_with_the_cache_off_or_unwritable_nothing_is_kept_and_the_model_still_lo
     assert isinstance(model.encoder.model, CompiledInt8VisionTrunk)
     assert not (tmp_path / "hf home").exists()
 
+    # A cache that cannot be written (here a file stands where its folder would be): the package is written to a
+    # temporary folder instead, as with the cache off, and the log says how to keep it.
     blocked = tmp_path / "a file, not a folder"
     blocked.write_text("")
     monkeypatch.setenv(compiled_encoder.CACHE_ENVIRONMENT_VARIABLE, str(blocked / "cache"))
-    with caplog.at_level("WARNING", logger=compiled_encoder.__name__):
-        model = load_for_inference(saved_captioner, quantize="int8-compiled")
-    assert isinstance(model.encoder.model, CompiledInt8VisionTrunk)
+    with caplog.at_level("WARNING", logger=compiled_encoder.__name__), \
+            compiled_encoder._package_path("0" * 64) as package:
+        assert not package.is_relative_to(blocked) and package.parent.is_dir()
+    assert not package.parent.exists()
     assert f"Cannot write to the compiled-encoder cache {blocked / 'cache'}" in caplog.text
+    assert compiled_encoder.CACHE_ENVIRONMENT_VARIABLE in caplog.text
 
 
 def test_a_compiler_that_dies_leaves_no_package_and_says_what_to_do(saved_captioner, tmp_path, monkeypatch):
