@@ -3,9 +3,9 @@
 # fresh virtual environment WITHOUT tests/constraints.txt (torch from the same local package cache as the tests),
 # print the releases that resolved, and run the package's own fast checks from a folder outside the checkout, so
 # that nothing can come from the source tree: through the `vitgpt2` console command, a few training steps,
-# `eval caption` and `score`, the Hub model card and the built-in study's first variant (its config read from the
-# installed package data); then a load through AutoModelForImageTextToText with remote code and a short beam-search
-# `generate`. The
+# `eval caption` (also `--quantize int8-compiled`, with its extra) and `score`, the Hub model card and the built-in
+# study's first variant (its config read from the installed package data); then a load through
+# AutoModelForImageTextToText with remote code and a short beam-search `generate`. The
 # vendored transformers/peft suites are not run here: they are one exact release's files (tests/constraints.txt
 # pins it for the main suite). When a new release breaks the package, the check fails naming the releases that
 # differ from the pinned ones; fix the code, or cap the range in pyproject.toml and say why there.
@@ -48,6 +48,16 @@ grep -q -- "--max_new_tokens" help.txt
   --synthetic_val_images 4 --disable_tqdm true
 "$vitgpt2" eval caption --model run --images shapes/val --output predictions.json --max_new_tokens 8
 "$py" -c 'import json; p = json.load(open("predictions.json")); assert len(p) == 4, p'
+step "--quantize int8-compiled with the wheel's int8-compiled extra: compiled in a child process that imports the installed package, then loaded from the cache"
+"$work/venv/bin/pip" install --quiet "${wheel}[int8-compiled]"
+step "torchao resolved: $("$py" -c 'import torchao; print(torchao.__version__)')"
+export VITGPT2_COMPILED_ENCODER_CACHE="$work/compiled"
+for attempt in compile cached; do
+  "$vitgpt2" eval caption --model run --images shapes/val --output "predictions_$attempt.json" --max_new_tokens 8 \
+    --quantize int8-compiled
+  "$py" -c "import json; p = json.load(open('predictions_$attempt.json')); assert len(p) == 4, p"
+done
+"$py" -c 'import os, pathlib; packages = list(pathlib.Path(os.environ["VITGPT2_COMPILED_ENCODER_CACHE"]).iterdir()); assert len(packages) == 1 and packages[0].suffix == ".pt2", packages'
 "$vitgpt2" eval score --predictions predictions.json --annotations shapes/val.json --metrics cider bleu \
   --output scores.json
 "$py" -c 'import json; s = json.load(open("scores.json")); assert "cider" in json.dumps(s), s'
@@ -90,4 +100,4 @@ out = model.generate(pixel_values=processor(images=images, return_tensors="pt")[
 assert out.shape[0] == 2, out.shape
 print("beam captions:", processor.batch_decode(out, skip_special_tokens=True))
 PY
-step "passed with the newest releases: vitgpt2 train, eval caption/score, hub card, the study's first variant and remote-code generate"
+step "passed with the newest releases: vitgpt2 train, eval caption/score (also int8-compiled), hub card, the study's first variant and remote-code generate"
