@@ -2,7 +2,8 @@
 batched page (`--max_batch_size N`), in one run, through `gradio_client` on 127.0.0.1.
 
 Both pages serve the same model folder: our model with random weights at `--size` (the shapes of
-bench_generate.py; a made-up vocabulary of the model's size, so that every token decodes), or `--model FOLDER`.
+bench_generate.py; a made-up vocabulary of the model's size, so that every token decodes), or `--model FOLDER`,
+with the same `--quantize` (none, int8 or int8-compiled, as a Space on a CPU would run it).
 First every image is captioned alone, one call at a time: its single-call caption. Then `--callers` threads, each
 its own client, start together and each sends `--requests` captions back to back; every answer must equal its
 image's single-call caption. Reported per page: images/s over the burst, latency p50/p95 per request; and the
@@ -92,14 +93,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(model: Path, max_batch_size: int, log_path: Path, start_seconds: float = 600):
-    """`python app.py --model MODEL --max_batch_size N` on 127.0.0.1; yields its URL once it answers."""
+def serving(model: Path, max_batch_size: int, log_path: Path, quantize: str | None = None,
+            start_seconds: float = 600):
+    """`python app.py --model MODEL --max_batch_size N [--quantize Q]` on 127.0.0.1; yields its URL once it
+    answers."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, str(APP), "--model", str(model), "--max_batch_size", str(max_batch_size),
-             "--server_name", "127.0.0.1", "--server_port", str(port)],
+             "--server_name", "127.0.0.1", "--server_port", str(port),
+             *(["--quantize", quantize] if quantize else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}/"
@@ -181,6 +185,7 @@ def main() -> None:
                         help="random weights at bench_generate.py's shapes (ignored with --model)")
     parser.add_argument("--model", type=Path, help="a model folder to serve instead")
     parser.add_argument("--max_batch_size", type=int, default=8, help="the batched page's --max_batch_size")
+    parser.add_argument("--quantize", choices=["int8", "int8-compiled"], help="both pages' --quantize")
     parser.add_argument("--callers", type=int, default=16, help=f"concurrent clients (at most {MAX_CALLERS})")
     parser.add_argument("--requests", type=int, default=2, help=f"captions per caller (at most {MAX_REQUESTS})")
     parser.add_argument("--images", type=int, default=16, help="different images the callers send")
@@ -208,7 +213,7 @@ def main() -> None:
         images = write_images(scratch, arguments.images, arguments.seed)
         pages = {"one_at_a_time": 1, "batched": arguments.max_batch_size}
         with contextlib.ExitStack() as servers:
-            urls = {name: servers.enter_context(serving(model, size, scratch / f"{name}.log"))
+            urls = {name: servers.enter_context(serving(model, size, scratch / f"{name}.log", arguments.quantize))
                     for name, size in pages.items()}
             # Single-call captions: one request at a time, so each is a batch of one.
             single_client = Client(urls["one_at_a_time"], verbose=False)
@@ -219,11 +224,13 @@ def main() -> None:
                 for name in pages:
                     burst = run_burst(urls[name], images, arguments.callers, arguments.requests, settings,
                                       arguments.time_limit, scratch / f"{name}.log")
-                    burst["identical_captions"] = all(alone[image] == text for image, text in burst.pop("captions"))
+                    equal = [alone[image] == text for image, text in burst.pop("captions")]
+                    burst["identical_captions"] = all(equal)
+                    burst["captions_equal_to_single_call"] = sum(equal)
                     bursts[name].append(burst)
                     print(f"  repeat {repeat + 1} {name:<14} {burst['images_per_s']:6.2f} images/s  p50 "
                           f"{burst['latency_p50_s']:6.2f} s  p95 {burst['latency_p95_s']:6.2f} s  "
-                          f"captions identical: {burst['identical_captions']}")
+                          f"captions equal to single-call: {sum(equal)} of {len(equal)}")
 
     rows = {}
     for name, size in pages.items():
@@ -247,6 +254,7 @@ def main() -> None:
         "machine": machine,
         "load_average": os.getloadavg()[0],
         "model": str(arguments.model) if arguments.model else f"random weights, --size {arguments.size}",
+        "quantize": arguments.quantize,
         "callers": arguments.callers,
         "requests_per_caller": arguments.requests,
         "settings": {**settings, "length_penalty": 1.0, "layers": "all", "head": "mean"},

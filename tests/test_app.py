@@ -324,6 +324,18 @@ def test_concurrent_callers_are_batched_and_each_gets_its_single_call_caption(ca
         page.close()
 
 
+def test_a_server_batching_int8_requests_is_told_their_captions_depend_on_the_batch():
+    """Dynamic int8 quantizes a layer's activations with one scale per call, so in int8 a request's caption depends
+    on what it is batched with (measured: 5-7 of 16 equal at the real size with random weights); the operator hears
+    it at start, with the setting that avoids it."""
+    from modeling_vitgpt2.applications.demo import batching_notice, parse_args
+
+    notice = batching_notice(parse_args(["--quantize", "int8-compiled"]))
+    assert "one scale per batch" in notice and "--max_batch_size 1" in notice
+    assert batching_notice(parse_args(["--quantize", "int8", "--max_batch_size", "1"])) is None
+    assert batching_notice(parse_args([])) is None  # float32 batches give exactly the single-call captions
+
+
 def test_examples_are_the_image_files_of_a_folder_and_copies_never_collide(tmp_path):
     """A folder named like an image (`old.png/`) is no example (copying it stopped the page from starting); two
     examples with one file name, one through `..`, each get their own copy."""

@@ -156,7 +156,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "app.py") -> argparse.
                              f"{' or '.join(DEFAULT_EXAMPLE_FOLDERS)})")
     parser.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help="caption up to this many waiting requests together, in one generate call per group of "
-                             f"equal settings (default: {DEFAULT_MAX_BATCH_SIZE}; 1: one at a time)")
+                             f"equal settings (default: {DEFAULT_MAX_BATCH_SIZE}; 1: one at a time, which with "
+                             "--quantize keeps each caption independent of other requests)")
     parser.add_argument("--server_name", default=None, help="address to listen on (Gradio's default: 127.0.0.1; "
                                                             "0.0.0.0 serves the local network)")
     parser.add_argument("--server_port", type=int, default=None, help="port (Gradio's default: 7860 or the next free)")
@@ -624,9 +625,21 @@ def private_copies(examples: list[str], folder: Path) -> list[str]:
     return copies
 
 
+def batching_notice(args: argparse.Namespace) -> str | None:
+    """What a server operator should know before batching int8 requests, or None."""
+    if args.quantize is None or args.max_batch_size == 1:
+        return None
+    return (f"[app] note: with --quantize {args.quantize}, int8 activations are quantized with one scale per batch, "
+            "so a request captioned together with others can get a different caption than alone; --max_batch_size 1 "
+            "makes every caption independent of other visitors' requests")
+
+
 def serve(args: argparse.Namespace) -> None:
     examples = find_examples(args.examples)
     demo = load_demo(args)
+    notice = batching_notice(args)
+    if notice:
+        print(notice, flush=True)
     demo.warm_up()
     with tempfile.TemporaryDirectory(prefix="vitgpt2-examples-") as served:
         page = build_page(demo, private_copies(examples, Path(served)),
