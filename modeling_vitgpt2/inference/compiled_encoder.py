@@ -1,6 +1,6 @@
 """The vision encoder in int8 compiled for the CPU (`quantize="int8-compiled"`): torchao's PT2E quantization with the
-x86 quantizer (dynamic int8 activations, int8 weights per output channel), lowered by `torch.compile` with freezing
-to oneDNN's int8 matmuls with their bias and GELU fused in.
+x86 quantizer (dynamic int8 activations, int8 weights per output channel), lowered by Inductor with freezing to
+oneDNN's int8 matmuls with their bias and GELU fused in.
 
 Why this route, among those that run an int8 ViT on a CPU (benchmarks/bench_int8_encoder.py measures them on the same
 weights): the eager int8 layers of `quantization.py` (fbgemm, through the deprecated `quantize_dynamic`) quantize,
