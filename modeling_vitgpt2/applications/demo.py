@@ -22,6 +22,8 @@ limits and a message, not a crash or a 1,024-beam search.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import math
 import queue
 import shutil
@@ -51,6 +53,7 @@ from ..inference.generation import generation_kwargs
 from ..inference.loading import QUANTIZATION_CHOICES
 from ..model.processing_vitgpt2 import IMAGE_EXTENSIONS, ImageLoadError, ImageTooLargeError, load_image
 from ..utils.errors import UserError, run_command
+from ..utils.io import atomic_path
 from .hub.space import SPACE_MODEL_FOLDER
 
 __all__ = [
@@ -195,6 +198,11 @@ class Demo:
         patch = model.encoder.model.patch_embed.patch_size
         # An image smaller than one patch has nothing for the encoder to see: upscaling it would invent the caption.
         self.min_side = max(patch) if isinstance(patch, (tuple, list)) else int(patch)
+        # Panels reach the page as files named by their content, each written whole before it is named (removed with
+        # the Demo). Handed PIL images, Gradio saves each into its cache by rewriting the file of that content in
+        # place, so two visitors captioning the same image at once could have one panel served cut short (h11:
+        # "Too little data for declared Content-Length"); a file it copies into its cache atomically.
+        self.panel_folder = tempfile.TemporaryDirectory(prefix="vitgpt2-panels-")
 
     @property
     def longest_caption(self) -> int:
@@ -303,13 +311,24 @@ class Demo:
         for index, result in enumerate(maps):
             rows = range(index * beams_per_image, (index + 1) * beams_per_image)
             beams = [[rank + 1, texts[row], round(scores[row], 4)] for rank, row in enumerate(rows)]
-            panels = [(attention_overlay(result, word), text) for word, text in enumerate(result.words)]
+            panels = [(self.panel_file(attention_overlay(result, word)), text)
+                      for word, text in enumerate(result.words)]
             note = ""
             if result.caption != beams[0][1]:
                 # The maps need eager attention, whose rounding can, rarely, tip a beam the other way.
                 note = f"The maps follow the caption the model wrote with eager attention: \"{result.caption}\"."
             answers.append((beams[0][1], beams, panels, note))
         return answers
+
+    def panel_file(self, picture: Image.Image) -> str:
+        """`picture` as a PNG file in the Demo's panel folder, named by its content."""
+        encoded = io.BytesIO()
+        picture.save(encoded, format="PNG")
+        path = Path(self.panel_folder.name) / f"{hashlib.sha256(encoded.getvalue()).hexdigest()}.png"
+        if not path.exists():
+            with atomic_path(path) as temporary:
+                temporary.write_bytes(encoded.getvalue())
+        return str(path)
 
     def caption_requests(self, requests: Sequence[tuple[Image.Image, CaptionSettings]]) -> list:
         """Each request's answer, or the exception that stopped it: one `caption_images` call per group of requests
