@@ -50,6 +50,7 @@ from torch._inductor import config as inductor_config
 
 from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..utils.errors import UserError
+from ..utils.io import atomic_path, check_writable
 
 __all__ = [
     "CACHE_ENVIRONMENT_VARIABLE",
@@ -140,21 +141,25 @@ def load_cached_int8_vision_trunk(digest: str, vit: nn.Module) -> CompiledInt8Vi
     if package is None or not package.is_file():
         return None
     try:
-        with _quiet_compiling():
-            runner = torch._inductor.aoti_load_package(str(package))
+        trunk = _trunk_from_package(package, vit)
     except Exception as error:  # a truncated or foreign file; AOTInductor raises RuntimeError or zip errors
         logger.warning("Cannot load the compiled encoder %s (%s: %s); compiling it again", package,
                        type(error).__name__, error)
         return None
     logger.info("Loaded the compiled int8 vision encoder from %s", package)
+    return trunk
+
+
+def _trunk_from_package(package: Path, vit: nn.Module) -> CompiledInt8VisionTrunk:
+    with _quiet_compiling():
+        runner = torch._inductor.aoti_load_package(str(package))
     return CompiledInt8VisionTrunk(runner, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
 
 
-def compile_int8_vision_trunk(encoder_config: ViTGPT2Config, vit: nn.Module, digest: str | None = None
-                              ) -> CompiledInt8VisionTrunk:
+def compile_int8_vision_trunk(encoder_config: ViTGPT2Config, vit: nn.Module, digest: str) -> CompiledInt8VisionTrunk:
     """`vit` (the float32 timm ViT that `ViTGPT2Encoder` builds from `encoder_config`, left unchanged) quantized to
-    int8 and compiled for one image, kept in the cache as `digest` (`int8_vision_trunk_digest`, computed here when
-    not given); the compiling happens here, with a log line, so that the first caption does not wait for it.
+    int8 and compiled for one image, kept in the cache as `digest` (its `int8_vision_trunk_digest`); the compiling
+    happens here, with a log line, so that the first caption does not wait for it.
 
     It runs in a child process, given the ViT's weights in a temporary safetensors file: Inductor keeps its
     prepacked copies of the int8 weights referenced after an ahead-of-time compile (twice the int8 encoder, which
@@ -163,9 +168,6 @@ def compile_int8_vision_trunk(encoder_config: ViTGPT2Config, vit: nn.Module, dig
     """
     _check_compiler()
     _import_pt2e()
-    image_size = tuple(vit.patch_embed.img_size)
-    if digest is None:
-        digest = int8_vision_trunk_digest(vit.state_dict().items(), image_size)
     started = time.perf_counter()
     logger.warning("Compiling the int8 vision encoder (once for these weights on this machine; a ViT-L takes about a "
                    "minute)...")
@@ -182,10 +184,9 @@ def compile_int8_vision_trunk(encoder_config: ViTGPT2Config, vit: nn.Module, dig
                 f"exit status {finished.returncode}")
             raise RuntimeError(f"compiling the int8 vision encoder failed ({reason}); use --quantize int8, which "
                                f"does not compile. The compiler's output:\n{finished.stderr[-4000:]}")
-        with _quiet_compiling():
-            runner = torch._inductor.aoti_load_package(str(package))
+        trunk = _trunk_from_package(package, vit)
     logger.warning("Compiled the int8 vision encoder in %.0f s", time.perf_counter() - started)
-    return CompiledInt8VisionTrunk(runner, vit.patch_embed, vit.num_features, vit.num_prefix_tokens)
+    return trunk
 
 
 def _compile_package(vit: nn.Module, package: Path) -> None:
@@ -222,25 +223,21 @@ def _compile_in_child(config_file: str, weights_file: str, package: str) -> None
 
 @contextmanager
 def _package_path(digest: str) -> Iterator[Path]:
-    """Where to write the package of `digest`: a private file in the cache folder, moved into place under its final
-    name only once it is complete (a second process compiling the same encoder at the same time writes its own and
-    the last move wins; a crash leaves no half-written package under the final name); a temporary folder when the
-    cache is off or cannot be written."""
+    """Where to write the package of `digest`: a temporary file of its own in the cache folder (`atomic_path`), moved
+    into place under its final name only once it is complete (a second process compiling the same encoder at the
+    same time writes its own and the last move wins; a crash leaves no half-written package under the final name); a
+    temporary folder when the cache is off or cannot be written."""
     folder = compiled_encoder_cache()
     if folder is not None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            handle, partial = tempfile.mkstemp(prefix=f".{digest}.", suffix=".pt2", dir=folder)
-            os.close(handle)
+            check_writable(folder / f"{digest}.pt2")
         except OSError as error:
             logger.warning("Cannot write to the compiled-encoder cache %s (%s); the compiled encoder is not kept. Set "
                            "%s to a writable folder, or to off", folder, error, CACHE_ENVIRONMENT_VARIABLE)
         else:
-            try:
-                yield Path(partial)
-                os.replace(partial, folder / f"{digest}.pt2")
-            finally:
-                Path(partial).unlink(missing_ok=True)
+            with atomic_path(folder / f"{digest}.pt2") as partial:
+                yield partial
             return
     with tempfile.TemporaryDirectory() as scratch:
         yield Path(scratch) / "encoder.pt2"
