@@ -6,11 +6,29 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeling_vitgpt2.utils.cpu_features import has_fast_bfloat16
 
 BENCH_GENERATE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
 BENCH_DEMO_BATCHING = BENCH_GENERATE.with_name("bench_demo_batching.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_saved_model(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny model saved with its processor, as training saves one: the benchmarks' --trained_model."""
+    from conftest import tiny_config_kwargs
+    from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
+
+    folder = tmp_path_factory.mktemp("trained_model")
+    torch.manual_seed(0)
+    config = ViTGPT2Config(**tiny_config_kwargs(tiny_tokenizer, encoder_kwargs=dict(
+        img_size=64, patch_size=16, embed_dim=48, depth=1, num_heads=2)))
+    model = ViTGPT2ForConditionalGeneration(config)
+    model.generation_config.max_new_tokens = 6
+    model.save_pretrained(folder)
+    ViTGPT2Processor.from_timm_model(model.encoder.model, tiny_tokenizer).save_pretrained(folder)
+    return folder
 
 
 def test_generate_benchmark_reports_identical_captions(tmp_path):
@@ -54,16 +72,13 @@ def test_demo_batching_benchmark_compares_both_pages_with_every_caption_checked(
         assert page["images_per_s"] > 0 and 0 < page["latency_p50_s"] <= page["latency_p95_s"]
 
 
-def test_generate_benchmark_reports_int8_latency_bandwidth_and_memory(tmp_path):
+def test_generate_benchmark_reports_int8_latency_bandwidth_and_memory(tmp_path, tiny_saved_model):
     """One run with everything the int8 paths add (eager, and with the encoder compiled), including CIDEr on a
     trained model (a tiny one saved here)."""
     output = tmp_path / "tmp.json"
-    model_dir = tmp_path / "model"
-    subprocess.run([sys.executable, "-c", SAVE_TINY_TRAINED_MODEL, str(model_dir)], check=True, timeout=300,
-                   cwd=Path(__file__).parent)
     finished = subprocess.run(
         [sys.executable, str(BENCH_GENERATE), "--size", "tiny", "--batch_sizes", "2", "--repeats", "1",
-         "--latency_calls", "2", "--new_tokens", "4", "--trained_model", str(model_dir),
+         "--latency_calls", "2", "--new_tokens", "4", "--trained_model", str(tiny_saved_model),
          "--trained_model_images", "4", "--with_int8_compiled", "--output", str(output)],
         capture_output=True, text=True, timeout=600,  # seconds when idle; generous for a shared CI machine
     )
@@ -89,16 +104,13 @@ def test_generate_benchmark_reports_int8_latency_bandwidth_and_memory(tmp_path):
 
 
 @pytest.mark.skipif(not has_fast_bfloat16(), reason="bfloat16 loads are refused on a CPU without avx512_bf16 or AMX")
-def test_generate_benchmark_times_bf16_loaded_as_users_load_it(tmp_path):
+def test_generate_benchmark_times_bf16_loaded_as_users_load_it(tmp_path, tiny_saved_model):
     """--with_bf16 adds our model in bfloat16 (through load_for_inference, as --dtype bfloat16) to the timed models,
     the latency and the memory figures, and its CIDEr against float32 on a trained model."""
     output = tmp_path / "tmp.json"
-    model_dir = tmp_path / "model"
-    subprocess.run([sys.executable, "-c", SAVE_TINY_TRAINED_MODEL, str(model_dir)], check=True, timeout=300,
-                   cwd=Path(__file__).parent)
     finished = subprocess.run(
         [sys.executable, str(BENCH_GENERATE), "--size", "tiny", "--batch_sizes", "2", "--repeats", "1", "--no_int8",
-         "--with_bf16", "--latency_calls", "2", "--new_tokens", "4", "--trained_model", str(model_dir),
+         "--with_bf16", "--latency_calls", "2", "--new_tokens", "4", "--trained_model", str(tiny_saved_model),
          "--trained_model_images", "4", "--output", str(output)],
         capture_output=True, text=True, timeout=600,
     )
@@ -119,23 +131,6 @@ def test_generate_benchmark_times_bf16_loaded_as_users_load_it(tmp_path):
     assert "cider_int8" in report["trained_model_int8"]
 
 
-SAVE_TINY_TRAINED_MODEL = """
-import sys
-import torch
-from conftest import build_tiny_tokenizer, tiny_config_kwargs
-from modeling_vitgpt2 import ViTGPT2Config, ViTGPT2ForConditionalGeneration, ViTGPT2Processor
-import timm
-
-folder = sys.argv[1]
-tokenizer = build_tiny_tokenizer(folder)
-torch.manual_seed(0)
-config = ViTGPT2Config(**tiny_config_kwargs(tokenizer, encoder_kwargs=dict(img_size=64, patch_size=16, embed_dim=48,
-                                                                            depth=1, num_heads=2)))
-model = ViTGPT2ForConditionalGeneration(config)
-model.generation_config.max_new_tokens = 6
-model.save_pretrained(folder)
-ViTGPT2Processor.from_timm_model(model.encoder.model, tokenizer).save_pretrained(folder)
-"""
 
 
 def test_scaling_on_paper_reproduces_the_training_benchmarks_flops_and_the_cache_arithmetic(tmp_path):
