@@ -222,3 +222,29 @@ def test_a_full_disk_while_checkpointing_names_the_disk_and_counts_no_checkpoint
     assert "bytes needed (4,096 bytes free): free some space there" in message
     assert raised.value.needed_bytes > 0 and isinstance(raised.value, UserError)
     assert last_complete_checkpoint(output_dir) is None  # the cut-short checkpoint does not count
+
+
+def test_rotating_checkpoints_removes_a_linked_checkpoint_s_link_and_keeps_what_it_points_to(tmp_path):
+    """A checkpoint moved to another disk and linked back: rotation deletes the link, never the folder behind it
+    (which a plain `rmtree` would refuse silently, and unlinking its manifest would damage)."""
+    from modeling_vitgpt2.training.checkpoints import (
+        CHECKPOINT_COMPLETE,
+        checkpoint_problem,
+        rotate_complete_checkpoints,
+        write_checkpoint_manifest,
+    )
+
+    output_dir, elsewhere = tmp_path / "run", tmp_path / "other disk"
+    output_dir.mkdir()
+    for step, parent in [(2, elsewhere), (4, output_dir), (6, output_dir)]:
+        folder = parent / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(bytes(step))
+        write_checkpoint_manifest(folder, step, train_loss_sum=1.0)
+    (output_dir / "checkpoint-2").symlink_to(elsewhere / "checkpoint-2", target_is_directory=True)
+
+    rotate_complete_checkpoints(output_dir, newest_step=6, limit=1, best=None)
+
+    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-6"]
+    assert (elsewhere / "checkpoint-2" / CHECKPOINT_COMPLETE).is_file()
+    assert checkpoint_problem(elsewhere / "checkpoint-2") is None

@@ -26,6 +26,7 @@ __all__ = [
     "last_complete_checkpoint",
     "read_checkpoint_manifest",
     "read_stream_position",
+    "remove_checkpoint",
     "stream_change",
     "resolve_resume",
     "rotate_complete_checkpoints",
@@ -118,8 +119,19 @@ def rotate_complete_checkpoints(output_dir: Path, newest_step: int, limit: int |
     for folder in older:
         if folder not in keep:
             logger.info(f"Deleting older checkpoint [{folder}] due to args.save_total_limit")
-            (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_checkpoint(folder)
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Deletes the checkpoint `folder`, its manifest first (a kill halfway leaves it incomplete, not damaged and
+    taken for complete). A symbolic link (a checkpoint moved to another disk and linked back) loses only the link:
+    what it points to was put there by someone, and is theirs to delete."""
+    if folder.is_symlink():
+        logger.info(f"{folder} is a link to {folder.resolve()}: removing the link only, the folder it points to stays")
+        folder.unlink()
+        return
+    (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_stream_position(folder: str | os.PathLike, process_index: int, num_processes: int) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -27,6 +26,7 @@ from .checkpoints import (
     STREAM_POSITION_FOLDER,
     read_checkpoint_manifest,
     read_stream_position,
+    remove_checkpoint,
     rotate_complete_checkpoints,
     stream_change,
     write_checkpoint_manifest,
@@ -187,7 +187,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         if self.args.should_save and folder.exists():
             # Left by a run that stopped while writing it, or damaged and skipped when resuming: start it afresh,
             # so that no stale file (or stale manifest) mixes with the new ones.
-            shutil.rmtree(folder)
+            remove_checkpoint(folder)
         self.accelerator.wait_for_everyone()  # before any process writes its RNG state into the folder
         # The optimizer's file is written by torch.save, which reports a full disk as an internal assertion.
         with naming_a_full_disk(folder, _checkpoint_bytes(model)):
