@@ -11,7 +11,14 @@ import pytest
 from transformers import TrainerCallback
 
 from conftest import REPO, training_arguments
-from helpers import check_one_epoch_read_once, environment, streamed_training_command, write_shards
+from helpers import (
+    check_one_epoch_read_once,
+    environment,
+    image_bytes,
+    streamed_training_command,
+    write_shards,
+    write_tar,
+)
 from modeling_vitgpt2.data.feature_cache import EncoderFeatureCache
 from modeling_vitgpt2.data.streaming import expand_shards
 from modeling_vitgpt2.model.modeling_vitgpt2 import ViTGPT2Encoder
@@ -117,6 +124,34 @@ def test_a_killed_partial_or_changed_shard_is_encoded_again_and_only_it(cache_of
     encoded.count = 0
     changed = cache.build_shards(shards)
     assert encoded.count == 5 and changed[0] != paths[0] and changed[1:] == paths[1:]
+
+
+def test_cached_features_stream_every_row_the_images_do_whatever_the_keys_and_the_folder(cache_of, tmp_path):
+    """Keys starting with `__` (and the `__shard__` row of a shard cut short), a key two consecutive samples share,
+    and a cache folder whose name holds glob characters: the stream of cached features gives the rows and counts of
+    the image stream, not fewer rows, an error, or nothing."""
+    from modeling_vitgpt2.data.feature_cache import stream_feature_shards
+    from modeling_vitgpt2.data.streaming import StreamCounts, decoded_rows, stream_webdataset
+
+    odd_keys = write_tar(tmp_path / "odd-keys.tar", [
+        ("__cat.jpg", image_bytes(seed=1)), ("__cat.txt", b"a cat"),
+        ("k.jpg", image_bytes(seed=2)), ("k.txt", b"a dog"), ("k.jpg", image_bytes(seed=3)), ("k.txt", b"a fox")])
+    whole = write_tar(tmp_path / "whole.tar", [("x1.jpg", image_bytes(seed=4)), ("x1.txt", b"x one"),
+                                                ("x2.jpg", image_bytes(seed=5, size=200)), ("x2.txt", b"x two")])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:3100])  # inside the second sample's image
+    shards = [str(odd_keys), str(cut)]
+
+    image_counts, feature_counts = StreamCounts(), StreamCounts()
+    from_images = [(row["image_name"], row["caption"]) for row in decoded_rows(stream_webdataset(shards), image_counts)]
+    paths = cache_of(tmp_path / "runs" / "vit[lr=1e-4]" / "feature-cache").build_shards(shards)
+    from_features = [(row["image_name"], row["caption"])
+                     for row in stream_feature_shards(paths, feature_counts, shards)]
+
+    assert from_images == [("__cat", "a cat"), ("k", "a dog"), ("k", "a fox"), ("x1", "x one")]
+    assert from_features == from_images
+    assert feature_counts.reasons == image_counts.reasons == {"unreadable shard": 1}
+    assert feature_counts.by_shard == image_counts.by_shard == {str(cut): {"unreadable shard": 1}}
 
 
 def test_a_stream_of_cached_features_resumes_at_its_position(cache_of, tmp_path):

@@ -103,6 +103,7 @@ __all__ = [
     "image_key",
     "page_out_encoder",
     "reclaim_pages",
+    "feature_shard_rows",
     "stream_feature_shards",
     "transform_fingerprint",
     "without_image_decoding",
@@ -119,14 +120,6 @@ LOCK_FILE = "build.lock"
 STORAGE_DTYPE = np.float16
 MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)  # Linux's value; Python builds on older headers lack the name
 SHARDS_FOLDER = "shards"
-# A feature shard's fields per sample. Declared rather than inferred by `datasets`: a bad sample's empty array would
-# otherwise type the column wrongly when it comes first.
-FEATURE_SHARD_FIELDS = datasets.Features({
-    "npy": datasets.List(datasets.List(datasets.Value("float16"))),
-    "json": {"caption": datasets.Value("string"), "skipped": datasets.Value("string")},
-    "__key__": datasets.Value("string"),
-    "__url__": datasets.Value("string"),
-})
 FEATURES_COLUMN = "encoder_features"  # streamed rows carry their features in this column
 
 
@@ -691,16 +684,17 @@ def stream_feature_shards(
     build_shards`) through `datasets`, as `streaming.decoded_rows` streams the image shards: the same rows in the
     same order, and each bad sample skipped and counted in `counts` with the reason the pre-pass recorded, under the
     name of its tar shard in `sources` (in the order of `paths`). `reorder` (a shuffle) sees every row, bad ones
-    included, as the image stream's shuffle does, so that both streams give the same batches."""
-    stream = datasets.load_dataset("webdataset", data_files={"train": [str(path) for path in paths]}, split="train",
-                                   streaming=True, features=FEATURE_SHARD_FIELDS)
-    source_of = dict(zip(map(str, paths), sources or map(str, paths)))
+    included, as the image stream's shuffle does, so that both streams give the same batches.
 
-    def feature_row(sample: dict) -> dict:
-        skipped = sample["json"]["skipped"]
-        return {FEATURES_COLUMN: None if skipped else np.asarray(sample["npy"], dtype=STORAGE_DTYPE),
-                "caption": sample["json"]["caption"], "image_name": sample["__key__"], "skipped": skipped,
-                "shard": source_of.get(sample["__url__"], sample["__url__"])}
+    Read by `feature_shard_rows`, not by `datasets`' webdataset loader: that one skips members whose names start
+    with `__` (a sample keyed `__0001`, and the pre-pass's own `__shard__` row for a shard cut short), refuses a key
+    that two consecutive samples share, and takes its file names as glob patterns (a cache folder under
+    `runs/vit[lr=1e-4]` matched no file); each of these made the stream of cached features differ from the image
+    stream without a word."""
+    sources = list(sources) if sources is not None else [str(path) for path in paths]
+    # One list argument: `datasets` splits it over processes and resumes at a shard, as for the image stream.
+    stream = datasets.IterableDataset.from_generator(
+        feature_shard_rows, gen_kwargs={"shards": [(str(path), source) for path, source in zip(paths, sources)]})
 
     def counted(row: dict) -> dict:
         if row["skipped"]:
@@ -711,9 +705,32 @@ def stream_feature_shards(
 
     # One row at a time, as `streaming.decoded_rows` does, so that a resumed stream restarts at its position; counted
     # after `reorder`, where the image stream decodes.
-    rows = stream.map(feature_row, remove_columns=list(FEATURE_SHARD_FIELDS), features=None)
-    rows = (reorder(rows) if reorder else rows).map(counted, remove_columns=["skipped", "shard"], features=None)
+    rows = (reorder(stream) if reorder else stream).map(counted, remove_columns=["skipped", "shard"], features=None)
     return rows.filter(lambda row: row[FEATURES_COLUMN] is not None)
+
+
+def feature_shard_rows(shards: list[tuple[str, str]]) -> Iterator[dict]:
+    """The rows of feature shards, given as (feature shard, name of the tar shard it was made from), one per sample
+    in order: `{encoder_features, caption, image_name, skipped, shard}`, `encoder_features` None for a bad sample.
+
+    A feature shard holds what `_write_shard` wrote, `KEY.npy` then `KEY.json` for each sample, so a sample is the
+    next two members, whatever its key. A shard that is not in that form was damaged after it was recorded as
+    complete: it raises, naming the file, since its rows cannot be told apart any more."""
+    for path, source in shards:
+        with tarfile.open(path, "r:") as archive:
+            members = iter(archive)
+            for features_member in members:
+                metadata_member = next(members, None)
+                key = features_member.name.removesuffix(".npy")
+                if features_member.name == key or metadata_member is None or metadata_member.name != f"{key}.json":
+                    raise ValueError(
+                        f"the feature shard {path} is damaged: {features_member.name!r} is not followed by "
+                        f"{key + '.json'!r}; delete it (and its .json record), and the next run's pre-pass writes it "
+                        "again")
+                sample = json.loads(archive.extractfile(metadata_member).read())
+                features = np.load(io.BytesIO(archive.extractfile(features_member).read()), allow_pickle=False)
+                yield {FEATURES_COLUMN: None if sample["skipped"] else features, "caption": sample["caption"],
+                       "image_name": key, "skipped": sample["skipped"], "shard": source}
 
 
 # ----------------------------------------------------------------------------------------------------------------
