@@ -690,3 +690,29 @@ def test_a_shard_is_the_same_shard_whether_named_through_a_symbolic_link_or_dire
     # One file given twice, once through the link: read twice per pass, as the list given now reads it.
     assert stream_change(stream(linked, direct), stream(direct, direct)) is None
     assert stream_change(stream(linked, direct), stream(direct)) == "the list names 1 shard(s) counting repeats, was 2"
+
+
+def test_a_shard_cut_at_a_header_or_with_a_damaged_header_is_counted_as_cut_short(tmp_path):
+    """tarfile ends an archive silently at a missing, cut or damaged header past the first; a shard cut at any
+    512-byte boundary (where an interrupted copy stops) or with one bad header must still be counted as cut short,
+    with the samples before it kept, and an intact shard must not be."""
+    import tarfile
+
+    from modeling_vitgpt2.data.streaming import SHARD_PROBLEM_KEY, tar_samples
+
+    write_shards(tmp_path, num_shards=1, per_shard=5)
+    whole = (tmp_path / "00000.tar").read_bytes()
+    with tarfile.open(tmp_path / "00000.tar") as archive:
+        members = archive.getmembers()
+    damaged = bytearray(whole)
+    damaged[members[6].offset + 140] ^= 0x55  # inside the checksummed header of the seventh member
+    shards = {f"cut at byte {cut}": whole[:cut] for cut in range(512, members[-1].offset_data, 512)}
+    shards["cut inside a header"] = whole[:members[4].offset + 100]
+    shards["a damaged header"] = bytes(damaged)
+    for name, payload in shards.items():
+        (tmp_path / "shard.tar").write_bytes(payload)
+        rows = list(tar_samples([str(tmp_path / "shard.tar")]))
+        assert rows[-1]["image_name"] == SHARD_PROBLEM_KEY, name
+        assert "the rest of it is skipped" in rows[-1]["problem"], name
+        assert all(row["problem"] is None for row in rows[:-1]), name
+    assert [row["problem"] for row in tar_samples([str(tmp_path / "00000.tar")])] == [None] * 5

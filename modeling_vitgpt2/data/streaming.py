@@ -241,10 +241,29 @@ def tar_samples(shards: list[str]) -> Iterator[dict]:
         yield from _shard_samples(shard)
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """A member header that refuses to end the archive early. tarfile ends an archive without a word where a header
+    past the first is missing, cut or damaged, as if the shard had ended there: a shard cut at a 512-byte boundary
+    (where an interrupted copy or download often stops) or with one damaged header would lose the rest of its samples
+    uncounted. Only the end-of-archive marker (a block of zeros, `EOFHeaderError`) ends a shard."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as error:
+            if archive.offset == 0:  # no member at all: tarfile's own "not a tar file" error
+                raise
+            what = "missing (the file ends there)" if isinstance(error, tarfile.EmptyHeaderError) else \
+                f"cut short or damaged ({error})"
+            raise tarfile.ReadError(f"the member header at byte {archive.offset} is {what}") from None
+
+
 def _shard_samples(shard: str) -> Iterator[dict]:
     key, fields, samples = None, {}, 0
     try:
-        with fsspec.open(shard, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as archive:
+        with fsspec.open(shard, "rb") as file, \
+                tarfile.open(fileobj=file, mode="r|*", tarinfo=_CheckedTarInfo) as archive:
             for member in archive:
                 # Any member but a folder is a field, links included: a sample whose image is a link is then
                 # skipped as such, not as "no image" (see `_unread_field`).
