@@ -393,6 +393,23 @@ def test_a_truncated_data_file_is_not_trusted(frozen_model, tiny_processor, rows
     assert sum(counter.images) == NUM_IMAGES and len(reopened) == NUM_IMAGES
 
 
+def test_a_full_disk_is_an_error_naming_it_not_a_crash(frozen_model, tiny_processor, rows, cache_dir, monkeypatch):
+    """The features are written through a memory map, where a full disk kills the process with SIGBUS: the room is
+    reserved before, so that the file system's refusal is an error that names the disk, and the cache stays unused."""
+    import errno
+
+    from modeling_vitgpt2.utils.io import DiskFullError
+
+    def full_disk(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(DiskFullError, match=f"{DATA_FILE}.*bytes needed"):
+        EncoderFeatureCache(cache_dir, frozen_model, tiny_processor).build(rows)
+    monkeypatch.undo()
+    assert len(EncoderFeatureCache(cache_dir, frozen_model, tiny_processor)) == 0
+
+
 def test_concurrent_builds_encode_each_image_once(frozen_model, tiny_processor, rows, image_paths, cache_dir):
     # Two builders of one folder, as two torchrun processes would be: the file lock lets one encode.
     counter = EncoderCalls(frozen_model)

@@ -88,7 +88,15 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ..model.processing_vitgpt2 import ImageLoadError, as_rgb_image
 from ..utils.errors import UserError
-from ..utils.io import PathLike, atomic_path, file_digest, leftover_temporaries, read_json, write_json_atomic
+from ..utils.io import (
+    PathLike,
+    atomic_path,
+    file_digest,
+    leftover_temporaries,
+    naming_a_full_disk,
+    read_json,
+    write_json_atomic,
+)
 from .captions import CaptionCollator, image_source
 from .streaming import BadSample, StreamCounts, decode_sample, stream_webdataset
 
@@ -598,9 +606,18 @@ class EncoderFeatureCache:
                 f"the encoder now makes ({tokens}, {width}) features where {self.data_path} holds "
                 f"({self._index['tokens']}, {self._index['width']}); delete {self.folder} and build again."
             )
+        size = rows * tokens * width * np.dtype(STORAGE_DTYPE).itemsize
         descriptor = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.ftruncate(descriptor, rows * tokens * width * np.dtype(STORAGE_DTYPE).itemsize)
+            written = os.fstat(descriptor).st_size
+            # The rows are written through a memory map, where a page the full disk cannot back kills the process
+            # with SIGBUS, no message: the room is reserved (and the file grown) now, so that a full disk is an error
+            # naming it. macOS has no posix_fallocate; there the file only grows.
+            if size > written and hasattr(os, "posix_fallocate"):
+                with naming_a_full_disk(self.data_path, size - written):
+                    os.posix_fallocate(descriptor, written, size - written)
+            else:
+                os.ftruncate(descriptor, size)
         finally:
             os.close(descriptor)
         return np.memmap(self.data_path, dtype=STORAGE_DTYPE, mode="r+", shape=(rows, tokens, width))
