@@ -96,6 +96,17 @@ def test_a_missing_field_is_named_with_its_file_and_index(coco_copy, section, in
         load_coco_captions(annotations, image_dir)
 
 
+@pytest.mark.parametrize("section, index, field, value",
+                         [("images", 2, "id", [1]), ("annotations", 5, "image_id", {"id": 1}),
+                          ("annotations", 7, "id", True)])
+def test_an_id_that_is_no_number_or_string_is_named(coco_copy, section, index, field, value):
+    annotations, image_dir, content = coco_copy
+    content[section][index][field] = value
+    _rewrite(annotations, content)
+    with pytest.raises(CaptionDataError, match=rf"val\.json: {section}\[{index}\]\.{field} must be a number or a string"):
+        load_coco_captions(annotations, image_dir)
+
+
 @pytest.mark.parametrize("section", ["images", "annotations"])
 def test_a_missing_top_level_list_is_named(coco_copy, section):
     annotations, image_dir, content = coco_copy

@@ -235,6 +235,12 @@ def _require_fields(entry: Any, fields: tuple[str, ...], path: Path, key: str, i
             raise CaptionDataError(
                 f"{path}: {key}[{index}] has no field '{field}'; every entry of '{key}' needs {list(fields)}."
             )
+    for field in ("id", "image_id"):
+        # Ids are matched through dicts: a list or object there would fail as "unhashable", naming nothing.
+        if field in fields and (isinstance(entry[field], bool) or not isinstance(entry[field], (int, float, str))):
+            raise CaptionDataError(
+                f"{path}: {key}[{index}].{field} must be a number or a string, got {entry[field]!r}."
+            )
 
 
 def load_coco_captions(
