@@ -236,6 +236,22 @@ def test_a_changed_encoder_weight_uses_a_different_cache(frozen_model, tiny_proc
     assert_float16_close(after.features(image_paths[0]), reference)
 
 
+def test_a_changed_encoder_layer_norm_epsilon_uses_a_different_cache(frozen_model, tiny_processor, rows, cache_dir):
+    """The epsilon changes the features but no weight (a model converted from a transformers ViT sets it)."""
+    from modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
+
+    config = copy.deepcopy(frozen_model.config)
+    config.encoder_layer_norm_eps = 1e-3
+    other = ViTGPT2ForConditionalGeneration(config).eval()
+    other.load_state_dict(frozen_model.state_dict())
+    with torch.no_grad():
+        pixels = torch.randn(1, 3, 28, 28)
+        assert not torch.equal(other.get_encoder()(pixels).last_hidden_state,
+                               frozen_model.get_encoder()(pixels).last_hidden_state)
+    assert (EncoderFeatureCache(cache_dir, other, tiny_processor).folder
+            != EncoderFeatureCache(cache_dir, frozen_model, tiny_processor).folder)
+
+
 def test_a_changed_decoder_weight_keeps_the_cache(frozen_model, tiny_processor, rows, cache_dir):
     before = EncoderFeatureCache(cache_dir, frozen_model, tiny_processor).build(rows)
     with torch.no_grad():

@@ -157,13 +157,18 @@ def encoder_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     config = getattr(model, "config", None)
-    return {
+    fingerprint = {
         "class": type(timm_model).__name__,
         "encoder_name": getattr(config, "encoder_name", None),
         "encoder_kwargs": getattr(config, "encoder_kwargs", None),
         "timm": timm.__version__,
         "weights_sha256": digest.hexdigest(),
     }
+    # It changes the features but no weight; named only when set, so that the caches of models that leave timm's
+    # epsilon alone keep their identity.
+    if getattr(config, "encoder_layer_norm_eps", None) is not None:
+        fingerprint["encoder_layer_norm_eps"] = config.encoder_layer_norm_eps
+    return fingerprint
 
 
 def transform_fingerprint(processor: Any) -> dict[str, Any]:
