@@ -45,6 +45,9 @@ def test_shard_patterns_expand_like_webdataset_and_name_missing_shards(tmp_path)
     assert len(expand_shards(f"{tmp_path}/00000.tar,,{tmp_path}/00001.tar, ")) == 2
     with pytest.raises(CaptionDataError, match=r"1 of the 4 shards.*00003.tar"):
         expand_shards(f"{tmp_path}/{{00000..00003}}.tar")
+    # A folder or file whose own name holds glob characters is that file, not a pattern matching nothing.
+    write_shards(tmp_path / "run[lr=1e-4]", num_shards=2, per_shard=1)
+    assert len(expand_shards(f"{tmp_path}/run[lr=1e-4]/{{00000..00001}}.tar")) == 2
 
 
 @pytest.mark.parametrize("shuffled", [False, True], ids=["in_order", "shuffled"])

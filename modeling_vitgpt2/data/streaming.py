@@ -152,7 +152,7 @@ def expand_shards(pattern: str) -> list[str]:
         for name in braceexpand(part):
             if "://" in name:  # remote files are opened by fsspec; nothing to check here
                 files.append(name)
-            elif glob.has_magic(name):
+            elif glob.has_magic(name) and not Path(name).is_file():  # `runs[v2]/000.tar` may be a file's own name
                 files.extend(sorted(glob.glob(name)))
             else:
                 files.append(name)
