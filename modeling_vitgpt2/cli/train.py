@@ -12,45 +12,22 @@ then the flags.
 
 
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser
-
 from ..applications.hub import check_push_settings, push_training_output, without_trainer_push
-from ..training.arguments import ARGUMENT_GROUPS
+from ..training.arguments import parse_train_arguments, read_config_file
 from ..training.run import run_training
 from ..utils.errors import run_command
 
-__all__ = ["main", "parse_arguments", "read_config_file", "train"]
+__all__ = ["main", "parse_arguments", "train"]
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def read_config_file(path: Path) -> dict:
-    """A YAML/JSON file of settings, checked against the options before anything runs."""
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        settings = yaml.safe_load(path.read_text()) or {}  # JSON is YAML
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML/JSON: {error}") from error
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path} must map option names to values, got a {type(settings).__name__}")
-    known = {item.name for group in ARGUMENT_GROUPS for item in fields(group)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)} (see --help)")
-    return settings
 
 
 def parse_arguments(argv: list[str], prog: str | None = None):
     """(model, data, peft, training) arguments: the defaults, then the config file if it comes first, then flags."""
-    parser = HfArgumentParser(ARGUMENT_GROUPS, prog=prog)
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
-        parser.set_defaults(**read_config_file(Path(argv[0])))
-        argv = argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+        return parse_train_arguments(read_config_file(Path(argv[0])), argv[1:], prog=prog)
+    return parse_train_arguments({}, argv, prog=prog)
 
 
 def train(model_args, data_args, peft_args, training_args) -> dict:

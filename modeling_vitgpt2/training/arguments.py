@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
-from transformers import Seq2SeqTrainingArguments
+import yaml
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from ..data.synthetic import (
     DEFAULT_DOMAIN,
@@ -27,6 +30,8 @@ __all__ = [
     "ModelArguments",
     "PeftArguments",
     "json_argument",
+    "parse_train_arguments",
+    "read_config_file",
 ]
 
 
@@ -216,3 +221,33 @@ def json_argument(value: str | dict | None, name: str) -> dict:
         raise ValueError(f"--{name} must be a JSON object, got {type(parsed).__name__}")
     return parsed
 
+
+
+def read_config_file(path: Path) -> dict:
+    """A YAML/JSON file of settings (`train.py CONFIG`, a study's `base.train_config`), checked against the options
+    before anything runs."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}  # JSON is YAML
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML/JSON: {error}") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must map option names to values, got a {type(settings).__name__}")
+    known = {item.name for group in ARGUMENT_GROUPS for item in fields(group)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)} (see --help)")
+    return settings
+
+
+def parse_train_arguments(values: dict, argv: Sequence[str] = (), prog: str | None = None,
+                          exit_on_error: bool = True):
+    """(model, data, peft, training) arguments: the defaults, then `values` (option names to values, from a config
+    file or a study), then the command-line flags `argv`. `values` become the parser's defaults, so they convert as
+    flags do: PyYAML reads `1e-2` as the string '1e-2', which becomes 0.01 here (`parse_dict` would keep the
+    string). With `exit_on_error=False` a value that does not convert raises `argparse.ArgumentError` instead of
+    exiting."""
+    parser = HfArgumentParser(ARGUMENT_GROUPS, prog=prog, exit_on_error=exit_on_error)
+    parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)

@@ -18,14 +18,18 @@ A study is a YAML file (see `configs/studies/` and the built-in
       - {name: lora_r4, peft: lora, lora_rank: 4}
       - {name: full, peft: full}
     clip_model: openai/clip-vit-base-patch32      # optional: CLIPScore, extremes by CLIPScore, zero-shot
-    metrics: [cider, bleu, rouge_l, meteor, clip_score, diversity, copied]      # optional: default all
+    metrics: [cider, bleu, rouge_l, meteor, clip_score, diversity, copied]      # optional: default all; cider,
+                                                  # or clip_score with a clip_model, ranks the best/worst captions
     zero_shot: {images: p1_data/val, labels: p1_data/id2label.json, templates: [...], ensemble: true}
+          # optional labels_file and clip_model; paths are relative to where the study runs
     torch_threads: 1                              # optional: CPU threads for torch (default: torch's choice)
     extremes: {variant: lora_r4, top_k: 2, layer: [2, 3]}   # default: the best variant by CIDEr, top 2, the
                                                   # report's 3rd-4th decoder layers (all layers if it has fewer)
     side_by_side: 4                               # validation images shown with every variant's caption
 
 What it guarantees:
+- A mistake in the study file stops it before anything runs, naming the file and the field (`load_study`); each
+  row's train.py arguments are parsed as train.py parses its config file, so they accept the same values.
 - Frozen-encoder variants share one encoder-feature cache (`<output_dir>/feature-cache`, keyed by the encoder's
   weights), so the encoder runs once per image for the whole study, base-model evaluation included.
 - Resumable: each finished variant leaves `<output_dir>/variants/<name>/study_result.json` and is skipped on a rerun;

@@ -131,10 +131,15 @@ def _results_csv(results: dict, output_dir: Path) -> None:
     write_text_atomic(output_dir / "results.csv", buffer.getvalue())
 
 
+def _markdown_cell(value) -> str:
+    # A table row is one line: a line break (a failed variant's error often has several) would end the table there.
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
 def _markdown_table(columns: list[str], rows: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(str(row.get(column, "")).replace("|", "\\|") for column in columns) + " |")
+        lines.append("| " + " | ".join(_markdown_cell(row.get(column, "")) for column in columns) + " |")
     return "\n".join(lines)
 
 
@@ -168,8 +173,9 @@ def write_report(results: dict, output_dir) -> None:
     sections.append(("PEFT methods", [
         ("md", intro),
         ("table", columns, table),
-        ("md", "The first row is the base model before fine-tuning. Trainable % is of all parameters; "
-               f"peak memory is the {peak_kind}. All metrics of every row: `results.csv`, `results.json`."
+        ("md", "The first row is the base model before fine-tuning. Trainable % is of all parameters"
+               + (f"; peak memory is the {peak_kind}" if peak_kind else "")  # none when no variant trained
+               + ". All metrics of every row: `results.csv`, `results.json`."
                + (" Not computed: " + "; ".join(skipped) if skipped else "")),
         ("img", figures["cider_vs_parameters"], "CIDEr against trainable parameters"),
         ("img", figures["val_cider_per_epoch"], "Validation CIDEr per epoch"),

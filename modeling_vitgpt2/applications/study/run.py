@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import TrainerCallback
 
 from ...evaluation.metrics import metric_names
+from ...training.arguments import parse_train_arguments, read_config_file
 from ...utils.io import DiskFullError, read_json, write_json_atomic
-from .config import BASE_ROW, Study, StudyConfigError
+from .config import BASE_ROW, RUN_DEFAULTS, Study, StudyConfigError, base_arguments
 from .report import format_duration, write_report
 
 __all__ = [
@@ -41,8 +41,6 @@ SETTINGS_FILE = "study_settings.json"
 # The data options that describe the built-in synthetic set, written once for the whole study.
 SYNTHETIC_ARGUMENTS = ("synthetic_train_images", "synthetic_val_images", "synthetic_image_size", "synthetic_domain",
                        "synthetic_dir")
-# The study prints its own progress lines, and logs to nothing unless the recipe says otherwise.
-RUN_DEFAULTS = {"disable_tqdm": True, "report_to": "none"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,19 +185,6 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
     return StudyData(data["train_json"], data["train_images"], data["val_json"], data["val_images"], data)
 
 
-def _parse_arguments(values: dict):
-    from ...training.arguments import ARGUMENT_GROUPS
-
-    parser = HfArgumentParser(ARGUMENT_GROUPS)
-    return parser.parse_dict(values, allow_extra_keys=False)
-
-
-def _base_arguments(study: Study) -> dict:
-    if study.base.get("model"):
-        return {"model_name_or_path": study.base["model"]}
-    return {"encoder": study.base["encoder"], "decoder": study.base["decoder"]}
-
-
 def ensure_base_model(study: Study, progress: StudyProgress) -> None:
     """Trains the base model first when its folder is missing and the study says how (`base.train_config`)."""
     from ...training.run import run_training
@@ -210,14 +195,10 @@ def ensure_base_model(study: Study, progress: StudyProgress) -> None:
         return
     if train_config == "default":
         values, source = {}, "train.py's default job"
-    else:
-        config_path = Path(train_config)
-        if not config_path.is_file():
-            raise StudyConfigError(f"study file {study.path}: base.train_config {train_config} not found")
-        values, source = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}, str(config_path)
+    else:  # as load_study checked it
+        values, source = read_config_file(Path(train_config)), train_config
     progress.say(f"base model {model} not found: training it first ({source})")
-    values["output_dir"] = model
-    run_training(*_parse_arguments(values))
+    run_training(*parse_train_arguments({**values, "output_dir": model}))
 
 
 def _score(study: Study, folder: Path, data: StudyData, clip) -> dict:
@@ -247,8 +228,8 @@ def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progre
         return finished
     progress.say("evaluating the base model before fine-tuning")
     start = time.time()
-    model_args, data_args, _, training_args = _parse_arguments(
-        {**RUN_DEFAULTS, **study.recipe, **data.arguments, **_base_arguments(study), "output_dir": str(folder)})
+    model_args, data_args, _, training_args = parse_train_arguments(
+        {**RUN_DEFAULTS, **study.recipe, **data.arguments, **base_arguments(study.base), "output_dir": str(folder)})
     processor, model, _ = build_processor_and_model(model_args, {}, [])
     model.generation_config.update(**training_args.generation_settings())
     model.requires_grad_(False).to(training_args.device).eval()
@@ -281,7 +262,7 @@ def _settings(study: Study, overrides: dict) -> dict:
     """Everything a row's result depends on that the study file says: the train.py arguments of the variant (the
     recipe, the data section, the base model, its own overrides) and how it is scored. Paths inside the study folder
     are left out, so a moved folder is still recognised."""
-    settings = {"training": {**RUN_DEFAULTS, **study.recipe, **study.data, **_base_arguments(study), **overrides},
+    settings = {"training": {**RUN_DEFAULTS, **study.recipe, **study.data, **base_arguments(study.base), **overrides},
                 "scoring": {"metrics": study.metrics, "clip_model": study.clip_model,
                             "clip_prefix": study.clip_prefix}}
     return json.loads(json.dumps(settings, sort_keys=True, default=str))  # as it reads back from the file
@@ -337,7 +318,7 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
         return finished
     start = time.time()
     values = {**RUN_DEFAULTS, **study.recipe, **data.arguments,
-              **_base_arguments(study), **overrides, "output_dir": str(folder)}
+              **base_arguments(study.base), **overrides, "output_dir": str(folder)}
     if not values.get("train_encoder"):
         values.setdefault("cache_encoder_features", True)
         values.setdefault("feature_cache_dir", str(output_dir / "feature-cache"))
@@ -350,7 +331,7 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
     callback = _ProgressCallback(progress)
     try:
         _reset_peak_memory()
-        run_training(*_parse_arguments(values), callbacks=[callback])
+        run_training(*parse_train_arguments(values), callbacks=[callback])
         peak, peak_kind = _peak_memory()
         summary = read_json(folder / "training_summary.json")
         train_metrics = read_json(folder / "train_results.json")
@@ -455,8 +436,9 @@ def _run_zero_shot(study: Study, output_dir: Path, clip, progress: StudyProgress
 
 def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
               progress: StudyProgress) -> dict | None:
-    """The best and worst captions of one variant, by CLIPScore when the study has a CLIP model, else by per-image
-    CIDEr, each with its per-word attention maps."""
+    """The best and worst captions of one variant (the one the study names, else the best by CIDEr, or CLIPScore
+    when the study computes no CIDEr), by CLIPScore when the study has a CLIP model, else by per-image CIDEr, each
+    with its per-word attention maps. `load_study` made sure the metrics include one of the two."""
     from ...evaluation.attention_maps import REPORT_LAYERS, cross_attention_layers
     from ...evaluation.jobs import draw_extremes, load_captioner, rank_extremes, read_coco_references
 
@@ -465,14 +447,14 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
         return None
     chosen = study.extremes.get("variant")
     row = next((r for r in finished if r["name"] == chosen), None) if chosen else max(
-        finished, key=lambda r: r["metrics"].get("cider", float("-inf")))
+        finished, key=lambda r: r["metrics"].get("cider", r["metrics"].get("clip_score", float("-inf"))))
     if row is None:
         return None
     folder = output_dir / "variants" / row["name"]
     scores = read_json(folder / "scores.json")
     by = "clip_score" if "clip_score" in row["metrics"] else "cider"
     per_image = {name: values[by] for name, values in scores["per_image"].items()}
-    top_k = min(int(study.extremes.get("top_k", 2)), len(per_image))
+    top_k = min(study.extremes.get("top_k", 2), len(per_image))
     best, worst = rank_extremes(per_image, top_k)
     progress.say(f"extremes: best and worst {top_k} captions of {row['name']} by {metric_names()[by]}, with "
                  "attention maps")
@@ -481,7 +463,7 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
     model, processor = load_captioner(folder)
     image = {name: Path(data.val_images) / file_names[name] for name in best + worst}
     # the settings the variant's predictions were generated with
-    *_, settings = _parse_arguments({**RUN_DEFAULTS, **study.recipe, **data.arguments, **_base_arguments(study),
+    *_, settings = parse_train_arguments({**RUN_DEFAULTS, **study.recipe, **data.arguments, **base_arguments(study.base),
                                      "output_dir": str(folder)})
     layer = study.extremes.get("layer")
     if layer is None:  # the report's 3rd-4th layers where the model has them, else the mean of all
