@@ -9,9 +9,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "InvalidJSONError",
     "naming_a_full_disk",
     "atomic_path",
+    "check_not_an_input",
     "check_safetensors",
     "check_writable",
     "file_digest",
@@ -120,17 +123,85 @@ def _current_umask() -> int:
 
 def check_writable(path: PathLike) -> Path:
     """Fails now, naming the path, when a file could not be written at `path` later: the path is a folder, a part of
-    its parent path is a file, or the nearest existing folder is not writable. Creates nothing. Call it before long
-    work, so that a mistyped output path costs seconds rather than the whole run."""
+    its parent path is a file, or the nearest existing folder is not writable. A symbolic link is checked where the
+    write goes, at its target (see `atomic_path`). Creates nothing. Call it before long work, so that a mistyped
+    output path costs seconds rather than the whole run. Returns `path` as given."""
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name inside it")
-    existing = next(parent for parent in path.parents if parent.exists())
+    target = _write_target(path)
+    shown = path if target == path else f"{path} (a link to {target})"
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write {shown}: it is a folder; give a file name inside it")
+    existing = next(parent for parent in target.parents if parent.exists())
     if not existing.is_dir():
-        raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder; choose another path")
+        raise NotADirectoryError(f"cannot write {shown}: {existing} is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {path}: the folder {existing} is not writable")
+        raise PermissionError(f"cannot write {shown}: the folder {existing} is not writable")
     return path
+
+
+def check_not_an_input(outputs: Iterable[tuple[str, PathLike]], inputs: Iterable[tuple[str, Any]]) -> None:
+    """Fails, naming both files and options, when one of a command's `outputs` is one of its `inputs` by any path (a
+    relative path, a symbolic link, a hard link): writing it would replace a file the user still needs, such as the
+    references a score was computed from. Both are `(option, path)` pairs, the option as the user gave it
+    ("--output"); inputs that are not paths (None, predictions given as a dict) or missing are skipped. Call it with
+    the other checks, before any work."""
+    given = {}
+    for option, path in inputs:
+        identity = _file_identity(path)
+        if identity is not None:
+            given.setdefault(identity, (option, path))
+    for option, path in outputs:
+        identity = _file_identity(path)
+        if identity in given:  # an output that does not exist yet is no input
+            input_option, input_path = given[identity]
+            raise ValueError(f"writing {path} ({option}) would overwrite the input {input_path} ({input_option}); "
+                             f"choose another {option}")
+
+
+def _file_identity(path: Any) -> tuple[int, int] | None:
+    """What `os.path.samefile` compares (it follows links, so a link and its target are one file), or None."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):  # missing, or a name the OS cannot take
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _write_target(path: Path) -> Path:
+    """The file a write to `path` replaces. A symbolic link is followed to its target, so that the link (say
+    `latest.json -> runs/7/scores.json`) keeps pointing at the new content instead of being replaced by a copy. A
+    dangling link's target is created, as `open(path, "w")` and a shell's `>` create it: the link names the file the
+    user wants written (often made before the run that fills it)."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops where the links go round in a circle
+        raise OSError(f"cannot write {path}: it is a loop of symbolic links ({target}); fix or remove the link")
+    return target
+
+
+# File names are limited to 255 bytes on the usual file systems (143 on eCryptfs), and the temporary name adds
+# about 25 to the final name; a longer stem is cut, with a digest of the whole name so that it stays that file's own.
+_TEMPORARY_STEM_BYTES = 100
+
+
+def _temporary_stem(path: Path) -> str:
+    stem = os.fsencode(path.stem)
+    if len(stem) <= _TEMPORARY_STEM_BYTES:
+        return path.stem
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
+    return stem[:_TEMPORARY_STEM_BYTES - 20].decode("utf-8", "ignore") + "~" + digest  # "ignore": a cut character
+
+
+def _new_file_mode(path: Path) -> int:
+    """An existing file's permission bits (a private 0600 file stays private; set-id bits are not copied onto new
+    content), else the usual 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
 
 
 @contextlib.contextmanager
@@ -138,19 +209,21 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write to; on success it is fsynced and renamed to `path`, so readers
     see either the old file or the complete new one, never a part. On any error the temporary file is removed.
 
-    The file gets the usual permissions (0666 less the umask), as `open` would give it: outputs are meant to be
-    shared, unlike `tempfile.mkstemp`'s 0600. For libraries that write to a path (`savefig`, `np.savez`), keep the
-    suffix: the temporary name ends in the final name's suffix.
+    A new file gets the usual permissions (0666 less the umask), as `open` would give it: outputs are meant to be
+    shared, unlike `tempfile.mkstemp`'s 0600; a file written again keeps its permissions. A symbolic link is written
+    through: its target gets the new content and the link stays (a dangling link's target is created). For libraries
+    that write to a path (`savefig`, `np.savez`), keep the suffix: the temporary name ends in the final name's suffix.
     """
-    path = check_writable(path)
+    check_writable(path)
+    path = _write_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
+    temporary = path.parent / f".{_temporary_stem(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
     try:
         with naming_a_full_disk(path):
             yield temporary
             descriptor = os.open(temporary, os.O_RDONLY)
             try:
-                os.fchmod(descriptor, 0o666 & ~_current_umask())
+                os.fchmod(descriptor, _new_file_mode(path))
                 os.fsync(descriptor)  # where a file system that allocates late reports the disk full
             finally:
                 os.close(descriptor)
@@ -165,8 +238,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 def leftover_temporaries(path: PathLike) -> list[Path]:
     """The temporary files of atomic writes to `path` that were killed before they finished (SIGKILL or a power loss
     leaves them: no handler runs). Delete them only while nothing else can be writing `path`."""
-    path = Path(path)
-    return sorted(path.parent.glob(f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}"))
+    path = _write_target(Path(path))
+    stem = _temporary_stem(path)
+    # The glob alone would also find another file's: ".a.*.tmp.json" matches those of a.b.json.
+    name = re.compile(re.escape(f".{stem}.") + r"\d+\.[0-9a-f]{8}" + re.escape(f".tmp{path.suffix}"))
+    return sorted(found for found in path.parent.glob(f".{glob.escape(stem)}.*") if name.fullmatch(found.name))
 
 
 def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
