@@ -10,8 +10,8 @@
         --clip_model openai/clip-vit-base-patch32 --model outputs/lora --top_k 1 --output_dir extremes
 
 Run `python eval.py <command> --help` for every option. Bad inputs (a missing folder or file, an unreadable image,
-malformed JSON, a bad template or class id) stop the command with a message on stderr and exit status 2, before
-any output file is written.
+malformed JSON, a bad template or class id, an output that is one of the command's own inputs) stop the command
+with a message on stderr and exit status 2, before any output file is written.
 """
 
 import argparse

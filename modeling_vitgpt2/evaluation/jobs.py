@@ -31,6 +31,7 @@ from ..utils.io import (
     InvalidJSONError,
     PathLike,
     atomic_path,
+    check_not_an_input,
     check_writable,
     preview_names,
     read_json,
@@ -38,7 +39,14 @@ from ..utils.io import (
 )
 from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
 from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
-from .zero_shot import ENSEMBLE, ZeroShotResult, list_images, write_predictions_csv, zero_shot_folder
+from .zero_shot import (
+    ENSEMBLE,
+    ZeroShotResult,
+    list_images,
+    validate_templates,
+    write_predictions_csv,
+    zero_shot_folder,
+)
 
 __all__ = [
     "CocoReferences",
@@ -205,6 +213,9 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
         check_writable(output)  # an unwritable output must fail now, not after captioning every image
     paths = list_images(images_dir)
     image_names(paths)  # fail on clashing names before the slow part
+    if output is not None:
+        model_files = _model_files(model_path_or_model)
+        check_not_an_input([("--output", output)], [("--images", path) for path in paths] + model_files)
     check_images_readable(paths, progress)
     model, processor = load_captioner(model_path_or_model, processor, device, quantize=quantize, dtype=dtype)
     captions = caption_images(model, processor, paths, num_beams=num_beams, batch_size=batch_size,
@@ -213,6 +224,13 @@ def caption_folder(model_path_or_model, images_dir: PathLike, num_beams: int = 3
     if output is not None:
         write_json_atomic(output, captions)
     return captions
+
+
+def _model_files(model_or_path) -> list[tuple[str, Path]]:
+    """The files of a local model folder, as inputs an output must not replace (its config.json, say)."""
+    if not isinstance(model_or_path, (str, os.PathLike)) or not Path(model_or_path).is_dir():
+        return []  # a loaded model or a Hub id
+    return [("--model", path) for path in Path(model_or_path).iterdir()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,6 +343,8 @@ def score_predictions(predictions: PathLike | Mapping[str, str], annotations: Pa
 
     if output is not None:
         check_writable(output)
+        check_not_an_input([("--output", output)], [("--predictions", predictions), ("--annotations", annotations),
+                                                    ("--train_annotations", train_annotations)])
     predictions, source = _predictions_and_source(predictions)
     prefix = _clip_prefix(clip_prefix)
     coco = read_coco_references(annotations)
@@ -384,12 +404,17 @@ def run_zero_shot(images_dir: PathLike, id2label: PathLike, templates: Sequence[
     Returns the `ZeroShotResult` and the summary. Inputs are all checked by `zero_shot_folder` before CLIP runs.
     """
     output = check_writable(output)
+    templates = validate_templates(templates)
+    csv_paths = {template: output.with_name(f"{output.stem}.{index}.csv") for index, template in enumerate(templates)}
+    if ensemble:
+        csv_paths[ENSEMBLE] = output.with_name(f"{output.stem}.{ENSEMBLE}.csv")
+    check_not_an_input([("--output", path) for path in [output, *csv_paths.values()]],
+                       [("--labels", id2label), ("--labels_file", labels_file),
+                        *(("--images", path) for path in list_images(images_dir))])
     result = zero_shot_folder(images_dir, id2label, templates, labels_file=labels_file, clip=clip_model,
                               ensemble=ensemble, batch_size=batch_size, progress=progress)
     csv_names = {}
-    for index, template in enumerate(result.predictions):
-        suffix = ENSEMBLE if template == ENSEMBLE else str(index)
-        csv_path = output.with_name(f"{output.stem}.{suffix}.csv")
+    for template, csv_path in csv_paths.items():
         write_predictions_csv(csv_path, result.filenames, result.predictions[template])
         csv_names[template] = csv_path.name
     summary = {
@@ -461,14 +486,17 @@ def write_attention_maps(model_or_path, images: Sequence[PathLike], output_dir: 
         raise ValueError("no images given: pass at least one image file")
     image_names(paths)  # the output names come from the stems, so they must not clash
     check_writable(Path(output_dir) / f"{paths[0].stem}_attention.png")
+    pngs = [Path(output_dir) / f"{path.stem}_attention.png" for path in paths]
+    outputs = pngs + [png.with_suffix(".npz") for png in pngs] if save_arrays else pngs
+    check_not_an_input([("--output_dir", path) for path in outputs], [("--images", path) for path in paths])
     check_images_readable(paths, progress)
     model, processor = load_captioner(model_or_path, processor)
     results = compute_attention_maps(model, processor, paths, layer=layer, head=head, num_beams=num_beams,
                                      max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      progress=progress)
     written = []
-    for path, result in zip(paths, results):
-        files = _save_attention(result, Path(output_dir) / f"{path.stem}_attention.png", save_arrays)
+    for path, png, result in zip(paths, pngs, results):
+        files = _save_attention(result, png, save_arrays)
         written.append({"image": str(path), "caption": result.caption, **files})
     return written
 
@@ -552,6 +580,7 @@ def write_extremes(predictions: PathLike | Mapping[str, str], images_dir: PathLi
     drawn (`attention_caption`) next to the prediction (`caption`).
     """
     check_writable(Path(output_dir) / "extremes.json")
+    check_not_an_input([("--output_dir", Path(output_dir) / "extremes.json")], [("--predictions", predictions)])
     best, worst = clip_score_extremes(predictions, images_dir, clip_model, top_k, clip_prefix=clip_prefix,
                                       batch_size=batch_size, progress=progress)
     model, processor = load_captioner(model_or_path, processor)
