@@ -182,8 +182,9 @@ def test_full_run_is_pushed_as_model_code_processor_card_and_results_in_one_comm
     assert hub.commits[0]["message"].startswith("Upload vitgpt2-test (full training, CIDEr ")
     files = files_of(hub.commits[0])
     assert set(files) == FULL_MODEL | RESULTS | {"attention_example.png", "README.md"}
-    # Everything but the card is uploaded from the output folder itself, unchanged.
-    assert all(source == str(full_run / name) for name, source in files.items() if name != "README.md")
+    # Everything but the card and the summary (without local paths) is uploaded from the output folder, unchanged.
+    assert all(source == str(full_run / name) for name, source in files.items()
+               if name not in ("README.md", "training_summary.json"))
     assert digest(full_run) == before
 
 
@@ -225,7 +226,7 @@ def test_lora_run_is_pushed_as_adapter_with_its_local_base_inside_the_repository
     adapter_files = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     assert set(files) == adapter_files | PROCESSOR | RESULTS | base_files
     assert all(source == str(lora_run / name) for name, source in files.items()
-               if name not in ("README.md", "adapter_config.json"))
+               if name not in ("README.md", "adapter_config.json", "training_summary.json"))
     uploaded_config = json.loads(files["adapter_config.json"])
     saved_config = json.loads((lora_run / "adapter_config.json").read_text())
     assert saved_config["base_model_name_or_path"] == str((lora_run / "base_model").resolve())
@@ -297,6 +298,85 @@ def test_card_names_what_the_run_started_from(lora_run, tmp_path):
     card = build_model_card(run, REPO_ID)
     assert card.data.base_model is None and card.data.datasets is None  # local parts are never named as bases
     assert "trained on synthetic images of coloured shapes only" in card.text
+
+
+def streamed_run(full_run, folder):
+    """`full_run` as a run trained on --train_shards records itself (training/run.py): no caption count, a `stream`
+    section counting what was read, and the shards by their paths on the training machine."""
+    shutil.copytree(full_run, folder)
+    shard = str(folder.parent / "private-data" / "shard-000.tar")
+    summary = json.loads((folder / "training_summary.json").read_text())
+    summary.update(train_captions=None, stream={
+        "train_shards": [shard], "dataset_name": None, "counted_from_step": 0, "used_samples": 4096,
+        "skipped_samples": 1, "skipped_by_reason": {"image does not decode": 1},
+        "skipped_by_shard": {shard: {"image does not decode": 1}}})
+    summary["sources"].update(model_name_or_path=str(folder.parent / "base-model"), dataset_name=None,
+                              synthetic_data=False)
+    (folder / "training_summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_card_of_a_streamed_run_counts_the_samples_it_read(full_run, tmp_path, capsys):
+    run = streamed_run(full_run, tmp_path / "streamed")
+    assert main(["card", str(run), "--repo_id", REPO_ID]) == 0
+    assert "Trained on a stream of 4,096 image-caption samples" in capsys.readouterr().out
+
+    summary = json.loads((run / "training_summary.json").read_text())
+    summary["stream"] = {**summary["stream"], "samples": "not counted: with --dataloader_num_workers > 0 ..."}
+    del summary["stream"]["used_samples"]
+    (run / "training_summary.json").write_text(json.dumps(summary))
+    assert "Trained on a streamed dataset" in build_model_card(run, REPO_ID).text
+
+
+def test_pushed_training_summary_names_no_local_path(full_run, hub, tmp_path):
+    run = streamed_run(full_run, tmp_path / "streamed")
+    push_to_hub(run, REPO_ID)
+    uploaded = json.loads((write_repository(hub.commits[0], tmp_path / "hub") / "training_summary.json").read_text())
+    assert str(tmp_path) not in json.dumps(uploaded)
+    assert uploaded["stream"]["train_shards"] == ["shard-000.tar"]
+    assert uploaded["stream"]["skipped_by_shard"] == {"shard-000.tar": {"image does not decode": 1}}
+    assert uploaded["sources"]["model_name_or_path"] == "base-model"
+    saved = json.loads((run / "training_summary.json").read_text())
+    assert uploaded["hyperparameters"] == saved["hyperparameters"]  # the rest as the run wrote it
+
+    summary = {**saved, "sources": {**saved["sources"], "decoder": "openai-community/gpt2",
+                                    "dataset_name": "https://example.com/captions.tar"}}
+    (run / "training_summary.json").write_text(json.dumps(summary))
+    push_to_hub(run, REPO_ID)
+    uploaded = json.loads((write_repository(hub.commits[1], tmp_path / "hub") / "training_summary.json").read_text())
+    assert uploaded["sources"]["decoder"] == "openai-community/gpt2"  # Hub ids and URLs are not local paths
+    assert uploaded["sources"]["dataset_name"] == "https://example.com/captions.tar"
+
+
+@pytest.mark.parametrize("eval_results, field", [
+    ({"eval_bleu_4": 0.1, "eval_loss": 2.0}, "eval_cider"),
+    ([0.5, 0.1], "JSON object"),
+    ({"eval_cider": None}, "eval_cider"),
+    ({"eval_cider": "0.5"}, "eval_cider"),
+])
+def test_malformed_eval_results_is_one_line_before_anything_reaches_the_hub(full_run, hub, tmp_path, capsys,
+                                                                            eval_results, field):
+    run = tmp_path / "edited"
+    shutil.copytree(full_run, run)
+    (run / "eval_results.json").write_text(json.dumps(eval_results))
+    assert main(["push", str(run), "--repo_id", REPO_ID]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert str(run / "eval_results.json") in message and field in message
+    assert hub.repos == [] and hub.commits == []  # no empty repository left behind
+
+
+def test_card_states_the_generation_defaults_a_config_leaves_out(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    generation = json.loads((run / "generation_config.json").read_text())
+    assert "beam search with {num_beams} beams, at most {max_length} tokens".format(**generation) in (
+        build_model_card(run, REPO_ID).text)
+    for name in ("num_beams", "max_length"):
+        generation.pop(name)
+    (run / "generation_config.json").write_text(json.dumps(generation))
+    # What generate() then uses: transformers' defaults.
+    assert "greedy search, at most 20 tokens" in build_model_card(run, REPO_ID).text
 
 
 def test_missing_token_is_a_clear_error_and_changes_nothing(full_run, hub, logged_out):

@@ -13,14 +13,15 @@ What goes up:
   that exists only on this machine (the `base_model/` folder a run writes when it builds its base, or any other local
   folder) is uploaded inside the repository as `base_model/`, with its own code, and the uploaded adapter_config.json
   names the repository instead of the local path; a base that is already on the Hub is only referred to;
-- always: the rendered card as README.md (never peft's generic one), eval_results.json, training_summary.json,
-  train_results.json, all_results.json, eval_predictions.json, and attention_example.png when the folder has one;
+- always: the rendered card as README.md (never peft's generic one), eval_results.json, training_summary.json (its
+  local paths cut to their base names), train_results.json, all_results.json, eval_predictions.json, and
+  attention_example.png when the folder has one;
 - never optimizer/scheduler/RNG states, trainer_state.json or checkpoint-* folders, unless `include_checkpoints`.
 
 The upload is one `HfApi.create_commit` made of `CommitOperationAdd`s, rather than `upload_folder` of a staging copy:
-every file is read from where it lies (no second copy of gigabytes of weights on disk), the two generated files (the
-card and a rewritten adapter_config.json) are passed as bytes, so the output folder is never written to, and the list
-of operations is exactly what lands in the repository. Files already in the repository and not in this push stay.
+every file is read from where it lies (no second copy of gigabytes of weights on disk), the generated files (the
+card, a rewritten adapter_config.json and training_summary.json) are passed as bytes, so the output folder is never
+written to, and the list of operations is exactly what lands in the repository. Files already in the repository and not in this push stay.
 
 A Space (`push_space`) is one commit too: `app.py` (the demo page, `modeling_vitgpt2/applications/demo.py`), this package's source
 under `modeling_vitgpt2/`, a `requirements.txt` pinning every dependency to the version installed here (the tested

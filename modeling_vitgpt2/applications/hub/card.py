@@ -18,6 +18,8 @@ from .output_folder import ATTENTION_EXAMPLE, TrainingOutput, is_hub_id, read_ou
 __all__ = ["build_model_card", "recorded_base_models", "render_card"]
 
 TEMPLATE_RESOURCE = "model_card_template.md"
+# transformers' `GenerationConfig` defaults for the settings the card states: what `generate` falls back to.
+GENERATION_DEFAULTS = {"num_beams": 1, "do_sample": False, "max_length": 20}
 
 
 def build_model_card(
@@ -110,7 +112,9 @@ def render_card(
         peft=output.summary.get("peft", {}),
         summary=output.summary,
         config=read_required_json(model_folder / "config.json") if model_folder else None,
-        generation=_optional_json(model_folder / "generation_config.json") if model_folder else None,
+        generation=_generation_settings(model_folder) if model_folder else None,
+        training_data=_training_data(output.summary),
+        eval_images=_count(output.summary.get("eval_images")),
         dataset_description=dataset_description,
         synthetic_data=synthetic_data,
         metrics=metrics,
@@ -143,5 +147,30 @@ def _timm_hub_id(encoder: str | None) -> str | None:
     return timm.models.get_pretrained_cfg(encoder).hf_hub_id
 
 
-def _optional_json(path: Path) -> dict | None:
-    return read_json(path) if path.is_file() else None
+def _generation_settings(model_folder: Path) -> dict | None:
+    """generation_config.json, with what `generate` uses for a field the file leaves out (or sets to null):
+    transformers' `GenerationConfig` defaults (greedy search, at most 20 tokens), not a blank on the card."""
+    path = model_folder / "generation_config.json"
+    if not path.is_file():
+        return None
+    return {**GENERATION_DEFAULTS, **{name: value for name, value in read_json(path).items() if value is not None}}
+
+
+def _training_data(summary: dict) -> str:
+    """What the model was trained on, for the card's Data section. A streamed run (--streaming, --train_shards)
+    has no length, so train.py records `train_captions: null` and counts in its `stream` section what it read."""
+    captions = _count(summary.get("train_captions"))
+    if captions:
+        return f"{captions} captions"
+    stream = summary.get("stream") or {}
+    samples = _count(stream.get("used_samples"))
+    if not samples:  # not counted (with dataloader workers) or an older run
+        return "a streamed dataset"
+    resumed = stream.get("counted_from_step")
+    return f"a stream of {samples} image-caption samples" + (
+        f" (counted from step {resumed}, where the run resumed)" if resumed else "")
+
+
+def _count(value) -> str | None:
+    """`1,234`, or None for a count the run did not record."""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else None

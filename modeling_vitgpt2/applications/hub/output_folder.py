@@ -9,8 +9,9 @@ from pathlib import Path
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ...evaluation.metrics import metric_names
 from ...inference.loading import adapter_base, check_model_folder
-from ...utils.io import read_json
+from ...utils.io import InvalidJSONError, read_json
 
 __all__ = [
     "ADAPTER_FILES",
@@ -22,6 +23,7 @@ __all__ = [
     "is_hub_id",
     "model_files",
     "present_files",
+    "read_eval_results",
     "read_output",
     "read_required_json",
     "source_files",
@@ -77,7 +79,10 @@ def read_output(output_dir: str | Path) -> TrainingOutput:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: give the --output_dir of a finished train.py run")
     summary = read_required_json(folder / "training_summary.json")
-    eval_results = read_required_json(folder / "eval_results.json")
+    if not isinstance(summary, dict):
+        raise InvalidJSONError(f"{folder / 'training_summary.json'} must hold a JSON object, got "
+                               f"{type(summary).__name__}: put back the file train.py wrote")
+    eval_results = read_eval_results(folder / "eval_results.json")
     if not (folder / "adapter_config.json").is_file():
         check_publishable_model(folder)
         return TrainingOutput(folder, summary, eval_results, None, folder, None)
@@ -100,6 +105,23 @@ def read_required_json(path: Path) -> dict:
             "eval_results.json and training_summary.json at the end)"
         )
     return read_json(path)
+
+
+def read_eval_results(path: Path) -> dict:
+    """eval_results.json checked before anything reaches the Hub: an object whose metrics are numbers, CIDEr among
+    them (the card's model-index and the commit message lead with it). A hand-edited file is the usual culprit."""
+    results = read_required_json(path)
+    fix = "put back the value train.py wrote (all_results.json holds the same eval_ fields)"
+    if not isinstance(results, dict):
+        raise InvalidJSONError(f"{path} must hold a JSON object of metrics such as {{\"eval_cider\": 0.52}}, got "
+                               f"{type(results).__name__}: {fix}")
+    if "eval_cider" not in results:
+        raise InvalidJSONError(f"{path} has no field 'eval_cider': {fix}")
+    for name in [f"eval_{key}" for key in metric_names() if f"eval_{key}" in results]:  # those the card shows
+        value = results[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise InvalidJSONError(f"{path}: field {name!r} must be a number, got {value!r}: {fix}")
+    return results
 
 
 def check_publishable_model(folder: Path) -> None:

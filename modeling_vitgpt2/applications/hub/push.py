@@ -1,5 +1,5 @@
 """One commit to a model repository: the output folder's files read where they lie, the rendered card and a
-rewritten adapter_config.json passed as bytes, and never a file holding the token."""
+rewritten adapter_config.json and training_summary.json passed as bytes, and never a file holding the token."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ __all__ = [
     "refuse_files_with_token",
     "require_hub_token",
     "upload_operations",
+    "without_local_paths",
     "without_trainer_push",
 ]
 
@@ -82,14 +83,12 @@ def push_to_hub(
     card = render_card(output, repo_id, dataset_name, license, base_models, None, space_id)
     operations = upload_operations(output, repo_id, card, include_checkpoints)
     refuse_files_with_token(operations, token)
+    # Everything is built before the first Hub call: a failure after create_repo would leave an empty repository.
+    commit_message = commit_message or _default_commit_message(output, repo_id)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
-            commit_message=commit_message or _default_commit_message(output, repo_id),
-        )
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
     except HfHubHTTPError as error:
         raise HubPushError(
             f"The Hub refused the push to {repo_id}: {error}\nNo commit was made and {output.folder} is unchanged. "
@@ -164,7 +163,8 @@ def push_training_output(training_args, output_dir: str | Path) -> CommitInfo:
 def upload_operations(
     output: TrainingOutput, repo_id: str, card: ModelCard, include_checkpoints: bool = False
 ) -> list[CommitOperationAdd]:
-    """The commit: repository path -> local file, or bytes for the card and a rewritten adapter_config.json."""
+    """The commit: repository path -> local file, or bytes for the card and a rewritten adapter_config.json and
+    training_summary.json (`without_local_paths`)."""
     files: dict[str, Path | bytes] = {}
     if output.is_adapter:
         files.update(present_files(output.folder, ADAPTER_FILES + PROCESSOR_FILES))
@@ -179,6 +179,9 @@ def upload_operations(
     else:
         files.update(model_files(output.folder))
     files.update(present_files(output.folder, RESULT_FILES + (ATTENTION_EXAMPLE,)))
+    # The summary records what the run read as given on the training machine (shards, base model, dataset folder);
+    # those paths say nothing to readers of the repository and may say too much about that machine.
+    files["training_summary.json"] = (json.dumps(without_local_paths(output.summary), indent=2) + "\n").encode()
     if include_checkpoints:
         for checkpoint in sorted(output.folder.glob("checkpoint-*")):
             for path in sorted(checkpoint.rglob("*")):
@@ -190,6 +193,18 @@ def upload_operations(
         for name, source in sorted(files.items())
     ]
 
+
+
+def without_local_paths(value):
+    """Parsed JSON with every local path in it, key or value, cut to its base name (`/home/alice/data/shard-000.tar`
+    -> `shard-000.tar`). A local path is an absolute one or one that exists here; Hub ids and URLs are neither."""
+    if isinstance(value, dict):
+        return {without_local_paths(key): without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and (os.path.isabs(os.path.expanduser(value)) or os.path.exists(value)):
+        return Path(value).name
+    return value
 
 
 def _default_commit_message(output: TrainingOutput, repo_id: str) -> str:
