@@ -7,6 +7,7 @@ users' folders are. The photo is a real one from ../shared/data when present, el
 """
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -178,6 +179,51 @@ def test_the_page_serves_the_example_and_no_file_beside_it(server, example_folde
         assert fetch(server, path)[0] in (403, 404), path
 
 
+def call_api(server: str, api_name: str, data: list) -> tuple[str, list]:
+    """(event, data) of one raw POST to the page's API, as any program on the network can send it (no client)."""
+    request = urllib.request.Request(f"{server}gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{server}gradio_api/call/{api_name}/{event_id}", timeout=120) as response:
+        text = response.read().decode()
+    event = text.split("\n")[0].removeprefix("event: ")
+    return event, json.loads(text.split("data: ", 1)[1].split("\n")[0])
+
+
+def test_the_api_reads_no_server_file_that_was_not_uploaded_or_an_example(server, client, photo, tmp_path):
+    """A caller naming a server file as the image ({"path": ...} without Gradio's `meta`, which Gradio then lets
+    through unchecked) must get no caption of it, and the same refusal whether the file exists or not."""
+    from modeling_vitgpt2.applications import demo
+
+    upload_folder = Path(gr.utils.get_upload_folder()).resolve()
+    link = upload_folder / f"planted-link-{os.getpid()}.png"  # a link inside the folder, to a file outside it
+    upload_folder.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(photo)
+    outside = {"a private image": str(photo), "a missing file": str(tmp_path / "nothing-here.png"),
+               "a system file": "/etc/passwd", "a way out with ..": os.path.relpath(photo, upload_folder),
+               "a link": str(link)}
+    outside["a way out with .."] = str(upload_folder / outside["a way out with .."])
+    try:
+        for label, path in outside.items():
+            for api_name, settings in (("caption", [1, 5, 1.0, ["all"], "mean"]),
+                                       ("zero_shot", ["dog, cat", "a photo of {object}."])):
+                for image in ({"path": path}, {"path": path, "meta": {"_type": "gradio.FileData"}}):
+                    event, data = call_api(server, api_name, [image, *settings])
+                    assert event == "error", (label, api_name, image, data)
+                # Through gradio_client, which shows the page's message: the same for every path.
+                with pytest.raises(gradio_client.exceptions.AppError) as refusal:
+                    client.predict({"path": path}, *settings, api_name=f"/{api_name}")
+                assert str(refusal.value) == demo.NOT_UPLOADED, (label, api_name)
+    finally:
+        link.unlink()
+    # The examples, as the page sends a clicked one (from Gradio's cache), are still captioned.
+    example = served_example_paths(server)[0]
+    event, data = call_api(server, "caption", [{"path": example, "meta": {"_type": "gradio.FileData"}}, 1, 5, 1.0,
+                                               ["all"], "mean"])
+    assert event == "complete" and data[0].strip()
+
+
 @pytest.mark.parametrize("num_beams, max_new_tokens, length_penalty", [(3, 12, 1.0), (1, 12, 1.0), (4, 8, 2.0)])
 def test_caption_is_model_generate_with_the_same_settings(client, loaded, photo, num_beams, max_new_tokens,
                                                           length_penalty):
@@ -231,6 +277,32 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, hostile_
     assert caption_on_page(client, photo, max_new_tokens=4)[0]
 
 
+def test_a_phone_photo_is_captioned_upright_as_its_exif_orientation_says(client, photo, tmp_path):
+    """Phones store a portrait photo sideways with EXIF Orientation=6; viewers (and the page's image box) show it
+    upright, and the model must see it upright too."""
+    from PIL import ImageOps
+
+    with Image.open(photo) as original:
+        upright = original.convert("RGB").resize((90, 120))  # portrait
+    phone = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    upright.transpose(Image.Transpose.ROTATE_90).save(phone, exif=exif.tobytes(), quality=95)
+    with Image.open(phone) as stored:
+        assert stored.size == (120, 90)  # the premise: stored sideways
+        viewed = ImageOps.exif_transpose(stored)
+    assert np.abs(np.asarray(viewed, dtype=int) - np.asarray(upright, dtype=int)).mean() < 8  # JPEG's loss only
+    as_viewed = tmp_path / "as_viewed.png"
+    viewed.save(as_viewed)
+
+    caption, beams, panels, _ = caption_on_page(client, phone)
+    expected = caption_on_page(client, as_viewed)
+    assert (caption, beams["data"]) == (expected[0], expected[1]["data"])
+    for panel, expected_panel in zip(panels, expected[2], strict=True):
+        with Image.open(panel["image"]) as shown, Image.open(expected_panel["image"]) as reference:
+            assert np.array_equal(np.asarray(shown), np.asarray(reference))
+
+
 def test_requests_queue_and_each_gets_its_own_answer(client, photo):
     settings = [(3, 12, 1.0), (1, 5, 1.0), (2, 8, 1.0)]
     jobs = [client.submit(gradio_client.handle_file(str(photo)), *setting, ["all"], "mean", api_name="/caption")
@@ -270,13 +342,13 @@ def scenes(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def batched_page(captioner_dir, max_batch_size: int):
+def batched_page(captioner_dir, max_batch_size: int, **demo_options):
     """The page served in this process (so that the test sees how requests were grouped): (URL, page, the sizes
     of the `generate` calls made for captions)."""
     from modeling_vitgpt2.applications import demo as demo_module
 
     model, processor = load_captioner(captioner_dir, device="cpu")
-    demo = demo_module.Demo(model, processor)
+    demo = demo_module.Demo(model, processor, **demo_options)
     batch_sizes = []
     caption_images = demo.caption_images
     demo.caption_images = lambda images, settings: batch_sizes.append(len(images)) or caption_images(images, settings)
@@ -324,6 +396,24 @@ def test_concurrent_callers_are_batched_and_each_gets_its_single_call_caption(ca
         page.close()
 
 
+def test_the_panel_folder_keeps_only_the_panels_still_in_use(captioner_dir, photo, tmp_path):
+    """Each request writes its panels to the Demo's folder, and Gradio serves its own copies of them: a page running
+    for months must not keep every panel it ever drew. With a lifetime of 0 s, each request deletes the panels of
+    the requests before it, and its own are still served."""
+    url, page, _ = batched_page(captioner_dir, max_batch_size=1, panel_lifetime_s=0)
+    folder = Path(page.captioner.demo.panel_folder.name)
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        for image in [photo, *scenes(tmp_path, 3), photo]:
+            panels = caption_on_page(client, image)[2]
+            served = {hashlib.sha256(Path(panel["image"]).read_bytes()).hexdigest() for panel in panels}
+            assert served  # every panel reached the caller (the client downloads each)
+            assert {path.stem for path in folder.iterdir()} == served
+        client.close()
+    finally:
+        page.close()
+
+
 def test_a_server_batching_int8_requests_is_told_their_captions_depend_on_the_batch():
     """Dynamic int8 quantizes a layer's activations with one scale per call, so in int8 a request's caption depends
     on what it is batched with (measured: 5-7 of 16 equal at the real size with random weights); the operator hears
@@ -334,6 +424,24 @@ def test_a_server_batching_int8_requests_is_told_their_captions_depend_on_the_ba
     assert "one scale per batch" in notice and "--max_batch_size 1" in notice
     assert batching_notice(parse_args(["--quantize", "int8", "--max_batch_size", "1"])) is None
     assert batching_notice(parse_args([])) is None  # float32 batches give exactly the single-call captions
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--server_port", "99999"], "--server_port must be from 1 to 65535 (leave it out for Gradio's default); got 99999"),
+    (["--server_port", "0"], "--server_port must be from 1 to 65535 (leave it out for Gradio's default); got 0"),
+    (["--max_file_size", "20"], "argument --max_file_size: give a whole number and a unit (b, kb, mb or gb), e.g. "
+                                "20MB; got '20'"),
+])
+def test_a_bad_port_or_upload_size_is_one_line_and_exit_2(arguments, message, capsys):
+    from modeling_vitgpt2.applications.demo import DEFAULT_MAX_FILE_SIZE, parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(arguments)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"app.py: error: {message}"
+    accepted = parse_args(["--server_port", "7860", "--max_file_size", "5mb"])
+    assert (accepted.server_port, accepted.max_file_size) == (7860, "5mb")
+    assert parse_args([]).max_file_size == DEFAULT_MAX_FILE_SIZE
 
 
 def test_examples_are_the_image_files_of_a_folder_and_copies_never_collide(tmp_path):

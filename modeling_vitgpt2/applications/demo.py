@@ -25,10 +25,13 @@ import argparse
 import hashlib
 import io
 import math
+import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -37,7 +40,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 import torch
-from PIL import Image
+from gradio.utils import get_upload_folder
+from PIL import Image, ImageOps
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..evaluation.attention_maps import (
@@ -61,20 +65,24 @@ __all__ = [
     "BatchedDemo",
     "BEAM_BOUNDS",
     "build_page",
+    "CACHE_CLEANUP",
     "CaptionBatcher",
     "CaptionSettings",
     "DEFAULT_EXAMPLE_FOLDERS",
     "DEFAULT_MAX_BATCH_SIZE",
+    "DEFAULT_MAX_FILE_SIZE",
     "DEFAULT_MODEL",
     "DEFAULT_TEMPLATES",
     "Demo",
     "DemoPage",
     "find_examples",
+    "held_by_gradio",
     "LENGTH_PENALTY_BOUNDS",
     "load_demo",
     "main",
     "MAX_EXAMPLES",
     "MEAN_OF_HEADS",
+    "PANEL_LIFETIME_S",
     "parse_args",
     "private_copies",
     "space_model",
@@ -94,6 +102,13 @@ DEFAULT_TEMPLATES = "This is a photo of {object}.\nThis is not a photo of {objec
 BEAM_BOUNDS = (1, 8)
 LENGTH_PENALTY_BOUNDS = (-2.0, 2.0)
 DEFAULT_MAX_BATCH_SIZE = 8
+# Disk use of a page that runs for months: Gradio refuses uploads over DEFAULT_MAX_FILE_SIZE (--max_file_size), and
+# deletes its copies of uploads and panels every CACHE_CLEANUP[0] seconds once older than CACHE_CLEANUP[1] (a
+# visitor's image older than that must be uploaded again); the Demo deletes its own panel files PANEL_LIFETIME_S
+# after their last use, by which time Gradio has long copied them into its cache.
+DEFAULT_MAX_FILE_SIZE = "20MB"
+CACHE_CLEANUP = (600, 3600)
+PANEL_LIFETIME_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "app.py") -> argparse.
                         help="caption up to this many waiting requests together, in one generate call per group of "
                              f"equal settings (default: {DEFAULT_MAX_BATCH_SIZE}; 1: one at a time, which with "
                              "--quantize keeps each caption independent of other requests)")
+    parser.add_argument("--max_file_size", type=_file_size, default=DEFAULT_MAX_FILE_SIZE,
+                        help="largest upload accepted, a whole number and a unit (b, kb, mb or gb) "
+                             f"(default: {DEFAULT_MAX_FILE_SIZE})")
     parser.add_argument("--server_name", default=None, help="address to listen on (Gradio's default: 127.0.0.1; "
                                                             "0.0.0.0 serves the local network)")
     parser.add_argument("--server_port", type=int, default=None, help="port (Gradio's default: 7860 or the next free)")
@@ -168,7 +186,16 @@ def parse_args(argv: list[str] | None = None, prog: str = "app.py") -> argparse.
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error(f"--max_batch_size must be at least 1 (1 captions one request at a time); got {args.max_batch_size}")
+    if args.server_port is not None and not 1 <= args.server_port <= 65535:  # else an OverflowError at launch
+        parser.error(f"--server_port must be from 1 to 65535 (leave it out for Gradio's default); got {args.server_port}")
     return args
+
+
+def _file_size(text: str) -> str:
+    """`--max_file_size` as Gradio's launch takes it (checked here, so that a typo is one line, not a traceback)."""
+    if not re.fullmatch(r"\d+ *(b|kb|mb|gb)", text.strip(), flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"give a whole number and a unit (b, kb, mb or gb), e.g. 20MB; got {text!r}")
+    return text.strip()
 
 
 def find_examples(sources: list[str] | None) -> list[str]:
@@ -191,8 +218,9 @@ def find_examples(sources: list[str] | None) -> list[str]:
 class Demo:
     """What the page does, without the page: caption one uploaded image, its attention panels, zero-shot."""
 
-    def __init__(self, model, processor, clip=None):
+    def __init__(self, model, processor, clip=None, panel_lifetime_s: float = PANEL_LIFETIME_S):
         self.model, self.processor, self.clip = model, processor, clip
+        self.panel_lifetime_s = panel_lifetime_s
         self.layers = cross_attention_layers(model)
         self.heads = model.config.n_head
         patch = model.encoder.model.patch_embed.patch_size
@@ -237,6 +265,7 @@ class Demo:
             # The reason without the server's temporary path, which means nothing to the visitor.
             reason = str(error.__cause__ or error).replace(str(path), name)
             raise gr.Error(f"{name} is not an image this page can read: {reason}") from None
+        image = _upright(image)
         if min(image.size) < self.min_side:
             raise gr.Error(
                 f"The image is {image.width}x{image.height} pixels; the model needs at least {self.min_side} pixels "
@@ -285,6 +314,7 @@ class Demo:
         image's caption does not depend on the images batched with it."""
         generation = settings.generation()
         beams_per_image = settings.num_beams
+        self.prune_panels()
         pixel_values = self.processor(images=images)["pixel_values"].to(self.model.device)
         with torch.no_grad():
             # Encoded once for both `generate` calls (the maps' call would run the encoder again).
@@ -325,10 +355,25 @@ class Demo:
         encoded = io.BytesIO()
         picture.save(encoded, format="PNG")
         path = Path(self.panel_folder.name) / f"{hashlib.sha256(encoded.getvalue()).hexdigest()}.png"
-        if not path.exists():
+        if path.exists():
+            os.utime(path)  # used again: `prune_panels` counts its age from now
+        else:
             with atomic_path(path) as temporary:
                 temporary.write_bytes(encoded.getvalue())
         return str(path)
+
+    def prune_panels(self) -> None:
+        """Deletes the panel files unused for `panel_lifetime_s` seconds: Gradio copies each into its own cache as
+        soon as the answer leaves `caption_images`, so only a file used in the last moments can still be needed.
+        Called by `caption_images`, which runs in one thread at a time (the page's model thread), so no panel is
+        deleted between being written or reused and being handed to Gradio."""
+        oldest = time.time() - self.panel_lifetime_s
+        for path in Path(self.panel_folder.name).iterdir():
+            try:
+                if path.stat().st_mtime <= oldest:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
 
     def caption_requests(self, requests: Sequence[tuple[Image.Image, CaptionSettings]]) -> list:
         """Each request's answer, or the exception that stopped it: one `caption_images` call per group of requests
@@ -382,6 +427,16 @@ class Demo:
             blank = Path(folder) / "blank.png"
             Image.new("RGB", (side, side), "white").save(blank)
             self.caption({"path": str(blank)}, 1, 2, 1.0, [ALL_LAYERS], MEAN_OF_HEADS)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation says, as a viewer (and the page's image box) shows it: phones store
+    portrait photos sideways with an orientation tag. Only here, not in the shared loader, so that training and
+    evaluation read images as they always have. A broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # Pillow's EXIF parser raises many kinds of errors on corrupt tags
+        return image
 
 
 def _closed_page_error() -> gr.Error:
@@ -484,6 +539,30 @@ def _refuse(waiting: list) -> None:
             item[1].set_exception(_closed_page_error())
 
 
+NOT_UPLOADED = ("This page captions only images uploaded to it and its examples. Upload the image (drop it on the "
+                "image box or paste it), or pick an example.")
+
+
+def held_by_gradio(upload):
+    """`upload`, if its file is one Gradio holds (the visitor's uploads and the examples, which Gradio copies into
+    its upload folder when the page is built); else a `gradio.Error`, the same whether the file exists or not.
+
+    The page's events take their inputs unprocessed (`preprocess=False`), and Gradio checks that a file was
+    uploaded only for file dicts carrying its `meta` field: without this check, an API caller sending
+    {"path": "/any/file.png"} would have any image on the server captioned and drawn back as attention panels."""
+    path = upload.get("path") if isinstance(upload, dict) else upload
+    if not path:
+        return upload  # nothing to read: `Demo.load_upload` asks for an image
+    try:
+        # Links and `..` resolved first (without asking whether the file exists): what is read is what is checked.
+        real = Path(os.path.realpath(path))
+    except (TypeError, ValueError):  # not a path, or one with a NUL byte
+        raise gr.Error(NOT_UPLOADED) from None
+    if not real.is_relative_to(os.path.realpath(get_upload_folder())):
+        raise gr.Error(NOT_UPLOADED)
+    return upload
+
+
 class BatchedDemo:
     """The page's events, answered by `demo` (captions through a `CaptionBatcher`). The page reaches `demo` only
     through this object, so that `close()` can let go of it: Gradio's Blocks outlives its close (FastAPI's
@@ -510,7 +589,7 @@ class BatchedDemo:
     def caption(self, upload, num_beams, max_new_tokens, length_penalty, layers, head):
         demo = self._open_demo()
         settings = demo.check_settings(num_beams, max_new_tokens, length_penalty, layers, head)
-        return self.batcher((demo.load_upload(upload), settings))
+        return self.batcher((demo.load_upload(held_by_gradio(upload)), settings))
 
     def refresh(self, upload, *settings):
         if not upload:
@@ -518,7 +597,7 @@ class BatchedDemo:
         return self.caption(upload, *settings)
 
     def zero_shot(self, upload, class_names: str, templates: str):
-        return self._open_demo().zero_shot(upload, class_names, templates)
+        return self._open_demo().zero_shot(held_by_gradio(upload), class_names, templates)
 
 
 class DemoPage(gr.Blocks):
@@ -547,13 +626,14 @@ class DemoPage(gr.Blocks):
 
 def build_page(demo: Demo, examples: list[str], title: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
     """The Gradio page. Inputs reach `Demo` unprocessed (`preprocess=False`), so a bad upload becomes this
-    project's message on the page instead of a decoding failure inside Gradio. Caption requests are batched
-    (`BatchedDemo`): up to `max_batch_size` of them wait in the captioner's queue at once. Close the returned
+    project's message on the page instead of a decoding failure inside Gradio; Gradio's check that a file was
+    uploaded is then partly skipped, so every image path is checked here (`held_by_gradio`). Caption requests are
+    batched (`BatchedDemo`): up to `max_batch_size` of them wait in the captioner's queue at once. Close the returned
     `DemoPage` (`close()`) when done with it: that ends the captioner's thread and lets go of `demo`."""
     captioner = BatchedDemo(demo, max_batch_size)
     layer_choices = [ALL_LAYERS] + [str(layer) for layer in demo.layers]
     head_choices = [MEAN_OF_HEADS] + [str(head) for head in range(demo.heads)]
-    with DemoPage(captioner, title=title) as page:
+    with DemoPage(captioner, title=title, delete_cache=CACHE_CLEANUP) as page:
         gr.Markdown(f"# {title}\nUpload an image: the model captions it, and every word of the caption shows where "
                     "in the image its cross-attention looked while writing it. Click a panel to see it large.")
         with gr.Tab("Caption"):
@@ -665,4 +745,4 @@ def serve(args: argparse.Namespace) -> None:
                           title="ViT-GPT2 captioner: where each word looked", max_batch_size=args.max_batch_size)
         page.queue(default_concurrency_limit=1)  # zero-shot: one CLIP in memory, requests wait their turn
         page.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
-                    allowed_paths=[served] if examples else [])
+                    allowed_paths=[served] if examples else [], max_file_size=args.max_file_size)
