@@ -240,6 +240,42 @@ def test_rerun_skips_finished_variants_and_resumes_an_interrupted_one(finished_s
     assert (cross / "eval_predictions.json").is_file()
 
 
+def test_rows_made_from_input_files_that_changed_since_are_made_again(finished_study, study_file, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A base model retrained in its folder, or captions edited in place, leave the study file as it was: the rows
+    made from the old files said "already finished, skipped" and were reported with the new ones."""
+    output_dir, _, _ = finished_study
+    copy = tmp_path / "study"
+    shutil.copytree(output_dir, copy)
+    records = sorted(copy.glob("variants/*/study_settings.json"))
+    for record in records:  # as an earlier version wrote them, before input files were hashed
+        settings = json.loads(record.read_text())
+        del settings["inputs"]
+        record.write_text(json.dumps(settings))
+
+    calls = []
+    from modeling_vitgpt2.training import run as training
+
+    def not_trained(model_args, data_args, peft_args, training_args, callbacks=None):
+        calls.append(training_args.output_dir.rsplit("/", 1)[-1])
+        raise RuntimeError("not trained in this test")
+
+    monkeypatch.setattr(training, "run_training", not_trained)
+    study_module.run_study(study_module.load_study(study_file), copy)
+    assert calls == ["broken"]  # trusted once (only the failed row runs again, as always)...
+    assert all({"train_json", "val_json"} <= set(json.loads(record.read_text())["inputs"]) for record in records)
+
+    validation = copy / "data" / "val.json"  # ...and from then on checked
+    content = json.loads(validation.read_text())
+    content["annotations"][0]["caption"] += " again"
+    validation.write_text(json.dumps(content))
+    calls.clear()
+    capsys.readouterr()
+    study_module.run_study(study_module.load_study(study_file), copy)
+    assert "variant 1/3 lora: settings changed since its last run: val_json" in capsys.readouterr().out
+    assert sorted(calls) == ["broken", "cross", "lora"]
+
+
 def test_an_edited_study_reruns_the_variants_whose_settings_changed(finished_study, study_file, tmp_path, capsys,
                                                                    monkeypatch):
     # It said "already finished, skipped" and reported the old lora_rank beside the new study file.

@@ -3,6 +3,7 @@ resumable), zero-shot templates, the best and worst captions, and the side-by-si
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from transformers import TrainerCallback
 
 from ...evaluation.metrics import metric_names
 from ...training.arguments import parse_train_arguments, read_config_file
-from ...utils.io import DiskFullError, read_json, write_json_atomic
+from ...utils.io import DiskFullError, file_digest, read_json, write_json_atomic
 from .config import BASE_ROW, RUN_DEFAULTS, Study, StudyConfigError, base_arguments
 from .report import format_duration, write_report
 
@@ -221,7 +222,7 @@ def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progre
     from ...training.trainer import CaptionTrainer
 
     folder = output_dir / "variants" / BASE_ROW
-    _clear_if_changed(folder, _settings(study, {}), "base model", progress)
+    _clear_if_changed(folder, _settings(study, {}, data), "base model", progress)
     finished = _finished(folder)
     if finished:
         progress.say("base model: already evaluated, skipped")
@@ -258,14 +259,39 @@ def _finished(folder: Path) -> dict | None:
     return None
 
 
-def _settings(study: Study, overrides: dict) -> dict:
-    """Everything a row's result depends on that the study file says: the train.py arguments of the variant (the
-    recipe, the data section, the base model, its own overrides) and how it is scored. Paths inside the study folder
-    are left out, so a moved folder is still recognised."""
+def _settings(study: Study, overrides: dict, data: StudyData) -> dict:
+    """Everything a row's result depends on: the train.py arguments of the variant (the recipe, the data section, the
+    base model, its own overrides), how it is scored, and the bytes of the files those name (`_input_digests`). Paths
+    inside the study folder are left out, so a moved folder is still recognised."""
     settings = {"training": {**RUN_DEFAULTS, **study.recipe, **study.data, **base_arguments(study.base), **overrides},
                 "scoring": {"metrics": study.metrics, "clip_model": study.clip_model,
-                            "clip_prefix": study.clip_prefix}}
+                            "clip_prefix": study.clip_prefix},
+                "inputs": _input_digests(study, data)}
     return json.loads(json.dumps(settings, sort_keys=True, default=str))  # as it reads back from the file
+
+
+def _input_digests(study: Study, data: StudyData) -> dict:
+    """SHA-256 of the captions files and of a local base model's config and weights: a base model retrained or
+    replaced in its folder, or captions edited in place, leave the study file as it was, and the rows made from the
+    old ones must not be reported (nor their adapters drawn on the new base). Images are not hashed (there may be
+    many thousands); a Hub id is named by the study file alone."""
+    files = {"train_json": data.train_json, "val_json": data.val_json}
+    base = Path(study.base["model"]) if study.base.get("model") else None
+    if base is not None and base.is_dir():
+        files.update({f"base/{path.name}": str(path) for path in sorted(base.glob("*.safetensors"))})
+        files["base/config.json"] = str(base / "config.json")
+    return {role: _digest(path) for role, path in files.items() if path and Path(path).is_file()}
+
+
+@functools.cache
+def _digest_of(path: str, size: int, modified_ns: int) -> str:
+    return file_digest(path)
+
+
+def _digest(path: str) -> str:
+    """`file_digest`, once per file version in this process: every row asks for the same files."""
+    status = os.stat(path)
+    return _digest_of(os.path.realpath(path), status.st_size, status.st_mtime_ns)
 
 
 def _changes(recorded, settings: dict) -> str:
@@ -289,6 +315,11 @@ def _clear_if_changed(folder: Path, settings: dict, label: str, progress: StudyP
         recorded = read_json(record) if record.is_file() else None
         if recorded == settings:
             return
+        if isinstance(recorded, dict) and "inputs" not in recorded and recorded == {
+                key: value for key, value in settings.items() if key != "inputs"}:
+            # Recorded before input files were hashed: trusted once, and their digests recorded from now on.
+            write_json_atomic(record, settings)
+            return
         reason = ("its folder records no settings (made by an older version)" if recorded is None
                   else f"settings changed since its last run: {_changes(recorded, settings)}")
         progress.say(f"{label}: {reason}; running it again")
@@ -311,7 +342,8 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
 
     folder = output_dir / "variants" / name
     progress.start_variant(index, name)
-    _clear_if_changed(folder, _settings(study, overrides), f"variant {index}/{progress.total} {name}", progress)
+    _clear_if_changed(folder, _settings(study, overrides, data), f"variant {index}/{progress.total} {name}",
+                      progress)
     finished = _finished(folder)
     if finished:
         progress.say(f"variant {index}/{progress.total} {name}: already finished, skipped")
