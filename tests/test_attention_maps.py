@@ -166,6 +166,9 @@ def test_all_layers_are_averaged_and_heads_can_be_picked(captioner):
     every = run(layer="all")
     first, last = run(layer=0), run(layer=2)
     assert every.layers == CROSS_LAYERS and every.head is None
+    # The default, the report's layers 2 and 3, where the model lacks them (the default train.py job's decoder has
+    # 3 layers): every layer, not an error.
+    assert run().layers == CROSS_LAYERS
     np.testing.assert_allclose(every.token_maps, (first.token_maps + last.token_maps) / 2, atol=1e-6)
     np.testing.assert_allclose(run(layer=[2, 0]).token_maps, every.token_maps, atol=1e-6)
     heads = [run(layer=2, head=head) for head in (0, 1)]

@@ -69,7 +69,7 @@ def add_captioner_options(parser: argparse.ArgumentParser) -> None:
 def add_attention_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=layer_value, action=LayerAction,
                         help="0-based decoder layer with cross-attention; repeat to average several, or 'all' "
-                             "(default: 2 and 3, the report's '3rd-4th layer')")
+                             "(default: 2 and 3, the report's '3rd-4th layer', where the model has them; else all)")
     parser.add_argument("--head", type=int, default=None, help="0-based attention head (default: mean of the heads)")
 
 
@@ -152,9 +152,8 @@ def build_parser(prog: str = "eval.py") -> argparse.ArgumentParser:
 def run(args) -> None:
     # Imported after parsing, so --help and argument mistakes answer without loading torch.
     from ..evaluation import jobs as evaluation
-    from ..evaluation.attention_maps import REPORT_LAYERS
 
-    layer = REPORT_LAYERS if getattr(args, "layer", None) is None else args.layer
+    layer = getattr(args, "layer", None)
 
     if args.command == "caption":
         captions = evaluation.caption_folder(args.model, args.images, num_beams=args.num_beams,

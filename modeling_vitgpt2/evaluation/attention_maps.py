@@ -99,9 +99,13 @@ def cross_attention_layers(model) -> list[int]:
     return [index for index in range(config.n_layer) if config.has_cross_attention(index)]
 
 
-def resolve_layers(model, layer: int | str | Sequence[int]) -> list[int]:
-    """Checks a `layer=` argument (an index, a list of them, or "all") and returns the 0-based layers it names."""
+def resolve_layers(model, layer: int | str | Sequence[int] | None) -> list[int]:
+    """Checks a `layer=` argument (an index, a list of them, or "all") and returns the 0-based layers it names. None,
+    the default everywhere, is `REPORT_LAYERS` where the model has them, else every layer: a model with fewer
+    decoder layers (the default `train.py` job's has 3) still gets its maps."""
     available = cross_attention_layers(model)
+    if layer is None:
+        return list(REPORT_LAYERS) if set(REPORT_LAYERS) <= set(available) else available
     hint = (
         f"choose from the decoder layers with cross-attention {available} (0-based; the report's '3rd-4th layer' are "
         "2 and 3), a list of them, or 'all'"
@@ -196,7 +200,7 @@ def caption_attention_maps_batch(
     model,
     processor,
     images: Sequence[ImageLike],
-    layer: int | str | Sequence[int] = REPORT_LAYERS,
+    layer: int | str | Sequence[int] | None = None,
     head: int | None = None,
     num_beams: int = 3,
     max_length: int | None = None,
@@ -298,7 +302,7 @@ def caption_attention_maps(
     model,
     processor,
     image: ImageLike,
-    layer: int | str | Sequence[int] = REPORT_LAYERS,
+    layer: int | str | Sequence[int] | None = None,
     head: int | None = None,
     num_beams: int = 3,
     max_length: int | None = None,

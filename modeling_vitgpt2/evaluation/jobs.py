@@ -37,7 +37,7 @@ from ..utils.io import (
     read_json,
     write_json_atomic,
 )
-from .attention_maps import REPORT_LAYERS, CaptionAttention, caption_attention_maps_batch, draw_attention_maps
+from .attention_maps import CaptionAttention, caption_attention_maps_batch, draw_attention_maps
 from .clip_score import DEFAULT_CLIP_MODEL, LoadedClip, clip_score, load_clip
 from .zero_shot import (
     ENSEMBLE,
@@ -71,7 +71,7 @@ __all__ = [
     "write_extremes",
 ]
 
-LayerChoice = int | str | Sequence[int]
+LayerChoice = int | str | Sequence[int] | None  # None: see attention_maps.resolve_layers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def run_zero_shot(images_dir: PathLike, id2label: PathLike, templates: Sequence[
 # Attention maps and the best / worst captions
 
 
-def compute_attention_maps(model, processor, images: Sequence[Path], *, layer: LayerChoice = REPORT_LAYERS,
+def compute_attention_maps(model, processor, images: Sequence[Path], *, layer: LayerChoice = None,
                            head: int | None = None, num_beams: int = 3, max_length: int | None = None,
                            max_new_tokens: int | None = None, batch_size: int = 8,
                            progress: bool = True) -> list[CaptionAttention]:
@@ -471,7 +471,7 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
 
 
 def write_attention_maps(model_or_path, images: Sequence[PathLike], output_dir: PathLike, *,
-                         processor: ViTGPT2Processor | None = None, layer: LayerChoice = REPORT_LAYERS,
+                         processor: ViTGPT2Processor | None = None, layer: LayerChoice = None,
                          head: int | None = None, num_beams: int = 3, max_length: int | None = None,
                          max_new_tokens: int | None = None, batch_size: int = 8, save_arrays: bool = False,
                          progress: bool = True) -> list[dict]:
@@ -548,7 +548,7 @@ def rank_extremes(scores: Mapping[str, float], top_k: int) -> tuple[list[str], l
 
 
 def draw_extremes(model, processor, best: Sequence[tuple[str, Path]], worst: Sequence[tuple[str, Path]],
-                  output_dir: PathLike, *, layer: LayerChoice = REPORT_LAYERS, head: int | None = None,
+                  output_dir: PathLike, *, layer: LayerChoice = None, head: int | None = None,
                   num_beams: int = 3, max_length: int | None = None, max_new_tokens: int | None = None,
                   batch_size: int = 8, progress: bool = True) -> dict[str, list[dict]]:
     """Captions the best and worst `(name, image file)` pairs again and draws each one's attention maps as
@@ -569,7 +569,7 @@ def draw_extremes(model, processor, best: Sequence[tuple[str, Path]], worst: Seq
 def write_extremes(predictions: PathLike | Mapping[str, str], images_dir: PathLike, model_or_path,
                    output_dir: PathLike, *, clip_model: str | LoadedClip = DEFAULT_CLIP_MODEL, top_k: int = 1,
                    clip_prefix: str = "", processor: ViTGPT2Processor | None = None,
-                   layer: LayerChoice = REPORT_LAYERS, head: int | None = None, num_beams: int = 3,
+                   layer: LayerChoice = None, head: int | None = None, num_beams: int = 3,
                    max_length: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
                    progress: bool = True) -> dict:
     """Finds the best and worst captions by CLIPScore and draws their attention maps (course problem 3).

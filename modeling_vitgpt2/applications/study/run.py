@@ -471,7 +471,7 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
     """The best and worst captions of one variant (the one the study names, else the best by CIDEr, or CLIPScore
     when the study computes no CIDEr), by CLIPScore when the study has a CLIP model, else by per-image CIDEr, each
     with its per-word attention maps. `load_study` made sure the metrics include one of the two."""
-    from ...evaluation.attention_maps import REPORT_LAYERS, cross_attention_layers
+    from ...evaluation.attention_maps import resolve_layers
     from ...evaluation.jobs import draw_extremes, load_captioner, rank_extremes, read_coco_references
 
     finished = [row for row in rows if row["status"] == "ok" and row["name"] != BASE_ROW]
@@ -497,14 +497,12 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
     # the settings the variant's predictions were generated with
     *_, settings = parse_train_arguments({**RUN_DEFAULTS, **study.recipe, **data.arguments, **base_arguments(study.base),
                                      "output_dir": str(folder)})
-    layer = study.extremes.get("layer")
-    if layer is None:  # the report's 3rd-4th layers where the model has them, else the mean of all
-        available = cross_attention_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
-        layer = list(REPORT_LAYERS) if set(REPORT_LAYERS) <= set(available) else "all"
+    layers = resolve_layers(model.get_base_model() if hasattr(model, "get_base_model") else model,
+                            study.extremes.get("layer"))
     drawn = draw_extremes(model, processor, [(name, image[name]) for name in best],
-                          [(name, image[name]) for name in worst], output_dir / "extremes", layer=layer,
+                          [(name, image[name]) for name in worst], output_dir / "extremes", layer=layers,
                           **settings.generation_settings(), progress=False)
-    summary = {"variant": row["name"], "by": by, "layers": layer}
+    summary = {"variant": row["name"], "by": by, "layers": layers}
     for kind, entries in drawn.items():
         summary[kind] = [{"rank": entry["rank"], "name": entry["name"], "image": str(image[entry["name"]]),
                           "caption": predictions[entry["name"]], "attention_caption": entry["attention_caption"],
