@@ -23,7 +23,7 @@ from modeling_vitgpt2.model.convert_vision_encoder_decoder import convert_vision
 from modeling_vitgpt2.model.convert_vision_encoder_decoder import main as convert_main
 
 
-def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderDecoderModel:
+def tiny_vision_encoder_decoder(tokenizer, encoder_width: int, **decoder_settings) -> VisionEncoderDecoderModel:
     """Large initial weights (initializer range 0.2-0.3), so every difference between the two models, such as a
     LayerNorm epsilon of 1e-6 against ViT's 1e-12, shows in the logits."""
     torch.manual_seed(0)
@@ -35,6 +35,7 @@ def tiny_vision_encoder_decoder(tokenizer, encoder_width: int) -> VisionEncoderD
     decoder = GPT2Config(
         n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=64, add_cross_attention=True,
         is_decoder=True, bos_token_id=end, eos_token_id=end, attn_pdrop=0.05, initializer_range=0.2,
+        **decoder_settings,
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end
@@ -95,6 +96,25 @@ def test_only_vit_and_gpt2_checkpoints_convert(tiny_tokenizer):
     reference.decoder.config.add_cross_attention = False
     with pytest.raises(ValueError, match="cross-attention"):
         convert_vision_encoder_decoder(reference)
+    # Unscaled attention scores: converted without a word, it captioned differently.
+    with pytest.raises(ValueError, match="scale_attn_weights=False .* cannot be converted"):
+        convert_vision_encoder_decoder(tiny_vision_encoder_decoder(tiny_tokenizer, 32, scale_attn_weights=False))
+
+
+def test_a_gpt2_with_its_own_vocabulary_projection_converts_untied(tiny_tokenizer, tmp_path):
+    """A GPT-2 whose `lm_head` is not its input embedding: the converted model had tied them, dropping the head."""
+    reference = tiny_vision_encoder_decoder(tiny_tokenizer, 48, tie_word_embeddings=False)
+    assert not torch.equal(reference.decoder.lm_head.weight, reference.decoder.transformer.wte.weight)
+    convert_vision_encoder_decoder(reference).save_pretrained(tmp_path)
+    ours = ViTGPT2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        difference = reference(pixel_values=pixels, decoder_input_ids=ids).logits - ours(
+            pixel_values=pixels, decoder_input_ids=ids).logits
+    assert difference.abs().max() < 1e-5
+    assert torch.equal(reference.generate(pixel_values=pixels, num_beams=3, max_length=10),
+                       ours.generate(pixel_values=pixels, num_beams=3, max_length=10))
 
 
 def test_from_encoder_decoder_pretrained_loads_local_timm_and_gpt2_weights(tiny_tokenizer, tmp_path):

@@ -51,8 +51,11 @@ def convert_vision_encoder_decoder(model_or_path) -> ViTGPT2ForConditionalGenera
     vit_config, gpt2_config = vit.config, gpt2.config
     if vit_config.hidden_act != "gelu" or not gpt2_config.add_cross_attention:
         raise ValueError("the ViT must use exact GELU and the GPT-2 decoder must have cross-attention")
-    if gpt2_config.scale_attn_by_inverse_layer_idx or gpt2_config.reorder_and_upcast_attn:
-        raise ValueError("GPT-2 decoders with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn differ")
+    if (gpt2_config.scale_attn_by_inverse_layer_idx or gpt2_config.reorder_and_upcast_attn
+            or not gpt2_config.scale_attn_weights):
+        raise ValueError("GPT-2 decoders with scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn or "
+                         "scale_attn_weights=False compute other attention scores than this model's (always "
+                         "scaled by 1/sqrt(head size)); they cannot be converted")
     outer = model_or_path.config
     config = ViTGPT2Config(
         encoder_name="vit_base_patch16_224",
@@ -74,6 +77,7 @@ def convert_vision_encoder_decoder(model_or_path) -> ViTGPT2ForConditionalGenera
         decoder_start_token_id=outer.decoder_start_token_id
         if outer.decoder_start_token_id is not None
         else gpt2_config.bos_token_id,
+        tie_word_embeddings=gpt2_config.tie_word_embeddings,
         **decoder_fields_from_gpt2(gpt2_config),
     )
     model = ViTGPT2ForConditionalGeneration(config)
@@ -92,6 +96,9 @@ def convert_vision_encoder_decoder(model_or_path) -> ViTGPT2ForConditionalGenera
             decoder_state[prefix + "weight"] = projection.weight.T @ weight
             decoder_state[prefix + "bias"] = projection.bias @ weight + bias
     model.decoder.load_state_dict(decoder_state)
+    if not config.tie_word_embeddings:  # GPT-2's own vocabulary projection, not a copy of its input embedding
+        with torch.no_grad():
+            model.lm_head.weight.copy_(gpt2.lm_head.weight)
     model.generation_config = model_or_path.generation_config.__class__.from_dict(
         model_or_path.generation_config.to_dict()
     )
