@@ -63,6 +63,18 @@ def test_the_loader_refuses_bfloat16_on_a_cpu_without_it(model_dir, monkeypatch)
     assert load_captioner(model_dir, device="cpu")[0].dtype == torch.float32  # float32 is never refused
 
 
+@pytest.mark.parametrize("saved_dtype", [torch.bfloat16, torch.float16])
+def test_a_model_saved_in_half_precision_loads_in_float32_and_quantizes(model_dir, saved_dtype, tmp_path,
+                                                                         monkeypatch):
+    """transformers keeps a checkpoint's dtype: a model saved in bfloat16 ran in (maybe emulated) bfloat16 without
+    --dtype, and --quantize int8 refused it, telling the user to load it 'without a dtype', as they had."""
+    without_bfloat16(monkeypatch)
+    ViTGPT2ForConditionalGeneration.from_pretrained(model_dir).to(saved_dtype).save_pretrained(tmp_path)
+    assert {parameter.dtype for parameter in loading.load_for_inference(tmp_path).parameters()} == {torch.float32}
+    quantized = loading.load_for_inference(tmp_path, quantize="int8")
+    assert quantized.get_output_embeddings().weight().dtype == torch.qint8
+
+
 def test_eval_caption_refuses_in_one_line_and_writes_nothing(model_dir, images, tmp_path, monkeypatch, capsys):
     without_bfloat16(monkeypatch)
     output = tmp_path / "preds.json"

@@ -93,9 +93,12 @@ def load_for_inference(path: str | os.PathLike, quantize: str | None = None, dty
         adapter = (path / "adapter_config.json").is_file()
         quantized = None if kwargs else load_quantized(adapter_base(path) if adapter else path, quantize,
                                                        adapter=path if adapter else None)
-        return quantize_for_cpu(quantized if quantized is not None else load_for_inference(path, **kwargs), quantize)
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
+        if quantized is None:
+            quantized = load_for_inference(path, **{"dtype": torch.float32, **kwargs})
+        return quantize_for_cpu(quantized, quantize)
+    # float32 unless asked otherwise, whatever the weights were saved in: transformers would keep a bfloat16 or
+    # float16 checkpoint's dtype, which int8 refuses and a CPU without bfloat16 instructions emulates slowly.
+    kwargs["dtype"] = torch_dtype if torch_dtype is not None else kwargs.get("dtype", torch.float32)
     if (path / "adapter_config.json").is_file():
         base = ViTGPT2ForConditionalGeneration.from_pretrained(adapter_base(path), **kwargs)
         model = PeftModel.from_pretrained(base, path)
