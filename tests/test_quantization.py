@@ -99,11 +99,14 @@ def test_int8_load_gives_the_outputs_of_quantizing_the_whole_float32_model(tmp_p
             assert torch.equal(model.generate(pixel_values=pixel_values, **settings), expected_tokens), name
 
 
+@pytest.mark.parametrize("saved_whole", [["crossattention", "ln_cross_attn"], ["wte"]],
+                         ids=["cross-attention", "input-embedding"])
 def test_int8_load_of_a_lora_adapter_gives_the_outputs_of_quantizing_the_merged_model(tmp_path, saved_captioner,
-                                                                                       tiny_processor):
+                                                                                       tiny_processor, saved_whole):
     """An adapter's layers (LoRA targets and the modules it saves whole) are read in float32, merged, then
     quantized; everything else straight into int8: the same logits and captions as merging into the float32 model
-    and quantizing that at once."""
+    and quantizing that at once. An adapter that saves the input embedding, which the vocabulary projection is tied
+    to, keeps projecting with the base's (the int8 projection was built from the adapter's copy: garbage captions)."""
     from peft import LoraConfig, get_peft_model
 
     from modeling_vitgpt2.inference.loading import BASE_MODEL_FOLDER, load_for_inference
@@ -113,7 +116,7 @@ def test_int8_load_of_a_lora_adapter_gives_the_outputs_of_quantizing_the_merged_
     adapter = tmp_path / "adapter"
     peft_model = get_peft_model(load_for_inference(saved_captioner), LoraConfig(
         r=2, target_modules=DEFAULT_LORA_TARGETS, fan_in_fan_out=True, init_lora_weights=False,
-        modules_to_save=["crossattention", "ln_cross_attn"]))
+        modules_to_save=saved_whole))
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "modules_to_save" in name:  # as training leaves them: unlike the base model's

@@ -237,7 +237,10 @@ def load_quantized(folder: str | os.PathLike, quantize: str = "int8",
         model = ViTGPT2ForConditionalGeneration(config)
     tied = config.tie_word_embeddings and "lm_head.weight" not in checkpoint.files
     expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
-    if not checkpoint.float32 or expected != set(checkpoint.files) or changed_by_adapter("lm_head"):
+    # A tied vocabulary projection is read from the input embedding after the merge, which an adapter that saves or
+    # tunes the embedding has replaced; peft's model (and `quantize_for_cpu` of it) keeps projecting with the base's.
+    if not checkpoint.float32 or expected != set(checkpoint.files) or changed_by_adapter("lm_head") or (
+            tied and changed_by_adapter("decoder.wte")):
         return None
     # All but the linear layers an adapter leaves alone; those stay empty until after the merge, since torch's int8
     # layers cannot take part in the partial `load_state_dict` by which peft loads an adapter.
