@@ -15,6 +15,7 @@ import textwrap
 from types import SimpleNamespace
 
 import httpx2  # the HTTP client huggingface_hub 2.x raises its errors from
+import huggingface_hub.constants
 import pytest
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, constants
 from huggingface_hub.utils import hf_raise_for_status
@@ -73,6 +74,7 @@ def recording_hub(monkeypatch) -> SimpleNamespace:
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: recorded.folder_uploads.append(kwargs))
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline; this Hub is local
     return recorded
 
 
@@ -454,6 +456,17 @@ def test_train_py_push_without_a_token_stops_before_training(shapes, pretrained_
     with pytest.raises(HubPushError, match="hf auth login"):
         train_script.train(*training_arguments(shapes, pretrained_parts, output_dir, max_steps=1, push_to_hub=True,
                                 hub_model_id=REPO_ID))
+    assert not output_dir.exists()
+
+
+def test_train_py_push_while_offline_stops_before_training(shapes, pretrained_parts, hub, train_script, tmp_path,
+                                                           monkeypatch):
+    """With HF_HUB_OFFLINE set the whole run trained, and only then did the push fail."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    output_dir = tmp_path / "not-started"
+    with pytest.raises(HubPushError, match="cannot push while HF_HUB_OFFLINE is set"):
+        train_script.train(*training_arguments(shapes, pretrained_parts, output_dir, max_steps=1, push_to_hub=True,
+                                               hub_model_id=REPO_ID))
     assert not output_dir.exists()
 
 

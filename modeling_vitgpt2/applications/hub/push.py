@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import httpx2
+import huggingface_hub.constants
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -127,6 +128,10 @@ def check_push_settings(training_args) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id your-namespace/model-name")
     check_repo_id(training_args.hub_model_id)
     require_hub_token(training_args.hub_token)
+    if huggingface_hub.constants.HF_HUB_OFFLINE:  # read now: set by the environment, or by a test
+        raise HubPushError("--push_to_hub cannot push while HF_HUB_OFFLINE is set (huggingface_hub makes no "
+                           "request then): unset it, or train without --push_to_hub and push the folder later with "
+                           "`vitgpt2 hub push OUTPUT_DIR --repo_id NAME`")
 
 
 def without_trainer_push(training_args):
