@@ -106,7 +106,7 @@ def test_a_config_file_comes_first_and_flags_override_it(train_script, tmp_path)
         [str(config), "--learning_rate", "1e-4", "--max_new_tokens", "9"]
     )
     assert training_args.learning_rate == 1e-4 and training_args.num_train_epochs == 2 and peft_args.peft == "lora"
-    assert model_args.model_config == {"n_layer": 2}
+    assert json.loads(model_args.model_config) == {"n_layer": 2}  # as `--model_config '{"n_layer": 2}'` gives it
     assert training_args.generation_settings() == {"num_beams": 3, "max_length": 40, "max_new_tokens": 9}
     # The shipped course recipe parses too.
     _, _, peft_args, training_args = train_script.parse_arguments([str(REPO / "configs" / "course_lora.yaml")])
@@ -217,3 +217,111 @@ def test_a_from_scratch_model_of_another_size_says_so_up_front(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=environment(), check=True, capture_output=True, text=True)
     total = json.loads((output_dir / "training_summary.json").read_text())["total_parameters"]
     assert f"NOTE: training a model of {total:,} parameters from scratch, not the built-in default's" in result.stdout
+
+
+def _parse_config(train_script, tmp_path, text: str, *flags: str, suffix: str = ".yaml"):
+    config = tmp_path / f"run{suffix}"
+    config.write_text(text)
+    return train_script.parse_arguments([str(config), *flags])
+
+
+def _outcome(train_script, argv: list[str], capsys):
+    """What parsing `argv` gives: the arguments, the parser's error line (argparse exits with status 2), or the
+    argument classes' own error."""
+    try:
+        return train_script.parse_arguments(argv)
+    except ValueError as error:
+        return [f"ValueError: {error}"]
+    except SystemExit as error:
+        assert error.code == 2
+        return [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+
+
+def test_a_config_file_takes_no_for_a_strategy_as_the_flags_do(train_script, tmp_path):
+    # YAML 1.1 reads no/yes/on/off as booleans: `eval_strategy: no` was refused as "False is not a valid
+    # IntervalStrategy" although `--eval_strategy no` is what --help documents.
+    *_, training_args = _parse_config(train_script, tmp_path,
+                                      "eval_strategy: no\nsave_strategy: no\nload_best_model_at_end: false\n")
+    assert (training_args.eval_strategy, training_args.save_strategy) == ("no", "no")
+    assert training_args.load_best_model_at_end is False
+    *_, training_args = _parse_config(train_script, tmp_path, "merge: True\nload_best_model_at_end: FALSE\n")
+    assert training_args.merge is True and training_args.load_best_model_at_end is False
+
+
+@pytest.mark.parametrize("text, flags", [
+    ("lora_target_modules: c_attn\n", ["--lora_target_modules", "c_attn"]),  # a list field given one value
+    ("lora_target_modules: [c_attn, c_proj]\n", ["--lora_target_modules", "c_attn", "c_proj"]),
+    ("per_device_train_batch_size: 2.5\n", ["--per_device_train_batch_size", "2.5"]),  # a float for an int
+    ("lora_rank: 8.0\n", ["--lora_rank", "8.0"]),
+    ("max_steps: 1e3\n", ["--max_steps", "1e3"]),  # refused by both: int('1e3') fails
+    ("learning_rate: 1e-2\nwarmup_steps: 5\n", ["--learning_rate", "1e-2", "--warmup_steps", "5"]),
+    ("learning_rate: [1, 2]\n", None),  # a list for a float: refused naming the option
+    ("num_train_epochs: '3'\nmerge: 'false'\n", ["--num_train_epochs", "3", "--merge", "false"]),
+    ("seed: true\n", ["--seed", "true"]),  # a boolean for an int
+    ("eval_strategy: yes\n", ["--eval_strategy", "yes"]),  # a string as the flag's, an invalid strategy
+])
+def test_config_file_values_convert_and_fail_as_the_same_flags_do(train_script, tmp_path, capsys, text, flags):
+    (tmp_path / "run.yaml").write_text(text)
+    from_file = _outcome(train_script, [str(tmp_path / "run.yaml")], capsys)
+    if flags is None:
+        assert isinstance(from_file, list) and len(from_file) == 1, from_file
+        assert "argument --learning_rate/--learning-rate: expected one argument" in from_file[0]
+        return
+    assert from_file == _outcome(train_script, flags, capsys)
+
+
+def test_flags_override_a_config_files_lists_and_booleans(train_script, tmp_path):
+    text = "lora_target_modules: [c_attn, c_proj]\nload_best_model_at_end: true\nlearning_rate: 1e-2\n"
+    _, _, peft_args, training_args = _parse_config(
+        train_script, tmp_path, text, "--lora_target_modules", "c_fc", "--no_load_best_model_at_end",
+        "--eval_strategy", "no", "--save_strategy", "no")
+    assert peft_args.lora_target_modules == ["c_fc"]
+    assert training_args.load_best_model_at_end is False and training_args.learning_rate == 0.01
+
+
+def test_null_in_a_config_file_unsets_an_optional_setting_and_is_refused_for_others(train_script, tmp_path, capsys):
+    _, _, peft_args, training_args = _parse_config(
+        train_script, tmp_path, "save_total_limit: null\nmax_new_tokens: ~\nlora_target_modules: null\n")
+    assert training_args.save_total_limit is None and peft_args.lora_target_modules is None
+    assert training_args.max_new_tokens is None
+    # ... and a flag still overrides it
+    *_, training_args = _parse_config(train_script, tmp_path, "save_total_limit: null\n", "--save_total_limit", "3")
+    assert training_args.save_total_limit == 3
+    with pytest.raises(SystemExit):
+        _parse_config(train_script, tmp_path, "learning_rate: null\n")
+    assert "argument --learning_rate/--learning-rate: takes a value, not null" in capsys.readouterr().err
+
+
+def test_a_json_config_file_parses_as_the_yaml_one(train_script, tmp_path):
+    settings = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False,
+                "lora_target_modules": "c_attn", "learning_rate": 2e-5, "save_total_limit": None,
+                "model_config": {"n_layer": 2}}
+    model_args, _, peft_args, training_args = _parse_config(
+        train_script, tmp_path, json.dumps(settings), "--num_train_epochs", "2", suffix=".json")
+    assert peft_args.lora_target_modules == ["c_attn"]
+    assert (training_args.eval_strategy, training_args.load_best_model_at_end) == ("no", False)
+    assert training_args.learning_rate == 2e-5 and training_args.save_total_limit is None
+    assert training_args.num_train_epochs == 2
+    assert json.loads(model_args.model_config) == {"n_layer": 2}
+
+
+def test_a_study_takes_and_refuses_recipe_and_variant_values_as_train_py_does(tmp_path):
+    from modeling_vitgpt2.applications.study import StudyConfigError, load_study
+
+    def study(recipe: str, variant: str = "") -> str:
+        path = tmp_path / "study.yaml"
+        path.write_text(f"base: {{model: {tmp_path / 'base'}}}\nrecipe:\n  num_train_epochs: 1\n{recipe}"
+                        f"variants:\n  - {{name: lora, peft: lora{variant}}}\nmetrics: [cider]\n")
+        return path
+
+    loaded = load_study(study("  eval_strategy: no\n  save_strategy: no\n  load_best_model_at_end: false\n",
+                              ", lora_target_modules: c_attn"))
+    assert loaded.recipe["eval_strategy"] == "no"
+    for recipe, variant, message in (
+        ("  per_device_train_batch_size: 2.5\n", "", "recipe.per_device_train_batch_size has invalid int value: '2.5'"),
+        ("", ", lora_rank: 8.0", "variants[0].lora_rank has invalid int value: '8.0'"),
+        ("  learning_rate: [1, 2]\n", "", "recipe.learning_rate has expected one argument"),
+    ):
+        with pytest.raises(StudyConfigError) as error:
+            load_study(study(recipe, variant))
+        assert f"study file {tmp_path / 'study.yaml'}: {message}" in str(error.value)

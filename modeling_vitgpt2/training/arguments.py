@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import typing
+from argparse import ArgumentError, ArgumentParser
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ from .peft_methods import PeftArguments
 __all__ = [
     "ARGUMENT_GROUPS",
     "CaptionTrainingArguments",
+    "ConfigLoader",
     "DataArguments",
     "ModelArguments",
     "PeftArguments",
@@ -223,13 +228,27 @@ def json_argument(value: str | dict | None, name: str) -> dict:
 
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as config files and studies read it: only true/false (True, TRUE, ...) are booleans, as in YAML 1.2, so
+    that `eval_strategy: no` is the string of `--eval_strategy no` (YAML 1.1 reads no/yes/on/off as booleans). JSON
+    reads as before."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def read_config_file(path: Path) -> dict:
     """A YAML/JSON file of settings (`train.py CONFIG`, a study's `base.train_config`), checked against the options
     before anything runs."""
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        settings = yaml.safe_load(path.read_text()) or {}  # JSON is YAML
+        settings = yaml.load(path.read_text(), Loader=ConfigLoader) or {}  # JSON is YAML
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML/JSON: {error}") from error
     if not isinstance(settings, dict):
@@ -241,13 +260,57 @@ def read_config_file(path: Path) -> dict:
     return settings
 
 
+@cache
+def _optional_options() -> frozenset[str]:
+    """The options whose type admits None (`int | None`, ...): a file's null sets them to None."""
+    return frozenset(name for group in ARGUMENT_GROUPS for name, hint in typing.get_type_hints(group).items()
+                     if type(None) in typing.get_args(hint))
+
+
+def _token(value) -> str:
+    """A value as the command line spells it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value)  # what --model_config and the JSON options of TrainingArguments take
+    return str(value)
+
+
+def _value_tokens(parser: ArgumentParser, values: dict) -> list[str]:
+    """`values` as command-line flags, for the parser to convert and check as it does the real ones. A null sets an
+    optional option to None (no flag can), and is refused for the others."""
+    tokens = []
+    for key, value in values.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        if action is None or action.dest != key:
+            raise ValueError(f"unknown option {key} (see --help)")
+        if value is None:
+            if key not in _optional_options():
+                raise ArgumentError(action, "takes a value, not null")
+            parser.set_defaults(**{key: None})
+        elif action.nargs in ("+", "*"):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            tokens += [f"--{key}", *map(_token, items)]
+        elif isinstance(value, (list, tuple)):
+            raise ArgumentError(action, f"expected one argument, got a list: {list(value)!r}")
+        else:
+            tokens.append(f"--{key}={_token(value)}")  # `=`: a value starting with '-' is not read as an option
+    return tokens
+
+
 def parse_train_arguments(values: dict, argv: Sequence[str] = (), prog: str | None = None,
                           exit_on_error: bool = True):
     """(model, data, peft, training) arguments: the defaults, then `values` (option names to values, from a config
-    file or a study), then the command-line flags `argv`. `values` become the parser's defaults, so they convert as
-    flags do: PyYAML reads `1e-2` as the string '1e-2', which becomes 0.01 here (`parse_dict` would keep the
-    string). With `exit_on_error=False` a value that does not convert raises `argparse.ArgumentError` instead of
-    exiting."""
+    file or a study), then the command-line flags `argv`. `values` are parsed as flags placed before `argv`, so they
+    take, convert and refuse what the flags do (`lora_target_modules: c_attn` is `--lora_target_modules c_attn`, a
+    list; `lora_rank: 8.0` is refused as `--lora_rank 8.0` is; PyYAML's string '1e-2' becomes 0.01), and `argv`
+    overrides them. A null sets an option whose type admits None to None. With `exit_on_error=False` a value that
+    does not convert raises `argparse.ArgumentError` instead of exiting."""
     parser = HfArgumentParser(ARGUMENT_GROUPS, prog=prog, exit_on_error=exit_on_error)
-    parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
+    try:
+        tokens = _value_tokens(parser, values)
+    except ArgumentError as error:
+        if exit_on_error:
+            parser.error(str(error))
+        raise
+    return parser.parse_args_into_dataclasses(args=[*tokens, *argv], look_for_args_file=False)

@@ -84,8 +84,10 @@ def load_study(path) -> Study:
     path = Path(path)
     if not path.is_file():
         raise StudyConfigError(f"study file not found: {path}")
+    from ...training.arguments import ConfigLoader  # recipe and variant values read as train.py's config files
+
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        content = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader)
     except yaml.YAMLError as error:
         raise StudyConfigError(f"study file {path} is not valid YAML: {error}") from None
 
