@@ -248,3 +248,67 @@ def test_rotating_checkpoints_removes_a_linked_checkpoint_s_link_and_keeps_what_
     assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-6"]
     assert (elsewhere / "checkpoint-2" / CHECKPOINT_COMPLETE).is_file()
     assert checkpoint_problem(elsewhere / "checkpoint-2") is None
+
+
+def _base_model_files(output_dir):
+    return {path.name: path.read_bytes() for path in (output_dir / "base_model").iterdir()}
+
+
+def test_a_refused_start_or_resume_leaves_the_finished_run_s_base_model_as_it_was(shapes, pretrained_parts, tmp_path):
+    """The adapter of a finished run captions only with the base model it was trained on (base_model/): a start
+    refused by --max_trainable_params, or a resume with other peft settings than its checkpoint's, must not rewrite
+    it; the resume is refused in one line naming the checkpoint and both settings."""
+    output_dir = tmp_path / "run"
+    run_training(*training_arguments(shapes, pretrained_parts, output_dir, max_steps=2, save_strategy="steps",
+                                     save_steps=2))
+    finished = _base_model_files(output_dir)
+    before = captions_of(load_for_inference(output_dir), ViTGPT2Processor.from_pretrained(output_dir), shapes)
+
+    model_args, data_args, peft_args, training_args = training_arguments(shapes, pretrained_parts, output_dir,
+                                                                         peft="prefix")
+    peft_args.max_trainable_params = 10
+    with pytest.raises(ValueError, match="max_trainable_params"):
+        run_training(model_args, data_args, peft_args, training_args)
+    assert _base_model_files(output_dir) == finished
+
+    for peft, rank, expected in [
+        ("adapter", 4, r"checkpoint-2 was trained with --peft lora .*this run has --peft adapter --adapter_bottleneck 8"),
+        ("lora", 8, r"checkpoint-2 was trained with --lora_rank 4; this run has --lora_rank 8"),
+    ]:
+        model_args, data_args, peft_args, training_args = training_arguments(
+            shapes, pretrained_parts, output_dir, peft=peft, resume_from_checkpoint="true")
+        peft_args.lora_rank = rank
+        with pytest.raises(ValueError, match=expected) as refused:
+            run_training(model_args, data_args, peft_args, training_args)
+        assert "start afresh without --resume_from_checkpoint" in str(refused.value)
+        assert _base_model_files(output_dir) == finished
+    after = captions_of(load_for_inference(output_dir), ViTGPT2Processor.from_pretrained(output_dir), shapes)
+    assert after == before
+
+
+def test_a_resume_with_another_global_batch_is_refused_unless_the_data_skip_is_ignored(shapes, pretrained_parts,
+                                                                                      tmp_path):
+    """Trainer skips the trained batches counted in this run's batch size: with another one (other processes, or
+    another --per_device_train_batch_size) it would train samples again or leave some out, without a word."""
+    from modeling_vitgpt2.training.checkpoints import CHECKPOINT_COMPLETE
+
+    output_dir = tmp_path / "run"
+    run_training(*training_arguments(shapes, pretrained_parts, output_dir, per_device_train_batch_size=4, max_steps=2,
+                                     save_strategy="steps", save_steps=1, save_total_limit=5))
+    manifest = json.loads((output_dir / "checkpoint-1" / CHECKPOINT_COMPLETE).read_text())
+    assert manifest["world_size"] == 1 and manifest["global_batch_size"] == 4
+
+    def resume(**training):
+        return training_arguments(shapes, pretrained_parts, output_dir, max_steps=2, save_strategy="steps",
+                                  save_steps=1, save_total_limit=5, resume_from_checkpoint=str(output_dir / "checkpoint-1"), **training)
+
+    with pytest.raises(ValueError, match=r"checkpoint-1 was written by 1 process\(es\) with a global batch of 4 "
+                                         r"samples; this run has 1 with 2.*--ignore_data_skip true"):
+        run_training(*resume(per_device_train_batch_size=2))
+    run_training(*resume(per_device_train_batch_size=2, ignore_data_skip=True))
+
+    # A checkpoint written before the manifest recorded them resumes as before.
+    for name in ("world_size", "global_batch_size"):
+        manifest.pop(name)
+    (output_dir / "checkpoint-1" / CHECKPOINT_COMPLETE).write_text(json.dumps(manifest))
+    run_training(*resume(per_device_train_batch_size=2))

@@ -21,6 +21,7 @@ __all__ = [
     "CHECKPOINT_COMPLETE",
     "STREAM_POSITION_FOLDER",
     "OutputFolderInUseError",
+    "batch_change",
     "checkpoint_problem",
     "hold_output_dir",
     "last_complete_checkpoint",
@@ -30,6 +31,8 @@ __all__ = [
     "stream_change",
     "resolve_resume",
     "rotate_complete_checkpoints",
+    "run_settings",
+    "settings_change",
     "write_checkpoint_manifest",
 ]
 
@@ -53,16 +56,21 @@ def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(folders, key=_checkpoint_step)
 
 
-def write_checkpoint_manifest(folder: Path, global_step: int, train_loss_sum: float) -> None:
+def write_checkpoint_manifest(folder: Path, global_step: int, train_loss_sum: float, world_size: int = 1,
+                              global_batch_size: int | None = None) -> None:
     """Marks a checkpoint complete: `checkpoint_complete.json`, written last, lists every file's size and SHA-256
-    (so that resuming can tell a damaged file) and the sum of the step losses so far (for `train_loss`)."""
+    (so that resuming can tell a damaged file), the sum of the step losses so far (for `train_loss`), and the number
+    of processes and the samples per optimizer step over all of them (a resume skips the trained batches in its own
+    batch size: `batch_change`)."""
     files = {
         path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_digest(path)}
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != CHECKPOINT_COMPLETE
     }
     write_json_atomic(
-        folder / CHECKPOINT_COMPLETE, {"global_step": global_step, "train_loss_sum": train_loss_sum, "files": files}
+        folder / CHECKPOINT_COMPLETE,
+        {"global_step": global_step, "train_loss_sum": train_loss_sum, "world_size": world_size,
+         "global_batch_size": global_batch_size, "files": files},
     )
 
 
@@ -201,6 +209,81 @@ def stream_change(saved: dict, current: dict) -> str | None:
         if saved.get(key) != current.get(key):
             changes.append(f"{label} was {saved.get(key)!r}, is now {current.get(key)!r}")
     return "; ".join(changes) or None
+
+
+def batch_change(checkpoint: str | os.PathLike, world_size: int, global_batch_size: int) -> str | None:
+    """Why resuming `checkpoint` with `world_size` processes and `global_batch_size` samples per optimizer step would
+    train other samples than an uninterrupted run, or None. Trainer skips the batches trained before in this run's
+    batch size (and finds no RNG state of its own under another process count): with another size it trains samples
+    again or leaves some out, without a word. Manifests written before they recorded these say nothing."""
+    manifest = read_checkpoint_manifest(checkpoint)
+    saved_processes, saved_batch = manifest.get("world_size"), manifest.get("global_batch_size")
+    if saved_processes is None or (saved_processes, saved_batch) == (world_size, global_batch_size):
+        return None
+    return (
+        f"{checkpoint} was written by {saved_processes} process(es) with a global batch of {saved_batch} samples; "
+        f"this run has {world_size} with {global_batch_size}, so its skip of the trained batches would train samples "
+        f"again or leave some out. Resume with {saved_processes} process(es) and the batch settings it was saved with "
+        "(--per_device_train_batch_size, --gradient_accumulation_steps), or pass --ignore_data_skip true to start "
+        "the data from its beginning"
+    )
+
+
+# adapter_config.json fields that give the trained weights their names and shapes: a checkpoint loads into the same.
+ADAPTER_SHAPE_FIELDS = ("peft_type", "r", "target_modules", "modules_to_save")
+# Base-model config fields that change neither its weights' names nor their shapes.
+UNSHAPED_CONFIG_FIELDS = {"_name_or_path", "architectures", "auto_map", "transformers_version", "dtype",
+                          "torch_dtype", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation"}
+
+
+def run_settings(adapter: dict | None, base_config: dict | None) -> dict[str, object]:
+    """A run's settings that a checkpoint must share to be resumed, named as train.py's options: from its peft
+    config (`adapter`, as adapter_config.json holds it; None for full training) and its base model's config."""
+    adapter = adapter or {}
+    base_config = base_config or {}
+    trained_whole = sorted(adapter.get("modules_to_save") or [])
+    peft_type = str(getattr(adapter.get("peft_type"), "value", adapter.get("peft_type") or ""))
+    if not adapter:
+        method = "full"
+    elif peft_type == "LORA":
+        method = "lora"
+    else:  # the methods whose own modules train whole (peft_methods.layer_norm_tuning)
+        method = next((name for module, name in (("attn_adapter", "adapter"), ("prefix", "prefix"))
+                       if module in trained_whole), "cross_attention" if peft_type == "LN_TUNING" else peft_type)
+    settings = {"--peft": method}
+    if method == "lora":
+        targets = adapter.get("target_modules")
+        settings["--lora_rank"] = adapter.get("r")
+        settings["--lora_target_modules"] = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
+    settings |= {
+        "--train_encoder": "true" if "encoder" in trained_whole else None,
+        "--adapter_bottleneck": base_config.get("adapter_bottleneck") or None,  # 0: none
+        "--num_virtual_tokens": base_config.get("prefix_length") or None,
+        "modules_to_save": trained_whole or None,  # implied by the options above, for other methods
+    }
+    for name, value in sorted(base_config.items()):
+        if name not in UNSHAPED_CONFIG_FIELDS | {"adapter_bottleneck", "prefix_length"}:
+            settings[f"--model_config {name}"] = value
+    return settings
+
+
+def settings_change(checkpoint: str | os.PathLike, saved: dict, current: dict) -> str | None:
+    """The one-line refusal to resume `checkpoint`, trained with the `saved` settings (`run_settings`), in a run with
+    the `current` ones, or None when they agree. Other peft settings or another base model would not load its
+    weights (a KeyError or a size mismatch deep in peft), or would train them on another model."""
+    differing = [name for name in dict.fromkeys([*saved, *current]) if saved.get(name) != current.get(name)]
+    if not differing:
+        return None
+    # The options say it where they differ, without what they imply (another method's targets, its modules).
+    implied = ["modules_to_save"] + (["--lora_target_modules"] if "--peft" in differing else [])
+    differing = [name for name in differing if name not in implied] or differing
+
+    def options(settings: dict) -> str:
+        return " ".join(f"{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+                        for name in differing if (value := settings.get(name)) is not None) or "none"
+
+    return (f"{checkpoint} was trained with {options(saved)}; this run has {options(current)}: resume "
+            "with those settings, or start afresh without --resume_from_checkpoint")
 
 
 def resolve_resume(training_args: CaptionTrainingArguments) -> str | None:

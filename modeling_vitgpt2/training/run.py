@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,9 +26,15 @@ from ..inference.loading import BASE_MODEL_FOLDER, is_peft_model
 from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
 from ..model.processing_vitgpt2 import ViTGPT2Processor
-from ..utils.io import naming_a_full_disk, write_json_atomic
+from ..utils.io import naming_a_full_disk, read_json, write_json_atomic
 from .arguments import CaptionTrainingArguments, DataArguments, ModelArguments, json_argument
-from .checkpoints import hold_output_dir, read_checkpoint_manifest, resolve_resume
+from .checkpoints import (
+    hold_output_dir,
+    read_checkpoint_manifest,
+    resolve_resume,
+    run_settings,
+    settings_change,
+)
 from .peft_methods import (
     PeftArguments,
     apply_peft,
@@ -300,57 +308,63 @@ def _run_training(
     generation.update(**training_args.generation_settings())
 
     output_dir = Path(training_args.output_dir)
+    resume = resolve_resume(training_args)
+    base_config = model.config.to_dict()
+    staged_base = None
     if peft_method(method).uses_peft and (not model_args.model_name_or_path or config_overrides(method, peft_args)):
         # A PEFT adapter needs its base model. One built here (from scratch, from pretrained parts, or with new
         # adapter/prefix modules) is saved once so that `PeftModel.from_pretrained(base, OUTPUT_DIR)` finds it.
         base_dir = output_dir / BASE_MODEL_FOLDER
-        if state.is_main_process:
-            with naming_a_full_disk(base_dir, saved_weight_bytes(model)):
-                model.save_pretrained(base_dir)
-                processor.save_pretrained(base_dir)
+        if not (resume and base_dir.is_dir()):  # the one a resumed checkpoint was trained on stays
+            # Saved now, while the model is the base alone, beside the folder: it replaces base_model/ only once
+            # nothing can refuse the run, so a refused start leaves an earlier run's adapter its own base.
+            staged_base = _stage_base_model(model, processor, base_dir, state)
         _record_base(model, str(base_dir.resolve()))
     elif model_args.model_name_or_path:
         _record_base(model, model_args.model_name_or_path)
-
-    model = apply_peft(model, method, peft_args)
-    trainable, total = count_parameters(model)
-    logger.warning(
-        f"--peft {method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
-    )
-    if state.is_main_process:
-        print(f"[train] method={method} trainable={trainable:,} total={total:,} ({100 * trainable / total:.2f}%)")
-        if from_scratch and _changes_default_size(model_args):
-            default_total = sum(p.numel() for p in _default_scratch_model(len(processor.tokenizer)).parameters())
-            print(
-                f"[train] NOTE: training a model of {total:,} parameters from scratch, not the built-in default's "
-                f"{default_total:,} (--model_config changes its size). The time per step shows after the first steps."
-            )
-    check_trainable_budget(trainable, peft_args.max_trainable_params, method)
-
-    collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
-    eval_collator = collator
-    callbacks = [RunTimeEstimate(trainable, total), *(callbacks or [])]
-    if stream_counts is not None:
-        callbacks.append(EmptyStreamCheck(stream_counts, data_args.train_shards or data_args.dataset_name))
-    if data_args.cache_encoder_features:
-        collator, eval_collator, page_out, train_rows = _feature_cache_collators(
-            data_args, training_args, peft_args, model, processor, collator, train_rows, val_images, stream_counts
+    # Every check that can refuse the run comes before the new base model replaces base_model/.
+    with _placed_when_accepted(staged_base, state):
+        model = apply_peft(model, method, peft_args)
+        trainable, total = count_parameters(model)
+        logger.warning(
+            f"--peft {method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
         )
-        callbacks.append(page_out)
+        if state.is_main_process:
+            print(f"[train] method={method} trainable={trainable:,} total={total:,} ({100 * trainable / total:.2f}%)")
+            if from_scratch and _changes_default_size(model_args):
+                default_total = sum(p.numel() for p in _default_scratch_model(len(processor.tokenizer)).parameters())
+                print(
+                    f"[train] NOTE: training a model of {total:,} parameters from scratch, not the built-in default's "
+                    f"{default_total:,} (--model_config changes its size). The time per step shows after the first steps."
+                )
+        check_trainable_budget(trainable, peft_args.max_trainable_params, method)
+        if resume:
+            _check_resume_settings(resume, model, base_config)
 
-    trainer = CaptionTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_rows,
-        eval_dataset=val_images,
-        data_collator=collator,
-        processing_class=processor,
-        eval_collator=eval_collator,
-        clip_model=data_args.clip_model,
-        callbacks=callbacks,
-        stream_identity=stream_identity(data_args, training_args.seed) if data_args.streamed else None,
-    )
-    resume = resolve_resume(training_args)
+        collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
+        eval_collator = collator
+        callbacks = [RunTimeEstimate(trainable, total), *(callbacks or [])]
+        if stream_counts is not None:
+            callbacks.append(EmptyStreamCheck(stream_counts, data_args.train_shards or data_args.dataset_name))
+        if data_args.cache_encoder_features:
+            collator, eval_collator, page_out, train_rows = _feature_cache_collators(
+                data_args, training_args, peft_args, model, processor, collator, train_rows, val_images, stream_counts
+            )
+            callbacks.append(page_out)
+
+        trainer = CaptionTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_rows,
+            eval_dataset=val_images,
+            data_collator=collator,
+            processing_class=processor,
+            eval_collator=eval_collator,
+            clip_model=data_args.clip_model,
+            callbacks=callbacks,
+            stream_identity=stream_identity(data_args, training_args.seed) if data_args.streamed else None,
+        )
+
     resumed_at_step = read_checkpoint_manifest(resume)["global_step"] if resume else 0  # rotation may delete it
     train_result = trainer.train(resume_from_checkpoint=resume)
     # Under FSDP each process holds its shard of the weights (DTensors), elsewhere all of them. Counted before the
@@ -464,6 +478,59 @@ def _stream_summary(data_args: DataArguments, training_args: CaptionTrainingArgu
         logger.warning(f"skipped {summary['skipped_samples']} bad sample(s) of the stream: "
                        f"{summary['skipped_by_reason']}; by shard: {summary['skipped_by_shard']}")
     return summary
+
+
+def _stage_base_model(model: ViTGPT2ForConditionalGeneration, processor: ViTGPT2Processor, base_dir: Path,
+                      state: PartialState) -> Path:
+    """Saves the base model and processor into a new folder beside `base_dir` (written by the main process);
+    `_placed_when_accepted` renames it into place."""
+    staged = base_dir.with_name(f".{base_dir.name}.new")
+    if state.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while saving it
+        with naming_a_full_disk(staged, saved_weight_bytes(model)):
+            model.save_pretrained(staged)
+            processor.save_pretrained(staged)
+    return staged
+
+
+@contextlib.contextmanager
+def _placed_when_accepted(staged: Path | None, state: PartialState):
+    """Replaces base_model/ with the `staged` one once the block has run, or deletes the staged one when the block
+    raised (the run was refused): an earlier run's adapter keeps the base it was trained on until a run starts."""
+    try:
+        yield
+    except BaseException:
+        if staged is not None and state.is_main_process:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+    if staged is None or not state.is_main_process:
+        return
+    base_dir = staged.with_name(staged.name.removeprefix(".").removesuffix(".new"))
+    # A folder cannot be renamed over a full one: the old one is moved aside first, so base_model/ is always
+    # either the old one or the new one complete, never a mix (a kill in between leaves none, and the old aside).
+    old = base_dir.with_name(f".{base_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if base_dir.exists():
+        base_dir.rename(old)
+    staged.rename(base_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_resume_settings(checkpoint: str, model, base_config: dict) -> None:
+    """Refuses, in one line, to resume `checkpoint` with other peft settings or another base model than it was
+    trained with (`settings_change`); `base_config` is this run's base model's, `model` this run's (peft) model."""
+    checkpoint_dir = Path(checkpoint)
+    adapter_file = checkpoint_dir / "adapter_config.json"
+    saved_adapter = read_json(adapter_file, "adapter config") if adapter_file.is_file() else None
+    current_adapter = model.peft_config["default"].to_dict() if is_peft_model(model) else None
+    # A full model's checkpoint holds its config; an adapter's base model is the output folder's base_model/ (or a
+    # model named by --model_name_or_path, which this run loads again as it is).
+    base_folder = checkpoint_dir.parent / BASE_MODEL_FOLDER if saved_adapter else checkpoint_dir
+    saved_base = ViTGPT2Config.from_pretrained(base_folder).to_dict() if (base_folder / "config.json").is_file() else None
+    change = settings_change(checkpoint, run_settings(saved_adapter, saved_base),
+                             run_settings(current_adapter, base_config if saved_base is not None else None))
+    if change:
+        raise ValueError(change)
 
 
 def _record_base(model: ViTGPT2ForConditionalGeneration, name_or_path: str) -> None:

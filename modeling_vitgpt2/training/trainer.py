@@ -24,6 +24,7 @@ from ..inference.loading import is_peft_model
 from ..utils.io import naming_a_full_disk, write_json_atomic
 from .checkpoints import (
     STREAM_POSITION_FOLDER,
+    batch_change,
     read_checkpoint_manifest,
     read_stream_position,
     remove_checkpoint,
@@ -179,7 +180,16 @@ class CaptionTrainer(Seq2SeqTrainer):
                         "would skip or repeat samples here. Resume with the data settings it was saved with, or pass "
                         "--ignore_data_skip true to start this stream from its beginning."
                     )
+            if not self.args.ignore_data_skip:  # which then trains from the data's beginning, whatever the batch
+                change = batch_change(resume_from_checkpoint, self.args.world_size, self._global_batch_size)
+                if change:
+                    raise ValueError(change)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    @property
+    def _global_batch_size(self) -> int:
+        """Samples per optimizer step over all processes."""
+        return self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
 
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self._get_output_dir(trial))
@@ -212,7 +222,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.accelerator.wait_for_everyone()  # every process's files are in the folder
         if self.args.should_save:
             loss_sum = self._total_loss_scalar + self._tr_loss.item() + (self._loss_sum_before_resume or 0.0)
-            write_checkpoint_manifest(folder, self.state.global_step, loss_sum)
+            write_checkpoint_manifest(folder, self.state.global_step, loss_sum, self.args.world_size,
+                                      self._global_batch_size)
             rotate_complete_checkpoints(run_dir, self.state.global_step, save_total_limit,
                                         self.state.best_model_checkpoint)
 
