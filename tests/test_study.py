@@ -253,6 +253,9 @@ def test_rows_made_from_input_files_that_changed_since_are_made_again(finished_s
         del settings["inputs"]
         record.write_text(json.dumps(settings))
 
+    stale = copy / "extremes" / "best_9_of_an_earlier_run_attention.png"  # e.g. drawn with a larger top_k
+    stale.write_bytes(b"")
+
     calls = []
     from modeling_vitgpt2.training import run as training
 
@@ -264,6 +267,8 @@ def test_rows_made_from_input_files_that_changed_since_are_made_again(finished_s
     study_module.run_study(study_module.load_study(study_file), copy)
     assert calls == ["broken"]  # trusted once (only the failed row runs again, as always)...
     assert all({"train_json", "val_json"} <= set(json.loads(record.read_text())["inputs"]) for record in records)
+
+    assert not stale.exists()  # the extremes were drawn again: only this run's maps stay
 
     validation = copy / "data" / "val.json"  # ...and from then on checked
     content = json.loads(validation.read_text())

@@ -509,6 +509,12 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
                           by: per_image[entry["name"]], "png": str(entry["png"].relative_to(output_dir))}
                          for entry in entries]
     write_json_atomic(output_dir / "extremes" / "extremes.json", summary)
+    # The maps of an earlier run (another variant, a larger top_k) would sit beside these as if they were its own.
+    drawn_now = {entry["png"].name for entries in drawn.values() for entry in entries}
+    for kind in drawn:
+        for stale in (output_dir / "extremes").glob(f"{kind}_*_attention.png"):
+            if stale.name not in drawn_now:
+                stale.unlink()
     return summary
 
 
