@@ -83,6 +83,8 @@ def test_wrong_inputs_are_explained(tiny_processor):
         tiny_processor()
     with pytest.raises(ImageLoadError, match="images\\[0\\]"):
         tiny_processor(images=[np.zeros((4, 4, 5), dtype=np.uint8)])
+    with pytest.raises(ImageLoadError, match=r"images\[1\]: expected a uint8 array \(0-255\), got float64"):
+        tiny_processor(images=[np.zeros((4, 4, 3), dtype=np.uint8), np.random.rand(4, 4, 3)])
 
 
 def test_one_pixel_limit_refuses_an_image_from_its_header_before_decoding(tmp_path, monkeypatch):

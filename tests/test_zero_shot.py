@@ -222,6 +222,14 @@ def test_id2label_and_labels_readers(course_data, tmp_path):
     not_int.write_text('{"0_0.png": "cat"}')
     with pytest.raises(ValueError, match="labels.json, field '0_0.png': label 'cat' is not an integer"):
         read_labels_file(not_int, id2label)
+    for value, shown in (("0.9", "0.9"), ("true", "True")):  # int() would have read them as 0 and 1
+        not_int.write_text(f'{{"0_0.png": {value}}}')
+        with pytest.raises(ValueError, match=f"field '0_0.png': label {shown} is not an integer"):
+            read_labels_file(not_int, id2label)
+    twins = tmp_path / "twins.json"
+    twins.write_text('{"0": "crane", "5": "Crane "}')  # ImageNet names two classes "crane"
+    with pytest.raises(InvalidJSONError, match="classes 0 and 5 are both named 'Crane '"):
+        load_id2label(twins)
 
 
 def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):

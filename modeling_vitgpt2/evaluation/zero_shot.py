@@ -82,6 +82,13 @@ def load_id2label(path: PathLike) -> dict[int, str]:
                                    f"got {name!r}")
         if class_id in id2label:
             raise InvalidJSONError(f"id2label file {path}: class id {class_id} appears twice (as {key!r})")
+        # CLIP's tokenizer lower-cases: two names alike but for case or spaces give one prompt, and the second
+        # class could never be predicted (ImageNet has "crane" twice).
+        twin = next((other for other, known in id2label.items()
+                     if known.strip().lower() == name.strip().lower()), None)
+        if twin is not None:
+            raise InvalidJSONError(f"id2label file {path}: classes {twin} and {class_id} are both named {name!r}, so "
+                                   "CLIP cannot tell them apart; give them distinct names (e.g. 'crane (bird)')")
         id2label[class_id] = name
     return dict(sorted(id2label.items()))
 
@@ -142,6 +149,9 @@ def read_labels_file(path: PathLike, id2label: Mapping[int, str]) -> dict[str, i
     labels = {}
     for filename, value, where in rows:
         try:
+            # JSON's numbers arrive as such: int() would truncate 0.9 to 0 and read true as 1.
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
             class_id = int(value)
         except (TypeError, ValueError):
             raise ValueError(f"labels file {path}, {where}: label {value!r} is not an integer class id") from None

@@ -184,6 +184,9 @@ def as_rgb_image(image: ImageLike, name: str = "image", max_pixels: int | None =
             image = image[..., 0]
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
             raise ImageLoadError(f"{name}: expected an HxW or HxWx3/4 array, got shape {tuple(image.shape)}")
+        if image.dtype != np.uint8:  # Pillow takes few others, and would say "Cannot handle this data type" unnamed
+            raise ImageLoadError(f"{name}: expected a uint8 array (0-255), got {image.dtype}; convert it first, e.g. "
+                                 "(array * 255).round().astype('uint8') for floats in 0-1")
         return to_rgb(Image.fromarray(image))
     raise ImageLoadError(f"{name}: expected a file path, a PIL image or a numpy array, got {type(image).__name__}")
 
