@@ -209,7 +209,9 @@ class ViTGPT2Processor(ProcessorMixin):
     def from_timm_model(cls, timm_model, tokenizer) -> ViTGPT2Processor:
         """Builds the image transform timm uses for `timm_model`'s pretrained weights as a `CLIPImageProcessor`
         (resize the short side to size / crop_pct, centre crop, normalise), so it is saved with the model and
-        loads without timm or the Hub."""
+        loads without timm or the Hub. One difference remains: where the resized side exceeds the crop by 4k + 3
+        pixels, transformers' centre crop starts one pixel earlier than torchvision's (it floors the offset where
+        torchvision rounds half to even), so those images' pixels are shifted by one row or column."""
         import math
 
         from timm.data import resolve_model_data_config
