@@ -312,3 +312,22 @@ def test_a_resume_with_another_global_batch_is_refused_unless_the_data_skip_is_i
         manifest.pop(name)
     (output_dir / "checkpoint-1" / CHECKPOINT_COMPLETE).write_text(json.dumps(manifest))
     run_training(*resume(per_device_train_batch_size=2))
+
+
+def test_a_lora_run_on_a_base_named_by_a_relative_path_loads_from_anywhere(shapes, pretrained_parts, tmp_path,
+                                                                         monkeypatch):
+    """adapter_config.json recorded the base as given ('base'): the run loaded only from the folder it was trained
+    in, and a push from elsewhere took it for a Hub id and published an adapter whose base does not exist."""
+    from modeling_vitgpt2.training.arguments import ModelArguments
+
+    monkeypatch.chdir(tmp_path)
+    run_training(*training_arguments(shapes, pretrained_parts, tmp_path / "base", peft="full", max_steps=1))
+    _, data_args, peft_args, training_args = training_arguments(
+        shapes, pretrained_parts, tmp_path / "lora", peft="lora", max_steps=1)
+    run_training(ModelArguments(model_name_or_path="base"), data_args, peft_args, training_args)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    captioner = load_for_inference(tmp_path / "lora")
+    assert captioner.peft_config["default"].base_model_name_or_path == config["base_model_name_or_path"]

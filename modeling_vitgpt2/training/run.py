@@ -321,7 +321,10 @@ def _run_training(
             staged_base = _stage_base_model(model, processor, base_dir, state)
         _record_base(model, str(base_dir.resolve()))
     elif model_args.model_name_or_path:
-        _record_base(model, model_args.model_name_or_path)
+        # A local folder by its absolute path: relative, it named the base only from the folder training ran in, and
+        # a push from elsewhere took it for a Hub id (publishing an adapter whose base does not exist).
+        name = model_args.model_name_or_path
+        _record_base(model, str(Path(name).resolve()) if Path(name).is_dir() else name)
     # Every check that can refuse the run comes before the new base model replaces base_model/.
     with _placed_when_accepted(staged_base, state):
         model = apply_peft(model, method, peft_args)
