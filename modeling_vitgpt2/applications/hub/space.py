@@ -85,6 +85,7 @@ def push_space(
 def space_requirements() -> str:
     """requirements.txt for a Space: this package's dependencies, each pinned to the version installed here."""
     from packaging.requirements import Requirement
+    from packaging.version import Version
 
     try:
         declared = metadata.requires(DISTRIBUTION) or []
@@ -92,7 +93,8 @@ def space_requirements() -> str:
         raise HubPushError(f"{DISTRIBUTION} is not installed, so its dependencies are unknown: pip install -e .") \
             from None
     names = [Requirement(line).name for line in declared if Requirement(line).marker is None]  # extras have markers
-    return "".join(f"{name}=={metadata.version(name)}\n" for name in names)
+    # The public version: a local tag such as torch's `+cu126` (a download.pytorch.org build) is no release on PyPI.
+    return "".join(f"{name}=={Version(metadata.version(name)).public}\n" for name in names)
 
 
 def space_operations(model: str | Path, repo_id: str, license: str) -> list[CommitOperationAdd]:
