@@ -602,6 +602,9 @@ def test_zero_shot_gives_clips_probabilities_per_template(client, tiny_clip, pho
             assert shown[(label, prompt)] == pytest.approx(value, abs=1e-5)
     with pytest.raises(gradio_client.exceptions.AppError, match="no {object} placeholder"):
         client.predict(gradio_client.handle_file(str(photo)), "dog, cat", "a photo", api_name="/zero_shot")
+    with pytest.raises(gradio_client.exceptions.AppError, match="Cat, cat: each class name once"):
+        client.predict(gradio_client.handle_file(str(photo)), "cat, dog, Cat", "a photo of {object}.",
+                       api_name="/zero_shot")
 
 
 def test_without_the_default_model_it_says_in_one_line_how_to_make_it(tmp_path):

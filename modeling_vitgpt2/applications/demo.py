@@ -406,6 +406,9 @@ class Demo:
         prompts = [line.strip() for line in templates.splitlines() if line.strip()]
         if len(names) < 2:
             raise gr.Error("Give at least two class names, separated by commas.")
+        repeated = sorted({name for name in names if [other.lower() for other in names].count(name.lower()) > 1})
+        if repeated:  # CLIP lower-cases: one prompt for both, so the second could never win
+            raise gr.Error(f"{', '.join(repeated)}: each class name once (CLIP does not tell case apart).")
         try:
             probabilities = class_probabilities([image], names, prompts, clip=self.clip, ensemble=len(prompts) > 1,
                                                 progress=False)
