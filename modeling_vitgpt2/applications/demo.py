@@ -45,10 +45,10 @@ from PIL import Image, ImageOps
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..evaluation.attention_maps import (
-    REPORT_LAYERS,
     attention_overlay,
     caption_attention_maps_batch,
     cross_attention_layers,
+    resolve_layers,
 )
 from ..evaluation.clip_score import load_clip
 from ..evaluation.jobs import load_captioner
@@ -246,8 +246,7 @@ class Demo:
 
     @property
     def default_layers(self) -> list[str]:
-        chosen = REPORT_LAYERS if set(REPORT_LAYERS) <= set(self.layers) else self.layers
-        return [str(layer) for layer in chosen]
+        return [str(layer) for layer in resolve_layers(self.model, None)]
 
     def load_upload(self, upload):
         """The uploaded image as RGB, or a `gradio.Error` the page shows (not an image, a bomb, too small)."""
@@ -406,13 +405,10 @@ class Demo:
         prompts = [line.strip() for line in templates.splitlines() if line.strip()]
         if len(names) < 2:
             raise gr.Error("Give at least two class names, separated by commas.")
-        repeated = sorted({name for name in names if [other.lower() for other in names].count(name.lower()) > 1})
-        if repeated:  # CLIP lower-cases: one prompt for both, so the second could never win
-            raise gr.Error(f"{', '.join(repeated)}: each class name once (CLIP does not tell case apart).")
         try:
             probabilities = class_probabilities([image], names, prompts, clip=self.clip, ensemble=len(prompts) > 1,
                                                 progress=False)
-        except (TypeError, ValueError) as error:  # templates without {object}, repeated templates
+        except (TypeError, ValueError) as error:  # templates without {object}, repeated templates or class names
             raise gr.Error(str(error)) from None
         rows = [
             {"prompt": name if template == ENSEMBLE else template.replace("{object}", name),

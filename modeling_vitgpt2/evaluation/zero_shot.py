@@ -179,6 +179,9 @@ def _similarities(images, class_names, templates, clip, ensemble, batch_size, de
     templates = validate_templates(templates)
     if not class_names:
         raise ValueError("no class names to choose from")
+    repeated = sorted({name for name in class_names if [other.lower() for other in class_names].count(name.lower()) > 1})
+    if repeated:  # CLIP lower-cases: one prompt for both, so the second could never win
+        raise ValueError(f"{', '.join(repeated)}: each class name once (CLIP does not tell case apart).")
     if len(images) == 0:
         raise ValueError("no images to classify")
     clip = resolve_clip(clip, device)
