@@ -1,11 +1,13 @@
 """A whole (tiny) PEFT study in one call: shared feature cache, a failing variant, resumption, and a report whose
 every number is what `eval.py score` computes on the variant's saved predictions."""
 
+import contextlib
 import csv
 import dataclasses
 import json
 import re
 import shutil
+import threading
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from modeling_vitgpt2.applications.study import run as study_run
 from modeling_vitgpt2.data.synthetic import draw_scene, random_scene
 from modeling_vitgpt2.evaluation.metrics import format_metric, metric_names
 from modeling_vitgpt2.model.modeling_vitgpt2 import ViTGPT2Encoder
+from modeling_vitgpt2.utils.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -337,7 +340,9 @@ def test_the_extremes_are_drawn_with_the_recipes_generation_settings(finished_st
 
     monkeypatch.setattr(jobs, "compute_attention_maps", spy)
     quiet = study_module.StudyProgress(0, enabled=False)
-    summary = study_run._extremes(study, results["rows"], study_run._prepare_data(study, copy, quiet), copy, quiet)
+    with contextlib.ExitStack() as held:
+        data = study_run._prepare_data(study, copy, quiet, held)
+        summary = study_run._extremes(study, results["rows"], data, copy, quiet)
     assert len(drawn) == len(summary["best"] + summary["worst"]) == 2 * TOP_K
     assert all(len(result.token_ids) == 1 for result in drawn)
 
@@ -512,3 +517,160 @@ def test_a_multi_line_error_stays_in_its_table_row(tmp_path):
     assert "| FAILED: OutOfMemoryError: CUDA out of memory. GPU 0 has a total capacity of 79.1 GiB |" in next(
         line for line in report.splitlines() if line.startswith("| lora |"))
     assert "peak memory is the" not in report
+
+
+class _Lines(study_module.StudyProgress):
+    """Progress that keeps its lines, and says when the study starts to wait for another one."""
+
+    def __init__(self, total: int = 0):
+        super().__init__(total, enabled=False)
+        self.lines: list[str] = []
+        self.waiting = threading.Event()
+
+    def say(self, message: str) -> None:
+        self.lines.append(message)
+        if message.startswith("waiting"):
+            self.waiting.set()
+
+
+def _synthetic_study(tmp_path, root, **data):
+    return study_module.load_study(_study(tmp_path, data={
+        "synthetic_dir": str(root), "synthetic_train_images": 2, "synthetic_val_images": 2, "synthetic_image_size": 28,
+        **data}))
+
+
+def test_studies_that_share_a_synthetic_dir_write_it_once_and_the_second_waits_for_it(tmp_path, monkeypatch):
+    # Both wrote the same files at once, and either could train on a set the other was half-way through writing.
+    from modeling_vitgpt2.data import synthetic
+
+    root = tmp_path / "shared"
+    study = _synthetic_study(tmp_path, root)
+    second = _Lines()
+    original, writers, writing = synthetic.write_synthetic_coco, [], threading.Event()
+
+    def slow_write(*args, **kwargs):  # still writing when the second study arrives
+        writers.append(threading.current_thread().name)
+        writing.set()
+        if not second.waiting.wait(timeout=10):
+            raise AssertionError("the second study did not wait for the first one's writing")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "write_synthetic_coco", slow_write)
+    first = {}
+
+    def first_study():
+        with contextlib.ExitStack() as held:
+            first["data"] = study_run._prepare_data(study, tmp_path / "first", _Lines(), held)
+
+    thread = threading.Thread(target=first_study, name="first")
+    thread.start()
+    assert writing.wait(timeout=10)
+    with contextlib.ExitStack() as held:
+        data = study_run._prepare_data(study, tmp_path / "second", second, held)
+    thread.join(timeout=10)
+    assert writers == ["first"]
+    assert second.lines == [f"waiting for another study to finish writing the synthetic set in {root}"]
+    assert data == first["data"] and len(json.loads((root / "val.json").read_text())["images"]) == 2
+
+
+def test_a_synthetic_set_another_study_trains_on_is_not_rewritten_with_other_options(tmp_path, monkeypatch):
+    from modeling_vitgpt2.data import synthetic
+
+    root = tmp_path / "shared"
+    quiet = study_module.StudyProgress(0, enabled=False)
+    other = _synthetic_study(tmp_path, root, synthetic_val_images=3)
+    with contextlib.ExitStack() as held:
+        study_run._prepare_data(_synthetic_study(tmp_path, root), tmp_path, quiet, held)
+        marker = (root / "written.json").read_text()
+        with pytest.raises(UserError, match=rf"{re.escape(str(root))} holds the synthetic set of another running "
+                                            r"study .*: wait for that study to finish, or set data.synthetic_dir"):
+            study_run._prepare_data(other, tmp_path, quiet, contextlib.ExitStack())
+        assert (root / "written.json").read_text() == marker
+
+    original = synthetic.write_synthetic_coco
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_synthetic_coco", killed)
+    with pytest.raises(KeyboardInterrupt), contextlib.ExitStack() as held:  # once the first study ended
+        study_run._prepare_data(other, tmp_path, quiet, held)
+    assert not (root / "written.json").exists(), "a half-rewritten set still passes for the one before"
+    monkeypatch.setattr(synthetic, "write_synthetic_coco", original)
+    with contextlib.ExitStack() as held:
+        study_run._prepare_data(other, tmp_path, quiet, held)
+    assert len(json.loads((root / "val.json").read_text())["images"]) == 3
+
+
+def test_a_rerun_in_which_no_variant_finishes_shows_no_earlier_attention_maps(finished_study, study_file, tmp_path,
+                                                                             capsys, monkeypatch):
+    # The report showed the previous run's best and worst captions beside this run's failures.
+    output_dir, _, _ = finished_study
+    copy = tmp_path / "study"
+    shutil.copytree(output_dir, copy)
+    for name in ("lora", "cross"):
+        (copy / "variants" / name / "study_result.json").unlink()
+    from modeling_vitgpt2.training import run as training
+
+    def failing(model_args, data_args, peft_args, training_args, callbacks=None):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(training, "run_training", failing)
+    capsys.readouterr()
+    results = study_module.run_study(study_module.load_study(study_file), copy)
+    assert [row["status"] for row in results["rows"]] == ["ok", "failed", "failed", "failed"]
+    assert f"extremes: not drawn: no variant finished in this run; deleted the earlier run's maps in {copy}/extremes" \
+        in capsys.readouterr().out
+    assert not (copy / "extremes").exists()
+    assert results["extremes"] == {"not_drawn": "no variant finished in this run"}
+    report = (copy / "report.md").read_text()
+    assert "Not drawn: no variant finished in this run (see the Status column above)" in report
+    assert "extremes/" not in report and "best 1 attention maps" not in (copy / "report.html").read_text()
+
+
+def test_a_scoring_setting_added_to_trained_rows_rescores_them_without_training(finished_study, study_file, tmp_path,
+                                                                                 monkeypatch):
+    # Adding a clip_model to a study whose rows had trained retrained every row: the scoring settings were part of
+    # the row's identity.
+    output_dir, first, _ = finished_study
+    rows = {row["name"]: row for row in first["rows"]}
+    copy = tmp_path / "study"
+    for part in ("data", "variants/base", "variants/lora"):
+        shutil.copytree(output_dir / part, copy / part)
+    for name in ("base", "lora"):  # as made before the study had a CLIP model
+        record = copy / "variants" / name / "study_settings.json"
+        settings = json.loads(record.read_text())
+        settings["scoring"].update(clip_model=None, metrics=[m for m in settings["scoring"]["metrics"]
+                                                             if m != "clip_score"])
+        if name == "lora":
+            del settings["inputs"]  # and by a version that did not hash input files yet
+        record.write_text(json.dumps(settings))
+        result = copy / "variants" / name / "study_result.json"
+        content = json.loads(result.read_text())
+        del content["metrics"]["clip_score"]
+        result.write_text(json.dumps(content))
+    from modeling_vitgpt2.evaluation.clip_score import load_clip
+    from modeling_vitgpt2.training import run as training
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a row whose training settings are unchanged was trained or evaluated again")
+
+    monkeypatch.setattr(training, "run_training", not_again)
+    monkeypatch.setattr(training, "build_processor_and_model", not_again)
+    study = study_module.load_study(study_file)
+    progress = _Lines(total=3)
+    clip = load_clip(study.clip_model)
+    with contextlib.ExitStack() as held:
+        data = study_run._prepare_data(study, copy, progress, held)
+        assert study_run._evaluate_base(study, data, copy, clip, progress) == rows["base"]
+        assert study_run.run_variant(study, 1, "lora", dict(study.variants)["lora"], data, copy, clip,
+                                     progress) == rows["lora"]  # the same predictions and CLIP model: its scores
+    assert progress.lines[-1] == "variant 1/3 lora: already finished, skipped"
+    rescored = [line for line in progress.lines if "scoring settings changed" in line]
+    assert [line.split(":")[0] for line in rescored] == ["base model", "variant 1/3 lora"]
+    assert all(f"clip_model None -> '{study.clip_model}'" in line and
+               line.endswith("; scoring its saved predictions again (not retrained)") for line in rescored)
+    for name, overrides in (("base", {}), ("lora", dict(study.variants)["lora"])):
+        assert json.loads((copy / "variants" / name / "study_settings.json").read_text()) == study_run._settings(
+            study, overrides, data)
+        assert "clip_score" in json.loads((copy / "variants" / name / "scores.json").read_text())["metrics"]

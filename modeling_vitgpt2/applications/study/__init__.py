@@ -34,7 +34,9 @@ What it guarantees:
   weights), so the encoder runs once per image for the whole study, base-model evaluation included.
 - Resumable: each finished variant leaves `<output_dir>/variants/<name>/study_result.json` and is skipped on a rerun;
   an interrupted one resumes from its last complete checkpoint. A failing variant is reported with its error and the
-  others still run; a rerun retries it.
+  others still run; a rerun retries it. A rerun whose study file changed only how rows are scored (metrics,
+  clip_model, clip_prefix) rescores the finished rows' saved predictions instead of retraining them.
+- Studies may share a `synthetic_dir`: one writes the set while the others wait, then reuse it.
 - Every number in the report is `eval.py score` (`evaluation.score_predictions`) on that variant's saved
   predictions (`variants/<name>/eval_predictions.json`), written beside them as `scores.json`.
 """

@@ -193,7 +193,11 @@ def write_report(results: dict, output_dir) -> None:
         sections.append(("CLIP zero-shot prompt templates", [
             ("md", "Not part of this study (add a `zero_shot` section and a `clip_model`).")]))
     extremes = results.get("extremes")
-    if extremes:
+    if extremes and extremes.get("not_drawn"):
+        sections.append(("Best and worst captions, with per-word attention maps", [
+            ("md", f"Not drawn: {extremes['not_drawn']} (see the Status column above); a rerun retries the failed "
+                   "variants and draws them.")]))
+    elif extremes:
         by = names[extremes["by"]]
         items: list = [("md", f"Variant `{extremes['variant']}`, ranked by per-image {by}"
                               + ("" if extremes["by"] == "clip_score" else " (no CLIP model in this study)") + ".")]

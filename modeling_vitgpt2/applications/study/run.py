@@ -3,6 +3,8 @@ resumable), zero-shot templates, the best and worst captions, and the side-by-si
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -15,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from transformers import TrainerCallback
 
 from ...evaluation.metrics import metric_names
 from ...training.arguments import parse_train_arguments, read_config_file
+from ...utils.errors import UserError
 from ...utils.io import DiskFullError, file_digest, read_json, write_json_atomic
 from .config import BASE_ROW, RUN_DEFAULTS, Study, StudyConfigError, base_arguments
 from .report import format_duration, write_report
@@ -42,6 +46,10 @@ SETTINGS_FILE = "study_settings.json"
 # The data options that describe the built-in synthetic set, written once for the whole study.
 SYNTHETIC_ARGUMENTS = ("synthetic_train_images", "synthetic_val_images", "synthetic_image_size", "synthetic_domain",
                        "synthetic_dir")
+# In the synthetic set's folder, which studies may share (`_synthetic_set`): held while one checks and writes it, and
+# held shared by every study that reads it.
+SYNTHETIC_WRITE_LOCK = ".synthetic.write.lock"
+SYNTHETIC_IN_USE_LOCK = ".synthetic.in-use.lock"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,10 +168,9 @@ class StudyData:
     arguments: dict  # what every variant gets: the four paths and the other data options
 
 
-def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> StudyData:
+def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress, held: contextlib.ExitStack) -> StudyData:
     """The study's COCO-style files; the synthetic set is written once per set of options (`written.json` records
-    them), not again on every run or rerun."""
-    from ...data.synthetic import write_synthetic_coco
+    them), not again on every run or rerun, and stays marked in use until `held` closes (`_synthetic_set`)."""
     from ...training.arguments import DataArguments
 
     data = dict(study.data)
@@ -171,12 +178,7 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
     if not data.get("train_json"):
         options = DataArguments(**synthetic).synthetic_options()
         root = Path(synthetic.get("synthetic_dir") or output_dir / "data")
-        marker = root / "written.json"
-        if not (marker.is_file() and read_json(marker) == options):
-            progress.say(f"writing the synthetic {options['domain']!r} set ({options['num_train']} training and "
-                         f"{options['num_val']} validation images) to {root}")
-            write_synthetic_coco(root, **options)
-            write_json_atomic(marker, options)
+        held.enter_context(_synthetic_set(root, options, progress))
         data.update(train_json=str(root / "train.json"), train_images=str(root / "train"),
                     val_json=str(root / "val.json"), val_images=str(root / "val"))
     else:
@@ -184,6 +186,52 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress) -> St
         if missing:
             raise StudyConfigError(f"study file {study.path}: 'data' needs {missing} with train_json")
     return StudyData(data["train_json"], data["train_images"], data["val_json"], data["val_images"], data)
+
+
+@contextlib.contextmanager
+def _synthetic_set(root: Path, options: dict, progress: StudyProgress):
+    """Makes `root` hold the synthetic set of `options` and keeps it so while the context lasts. Studies that share
+    a `synthetic_dir` (two terminals, two users) take turns to check and write it, so one never reads the set
+    another is half-way through writing, nor do both write it: the second waits, then reuses it. Each reader holds
+    a shared lock for its run, so that a study with other options cannot rewrite the images under one that trains
+    on them: it stops instead, naming the folder."""
+    from ...data.synthetic import write_synthetic_coco
+
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / "written.json"
+    writing = FileLock(root / SYNTHETIC_WRITE_LOCK)
+    try:
+        writing.acquire(timeout=0)
+    except Timeout:
+        progress.say(f"waiting for another study to finish writing the synthetic set in {root}")
+        writing.acquire()
+    in_use = open(root / SYNTHETIC_IN_USE_LOCK, "a")  # flock, not FileLock: readers share it
+    try:
+        if not (marker.is_file() and read_json(marker) == options):
+            try:
+                fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                there = read_json(marker) if marker.is_file() else "unknown"
+                raise UserError(
+                    f"{root} holds the synthetic set of another running study ({there}); writing this study's "
+                    f"({options}) there would change the images under it: wait for that study to finish, or set "
+                    "data.synthetic_dir to another folder") from None
+            # A set killed half-way through must not pass for the one the marker names.
+            marker.unlink(missing_ok=True)
+            progress.say(f"writing the synthetic {options['domain']!r} set ({options['num_train']} training and "
+                         f"{options['num_val']} validation images) to {root}")
+            write_synthetic_coco(root, **options)
+            write_json_atomic(marker, options)
+        fcntl.flock(in_use, fcntl.LOCK_SH)  # from LOCK_EX, a downgrade: no other study holds either lock now
+    except BaseException:
+        in_use.close()
+        raise
+    finally:
+        writing.release()
+    try:
+        yield
+    finally:
+        in_use.close()
 
 
 def ensure_base_model(study: Study, progress: StudyProgress) -> None:
@@ -222,8 +270,7 @@ def _evaluate_base(study: Study, data: StudyData, output_dir: Path, clip, progre
     from ...training.trainer import CaptionTrainer
 
     folder = output_dir / "variants" / BASE_ROW
-    _clear_if_changed(folder, _settings(study, {}, data), "base model", progress)
-    finished = _finished(folder)
+    finished = _earlier_result(study, folder, _settings(study, {}, data), data, clip, "base model", progress)
     if finished:
         progress.say("base model: already evaluated, skipped")
         return finished
@@ -262,7 +309,8 @@ def _finished(folder: Path) -> dict | None:
 def _settings(study: Study, overrides: dict, data: StudyData) -> dict:
     """Everything a row's result depends on: the train.py arguments of the variant (the recipe, the data section, the
     base model, its own overrides), how it is scored, and the bytes of the files those name (`_input_digests`). Paths
-    inside the study folder are left out, so a moved folder is still recognised."""
+    inside the study folder are left out, so a moved folder is still recognised. "scoring" holds what only
+    `_score` reads (never training nor the saved predictions): a change there rescores the row (`_earlier_result`)."""
     settings = {"training": {**RUN_DEFAULTS, **study.recipe, **study.data, **base_arguments(study.base), **overrides},
                 "scoring": {"metrics": study.metrics, "clip_model": study.clip_model,
                             "clip_prefix": study.clip_prefix},
@@ -306,25 +354,48 @@ def _changes(recorded, settings: dict) -> str:
                      for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key))
 
 
-def _clear_if_changed(folder: Path, settings: dict, label: str, progress: StudyProgress) -> None:
+def _clear_if_changed(folder: Path, settings: dict, label: str, progress: StudyProgress) -> str | None:
     """Deletes a row's folder (result, checkpoints, predictions) when the study file changed what it was made with,
     so that the row is trained and scored again rather than reported with results of other settings; then records
-    the settings the folder's new contents are made with."""
+    the settings the folder's new contents are made with. When only the scoring settings changed, the folder is
+    kept and not yet recorded: returns what changed, for the caller to rescore the row and then record them."""
     if folder.is_dir() and any(not path.name.startswith(".train.lock.") for path in folder.iterdir()):
         record = folder / SETTINGS_FILE
         recorded = read_json(record) if record.is_file() else None
         if recorded == settings:
-            return
-        if isinstance(recorded, dict) and "inputs" not in recorded and recorded == {
-                key: value for key, value in settings.items() if key != "inputs"}:
-            # Recorded before input files were hashed: trusted once, and their digests recorded from now on.
-            write_json_atomic(record, settings)
-            return
+            return None
+        # A record made before input files were hashed has no "inputs": trusted once, and their digests recorded
+        # from now on.
+        if (isinstance(recorded, dict) and recorded.get("training") == settings["training"]
+                and recorded.get("inputs", settings["inputs"]) == settings["inputs"]):
+            if recorded.get("scoring") == settings["scoring"]:
+                write_json_atomic(record, settings)
+                return None
+            return _changes({"scoring": recorded.get("scoring")}, {"scoring": settings["scoring"]})
         reason = ("its folder records no settings (made by an older version)" if recorded is None
                   else f"settings changed since its last run: {_changes(recorded, settings)}")
         progress.say(f"{label}: {reason}; running it again")
         shutil.rmtree(folder)
     write_json_atomic(folder / SETTINGS_FILE, settings)
+    return None
+
+
+def _earlier_result(study: Study, folder: Path, settings: dict, data: StudyData, clip, label: str,
+                    progress: StudyProgress) -> dict | None:
+    """The row's finished result from an earlier run when its settings still hold, else None (the row runs). A
+    finished row whose scoring settings alone changed (a CLIP model added, a metric dropped) is scored again on its
+    saved predictions: its model and predictions are what the same training would make again."""
+    rescore = _clear_if_changed(folder, settings, label, progress)
+    finished = _finished(folder)
+    if rescore is not None and finished:
+        progress.say(f"{label}: scoring settings changed since its last run: {rescore}; scoring its saved "
+                     "predictions again (not retrained)")
+        finished = {**finished, **_score(study, folder, data, clip)}
+        write_json_atomic(folder / RESULT_FILE, finished)
+    if rescore is not None:
+        # After the new result: a rescore cut short leaves the old record, and the next run rescores again.
+        write_json_atomic(folder / SETTINGS_FILE, settings)
+    return finished
 
 
 def _best_epoch(log_history: list[dict]) -> float | None:
@@ -342,9 +413,8 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
 
     folder = output_dir / "variants" / name
     progress.start_variant(index, name)
-    _clear_if_changed(folder, _settings(study, overrides, data), f"variant {index}/{progress.total} {name}",
-                      progress)
-    finished = _finished(folder)
+    finished = _earlier_result(study, folder, _settings(study, overrides, data), data, clip,
+                               f"variant {index}/{progress.total} {name}", progress)
     if finished:
         progress.say(f"variant {index}/{progress.total} {name}: already finished, skipped")
         return finished
@@ -393,20 +463,21 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
 
 def run_study(study: Study, output_dir, *, show_progress: bool = True) -> dict:
     """Runs (or resumes) every part of the study and writes the report; returns the results.json content. Holds
-    the output folder meanwhile (`hold_output_dir`): a second study into it stops at once."""
+    the output folder meanwhile (`hold_output_dir`): a second study into it stops at once; and the synthetic set it
+    reads (`_synthetic_set`)."""
     from ...training.checkpoints import hold_output_dir
 
-    with hold_output_dir(output_dir, job="study"):
-        return _run_study(study, Path(output_dir), show_progress)
+    with hold_output_dir(output_dir, job="study"), contextlib.ExitStack() as held:
+        return _run_study(study, Path(output_dir), show_progress, held)
 
 
-def _run_study(study: Study, output_dir: Path, show_progress: bool) -> dict:
+def _run_study(study: Study, output_dir: Path, show_progress: bool, held: contextlib.ExitStack) -> dict:
     if study.torch_threads:
         torch.set_num_threads(study.torch_threads)
     progress = StudyProgress(len(study.variants), enabled=show_progress)
     progress.say(f"study {study.name!r} ({study.path}) -> {output_dir}: {len(study.variants)} variants")
     ensure_base_model(study, progress)
-    data = _prepare_data(study, output_dir, progress)
+    data = _prepare_data(study, output_dir, progress, held)
     clip = None
     if study.clip_model:
         from ...evaluation.clip_score import load_clip
@@ -466,22 +537,23 @@ def _run_zero_shot(study: Study, output_dir: Path, clip, progress: StudyProgress
             "clip_model": summary["clip_model"]}
 
 
-def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
-              progress: StudyProgress) -> dict | None:
+def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path, progress: StudyProgress) -> dict:
     """The best and worst captions of one variant (the one the study names, else the best by CIDEr, or CLIPScore
     when the study computes no CIDEr), by CLIPScore when the study has a CLIP model, else by per-image CIDEr, each
-    with its per-word attention maps. `load_study` made sure the metrics include one of the two."""
+    with its per-word attention maps. `load_study` made sure the metrics include one of the two. When this run has
+    no such variant: `{"not_drawn": why}`, and the maps of an earlier run are deleted (`_no_extremes`)."""
     from ...evaluation.attention_maps import resolve_layers
     from ...evaluation.jobs import draw_extremes, load_captioner, rank_extremes, read_coco_references
 
     finished = [row for row in rows if row["status"] == "ok" and row["name"] != BASE_ROW]
     if not finished:
-        return None
+        return _no_extremes("no variant finished in this run", output_dir, progress)
     chosen = study.extremes.get("variant")
     row = next((r for r in finished if r["name"] == chosen), None) if chosen else max(
         finished, key=lambda r: r["metrics"].get("cider", r["metrics"].get("clip_score", float("-inf"))))
     if row is None:
-        return None
+        return _no_extremes(f"variant {chosen!r} (extremes.variant) did not finish in this run", output_dir,
+                            progress)
     folder = output_dir / "variants" / row["name"]
     scores = read_json(folder / "scores.json")
     by = "clip_score" if "clip_score" in row["metrics"] else "cider"
@@ -516,6 +588,17 @@ def _extremes(study: Study, rows: list[dict], data: StudyData, output_dir: Path,
             if stale.name not in drawn_now:
                 stale.unlink()
     return summary
+
+
+def _no_extremes(reason: str, output_dir: Path, progress: StudyProgress) -> dict:
+    """The maps of an earlier run would otherwise sit in `extremes/` beside this run's failures as if they were its
+    own, though their variant may since have changed or failed."""
+    folder = output_dir / "extremes"
+    removed = folder.exists()
+    if removed:
+        shutil.rmtree(folder)
+    progress.say(f"extremes: not drawn: {reason}" + (f"; deleted the earlier run's maps in {folder}" if removed else ""))
+    return {"not_drawn": reason}
 
 
 def _side_by_side(study: Study, rows: list[dict], data: StudyData, output_dir: Path) -> list[dict]:
