@@ -14,6 +14,7 @@ from modeling_vitgpt2.training.peft_methods import (
     PEFT_METHODS,
     PeftArguments,
     PeftMethod,
+    apply_peft,
     peft_method,
     register_peft_method,
 )
@@ -58,3 +59,19 @@ def test_an_unknown_method_is_refused_naming_the_registered_ones():
         PeftArguments(peft="dora")
     with pytest.raises(ValueError, match="already registered"):
         register_peft_method(peft_method("lora"))
+
+
+def test_a_registered_method_that_trains_a_copy_of_the_tied_embedding_is_refused(tiny_model):
+    """A trained copy of `wte` (or of a module holding it) leaves the LM head on the original weight: unmerged they
+    differ, merged the copy replaces the embedding and the LM head keeps the original."""
+    def embedding_copy(arguments, always_trained):
+        return LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True, modules_to_save=[*always_trained, "wte"])
+
+    register_peft_method(PeftMethod(name="embedding_copy", title="embedding copy", peft_config=embedding_copy,
+                                    describe=lambda peft: "LoRA on c_fc and a trained copy of the embedding."))
+    try:
+        with pytest.raises(ValueError, match=r"^--peft embedding_copy adapts decoder.wte, which shares its weight "
+                                             r"with lm_head .*choose a method that leaves wte and lm_head frozen"):
+            apply_peft(tiny_model, "embedding_copy", PeftArguments(peft="embedding_copy"))
+    finally:
+        del PEFT_METHODS["embedding_copy"]

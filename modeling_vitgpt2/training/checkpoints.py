@@ -6,21 +6,26 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
 from pathlib import Path
 
+import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..utils.errors import UserError
 from ..utils.io import InvalidJSONError, file_digest, read_json, write_json_atomic
 from .arguments import CaptionTrainingArguments
+from .peft_methods import frozen_base_parameters
 
 __all__ = [
     "CHECKPOINT_COMPLETE",
     "STREAM_POSITION_FOLDER",
     "OutputFolderInUseError",
+    "base_change",
+    "base_weights_digest",
     "batch_change",
     "checkpoint_problem",
     "hold_output_dir",
@@ -57,11 +62,11 @@ def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def write_checkpoint_manifest(folder: Path, global_step: int, train_loss_sum: float, world_size: int = 1,
-                              global_batch_size: int | None = None) -> None:
+                              global_batch_size: int | None = None, base_model: dict | None = None) -> None:
     """Marks a checkpoint complete: `checkpoint_complete.json`, written last, lists every file's size and SHA-256
-    (so that resuming can tell a damaged file), the sum of the step losses so far (for `train_loss`), and the number
+    (so that resuming can tell a damaged file), the sum of the step losses so far (for `train_loss`), the number
     of processes and the samples per optimizer step over all of them (a resume skips the trained batches in its own
-    batch size: `batch_change`)."""
+    batch size: `batch_change`), and for an adapter the base model it trained on (`base_change`)."""
     files = {
         path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_digest(path)}
         for path in sorted(folder.rglob("*"))
@@ -70,7 +75,8 @@ def write_checkpoint_manifest(folder: Path, global_step: int, train_loss_sum: fl
     write_json_atomic(
         folder / CHECKPOINT_COMPLETE,
         {"global_step": global_step, "train_loss_sum": train_loss_sum, "world_size": world_size,
-         "global_batch_size": global_batch_size, "files": files},
+         "global_batch_size": global_batch_size, "files": files,
+         **({"base_model": base_model} if base_model is not None else {})},
     )
 
 
@@ -227,6 +233,43 @@ def batch_change(checkpoint: str | os.PathLike, world_size: int, global_batch_si
         "(--per_device_train_batch_size, --gradient_accumulation_steps), or pass --ignore_data_skip true to start "
         "the data from its beginning"
     )
+
+
+def base_weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the weights of a peft model's base that its checkpoints do not hold (`frozen_base_parameters`):
+    names, dtypes, shapes and bytes, read in memory once per start (hashing base_model/'s file would read it from
+    disk again, and a LoRA run on --model_name_or_path has no such file of its own)."""
+    digest = hashlib.sha256()
+    for name, parameter in frozen_base_parameters(model):
+        tensor = parameter.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def base_change(checkpoint: str | os.PathLike, current: dict) -> str | None:
+    """The one-line refusal to resume the adapter `checkpoint` on another base model than it trained on, or None.
+    `current` is this run's record, as the manifest keeps it: `{"sha256": base_weights_digest(...), "sources":
+    {flag: value}}` (the flags the base is built from). Trainer restores the adapter alone: on other base weights
+    (another --seed drawing a base built from scratch, other pretrained files with the same config) it would go on
+    training without a word, and the saved adapter would no longer fit base_model/, which stays the first start's.
+    Manifests written before they recorded the base say nothing."""
+    saved = read_checkpoint_manifest(checkpoint).get("base_model")
+    if not saved or saved.get("sha256") == current["sha256"]:
+        return None
+    before, now = saved.get("sources") or {}, current["sources"]
+    differing = [name for name in dict.fromkeys([*before, *now]) if before.get(name) != now.get(name)]
+    if not differing:
+        given = " ".join(f"{name} {value}" for name, value in now.items() if value is not None)
+        return (f"{checkpoint} was trained on other base-model weights than this run builds from the same {given}: "
+                "the files they name have changed since (or another torch or timm version initialises the new "
+                "weights otherwise). Restore those files, or start afresh without --resume_from_checkpoint")
+    changes = ", ".join(f"{name} was {before.get(name)}, is now {now.get(name)}" for name in differing)
+    restore = " ".join(f"{name} {before[name]}" if before.get(name) is not None else f"without {name}"
+                       for name in differing)
+    return (f"{checkpoint} was trained on another base model than this run builds ({changes}), and its adapter "
+            f"would go on training on other weights. Resume with {restore}, or start afresh without "
+            "--resume_from_checkpoint")
 
 
 # adapter_config.json fields that give the trained weights their names and shapes: a checkpoint loads into the same.

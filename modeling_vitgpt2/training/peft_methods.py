@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from peft import LNTuningConfig, LoraConfig, PeftConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "check_trainable_budget",
     "config_overrides",
     "count_parameters",
+    "frozen_base_parameters",
     "layer_norm_tuning",
     "peft_method",
     "register_peft_method",
@@ -227,10 +230,55 @@ def apply_peft(model: nn.Module, method: str, arguments: PeftArguments) -> nn.Mo
         return model
     always_trained = [CROSS_ATTENTION, CROSS_ATTENTION_NORM] + (["encoder"] if arguments.train_encoder else [])
     config = record.peft_config(arguments, always_trained)
+    tied = _tied_module_groups(model)
     with warnings.catch_warnings():
         # LN tuning warns about any LayerNorm subclass it does not list, although it copies them generically.
         warnings.filterwarnings("ignore", message="Unsupported layer type")
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    _refuse_adapted_tied_weights(peft_model.get_base_model(), tied, method, arguments)
+    return peft_model
+
+
+def _tied_module_groups(model: nn.Module) -> list[list[str]]:
+    """The names of the modules that share a parameter, one list per shared parameter (GPT-2's LM head and its
+    token embedding: `["decoder.wte", "lm_head"]`)."""
+    owners: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name.rpartition(".")[0])
+    return [names for names in owners.values() if len(names) > 1]
+
+
+def _refuse_adapted_tied_weights(model: nn.Module, tied: list[list[str]], method: str,
+                                 arguments: PeftArguments) -> None:
+    """Refuses an adapter on a module whose weight another module shares (`_tied_module_groups`). Unmerged, the
+    adapter changes that module alone; merged (`--merge`, int8 loading) it changes the one shared weight, so the
+    other module changes too, and the merged model captions differently from the adapter it came from. peft 0.21's
+    `ensure_weight_tying` does not keep them together either (measured: merged and unmerged logits still differ
+    with it, for LoRA on `wte` and on `lm_head`)."""
+    for names in tied:
+        adapted = [name for name in names if _adapted(model, name)]
+        if not adapted:
+            continue
+        others = [name for name in names if name not in adapted]
+        flag = (f"--lora_target_modules {' '.join(arguments.lora_target_modules)}"
+                if method == "lora" and arguments.lora_target_modules else f"--peft {method}")
+        what = (f"adapts {', '.join(adapted)}, which shares its weight with {', '.join(others)}" if others else
+                f"adapts {' and '.join(adapted)}, which share one weight")
+        advice = ("leave wte and lm_head out of --lora_target_modules (c_attn c_proj c_fc adapt the decoder's "
+                  "blocks), or train them with --peft full" if method == "lora" else
+                  "choose a method that leaves wte and lm_head frozen, or train them with --peft full")
+        raise ValueError(
+            f"{flag} {what} (GPT-2 ties its LM head to its token embedding): merging the adapter (--merge, int8 "
+            f"loading) would change both, so the merged model would caption differently from the adapter; {advice}"
+        )
+
+
+def _adapted(model: nn.Module, name: str) -> bool:
+    """Whether peft wrapped the module `name` or one of the modules holding it (a trained copy of a parent holds
+    a copy of the shared weight that the other module no longer shares)."""
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:end])), (BaseTunerLayer, AuxiliaryTrainingWrapper))
+               for end in range(1, len(parts) + 1))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -238,12 +286,25 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     `modules_to_save` module or tuned LayerNorm, and those originals are not counted."""
     trainable = total = 0
     for name, parameter in model.named_parameters():
-        if ".original_module." in name or f"{CROSS_ATTENTION_NORM}.base_layer." in name:
+        if _replaced_by_trained_copy(name):
             continue
         total += parameter.numel()
         if parameter.requires_grad:
             trainable += parameter.numel()
     return trainable, total
+
+
+def _replaced_by_trained_copy(name: str) -> bool:
+    return ".original_module." in name or f"{CROSS_ATTENTION_NORM}.base_layer." in name
+
+
+def frozen_base_parameters(model: nn.Module):
+    """(name, parameter) for each weight of a peft model's base that its adapter does not carry: the frozen ones,
+    less the originals of the modules it trains copies of. Named as in the base model alone."""
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad or _replaced_by_trained_copy(name):
+            continue
+        yield name.removeprefix("base_model.model.").replace(".base_layer.", "."), parameter
 
 
 def check_trainable_budget(trainable: int, limit: int | None, method: str) -> None:

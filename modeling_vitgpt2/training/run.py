@@ -29,6 +29,8 @@ from ..model.processing_vitgpt2 import ViTGPT2Processor
 from ..utils.io import naming_a_full_disk, read_json, write_json_atomic
 from .arguments import CaptionTrainingArguments, DataArguments, ModelArguments, json_argument
 from .checkpoints import (
+    base_change,
+    base_weights_digest,
     hold_output_dir,
     read_checkpoint_manifest,
     resolve_resume,
@@ -341,8 +343,17 @@ def _run_training(
                     f"{default_total:,} (--model_config changes its size). The time per step shows after the first steps."
                 )
         check_trainable_budget(trainable, peft_args.max_trainable_params, method)
+        # The base built again here is checked against the one the checkpoint trained on, rather than loaded from
+        # base_model/ instead: a LoRA run on --model_name_or_path has no base_model/ of its own, and a flag changed
+        # since would be dropped without a word. A full run's checkpoint holds every weight: nothing to check.
+        keeps_checkpoints = resume or training_args.save_strategy != "no"
+        base_record = (_base_record(model, model_args, training_args.seed)
+                       if is_peft_model(model) and keeps_checkpoints else None)
         if resume:
             _check_resume_settings(resume, model, base_config)
+            change = base_change(resume, base_record) if base_record is not None else None
+            if change:
+                raise ValueError(change)
 
         collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
         eval_collator = collator
@@ -366,6 +377,7 @@ def _run_training(
             clip_model=data_args.clip_model,
             callbacks=callbacks,
             stream_identity=stream_identity(data_args, training_args.seed) if data_args.streamed else None,
+            base_model_record=base_record,
         )
 
     resumed_at_step = read_checkpoint_manifest(resume)["global_step"] if resume else 0  # rotation may delete it
@@ -534,6 +546,14 @@ def _check_resume_settings(checkpoint: str, model, base_config: dict) -> None:
                              run_settings(current_adapter, base_config if saved_base is not None else None))
     if change:
         raise ValueError(change)
+
+
+def _base_record(model, model_args: ModelArguments, seed: int) -> dict:
+    """What a peft run's checkpoints record of its base model (`base_change`): the digest of the weights the adapter
+    does not carry, and the flags that gave them, named as train.py's, to say which one changed."""
+    sources = {"--model_name_or_path": model_args.model_name_or_path, "--encoder": model_args.encoder,
+               "--decoder": model_args.decoder, "--seed": seed}
+    return {"sha256": base_weights_digest(model), "sources": sources}
 
 
 def _record_base(model: ViTGPT2ForConditionalGeneration, name_or_path: str) -> None:

@@ -48,10 +48,12 @@ class CaptionTrainer(Seq2SeqTrainer):
     """
 
     def __init__(self, *args, eval_collator=None, clip_model: str | None = None, stream_identity: dict | None = None,
-                 **kwargs):
+                 base_model_record: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
         self.stream_identity = stream_identity  # saved with each stream position, checked on resume
+        # An adapter's base model, recorded in each manifest and checked on resume (`checkpoints.base_change`).
+        self.base_model_record = base_model_record
         self.clip_model = clip_model
         self._clip = None
         self._stream_position = None
@@ -223,7 +225,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         if self.args.should_save:
             loss_sum = self._total_loss_scalar + self._tr_loss.item() + (self._loss_sum_before_resume or 0.0)
             write_checkpoint_manifest(folder, self.state.global_step, loss_sum, self.args.world_size,
-                                      self._global_batch_size)
+                                      self._global_batch_size, self.base_model_record)
             rotate_complete_checkpoints(run_dir, self.state.global_step, save_total_limit,
                                         self.state.best_model_checkpoint)
 
