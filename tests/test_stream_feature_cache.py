@@ -140,7 +140,9 @@ def test_cached_features_stream_every_row_the_images_do_whatever_the_keys_and_th
                                                 ("x2.jpg", image_bytes(seed=5, size=200)), ("x2.txt", b"x two")])
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole.read_bytes()[:3100])  # inside the second sample's image
-    shards = [str(odd_keys), str(cut)]
+    cut_at_header = tmp_path / "cut-at-header.tar"
+    cut_at_header.write_bytes(whole.read_bytes()[:2600])  # inside the second sample's first header: x1 is whole
+    shards = [str(odd_keys), str(cut), str(cut_at_header)]
 
     image_counts, feature_counts = StreamCounts(), StreamCounts()
     from_images = [(row["image_name"], row["caption"]) for row in decoded_rows(stream_webdataset(shards), image_counts)]
@@ -148,10 +150,11 @@ def test_cached_features_stream_every_row_the_images_do_whatever_the_keys_and_th
     from_features = [(row["image_name"], row["caption"])
                      for row in stream_feature_shards(paths, feature_counts, shards)]
 
-    assert from_images == [("__cat", "a cat"), ("k", "a dog"), ("k", "a fox"), ("x1", "x one")]
+    assert from_images == [("__cat", "a cat"), ("k", "a dog"), ("k", "a fox"), ("x1", "x one"), ("x1", "x one")]
     assert from_features == from_images
-    assert feature_counts.reasons == image_counts.reasons == {"unreadable shard": 1}
-    assert feature_counts.by_shard == image_counts.by_shard == {str(cut): {"unreadable shard": 1}}
+    assert feature_counts.reasons == image_counts.reasons == {"unreadable shard": 2}
+    assert feature_counts.by_shard == image_counts.by_shard == {
+        str(cut): {"unreadable shard": 1}, str(cut_at_header): {"unreadable shard": 1}}
 
 
 def test_a_stream_of_cached_features_resumes_at_its_position(cache_of, tmp_path):
@@ -244,9 +247,36 @@ def test_a_complete_feature_shard_leaves_no_lock_file(cache_of, tmp_path):
         name for path in paths for name in (path.name, path.with_suffix(".json").name))
 
 
-def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp_path, monkeypatch, caplog):
+def test_a_pre_pass_on_a_full_disk_reads_complete_shards_and_stops_before_encoding(cache_of, tmp_path, monkeypatch):
+    """The failure record's room is reserved only by a process with shards to encode: on a full disk a rerun over
+    complete feature shards goes on, and one with a shard to encode stops at once, naming the disk."""
+    import errno
+    import os
+
+    from modeling_vitgpt2.utils.io import DiskFullError
+
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=1)
+    shards = expand_shards(f"{tmp_path}/shards/{{00000..00001}}.tar")
+    paths = cache_of(tmp_path / "cache").build_shards(shards[:1])
+
+    def full_disk(descriptor, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    assert cache_of(tmp_path / "cache").build_shards(shards[:1]) == paths
+    with pytest.raises(DiskFullError, match=r"writing .*/shards/\.prepass-.*: free some space there"):
+        cache_of(tmp_path / "cache").build_shards(shards)
+
+
+@pytest.mark.parametrize("disk_full", [False, True], ids=["record written", "disk full for the record"])
+def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp_path, monkeypatch, caplog,
+                                                                    disk_full):
     """Two processes of one job, played in turn: process 1 fails on its first shard, then process 0 encodes its own
-    shards, waits (saying so at WARNING) for process 1's, finds its failure record and stops with its error."""
+    shards, waits (saying so at WARNING) for process 1's, finds its failure record and stops with its error. On a
+    full disk, where not even the record's reserved bytes can be overwritten, process 0 still stops at once, naming
+    process 1 (the record's file was made before the work, and marking it failed needs no space)."""
+    import errno
+    import os
     import threading
     from types import SimpleNamespace
 
@@ -267,17 +297,35 @@ def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp
 
     as_process(1)
     write = EncoderFeatureCache._write_shard
+    full = []  # from process 1's failure on, every write of the disk fails, the failure record's included
+
+    def refused_on_a_full_disk(write_file):
+        def writing(*args, **kwargs):
+            if full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write_file(*args, **kwargs)
+        return writing
+
+    monkeypatch.setattr(os, "write", refused_on_a_full_disk(os.write))
+    monkeypatch.setattr(feature_cache, "write_json_atomic", refused_on_a_full_disk(feature_cache.write_json_atomic))
 
     def failing(self, shard, *args):
         if shard.endswith("00001.tar"):
+            full.extend([True] if disk_full else [])
             raise OSError("No space left on device")
         return write(self, shard, *args)
 
     monkeypatch.setattr(EncoderFeatureCache, "_write_shard", failing)
     with pytest.raises(OSError, match="No space left"):
         cache_of(tmp_path / "cache").build_shards(shards)
+    full.clear()  # process 0's disk has room for its shards
 
     as_process(0)
+    # Failure records of an earlier run, which the main process deletes: not this run's, which it waits on.
+    markers = next((tmp_path / "cache").glob("encoder-features-*/shards"))
+    earlier = [markers / ".failed-run-0-1.json", markers / ".prepass-run-0-0.json"]
+    for marker in earlier:
+        marker.write_text("{}")
     outcome = []
 
     def process_0():
@@ -288,9 +336,15 @@ def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp
 
     waiter = threading.Thread(target=process_0, daemon=True)
     waiter.start()
-    waiter.join(timeout=60)
+    waiter.join(timeout=30)
     assert not waiter.is_alive(), "process 0 still waits for the failed process's shards"
     assert isinstance(outcome[0], PrePassFailedError)
-    assert f"process 1 failed while encoding {shards[1]}: OSError: No space left on device" in str(outcome[0])
+    if disk_full:
+        assert str(outcome[0]).startswith("process 1 failed in the pre-pass, and its error could not be recorded in ")
+        assert "the log of that process has it; this process stops too (2 feature shard(s) missing" in str(outcome[0])
+    else:
+        assert f"process 1 failed while encoding {shards[1]}: OSError: No space left on device" in str(outcome[0])
+    assert not any(marker.exists() for marker in earlier)
+    assert sorted(marker.name for marker in markers.glob(".*.json")) == [".failed-run-1-1.json"]
     assert any(record.levelname == "WARNING" and "Waiting for 2 of 4 feature shards" in record.getMessage()
                for record in caplog.records)

@@ -719,3 +719,40 @@ def test_a_shard_cut_at_a_header_or_with_a_damaged_header_is_counted_as_cut_shor
         assert "the rest of it is skipped" in rows[-1]["problem"], name
         assert all(row["problem"] is None for row in rows[:-1]), name
     assert [row["problem"] for row in tar_samples([str(tmp_path / "00000.tar")])] == [None] * 5
+
+
+def test_a_whole_sample_before_a_cut_is_kept_and_the_sample_the_cut_falls_in_is_not(tmp_path):
+    """The reader yields a sample when the next key starts, so a cut right after a whole sample used to drop it with
+    the rest. It is kept wherever the cut comes after its last byte (a header, padding, a damaged header); a sample
+    cut inside any of its members (one the reader does not use included), or one left without its caption, is not."""
+    import tarfile
+
+    from helpers import image_bytes, write_tar
+    from modeling_vitgpt2.data.streaming import SHARD_PROBLEM_KEY, tar_samples
+
+    whole = write_tar(tmp_path / "whole.tar", [("a.jpg", image_bytes(seed=1)), ("a.txt", b"cap a"),
+                                               ("a.cls", b"7" * 3000), ("b.jpg", image_bytes(seed=2)),
+                                               ("b.txt", b"cap b")])
+    payload = whole.read_bytes()
+    with tarfile.open(whole) as archive:
+        a_jpg, a_txt, a_cls, b_jpg, b_txt = archive.getmembers()
+    intact = list(tar_samples([str(whole)]))
+    damaged = bytearray(payload)
+    damaged[b_jpg.offset + 140] ^= 0x55
+    cuts = {
+        "at the next sample's header": (payload[:b_jpg.offset], ["a"]),
+        "inside the next sample's header": (payload[:b_jpg.offset + 100], ["a"]),
+        "in the padding after the last member": (payload[:a_cls.offset_data + a_cls.size + 1], ["a"]),
+        "at a damaged header": (bytes(damaged), ["a"]),
+        "inside a member the reader does not use": (payload[:a_cls.offset_data + a_cls.size - 1], []),
+        "inside the caption": (payload[:a_txt.offset_data + 2], []),
+        "before the caption": (payload[:a_txt.offset], []),
+        "before the second sample's caption": (payload[:b_txt.offset], ["a"]),
+        "inside the second sample's caption": (payload[:b_txt.offset_data + 2], ["a"]),
+    }
+    for name, (cut, kept) in cuts.items():
+        (tmp_path / "cut.tar").write_bytes(cut)
+        *rows, problem = tar_samples([str(tmp_path / "cut.tar")])
+        assert [{**row, "shard": None} for row in rows] == [{**row, "shard": None} for row in intact[:len(kept)]], name
+        assert problem["image_name"] == SHARD_PROBLEM_KEY, name
+        assert f"cut short after {len(kept)} sample(s)" in problem["problem"], name

@@ -16,7 +16,9 @@ with the link and its target named (see `_unread_field`).
 A bad sample (no image, no or an empty caption, a caption that is not UTF-8, a `.json` that is not a JSON object,
 an image that does not decode) is skipped, and so is a shard that is not a tar file or the rest of a shard that is
 cut short: each is counted by reason and shard in a `StreamCounts` (one per process) and logged, instead of
-stopping a run hours in.
+stopping a run hours in. Of a shard cut short, the samples before the cut are kept, the last of them too (the one
+the reader still holds, as it yields a sample when the next key starts) where the cut comes after its last byte and
+it has its image and caption; one that the cut falls inside of, in any of its members, is skipped with the rest.
 
 Splitting across processes and nodes is `accelerate`'s job, which `Trainer` calls: with `dispatch_batches=False`
 (set by `run_training` for streams) it gives each process `IterableDataset.shard(num_processes, process_index)`, whole
@@ -259,8 +261,26 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"the member header at byte {archive.offset} is {what}") from None
 
 
+def _read_field(archive: tarfile.TarFile, member: tarfile.TarInfo, field_name: str) -> bytes | _Unread:
+    """A member's value as a field: the bytes of an image or caption field, why it is not read (see
+    `_unread_field`), or `b""` for a field this reader does not use, whose bytes are never held in memory. Raises
+    where the shard ends inside the member's bytes."""
+    if field_name in _IMAGE_FIELDS or field_name in _TEXT_FIELDS:
+        return _unread_field(member, field_name) or archive.extractfile(member).read()
+    if member.isfile() and member.size:
+        # Skipped to its last byte now rather than by tarfile before the next header (a stream reads through either
+        # way), so that a shard cut inside this member is told from one cut after it. `archive.offset` (the next
+        # header) bounds a sparse member, whose size is that of the file it expands to.
+        archive.fileobj.seek(min(member.offset_data + member.size, archive.offset) - 1)
+        if not archive.fileobj.read(1):
+            raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+    return b""
+
+
 def _shard_samples(shard: str) -> Iterator[dict]:
-    key, fields, samples = None, {}, 0
+    # `whole`: every member of the pending sample (the one at `key`, yielded when the next key starts) was read to its
+    # last byte, so a shard cut after it still has it entire.
+    key, fields, samples, whole = None, {}, 0, True
     try:
         with fsspec.open(shard, "rb") as file, \
                 tarfile.open(fileobj=file, mode="r|*", tarinfo=_CheckedTarInfo) as archive:
@@ -277,14 +297,16 @@ def _shard_samples(shard: str) -> Iterator[dict]:
                     samples += 1
                     yield _caption_row(shard, key, fields)
                     fields = {}
-                key = member_key
-                # Fields this reader does not use are named but not read, and neither is a member refused by
-                # `_unread_field`: in stream mode tarfile reads past an unread member in small blocks.
-                if field_name in _IMAGE_FIELDS or field_name in _TEXT_FIELDS:
-                    fields[field_name] = _unread_field(member, field_name) or archive.extractfile(member).read()
-                else:
-                    fields[field_name] = b""
+                key, whole = member_key, False
+                fields[field_name] = _read_field(archive, member, field_name)
+                whole = True
     except (tarfile.TarError, OSError, EOFError) as error:
+        # The pending sample is kept where the cut came after its last byte and it makes a usable row: one cut
+        # inside a member, or one that lacks its image or caption (which the cut may have taken), is the cut
+        # sample, counted with the rest of the shard.
+        if key is not None and whole and (row := _caption_row(shard, key, fields))["problem"] is None:
+            samples += 1
+            yield row
         where = "the shard cannot be read as a tar file" if samples == 0 and key is None else \
             f"the shard is cut short after {samples} sample(s); the rest of it is skipped"
         yield {"image": None, "caption": None, "image_name": SHARD_PROBLEM_KEY, "shard": shard,
