@@ -569,7 +569,7 @@ def test_studies_that_share_a_synthetic_dir_write_it_once_and_the_second_waits_f
         data = study_run._prepare_data(study, tmp_path / "second", second, held)
     thread.join(timeout=10)
     assert writers == ["first"]
-    assert second.lines == [f"waiting for another study to finish writing the synthetic set in {root}"]
+    assert second.lines == [f"waiting for another study or training run to finish writing the synthetic set in {root}"]
     assert data == first["data"] and len(json.loads((root / "val.json").read_text())["images"]) == 2
 
 
@@ -583,7 +583,8 @@ def test_a_synthetic_set_another_study_trains_on_is_not_rewritten_with_other_opt
         study_run._prepare_data(_synthetic_study(tmp_path, root), tmp_path, quiet, held)
         marker = (root / "written.json").read_text()
         with pytest.raises(UserError, match=rf"{re.escape(str(root))} holds the synthetic set of another running "
-                                            r"study .*: wait for that study to finish, or set data.synthetic_dir"):
+                                            r"study or training run .*; writing this study's .*: wait for that one "
+                                            r"to finish, or set data.synthetic_dir"):
             study_run._prepare_data(other, tmp_path, quiet, contextlib.ExitStack())
         assert (root / "written.json").read_text() == marker
 

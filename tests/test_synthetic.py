@@ -21,6 +21,7 @@ from modeling_vitgpt2.data.synthetic import (
     draw_scene,
     object_box,
     random_scene,
+    synthetic_set,
     write_synthetic_coco,
 )
 from modeling_vitgpt2.training.tokenizer import train_caption_tokenizer
@@ -198,3 +199,14 @@ def test_shifted_domain_draws_new_colours_and_words_captions_differently(tmp_pat
     assert set(DOMAINS["shifted"]) - set(COLOURS) == set(SHIFTED_COLOURS)
     with pytest.raises(ValueError, match="unknown synthetic domain"):
         write_synthetic_coco(tmp_path / "x", num_train=1, num_val=1, domain="stripes")
+
+
+def test_options_left_to_their_defaults_name_the_same_synthetic_set_as_given_in_full(tmp_path):
+    # The study gives all four options, a caller of `synthetic_set` may leave some out: one set either way.
+    lines = []
+    with synthetic_set(tmp_path, {"num_train": 2, "num_val": 1, "image_size": 16}, lines.append) as paths:
+        assert len(json.loads(paths.val_json.read_text())["images"]) == 1
+        assert sorted(path.name for path in paths.train_images.iterdir()) == ["train_000000.png", "train_000001.png"]
+    with synthetic_set(tmp_path, {"num_train": 2, "num_val": 1, "image_size": 16, "domain": "shapes"}, lines.append):
+        pass
+    assert lines == [f"writing the synthetic 'shapes' set (2 training and 1 validation images) to {tmp_path}"]

@@ -1,7 +1,9 @@
 """`train.py` as users run it: resuming a killed run, two processes, and the built-in default pipeline."""
 
+import contextlib
 import copy
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -123,7 +125,8 @@ def test_filling_in_defaults_returns_new_arguments_and_leaves_the_given_ones(tra
     given = copy.deepcopy((data_args, peft_args))
     method, resolved = resolve_method(peft_args, from_scratch=True)
     assert (method, resolved.train_encoder) == ("full", True)
-    _, val_images = load_caption_data(data_args)  # writes and reads the synthetic set
+    with contextlib.ExitStack() as held:
+        _, val_images = load_caption_data(data_args, held)  # writes and reads the synthetic set
     assert len(val_images) == 2
     assert (data_args, peft_args) == given
 
@@ -131,6 +134,89 @@ def test_filling_in_defaults_returns_new_arguments_and_leaves_the_given_ones(tra
     streamed = _streamed_training_args(data_args, training_args)
     assert streamed.accelerator_config.dispatch_batches is False
     assert training_args.accelerator_config.dispatch_batches is None
+
+
+def _synthetic_arguments(train_script, root, *flags):
+    return train_script.parse_arguments(["--synthetic_dir", str(root), "--synthetic_train_images", "3",
+                                         "--synthetic_val_images", "2", "--synthetic_image_size", "16", *flags])[1]
+
+
+def test_train_py_runs_that_share_a_synthetic_dir_write_it_once(train_script, tmp_path, monkeypatch):
+    # Every run wrote the whole set again, over the images another run was reading.
+    from modeling_vitgpt2.data import synthetic
+    from modeling_vitgpt2.training.run import load_caption_data
+
+    root = tmp_path / "shapes"
+    original, written = synthetic.write_synthetic_coco, []
+    monkeypatch.setattr(synthetic, "write_synthetic_coco",
+                        lambda *args, **kwargs: written.append(kwargs) or original(*args, **kwargs))
+    data_args = _synthetic_arguments(train_script, root)
+    lines = []
+    with contextlib.ExitStack() as first, contextlib.ExitStack() as second:
+        first_rows = load_caption_data(data_args, first, lines.append)
+        second_rows = load_caption_data(data_args, second, lines.append)  # while the first still trains
+    assert written == [data_args.synthetic_options()]
+    assert lines == [f"writing the synthetic 'shapes' set (3 training and 2 validation images) to {root}"]
+    assert [rows.to_list() for rows in first_rows] == [rows.to_list() for rows in second_rows]
+    assert json.loads((root / "written.json").read_text()) == data_args.synthetic_options()
+
+    # The marker, not the files being there, says which set the folder holds: other options write it again.
+    with contextlib.ExitStack() as held:
+        _, val_images = load_caption_data(_synthetic_arguments(train_script, root, "--synthetic_val_images", "3"),
+                                          held, lines.append)
+    assert len(written) == 2 and len(val_images) == 3
+
+
+def test_a_synthetic_set_a_training_run_reads_is_not_rewritten_with_other_options(train_script, tmp_path):
+    from modeling_vitgpt2.training.run import load_caption_data
+    from modeling_vitgpt2.utils.errors import UserError
+
+    root = tmp_path / "shapes"
+    other = _synthetic_arguments(train_script, root, "--synthetic_domain", "shifted")
+    with contextlib.ExitStack() as held:
+        load_caption_data(_synthetic_arguments(train_script, root), held)
+        files = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+        with pytest.raises(UserError, match=rf"^{re.escape(str(root))} holds the synthetic set of another running "
+                                            r"study or training run \(.*'domain': 'shapes'.*\); writing this "
+                                            r"training run's \(.*'domain': 'shifted'.*\) there would change the "
+                                            r"images under it: wait for that one to finish, or set --synthetic_dir "
+                                            r"to another folder$"):
+            load_caption_data(other, contextlib.ExitStack())
+        assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == files
+    with contextlib.ExitStack() as held:  # once the first run ended
+        rows, _ = load_caption_data(other, held)
+    assert rows["caption"][0].startswith("the image shows")  # the "shifted" domain's wording
+
+
+def test_a_training_run_holds_its_synthetic_set_until_it_returns(train_script, tmp_path, capsys):
+    from transformers import TrainerCallback
+
+    from modeling_vitgpt2.data.synthetic import synthetic_set
+    from modeling_vitgpt2.training.run import run_training
+    from modeling_vitgpt2.utils.errors import UserError
+
+    root, refused = tmp_path / "shapes", []
+    shifted = {"num_train": 3, "num_val": 2, "image_size": 16, "domain": "shifted"}
+
+    class OtherOptionsAtTheEnd(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            with pytest.raises(UserError, match=re.escape(f"{root} holds the synthetic set")):
+                with synthetic_set(root, shifted):
+                    pass
+            refused.append(state.global_step)
+
+    arguments = train_script.parse_arguments([
+        "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "false", "--synthetic_dir", str(root), "--synthetic_train_images", "3",
+        "--synthetic_val_images", "2", "--synthetic_image_size", "16", "--model_config", '{"n_layer": 1}',
+        "--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--max_eval_images", "1",
+        "--generation_num_beams", "1", "--max_new_tokens", "2"])  # the final evaluation, as short as it goes
+    run_training(*arguments, callbacks=[OtherOptionsAtTheEnd()])
+    assert refused == [1]
+    assert f"[train] writing the synthetic 'shapes' set (3 training and 2 validation images) to {root}" in (
+        capsys.readouterr().out)
+    with synthetic_set(root, shifted, lambda message: None):  # released once the run returned
+        assert json.loads((root / "written.json").read_text())["domain"] == "shifted"
 
 
 def test_a_config_file_with_an_unknown_option_is_refused_naming_it(train_script, tmp_path):

@@ -3,6 +3,8 @@
 It exists so that training, evaluation (CIDEr needs several references per image) and the tests run offline in a few
 minutes on a CPU. Everything is generated deterministically from a seed and written in the course's COCO layout, so
 training reads it through the same loader as real data (`modeling_vitgpt2.data.captions.load_coco_captions`).
+train.py and the study get it through `synthetic_set`, which writes it once per set of options into a folder they may
+share, and keeps it from being rewritten while one of them reads it.
 
 A scene holds one to three objects, each with a shape, a colour, a size and one of five positions. Every position has
 its own region of the image, so objects never overlap and every caption can name each object's position unambiguously.
@@ -10,15 +12,19 @@ its own region of the image, so objects never overlap and every caption can name
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from PIL import Image, ImageDraw
 
-from ..utils.io import write_json_atomic
+from ..utils.errors import UserError
+from ..utils.io import read_json, write_json_atomic
 
 __all__ = [
     "BACKGROUND",
@@ -41,7 +47,11 @@ __all__ = [
     "SHAPES",
     "SHIFTED_COLOURS",
     "SIZES",
+    "SYNTHETIC_IN_USE_LOCK",
+    "SYNTHETIC_WRITE_LOCK",
     "SyntheticCocoPaths",
+    "synthetic_set",
+    "WRITTEN_MARKER",
     "write_synthetic_coco",
 ]
 
@@ -249,6 +259,12 @@ class SyntheticCocoPaths:
     train_images: Path
     val_images: Path
 
+    @classmethod
+    def under(cls, root: str | Path) -> SyntheticCocoPaths:
+        root = Path(root)
+        return cls(root=root, train_json=root / "train.json", val_json=root / "val.json",
+                   train_images=root / "train", val_images=root / "val")
+
 
 def _write_split(
     root: Path,
@@ -297,10 +313,65 @@ def write_synthetic_coco(
     image_ids, annotation_ids = itertools.count(), itertools.count()
     _write_split(root, "train", num_train, seed, image_size, image_ids, annotation_ids, domain)
     _write_split(root, "val", num_val, seed, image_size, image_ids, annotation_ids, domain)
-    return SyntheticCocoPaths(
-        root=root,
-        train_json=root / "train.json",
-        val_json=root / "val.json",
-        train_images=root / "train",
-        val_images=root / "val",
-    )
+    return SyntheticCocoPaths.under(root)
+
+
+# In the synthetic set's folder, which train.py runs and studies may share (`synthetic_set`): the options the set was
+# written with; a lock held while one checks and writes the set; and one held shared by every run that reads it.
+WRITTEN_MARKER = "written.json"
+SYNTHETIC_WRITE_LOCK = ".synthetic.write.lock"
+SYNTHETIC_IN_USE_LOCK = ".synthetic.in-use.lock"
+
+
+@contextlib.contextmanager
+def synthetic_set(root: str | Path, options: dict, say: Callable[[str], None] = print, *, job: str = "run",
+                  setting: str = "--synthetic_dir") -> Iterator[SyntheticCocoPaths]:
+    """Makes `root` hold the synthetic set of `options` (`write_synthetic_coco`'s keyword arguments) and keeps it so
+    while the context lasts; yields its paths. The set is written once per set of options (`WRITTEN_MARKER` records
+    them), not again by every run that reads it.
+
+    Runs that share the folder (train.py runs, the processes of one, studies; two terminals, two users) take turns to
+    check and write it, so one never reads the set another is half-way through writing, nor do both write it: the
+    second waits, saying so once through `say`, then reuses it. Each reader holds a shared lock until the context
+    ends, so that a run with other options cannot rewrite the images under one that trains on them: it stops
+    instead (`UserError`) naming the folder, this `job` ("study", "training run") and the `setting` that moves it."""
+    root = Path(root)
+    # The defaults filled in, so that options given in full and the same options left to defaults share one set.
+    options = {"num_train": DEFAULT_NUM_TRAIN, "num_val": DEFAULT_NUM_VAL, "image_size": DEFAULT_IMAGE_SIZE,
+               "domain": DEFAULT_DOMAIN, **options}
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / WRITTEN_MARKER
+    writing = FileLock(root / SYNTHETIC_WRITE_LOCK)
+    try:
+        writing.acquire(timeout=0)
+    except Timeout:
+        say(f"waiting for another study or training run to finish writing the synthetic set in {root}")
+        writing.acquire()
+    in_use = open(root / SYNTHETIC_IN_USE_LOCK, "a")  # flock, not FileLock: readers share it
+    try:
+        if not (marker.is_file() and read_json(marker) == options):
+            try:
+                fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                there = read_json(marker) if marker.is_file() else "unknown"
+                raise UserError(
+                    f"{root} holds the synthetic set of another running study or training run ({there}); writing "
+                    f"this {job}'s ({options}) there would change the images under it: wait for that one to finish, "
+                    f"or set {setting} to another folder") from None
+            # A set killed half-way through must not pass for the one the marker names.
+            marker.unlink(missing_ok=True)
+            say(f"writing the synthetic {options['domain']!r} set ({options['num_train']} training and "
+                f"{options['num_val']} validation images) to {root}")
+            write_synthetic_coco(root, **options)
+            write_json_atomic(marker, options)
+        # Cannot block: LOCK_EX is only taken under the write lock, which this holds (after a write: a downgrade).
+        fcntl.flock(in_use, fcntl.LOCK_SH)
+    except BaseException:
+        in_use.close()
+        raise
+    finally:
+        writing.release()
+    try:
+        yield SyntheticCocoPaths.under(root)
+    finally:
+        in_use.close()

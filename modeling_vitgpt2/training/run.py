@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -21,7 +22,7 @@ from transformers import AutoTokenizer, IntervalStrategy, TrainerCallback, set_s
 
 from ..data.captions import CaptionCollator, load_coco_captions, load_hf_captions, references_per_image
 from ..data.streaming import EmptyStreamCheck
-from ..data.synthetic import write_synthetic_coco
+from ..data.synthetic import synthetic_set
 from ..inference.loading import BASE_MODEL_FOLDER, is_peft_model
 from ..model.configuration_vitgpt2 import ViTGPT2Config
 from ..model.modeling_vitgpt2 import ViTGPT2ForConditionalGeneration
@@ -91,11 +92,15 @@ SIZE_NEUTRAL_FIELDS = {"resid_pdrop", "embd_pdrop", "attn_pdrop", "initializer_r
 # Data
 
 
-def load_caption_data(data_args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
+def load_caption_data(data_args: DataArguments, held: contextlib.ExitStack,
+                      say: Callable[[str], None] = print) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(training captions, one row per validation image with its references). With no source given, the built-in
-    synthetic set is written to `--synthetic_dir` and read from there."""
+    synthetic set is read from `--synthetic_dir`, written there first unless it holds the set of these options
+    already, and kept from being rewritten with other options until `held` closes (`synthetic_set`, which `say`s
+    when it writes the set or waits for another run's writing)."""
     if data_args.uses_synthetic:
-        paths = write_synthetic_coco(data_args.synthetic_dir, **data_args.synthetic_options())
+        paths = held.enter_context(synthetic_set(data_args.synthetic_dir, data_args.synthetic_options(), say,
+                                                 job="training run", setting="--synthetic_dir"))
         data_args = dataclasses.replace(data_args, train_json=str(paths.train_json), train_images=str(paths.train_images),
                                         val_json=str(paths.val_json), val_images=str(paths.val_images))
     if data_args.train_json or data_args.train_images:
@@ -265,7 +270,7 @@ def run_training(
     """Trains, evaluates and saves; returns the final evaluation metrics. Publishing is the Hub layer's job:
     `train.py --push_to_hub` calls `modeling_vitgpt2.applications.hub.push_training_output` once this returns. `callbacks` are
     added to the Trainer's (the study uses them to show progress). Holds the output folder for the run
-    (`hold_output_dir`)."""
+    (`hold_output_dir`), and the synthetic set it trains on, if any (`load_caption_data`)."""
     if training_args.push_to_hub:
         raise ValueError(
             "run_training does not push: Trainer's own push would replace the model card with a generic one. Train "
@@ -275,8 +280,8 @@ def run_training(
     if training_args.hub_token is not None:
         # Trainer pickles its arguments whole into every checkpoint's training_args.bin; no file may hold a token.
         training_args = dataclasses.replace(training_args, hub_token=None)
-    with hold_output_dir(training_args.output_dir, training_args.process_index):
-        return _run_training(model_args, data_args, peft_args, training_args, callbacks)
+    with hold_output_dir(training_args.output_dir, training_args.process_index), contextlib.ExitStack() as held:
+        return _run_training(model_args, data_args, peft_args, training_args, callbacks, held)
 
 
 def _run_training(
@@ -285,6 +290,7 @@ def _run_training(
     peft_args: PeftArguments,
     training_args: CaptionTrainingArguments,
     callbacks: list[TrainerCallback] | None,
+    held: contextlib.ExitStack,
 ) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
@@ -297,8 +303,14 @@ def _run_training(
                 data_args, training_args.seed, evaluates=training_args.eval_strategy != IntervalStrategy.NO
             )
     else:
+        def say(message: str) -> None:
+            # The main process checks (and writes) a synthetic set alone while the others wait here, so its
+            # waiting is for another run; theirs would mostly be for each other's quick look at the marker.
+            if state.is_main_process:
+                print(f"[train] {message}", flush=True)
+
         with state.main_process_first():
-            train_rows, val_images = load_caption_data(data_args)
+            train_rows, val_images = load_caption_data(data_args, held, say)
         tokenizer_captions = lambda: list(train_rows["caption"])  # noqa: E731
 
     from_scratch = not (model_args.model_name_or_path or model_args.encoder or model_args.decoder)

@@ -4,7 +4,6 @@ resumable), zero-shot templates, the best and worst captions, and the side-by-si
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -17,12 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 from transformers import TrainerCallback
 
 from ...evaluation.metrics import metric_names
 from ...training.arguments import parse_train_arguments, read_config_file
-from ...utils.errors import UserError
 from ...utils.io import DiskFullError, file_digest, read_json, write_json_atomic
 from .config import BASE_ROW, RUN_DEFAULTS, Study, StudyConfigError, base_arguments
 from .report import format_duration, write_report
@@ -46,10 +43,6 @@ SETTINGS_FILE = "study_settings.json"
 # The data options that describe the built-in synthetic set, written once for the whole study.
 SYNTHETIC_ARGUMENTS = ("synthetic_train_images", "synthetic_val_images", "synthetic_image_size", "synthetic_domain",
                        "synthetic_dir")
-# In the synthetic set's folder, which studies may share (`_synthetic_set`): held while one checks and writes it, and
-# held shared by every study that reads it.
-SYNTHETIC_WRITE_LOCK = ".synthetic.write.lock"
-SYNTHETIC_IN_USE_LOCK = ".synthetic.in-use.lock"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +163,8 @@ class StudyData:
 
 def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress, held: contextlib.ExitStack) -> StudyData:
     """The study's COCO-style files; the synthetic set is written once per set of options (`written.json` records
-    them), not again on every run or rerun, and stays marked in use until `held` closes (`_synthetic_set`)."""
+    them), not again on every run or rerun, and stays marked in use until `held` closes (`synthetic_set`)."""
+    from ...data.synthetic import synthetic_set
     from ...training.arguments import DataArguments
 
     data = dict(study.data)
@@ -178,60 +172,15 @@ def _prepare_data(study: Study, output_dir: Path, progress: StudyProgress, held:
     if not data.get("train_json"):
         options = DataArguments(**synthetic).synthetic_options()
         root = Path(synthetic.get("synthetic_dir") or output_dir / "data")
-        held.enter_context(_synthetic_set(root, options, progress))
-        data.update(train_json=str(root / "train.json"), train_images=str(root / "train"),
-                    val_json=str(root / "val.json"), val_images=str(root / "val"))
+        paths = held.enter_context(synthetic_set(root, options, progress.say, job="study",
+                                                 setting="data.synthetic_dir"))
+        data.update(train_json=str(paths.train_json), train_images=str(paths.train_images),
+                    val_json=str(paths.val_json), val_images=str(paths.val_images))
     else:
         missing = [key for key in ("train_images", "val_json", "val_images") if not data.get(key)]
         if missing:
             raise StudyConfigError(f"study file {study.path}: 'data' needs {missing} with train_json")
     return StudyData(data["train_json"], data["train_images"], data["val_json"], data["val_images"], data)
-
-
-@contextlib.contextmanager
-def _synthetic_set(root: Path, options: dict, progress: StudyProgress):
-    """Makes `root` hold the synthetic set of `options` and keeps it so while the context lasts. Studies that share
-    a `synthetic_dir` (two terminals, two users) take turns to check and write it, so one never reads the set
-    another is half-way through writing, nor do both write it: the second waits, then reuses it. Each reader holds
-    a shared lock for its run, so that a study with other options cannot rewrite the images under one that trains
-    on them: it stops instead, naming the folder."""
-    from ...data.synthetic import write_synthetic_coco
-
-    root.mkdir(parents=True, exist_ok=True)
-    marker = root / "written.json"
-    writing = FileLock(root / SYNTHETIC_WRITE_LOCK)
-    try:
-        writing.acquire(timeout=0)
-    except Timeout:
-        progress.say(f"waiting for another study to finish writing the synthetic set in {root}")
-        writing.acquire()
-    in_use = open(root / SYNTHETIC_IN_USE_LOCK, "a")  # flock, not FileLock: readers share it
-    try:
-        if not (marker.is_file() and read_json(marker) == options):
-            try:
-                fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                there = read_json(marker) if marker.is_file() else "unknown"
-                raise UserError(
-                    f"{root} holds the synthetic set of another running study ({there}); writing this study's "
-                    f"({options}) there would change the images under it: wait for that study to finish, or set "
-                    "data.synthetic_dir to another folder") from None
-            # A set killed half-way through must not pass for the one the marker names.
-            marker.unlink(missing_ok=True)
-            progress.say(f"writing the synthetic {options['domain']!r} set ({options['num_train']} training and "
-                         f"{options['num_val']} validation images) to {root}")
-            write_synthetic_coco(root, **options)
-            write_json_atomic(marker, options)
-        fcntl.flock(in_use, fcntl.LOCK_SH)  # from LOCK_EX, a downgrade: no other study holds either lock now
-    except BaseException:
-        in_use.close()
-        raise
-    finally:
-        writing.release()
-    try:
-        yield
-    finally:
-        in_use.close()
 
 
 def ensure_base_model(study: Study, progress: StudyProgress) -> None:
@@ -464,7 +413,7 @@ def run_variant(study: Study, index: int, name: str, overrides: dict, data: Stud
 def run_study(study: Study, output_dir, *, show_progress: bool = True) -> dict:
     """Runs (or resumes) every part of the study and writes the report; returns the results.json content. Holds
     the output folder meanwhile (`hold_output_dir`): a second study into it stops at once; and the synthetic set it
-    reads (`_synthetic_set`)."""
+    reads (`synthetic_set`)."""
     from ...training.checkpoints import hold_output_dir
 
     with hold_output_dir(output_dir, job="study"), contextlib.ExitStack() as held:
