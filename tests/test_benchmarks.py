@@ -1,5 +1,6 @@
 """The generation benchmark runs end to end on tiny models and writes the report it promises (timings unchecked)."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -198,3 +199,26 @@ def test_int8_encoder_benchmark_times_each_runtime_and_reports_the_missing_ones(
     for row in report["rows"]:
         assert row["int8_compiled"]["speedup_over_fp32"] > 0
         assert row["int8_compiled"]["cosine_to_fp32"] > 0.99 and row["int8"]["cosine_to_fp32"] > 0.99
+
+
+def test_decode_floor_benchmark_checks_its_flat_step_against_the_model_and_reports_the_floor(tmp_path, monkeypatch):
+    """Run in this process (the script's own start-up would cost more than the tiny run): its flat step computes
+    the model's own step, and the floor adds up from the report's own parts."""
+    monkeypatch.syspath_prepend(str(BENCH_GENERATE.parent))
+    bench_decode_floor = importlib.import_module("bench_decode_floor")
+    output = tmp_path / "floor.json"
+    monkeypatch.setattr(sys, "argv", ["bench_decode_floor.py", "--size", "tiny", "--images", "1", "2", "--repeats",
+                                      "1", "--new_tokens", "4", "--output", str(output)])
+    bench_decode_floor.main()
+
+    report = json.loads(output.read_text())
+    assert report["flat_step_max_difference"] < 1e-4 and report["machine"]["cpu_flags"]
+    assert [row["rows"] for row in report["results"]] == [3, 6]
+    for row in report["results"]:
+        ran = {"generate", "forward", "flat step"} | ({"ONNX Runtime"} if not row["skipped"] else set())
+        assert set(row["step_ms"]) == ran and all(ms > 0 for ms in row["step_ms"].values())
+    floor = report["one_image_floor"]
+    step_ms = report["results"][0]["step_ms"]
+    assert floor["step_ms"] == min(step_ms.values()) == step_ms[floor["fastest_way"]]
+    assert floor["caption_s"] == pytest.approx(
+        floor["encoder_s"]["int8"] + floor["image_keys_values_s"] + 4 * floor["step_ms"] / 1e3)
