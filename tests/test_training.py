@@ -468,3 +468,14 @@ def test_lora_on_the_tied_embedding_or_lm_head_is_refused_before_training(tiny_m
         unmerged = lora(**inputs).logits
         merged = lora.merge_and_unload()(**inputs).logits
     assert not torch.allclose(merged, unmerged, atol=1e-3)
+
+
+def test_a_full_fine_tuning_run_resumes_with_unchanged_flags(shapes, pretrained_parts, tmp_path):
+    """The default job (`--peft full`) must resume: its checkpoint's config is the one Trainer left on the model
+    (with `use_cache` turned off), not the one a resume builds, and only real differences may refuse it."""
+    output_dir = tmp_path / "run"
+    run_training(*training_arguments(shapes, pretrained_parts, output_dir, peft="full", max_steps=1,
+                                     save_strategy="steps", save_steps=1))
+    run_training(*training_arguments(shapes, pretrained_parts, output_dir, peft="full", max_steps=2,
+                                     save_strategy="steps", save_steps=1, resume_from_checkpoint="true"))
+    assert json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2

@@ -275,8 +275,11 @@ def base_change(checkpoint: str | os.PathLike, current: dict) -> str | None:
 # adapter_config.json fields that give the trained weights their names and shapes: a checkpoint loads into the same.
 ADAPTER_SHAPE_FIELDS = ("peft_type", "r", "target_modules", "modules_to_save")
 # Base-model config fields that change neither its weights' names nor their shapes.
+# `use_cache`: Trainer sets the model's to its `use_cache` argument (False by default), so a full run's checkpoint
+# config says False where the model built again to resume it says True.
 UNSHAPED_CONFIG_FIELDS = {"_name_or_path", "architectures", "auto_map", "transformers_version", "dtype",
-                          "torch_dtype", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation"}
+                          "torch_dtype", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+                          "use_cache"}
 
 
 def run_settings(adapter: dict | None, base_config: dict | None) -> dict[str, object]:
