@@ -216,7 +216,9 @@ def test_decode_floor_benchmark_checks_its_flat_step_against_the_model_and_repor
     assert [row["rows"] for row in report["results"]] == [3, 6]
     for row in report["results"]:
         ran = {"generate", "forward", "flat step"} | ({"ONNX Runtime"} if not row["skipped"] else set())
-        assert set(row["step_ms"]) == ran and all(ms > 0 for ms in row["step_ms"].values())
+        # generate's step is its call less the image keys/values projection timed apart: at the tiny size both are
+        # fractions of a millisecond, and noise can make the difference negative.
+        assert set(row["step_ms"]) == ran and all(ms > 0 for way, ms in row["step_ms"].items() if way != "generate")
     floor = report["one_image_floor"]
     step_ms = report["results"][0]["step_ms"]
     assert floor["step_ms"] == min(step_ms.values()) == step_ms[floor["fastest_way"]]
