@@ -629,16 +629,11 @@ def test_a_rerun_in_which_no_variant_finishes_shows_no_earlier_attention_maps(fi
     assert "extremes/" not in report and "best 1 attention maps" not in (copy / "report.html").read_text()
 
 
-def test_a_scoring_setting_added_to_trained_rows_rescores_them_without_training(finished_study, study_file, tmp_path,
-                                                                                 monkeypatch):
-    # Adding a clip_model to a study whose rows had trained retrained every row: the scoring settings were part of
-    # the row's identity.
-    output_dir, first, _ = finished_study
-    rows = {row["name"]: row for row in first["rows"]}
-    copy = tmp_path / "study"
+def _copy_as_scored_without_clip(output_dir, copy):
+    """The base and lora rows of `output_dir` in `copy`, as made before the study had a CLIP model."""
     for part in ("data", "variants/base", "variants/lora"):
         shutil.copytree(output_dir / part, copy / part)
-    for name in ("base", "lora"):  # as made before the study had a CLIP model
+    for name in ("base", "lora"):
         record = copy / "variants" / name / "study_settings.json"
         settings = json.loads(record.read_text())
         settings["scoring"].update(clip_model=None, metrics=[m for m in settings["scoring"]["metrics"]
@@ -650,6 +645,16 @@ def test_a_scoring_setting_added_to_trained_rows_rescores_them_without_training(
         content = json.loads(result.read_text())
         del content["metrics"]["clip_score"]
         result.write_text(json.dumps(content))
+
+
+def test_a_scoring_setting_added_to_trained_rows_rescores_them_without_training(finished_study, study_file, tmp_path,
+                                                                                 monkeypatch):
+    # Adding a clip_model to a study whose rows had trained retrained every row: the scoring settings were part of
+    # the row's identity.
+    output_dir, first, _ = finished_study
+    rows = {row["name"]: row for row in first["rows"]}
+    copy = tmp_path / "study"
+    _copy_as_scored_without_clip(output_dir, copy)
     from modeling_vitgpt2.evaluation.clip_score import load_clip
     from modeling_vitgpt2.training import run as training
 
@@ -675,3 +680,44 @@ def test_a_scoring_setting_added_to_trained_rows_rescores_them_without_training(
         assert json.loads((copy / "variants" / name / "study_settings.json").read_text()) == study_run._settings(
             study, overrides, data)
         assert "clip_score" in json.loads((copy / "variants" / name / "scores.json").read_text())["metrics"]
+
+
+def test_a_row_whose_saved_predictions_cannot_be_rescored_is_made_again_and_the_study_goes_on(
+        finished_study, study_file, tmp_path, monkeypatch):
+    # A deleted or damaged eval_predictions.json stopped the whole study with FileNotFoundError, on every rerun.
+    output_dir, first, _ = finished_study
+    copy = tmp_path / "study"
+    _copy_as_scored_without_clip(output_dir, copy)
+    (copy / "variants" / "lora" / "eval_predictions.json").unlink()
+    (copy / "variants" / "base" / "eval_predictions.json").write_text('{"train_000001": "a red')  # cut short
+    from modeling_vitgpt2.evaluation.clip_score import load_clip
+    from modeling_vitgpt2.training import run as training
+
+    trained = []
+
+    def training_again(model_args, data_args, peft_args, training_args, callbacks=None):
+        trained.append(training_args.output_dir)
+        raise RuntimeError("stopped here: the test only checks that the row trains again")
+
+    monkeypatch.setattr(training, "run_training", training_again)
+    study = study_module.load_study(study_file)
+    progress = _Lines(total=3)
+    clip = load_clip(study.clip_model)
+    lora, base = copy / "variants" / "lora", copy / "variants" / "base"
+    with contextlib.ExitStack() as held:
+        data = study_run._prepare_data(study, copy, progress, held)
+        base_row = study_run._evaluate_base(study, data, copy, clip, progress)  # evaluated again, for real
+        lora_row = study_run.run_variant(study, 1, "lora", dict(study.variants)["lora"], data, copy, clip, progress)
+    assert base_row["status"] == "ok" and "clip_score" in base_row["metrics"]
+    assert json.loads((base / "eval_predictions.json").read_text()).keys() == \
+        json.loads((output_dir / "variants" / "base" / "eval_predictions.json").read_text()).keys()
+    assert trained == [str(lora)] and lora_row["status"] == "failed" and "stopped here" in lora_row["error"]
+    assert list((output_dir / "variants" / "lora").glob("checkpoint-*"))
+    assert not list(lora.glob("checkpoint-*")), "the row's earlier checkpoints were resumed from"
+    for folder, label, error in ((base, "base model", "JSONDecodeError|InvalidJSONError"),
+                                 (lora, "variant 1/3 lora", "FileNotFoundError")):
+        assert any(re.fullmatch(rf"{label}: cannot score its saved predictions \(({error}): .*\); deleting "
+                                rf"{re.escape(str(folder))} and running it again", line)
+                   for line in progress.lines), progress.lines
+    assert json.loads((lora / "study_settings.json").read_text()) == study_run._settings(
+        study, dict(study.variants)["lora"], data)  # so a rerun trains it as a new row, not a rescore

@@ -1,7 +1,11 @@
 """The synthetic shapes dataset: deterministic, captions that match the pixels, and its tokenizer."""
 
+import errno
+import fcntl
 import json
+import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from modeling_vitgpt2.data.synthetic import (
     write_synthetic_coco,
 )
 from modeling_vitgpt2.training.tokenizer import train_caption_tokenizer
+from modeling_vitgpt2.utils.errors import UserError
 
 IMAGE_SIZE = 64
 
@@ -210,3 +215,126 @@ def test_options_left_to_their_defaults_name_the_same_synthetic_set_as_given_in_
     with synthetic_set(tmp_path, {"num_train": 2, "num_val": 1, "image_size": 16, "domain": "shapes"}, lines.append):
         pass
     assert lines == [f"writing the synthetic 'shapes' set (2 training and 1 validation images) to {tmp_path}"]
+
+
+TINY = {"num_train": 2, "num_val": 1, "image_size": 16, "domain": "shapes"}
+
+
+def refuse_lock_file_writes(monkeypatch, root: Path) -> None:
+    """Makes `root`'s lock files behave as for a user who may neither create one there (a read-only folder) nor open
+    one for writing (another user's, 0644): the tests run as root, whom file modes do not stop."""
+    real_open = os.open
+
+    def guarded(path, flags, *args, **kwargs):
+        path = Path(path)
+        if path.parent == root and path.name.startswith(".synthetic.") and flags & (os.O_RDWR | os.O_CREAT):
+            exists = path.exists()
+            if (flags & os.O_CREAT and not exists) or (exists and not flags & os.O_EXCL):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded)
+
+
+def test_lock_files_are_created_writable_for_every_user_whatever_the_umask(tmp_path):
+    # Created 0644 under the usual umask, another user sharing the folder could not open them to take the locks.
+    mask = os.umask(0o022)
+    try:
+        with synthetic_set(tmp_path, TINY, lambda line: None):
+            pass
+    finally:
+        os.umask(mask)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.glob(".synthetic.*")} == {
+        ".synthetic.write.lock": "0o666", ".synthetic.in-use.lock": "0o666"}
+
+
+def test_lock_files_another_user_wrote_are_locked_through_read_only_descriptors(tmp_path, monkeypatch):
+    # Permission denied opening them for writing stopped every run of another user, even with the set written.
+    with synthetic_set(tmp_path, TINY, lambda line: None):
+        pass
+    refuse_lock_file_writes(monkeypatch, tmp_path)
+    lines = []
+    with synthetic_set(tmp_path, TINY, lines.append) as paths:
+        assert paths.train_json.is_file() and lines == []
+        with pytest.raises(UserError, match="holds the synthetic set of another running"):  # still locked in use
+            with synthetic_set(tmp_path, {**TINY, "num_val": 2}, lines.append):
+                pass
+    with synthetic_set(tmp_path, {**TINY, "num_val": 2}, lines.append):  # the folder itself is writable
+        assert len(json.loads((tmp_path / "val.json").read_text())["images"]) == 2
+
+
+def test_a_read_only_folder_holding_the_set_is_used_without_locks_and_one_without_it_is_refused(tmp_path,
+                                                                                              monkeypatch):
+    # A set prepared once in a read-only folder stopped every run: its lock files could not be created.
+    with synthetic_set(tmp_path, TINY, lambda line: None):
+        pass
+    for lock in tmp_path.glob(".synthetic.*"):
+        lock.unlink()
+    refuse_lock_file_writes(monkeypatch, tmp_path)
+    lines = []
+    with synthetic_set(tmp_path, TINY, lines.append) as paths:
+        assert paths.val_json.is_file()
+    assert lines == [f"using the synthetic set in {tmp_path} without locks: its lock files cannot be created there "
+                     "(a read-only folder?), and it holds the set of these options"]
+    with pytest.raises(UserError, match=re.escape(
+            f"cannot write the synthetic set of this study ({ {**TINY, 'num_val': 2} }) to {tmp_path} (its lock files "
+            f"cannot be created, and it holds {TINY}): set data.synthetic_dir to a folder this user can write")):
+        with synthetic_set(tmp_path, {**TINY, "num_val": 2}, lines.append, job="study", setting="data.synthetic_dir"):
+            pass
+    assert not list(tmp_path.glob(".synthetic.*"))
+
+
+@pytest.mark.parametrize("content", [b"not json{", b"", b'{"num_train": 2,', b"\xff\xfe garbage"],
+                         ids=["garbage", "empty", "truncated", "not-utf-8"])
+def test_an_unreadable_marker_counts_as_none_and_the_set_is_written_again(tmp_path, content):
+    # It raised InvalidJSONError advising to fix by hand a file this module writes.
+    marker = tmp_path / "written.json"
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_bytes(content)
+    lines = []
+    with synthetic_set(tmp_path, TINY, lines.append):
+        pass
+    assert re.fullmatch(rf"{re.escape(str(marker))} cannot be read \(.+\): writing the synthetic set again", lines[0])
+    assert lines[1:] == [f"writing the synthetic 'shapes' set (2 training and 1 validation images) to {tmp_path}"]
+    assert json.loads(marker.read_text()) == TINY
+
+
+def test_an_unreadable_marker_of_a_set_in_use_is_not_rewritten(tmp_path):
+    with synthetic_set(tmp_path, TINY, lambda line: None):
+        (tmp_path / "written.json").write_text("{")
+        with pytest.raises(UserError, match=r"holds the synthetic set of another running study or training run "
+                                            r"\(unknown\)"):
+            with synthetic_set(tmp_path, TINY, lambda line: None):
+                pass
+
+
+def test_a_failure_to_open_the_in_use_lock_releases_the_write_lock(tmp_path):
+    # The write lock stayed held, so a retry in the same process (a notebook cell run again) waited forever.
+    (tmp_path / ".synthetic.in-use.lock").mkdir()
+    with pytest.raises(IsADirectoryError) as raised:  # kept, as IPython keeps the last error and its frames
+        with synthetic_set(tmp_path, TINY, lambda line: None):
+            pass
+    descriptor = os.open(tmp_path / ".synthetic.write.lock", os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while still held
+    finally:
+        os.close(descriptor)
+    assert raised.traceback  # alive until here
+
+
+def test_the_images_are_on_disk_before_the_marker_names_them(tmp_path, monkeypatch):
+    # The marker is fsynced, the PNGs were not: after a power cut it could name a set of empty files.
+    from modeling_vitgpt2.data import synthetic
+
+    events = []
+    real_sync, real_write = os.sync, synthetic.write_json_atomic
+    monkeypatch.setattr(os, "sync", lambda: events.append("sync") or real_sync())
+
+    def logged_write(path, *args, **kwargs):
+        events.append(Path(path).name)
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "write_json_atomic", logged_write)
+    with synthetic_set(tmp_path, TINY, lambda line: None):
+        pass
+    assert events == ["train.json", "val.json", "sync", "written.json"]

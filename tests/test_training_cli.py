@@ -188,6 +188,33 @@ def test_a_synthetic_set_a_training_run_reads_is_not_rewritten_with_other_option
     assert rows["caption"][0].startswith("the image shows")  # the "shifted" domain's wording
 
 
+def test_a_read_only_synthetic_dir_that_holds_the_set_is_read_and_one_without_it_is_refused(train_script, tmp_path,
+                                                                                           monkeypatch):
+    # A set prepared in a read-only folder stopped every train.py run on "Permission denied" for its lock files.
+    from test_synthetic import refuse_lock_file_writes
+
+    from modeling_vitgpt2.training.run import load_caption_data
+    from modeling_vitgpt2.utils.errors import UserError
+
+    root = tmp_path / "shapes"
+    with contextlib.ExitStack() as held:
+        load_caption_data(_synthetic_arguments(train_script, root), held, lambda line: None)
+    for lock in root.glob(".synthetic.*"):
+        lock.unlink()
+    refuse_lock_file_writes(monkeypatch, root)
+    lines = []
+    with contextlib.ExitStack() as held:
+        _, val_images = load_caption_data(_synthetic_arguments(train_script, root), held, lines.append)
+    assert len(val_images) == 2 and lines == [f"using the synthetic set in {root} without locks: its lock files "
+                                              "cannot be created there (a read-only folder?), and it holds the set "
+                                              "of these options"]
+    with pytest.raises(UserError, match=rf"^cannot write the synthetic set of this training run \(.*\) to "
+                                        rf"{re.escape(str(root))} \(.*\): set --synthetic_dir to a folder this user "
+                                        r"can write$"):
+        load_caption_data(_synthetic_arguments(train_script, root, "--synthetic_val_images", "3"),
+                          contextlib.ExitStack())
+
+
 def test_a_training_run_holds_its_synthetic_set_until_it_returns(train_script, tmp_path, capsys):
     from transformers import TrainerCallback
 

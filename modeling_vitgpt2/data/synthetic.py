@@ -13,18 +13,19 @@ its own region of the image, so objects never overlap and every caption can name
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from PIL import Image, ImageDraw
 
 from ..utils.errors import UserError
-from ..utils.io import read_json, write_json_atomic
+from ..utils.io import InvalidJSONError, read_json, write_json_atomic
 
 __all__ = [
     "BACKGROUND",
@@ -323,6 +324,52 @@ SYNTHETIC_WRITE_LOCK = ".synthetic.write.lock"
 SYNTHETIC_IN_USE_LOCK = ".synthetic.in-use.lock"
 
 
+def _refused(error: OSError) -> bool:
+    """The file system says no (permissions, a read-only mount), as opposed to a missing or broken path."""
+    return isinstance(error, PermissionError) or error.errno == errno.EROFS
+
+
+def _lock_descriptor(path: Path) -> int | None:
+    """A descriptor to `flock` the lock file `path` by, or None when it is missing and cannot be created.
+
+    Created writable by everyone (0o666, whatever the umask), so that another user sharing the folder can open it for
+    writing too. Opened read-only where it cannot be opened for writing (another user's file, a read-only folder):
+    flock does not care how the file was opened. filelock's FileLock opens for writing only, hence plain flock, which
+    is what FileLock takes on Unix (so earlier versions of this code still exclude each other)."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        if not _refused(error):
+            raise
+    else:
+        with contextlib.suppress(OSError):  # the umask took the others' write bit; best effort
+            os.fchmod(descriptor, 0o666)
+        return descriptor
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if not _refused(error):
+                raise
+    return None  # not even readable: as good as missing
+
+
+def _recorded_options(marker: Path) -> tuple[object, str | None]:
+    """What `WRITTEN_MARKER` records (None when it is missing), and why it could not be read, if so. Only this module
+    writes the file, atomically, so an unreadable one (a disk fault, a power cut, a stray edit) is not the user's to
+    repair by hand, as `read_json`'s advice would have it: it counts as no record, and the set is written again."""
+    if not marker.is_file():
+        return None, None
+    try:
+        return read_json(marker, "synthetic set record"), None
+    except (OSError, InvalidJSONError) as error:
+        return None, str(error)
+
+
 @contextlib.contextmanager
 def synthetic_set(root: str | Path, options: dict, say: Callable[[str], None] = print, *, job: str = "run",
                   setting: str = "--synthetic_dir") -> Iterator[SyntheticCocoPaths]:
@@ -334,44 +381,86 @@ def synthetic_set(root: str | Path, options: dict, say: Callable[[str], None] = 
     check and write it, so one never reads the set another is half-way through writing, nor do both write it: the
     second waits, saying so once through `say`, then reuses it. Each reader holds a shared lock until the context
     ends, so that a run with other options cannot rewrite the images under one that trains on them: it stops
-    instead (`UserError`) naming the folder, this `job` ("study", "training run") and the `setting` that moves it."""
+    instead (`UserError`) naming the folder, this `job` ("study", "training run") and the `setting` that moves it.
+
+    A read-only folder (or one where the lock files cannot be created) that already holds the set of `options` is
+    used without locks, saying so; one that does not hold it stops with a `UserError` asking for a writable folder."""
     root = Path(root)
     # The defaults filled in, so that options given in full and the same options left to defaults share one set.
     options = {"num_train": DEFAULT_NUM_TRAIN, "num_val": DEFAULT_NUM_VAL, "image_size": DEFAULT_IMAGE_SIZE,
                "domain": DEFAULT_DOMAIN, **options}
-    root.mkdir(parents=True, exist_ok=True)
     marker = root / WRITTEN_MARKER
-    writing = FileLock(root / SYNTHETIC_WRITE_LOCK)
+
+    def cannot_write(error: OSError) -> UserError:
+        return UserError(f"cannot write the synthetic set of this {job} ({options}) to {root} ({error}): set "
+                         f"{setting} to a folder this user can write")
+
     try:
-        writing.acquire(timeout=0)
-    except Timeout:
-        say(f"waiting for another study or training run to finish writing the synthetic set in {root}")
-        writing.acquire()
-    in_use = open(root / SYNTHETIC_IN_USE_LOCK, "a")  # flock, not FileLock: readers share it
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if not _refused(error):
+            raise
+        raise cannot_write(error) from None
+    writing = _lock_descriptor(root / SYNTHETIC_WRITE_LOCK)
+    in_use = None
     try:
-        if not (marker.is_file() and read_json(marker) == options):
+        in_use = None if writing is None else _lock_descriptor(root / SYNTHETIC_IN_USE_LOCK)
+        if in_use is None:
+            # Nothing to lock by, so nothing may be written; another run cannot write here either.
+            recorded, problem = _recorded_options(marker)
+            if recorded != options:
+                found = f"it holds {recorded}" if recorded is not None else problem or f"{marker} is missing"
+                raise cannot_write(PermissionError(f"its lock files cannot be created, and {found}"))
+            say(f"using the synthetic set in {root} without locks: its lock files cannot be created there "
+                "(a read-only folder?), and it holds the set of these options")
+        else:
             try:
-                fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(writing, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                there = read_json(marker) if marker.is_file() else "unknown"
-                raise UserError(
-                    f"{root} holds the synthetic set of another running study or training run ({there}); writing "
-                    f"this {job}'s ({options}) there would change the images under it: wait for that one to finish, "
-                    f"or set {setting} to another folder") from None
-            # A set killed half-way through must not pass for the one the marker names.
-            marker.unlink(missing_ok=True)
-            say(f"writing the synthetic {options['domain']!r} set ({options['num_train']} training and "
-                f"{options['num_val']} validation images) to {root}")
-            write_synthetic_coco(root, **options)
-            write_json_atomic(marker, options)
-        # Cannot block: LOCK_EX is only taken under the write lock, which this holds (after a write: a downgrade).
-        fcntl.flock(in_use, fcntl.LOCK_SH)
+                say(f"waiting for another study or training run to finish writing the synthetic set in {root}")
+                fcntl.flock(writing, fcntl.LOCK_EX)
+            recorded, problem = _recorded_options(marker)
+            if recorded != options:
+                try:
+                    fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UserError(
+                        f"{root} holds the synthetic set of another running study or training run "
+                        f"({'unknown' if recorded is None else recorded}); writing this {job}'s ({options}) there "
+                        f"would change the images under it: wait for that one to finish, or set {setting} to another "
+                        "folder") from None
+                if problem:
+                    say(f"{marker} cannot be read ({problem}): writing the synthetic set again")
+                try:
+                    _write_marked(root, marker, options, say)
+                except OSError as error:
+                    if not _refused(error):
+                        raise
+                    raise cannot_write(error) from None
+            # Cannot block: LOCK_EX is only taken under the write lock, which this holds (after a write: a downgrade).
+            fcntl.flock(in_use, fcntl.LOCK_SH)
     except BaseException:
-        in_use.close()
+        if in_use is not None:
+            os.close(in_use)
         raise
     finally:
-        writing.release()
+        if writing is not None:
+            os.close(writing)  # releases the write lock
     try:
         yield SyntheticCocoPaths.under(root)
     finally:
-        in_use.close()
+        if in_use is not None:
+            os.close(in_use)
+
+
+def _write_marked(root: Path, marker: Path, options: dict, say: Callable[[str], None]) -> None:
+    """Writes the set of `options` to `root`, then `marker` naming them."""
+    # A set killed half-way through must not pass for the one the marker names.
+    marker.unlink(missing_ok=True)
+    say(f"writing the synthetic {options['domain']!r} set ({options['num_train']} training and "
+        f"{options['num_val']} validation images) to {root}")
+    write_synthetic_coco(root, **options)
+    # The marker is written durably (write_json_atomic fsyncs it), the images were not: after a power cut it could
+    # name a set whose PNGs are empty. One sync puts them on disk first, far faster than an fsync per image file.
+    os.sync()
+    write_json_atomic(marker, options)

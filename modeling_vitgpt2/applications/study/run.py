@@ -333,14 +333,25 @@ def _earlier_result(study: Study, folder: Path, settings: dict, data: StudyData,
                     progress: StudyProgress) -> dict | None:
     """The row's finished result from an earlier run when its settings still hold, else None (the row runs). A
     finished row whose scoring settings alone changed (a CLIP model added, a metric dropped) is scored again on its
-    saved predictions: its model and predictions are what the same training would make again."""
+    saved predictions: its model and predictions are what the same training would make again. Where those cannot be
+    read or scored, the row's folder is deleted and the row made again, rather than stopping the whole study on this
+    run and on every rerun (its old settings record would ask for the same rescore)."""
     rescore = _clear_if_changed(folder, settings, label, progress)
     finished = _finished(folder)
     if rescore is not None and finished:
         progress.say(f"{label}: scoring settings changed since its last run: {rescore}; scoring its saved "
                      "predictions again (not retrained)")
-        finished = {**finished, **_score(study, folder, data, clip)}
-        write_json_atomic(folder / RESULT_FILE, finished)
+        try:
+            finished = {**finished, **_score(study, folder, data, clip)}
+        except DiskFullError:
+            raise  # as in run_variant: every later row would fail the same way
+        except (OSError, ValueError) as error:  # missing, unreadable, cut short: not what training made
+            progress.say(f"{label}: cannot score its saved predictions ({type(error).__name__}: {error}); deleting "
+                         f"{folder} and running it again")
+            shutil.rmtree(folder)
+            finished = None
+        else:
+            write_json_atomic(folder / RESULT_FILE, finished)
     if rescore is not None:
         # After the new result: a rescore cut short leaves the old record, and the next run rescores again.
         write_json_atomic(folder / SETTINGS_FILE, settings)
