@@ -6,10 +6,15 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 from transformers import TrainerCallback
 
+import modeling_vitgpt2.data.feature_cache as feature_cache
+import modeling_vitgpt2.data.prepass_signals as prepass_signals
 from conftest import REPO, training_arguments
 from helpers import (
     check_one_epoch_read_once,
@@ -19,11 +24,13 @@ from helpers import (
     write_shards,
     write_tar,
 )
-from modeling_vitgpt2.data.feature_cache import EncoderFeatureCache
+from modeling_vitgpt2.data.feature_cache import EncoderFeatureCache, PrePassFailedError
+from modeling_vitgpt2.data.prepass_signals import FailureSignal
 from modeling_vitgpt2.data.streaming import expand_shards
 from modeling_vitgpt2.model.modeling_vitgpt2 import ViTGPT2Encoder
 from modeling_vitgpt2.training.arguments import DataArguments
 from modeling_vitgpt2.training.run import run_training
+from modeling_vitgpt2.utils.io import file_digest
 
 BROKEN = {"000010001": "image", "000030004": "caption"}  # 4 shards of 5 samples: 18 good ones
 
@@ -141,7 +148,9 @@ def test_cached_features_stream_every_row_the_images_do_whatever_the_keys_and_th
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole.read_bytes()[:3100])  # inside the second sample's image
     cut_at_header = tmp_path / "cut-at-header.tar"
-    cut_at_header.write_bytes(whole.read_bytes()[:2600])  # inside the second sample's first header: x1 is whole
+    # Inside the second sample's first header: x1 went out with the cut, as the reader cannot tell whether more of
+    # it was to come.
+    cut_at_header.write_bytes(whole.read_bytes()[:2600])
     shards = [str(odd_keys), str(cut), str(cut_at_header)]
 
     image_counts, feature_counts = StreamCounts(), StreamCounts()
@@ -150,7 +159,7 @@ def test_cached_features_stream_every_row_the_images_do_whatever_the_keys_and_th
     from_features = [(row["image_name"], row["caption"])
                      for row in stream_feature_shards(paths, feature_counts, shards)]
 
-    assert from_images == [("__cat", "a cat"), ("k", "a dog"), ("k", "a fox"), ("x1", "x one"), ("x1", "x one")]
+    assert from_images == [("__cat", "a cat"), ("k", "a dog"), ("k", "a fox"), ("x1", "x one")]
     assert from_features == from_images
     assert feature_counts.reasons == image_counts.reasons == {"unreadable shard": 2}
     assert feature_counts.by_shard == image_counts.by_shard == {
@@ -268,13 +277,13 @@ def test_a_pre_pass_on_a_full_disk_reads_complete_shards_and_stops_before_encodi
         cache_of(tmp_path / "cache").build_shards(shards)
 
 
-@pytest.mark.parametrize("disk_full", [False, True], ids=["record written", "disk full for the record"])
-def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp_path, monkeypatch, caplog,
-                                                                    disk_full):
+@pytest.mark.parametrize("case", ["record written", "disk full for the record", "no record at all"])
+def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp_path, monkeypatch, caplog, case):
     """Two processes of one job, played in turn: process 1 fails on its first shard, then process 0 encodes its own
     shards, waits (saying so at WARNING) for process 1's, finds its failure record and stops with its error. On a
     full disk, where not even the record's reserved bytes can be overwritten, process 0 still stops at once, naming
-    process 1 (the record's file was made before the work, and marking it failed needs no space)."""
+    process 1 (the record's file was made before the work, and marking it failed needs no space). Where even the
+    rename fails, process 1 keeps its reservation, which process 0 finds unlocked once process 1 has ended."""
     import errno
     import os
     import threading
@@ -308,10 +317,14 @@ def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp
 
     monkeypatch.setattr(os, "write", refused_on_a_full_disk(os.write))
     monkeypatch.setattr(feature_cache, "write_json_atomic", refused_on_a_full_disk(feature_cache.write_json_atomic))
+    monkeypatch.setattr(prepass_signals, "write_json_atomic",
+                        refused_on_a_full_disk(prepass_signals.write_json_atomic))
+    if case == "no record at all":  # a directory that needs a new block for the new name
+        monkeypatch.setattr(os, "replace", refused_on_a_full_disk(os.replace))
 
     def failing(self, shard, *args):
         if shard.endswith("00001.tar"):
-            full.extend([True] if disk_full else [])
+            full.extend([True] if case != "record written" else [])
             raise OSError("No space left on device")
         return write(self, shard, *args)
 
@@ -339,12 +352,193 @@ def test_a_failed_process_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp
     waiter.join(timeout=30)
     assert not waiter.is_alive(), "process 0 still waits for the failed process's shards"
     assert isinstance(outcome[0], PrePassFailedError)
-    if disk_full:
+    if case == "disk full for the record":
         assert str(outcome[0]).startswith("process 1 failed in the pre-pass, and its error could not be recorded in ")
         assert "the log of that process has it; this process stops too (2 feature shard(s) missing" in str(outcome[0])
+    elif case == "no record at all":
+        assert str(outcome[0]).startswith("process 1 stopped during the pre-pass without recording an error")
+        assert "its log may say why; this process stops too (2 feature shard(s) missing" in str(outcome[0])
+        told = [record.getMessage() for record in caplog.records if "Could not tell" in record.getMessage()]
+        assert len(told) == 1 and "They stop once it exits" in told[0] and "timeout" not in told[0]
     else:
         assert f"process 1 failed while encoding {shards[1]}: OSError: No space left on device" in str(outcome[0])
     assert not any(marker.exists() for marker in earlier)
-    assert sorted(marker.name for marker in markers.glob(".*.json")) == [".failed-run-1-1.json"]
+    left = ".prepass-run-1-1.json" if case == "no record at all" else ".failed-run-1-1.json"
+    assert sorted(marker.name for marker in markers.glob(".*.json")) == [left]
     assert any(record.levelname == "WARNING" and "Waiting for 2 of 4 feature shards" in record.getMessage()
                for record in caplog.records)
+
+
+class PlayedProcesses:
+    """Plays processes of multi-process pre-pass jobs in threads of this one, each its own rank, job size and run: the
+    patched `PartialState` and `gather_object` answer each thread for its process, as accelerate would."""
+
+    def __init__(self, monkeypatch):
+        self.local = threading.local()
+        monkeypatch.setattr(feature_cache, "PartialState", lambda: SimpleNamespace(
+            process_index=self.local.rank, num_processes=self.local.world, is_main_process=self.local.rank == 0))
+        monkeypatch.setattr(feature_cache, "gather_object", lambda items: [
+            (items[0][0], self.local.run)] * self.local.world if isinstance(items[0][0], str) else self.local.digests)
+
+    def build(self, cache, shards, rank, world, run):
+        self.local.rank, self.local.world, self.local.run = rank, world, run
+        self.local.digests = [(index, file_digest(shard)) for index, shard in enumerate(shards)]  # every process's
+        return cache.build_shards(shards, poll_seconds=0.05)
+
+    def start(self, cache, shards, **process):
+        """Runs `build` in a daemon thread (a waiter that never stops must not hold up the test run's exit)."""
+        outcome = []
+
+        def play():
+            try:
+                outcome.append(self.build(cache, shards, **process))
+            except Exception as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=play, daemon=True)
+        thread.start()
+        return thread, outcome
+
+
+def test_a_job_sharing_the_cache_folder_keeps_the_records_of_a_job_still_running(cache_of, tmp_path, monkeypatch):
+    """Job A (2 processes) and job B (1) share a cache folder. A's process 1 fails, leaving its failure record, while
+    A's process 0 still encodes its shard; job B starts then. B's cleanup deletes the records of runs that ended (one
+    of an older version, with no lock file; one whose lock nobody holds) but keeps A's, so A's process 0 still finds
+    process 1's record and stops with its error instead of waiting forever."""
+    write_shards(tmp_path / "a", num_shards=2, per_shard=1)
+    write_shards(tmp_path / "b", num_shards=1, per_shard=1, seed=7)
+    shards_a, shards_b = expand_shards(f"{tmp_path}/a/{{00000..00001}}.tar"), [f"{tmp_path}/b/00000.tar"]
+    played = PlayedProcesses(monkeypatch)
+    write, encoding, go_on = EncoderFeatureCache._write_shard, threading.Event(), threading.Event()
+
+    def scripted(self, shard, *args):
+        if shard == shards_a[1]:
+            raise OSError("No space left on device")
+        if shard == shards_a[0]:
+            encoding.set()
+            assert go_on.wait(30)
+        return write(self, shard, *args)
+
+    monkeypatch.setattr(EncoderFeatureCache, "_write_shard", scripted)
+    with pytest.raises(OSError, match="No space left"):
+        played.build(cache_of(tmp_path / "cache"), shards_a, rank=1, world=2, run="job-a")
+    markers = next((tmp_path / "cache").glob("encoder-features-*/shards"))
+    ended = [markers / ".failed-old-1.json", markers / ".prepass-ended-0.json", markers / ".run-ended.lock"]
+    for marker in ended:
+        marker.write_text("{}")
+    waiter, outcome = played.start(cache_of(tmp_path / "cache"), shards_a, rank=0, world=2, run="job-a")
+    try:
+        assert encoding.wait(30)
+        played.build(cache_of(tmp_path / "cache"), shards_b, rank=0, world=1, run="job-b")
+        assert sorted(marker.name for marker in markers.glob(".*")) == [
+            ".failed-job-a-1.json", ".prepass-job-a-0.json", ".run-job-a.lock"]
+    finally:
+        go_on.set()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "job A's process 0 still waits for the failed process's shard"
+    assert isinstance(outcome[0], PrePassFailedError)
+    assert f"process 1 failed while encoding {shards_a[1]}: OSError: No space left on device" in str(outcome[0])
+
+
+LOCKED_UNTIL_KILLED = textwrap.dedent("""
+    import fcntl, os, sys, time
+    descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    os.write(descriptor, sys.stdin.buffer.read())
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_process_killed_outright_stops_the_others_waiting_in_the_pre_pass(cache_of, tmp_path, monkeypatch, caplog):
+    """Process 1 of 2, killed with SIGKILL (the out-of-memory killer's signal) while it encodes, writes no failure
+    record. A child process plays it, holding its reservation as the pre-pass does (made, locked, its placeholder
+    written): process 0 waits while it lives, and once it is killed stops within a few polls, naming it."""
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=1)
+    shards = expand_shards(f"{tmp_path}/shards/{{00000..00001}}.tar")
+    played, cache = PlayedProcesses(monkeypatch), cache_of(tmp_path / "cache")
+    reserved = cache.folder / "shards" / ".prepass-job-1.json"
+    reserved.parent.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", LOCKED_UNTIL_KILLED, str(reserved)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    try:
+        child.stdin.write(FailureSignal._padded({"process": 1, "shard": None, "error": None, "locked": True}))
+        child.stdin.close()
+        assert child.stdout.readline() == b"locked\n"
+        waiter, outcome = played.start(cache, shards, rank=0, world=2, run="job")
+        deadline = time.monotonic() + 20
+        while not any("Waiting for 1 of 2" in record.getMessage() for record in caplog.records):
+            assert waiter.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.01)
+        time.sleep(0.2)  # a few polls: a process alive, its lock held, is waited for
+        assert waiter.is_alive(), outcome
+    finally:
+        child.kill()
+        child.wait()
+    killed = time.monotonic()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "process 0 still waits for the killed process's shard"
+    assert time.monotonic() - killed < 2
+    assert isinstance(outcome[0], PrePassFailedError)
+    assert str(outcome[0]).startswith(
+        "process 1 stopped during the pre-pass without recording an error (killed? out of memory?")
+    assert "its log may say why; this process stops too (1 feature shard(s) missing" in str(outcome[0])
+
+
+def test_a_process_finishing_while_another_looks_is_not_taken_for_a_killed_one(tmp_path, monkeypatch):
+    """A finishing process deletes its reservation while it still holds the lock, then releases it: a waiter that
+    opened the reservation before and takes the lock after finds the name gone, and one that looks in between finds
+    it locked. Neither takes the finished process for a killed one."""
+    owner = FailureSignal(tmp_path, "job", 1, reserve=True)
+    assert FailureSignal.ended_silently(owner.reserved) is None  # running: locked
+
+    unlink = type(owner.reserved).unlink
+    looked = []
+
+    def looking_first(path, *args, **kwargs):
+        if path == owner.reserved:
+            looked.append(FailureSignal.ended_silently(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(owner.reserved), "unlink", looking_first)
+    owner.release()
+    assert looked == [None]
+    monkeypatch.undo()
+
+    owner = FailureSignal(tmp_path, "job", 2, reserve=True)
+    flock = prepass_signals._flock
+
+    def finished_meanwhile(descriptor, operation):
+        owner.release()
+        return flock(descriptor, operation)
+
+    monkeypatch.setattr(prepass_signals, "_flock", finished_meanwhile)
+    assert FailureSignal.ended_silently(owner.reserved) is None
+    assert not owner.reserved.exists()
+
+
+def test_without_working_flock_the_pre_pass_runs_and_says_what_it_cannot_detect(cache_of, tmp_path, monkeypatch,
+                                                                                caplog):
+    """Where the cache's file system refuses flock (ENOLCK: some NFS mounts), the pre-pass still runs, warning that a
+    killed process would leave the others waiting; and the reservation of such a process, ended, is not taken for a
+    killed one by a waiter whose locks work (its lock's absence says nothing)."""
+    import errno
+    import fcntl
+    import os
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    write_shards(tmp_path / "shards", num_shards=1, per_shard=1)
+    monkeypatch.setattr(prepass_signals, "fcntl", SimpleNamespace(
+        flock=no_locks, LOCK_SH=fcntl.LOCK_SH, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
+    paths = cache_of(tmp_path / "cache").build_shards([f"{tmp_path}/shards/00000.tar"])
+    assert json.loads(paths[0].with_suffix(".json").read_text())["samples"] == 1
+    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("No locks available): this pre-pass goes on without its locks" in message
+               and "--feature_cache_dir" in message for message in warned)
+
+    unlocked = FailureSignal(tmp_path, "job", 1, reserve=True)
+    os.close(unlocked.descriptor)  # its process ends without a word
+    monkeypatch.setattr(prepass_signals, "fcntl", fcntl)
+    assert FailureSignal.ended_silently(unlocked.reserved) is None

@@ -721,38 +721,195 @@ def test_a_shard_cut_at_a_header_or_with_a_damaged_header_is_counted_as_cut_shor
     assert [row["problem"] for row in tar_samples([str(tmp_path / "00000.tar")])] == [None] * 5
 
 
-def test_a_whole_sample_before_a_cut_is_kept_and_the_sample_the_cut_falls_in_is_not(tmp_path):
-    """The reader yields a sample when the next key starts, so a cut right after a whole sample used to drop it with
-    the rest. It is kept wherever the cut comes after its last byte (a header, padding, a damaged header); a sample
-    cut inside any of its members (one the reader does not use included), or one left without its caption, is not."""
+def tar_payload(members: list[tuple[str, bytes | str]]) -> bytes:
+    """A tar file's bytes holding `members` in order; a `str` payload makes the member a hard link to that name."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(payload, str):
+                info.type, info.linkname = tarfile.LNKTYPE, payload
+                archive.addfile(info)
+            else:
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def without_shard(rows: list[dict]) -> list[dict]:
+    return [{**row, "shard": None} for row in rows]
+
+
+CUT_LAYOUTS = {
+    # webdataset's TarWriter writes a key's fields in sorted order: the `.txt` after the `.json` gives the caption.
+    "sorted fields": [("a.jpg", 1), ("a.json", b'{"caption": "alt text of a"}'), ("a.txt", b"the caption of a"),
+                      ("b.jpg", 2), ("b.json", b"{not json"), ("b.txt", b"the caption of b"),
+                      ("c.jpg", 3), ("c.json", b'{"caption": "alt text of c"}')],
+    "a link after the caption": [("a.jpg", 1), ("a.txt", b"cap a"), ("a.png", "a.jpg"), ("b.jpg", 2),
+                                 ("b.txt", b"cap b")],
+    "an oversized caption after the .json": [("a.jpg", 1), ("a.json", b'{"caption": "alt"}'), ("a.txt", b"x" * 101),
+                                             ("b.jpg", 2), ("b.txt", b"cap b")],
+    "bad samples and unused members": [("a.jpg", 1), ("a.txt", b"\xff not UTF-8"), ("a.cls", b"7" * 700),
+                                       ("b.txt", b"zero-filled\0\0"), ("b.jpg", 2), ("c.jpg", 3), ("c.txt", b"cap c"),
+                                       ("c.cls", b"")],
+}
+
+
+@pytest.mark.parametrize("layout", list(CUT_LAYOUTS))
+def test_no_row_of_a_cut_shard_differs_from_the_intact_shards(tmp_path, monkeypatch, layout):
+    """The reader yields a sample when a member of the next key starts it, so at a cut it holds one whose members may
+    go on behind the cut. Keeping it where the cut came after its last byte (a9118f8) gave the `.json` caption where
+    the intact shard gives the `.txt` one, and trained on samples the intact shard refuses (a hard-linked image after
+    the caption, an oversized `.txt` after the `.json`). At every offset near a member boundary, each row a cut shard
+    yields is the intact shard's, and the cut is counted after as many rows as it yielded."""
+    import tarfile
+
+    from helpers import image_bytes
+    from modeling_vitgpt2.data import streaming
+    from modeling_vitgpt2.data.streaming import SHARD_PROBLEM_KEY, tar_samples
+
+    monkeypatch.setattr(streaming, "MAX_TEXT_FIELD_BYTES", 100)
+    payload = tar_payload([(name, image_bytes(seed=value) if isinstance(value, int) else value)
+                           for name, value in CUT_LAYOUTS[layout]])
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(payload)
+    intact = list(tar_samples([str(shard)]))
+    assert SHARD_PROBLEM_KEY not in [row["image_name"] for row in intact]
+    with tarfile.open(shard) as archive:
+        members = archive.getmembers()
+    end = -(-(members[-1].offset_data + members[-1].size) // 512) * 512  # the end-of-archive marker
+    boundaries = [end, end + 512] + [at for member in members
+                                     for at in (member.offset, member.offset + 100, member.offset_data,
+                                                member.offset_data + member.size)]
+    cuts = sorted({at + step for at in boundaries for step in (-1, 0, 1)} & set(range(len(payload) + 1)))
+    for cut in cuts:
+        shard.write_bytes(payload[:cut])
+        rows = list(tar_samples([str(shard)]))
+        if cut >= end + 512:  # tarfile stops at the marker's first block
+            assert without_shard(rows) == without_shard(intact), cut
+            continue
+        *rows, problem = rows
+        assert problem["image_name"] == SHARD_PROBLEM_KEY, cut
+        assert f"cut short after {len(rows)} sample(s)" in problem["problem"] or \
+            not rows and "cannot be read as a tar file" in problem["problem"], cut
+        assert without_shard(rows) == without_shard(intact[:len(rows)]), cut
+
+
+def test_a_bad_sample_before_a_cut_is_counted_by_its_own_reason(tmp_path):
+    """A sample held at a cut whose own member, read whole, already made it bad (a caption that is not UTF-8, one
+    holding NUL bytes, an oversized member) is bad whatever followed: it was counted as part of the cut shard, which
+    lost its reason from the counts. A sample that may be bad only for the cut (no caption yet) is not counted so."""
     import tarfile
 
     from helpers import image_bytes, write_tar
-    from modeling_vitgpt2.data.streaming import SHARD_PROBLEM_KEY, tar_samples
 
     whole = write_tar(tmp_path / "whole.tar", [("a.jpg", image_bytes(seed=1)), ("a.txt", b"cap a"),
-                                               ("a.cls", b"7" * 3000), ("b.jpg", image_bytes(seed=2)),
-                                               ("b.txt", b"cap b")])
+                                               ("b.jpg", image_bytes(seed=2)), ("b.txt", b"\xff\xfe bad"),
+                                               ("b.cls", b"7" * 700), ("c.jpg", image_bytes(seed=3)),
+                                               ("c.txt", b"cap c"), ("d.jpg", image_bytes(seed=4)),
+                                               ("d.txt", b"cap d")])
+    with tarfile.open(whole) as archive:
+        members = {member.name: member for member in archive.getmembers()}
+
+    def counted(cut: int) -> tuple[list[str], dict]:
+        (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:cut])
+        counts = StreamCounts()
+        rows = decoded_rows(stream_webdataset([str(tmp_path / "cut.tar")]), counts)
+        return [row["image_name"] for row in rows], dict(counts.reasons)
+
+    assert counted(members["c.jpg"].offset) == (["a"], {"unreadable caption": 1, "unreadable shard": 1})
+    # Also where a member of b after the bad one is cut: the intact shard names the first bad member's reason.
+    assert counted(members["b.cls"].offset_data + 100) == (["a"], {"unreadable caption": 1, "unreadable shard": 1})
+    # d, held at the cut with its image and no caption yet, is the cut's, not "no caption".
+    assert counted(members["d.txt"].offset) == (["a", "c"], {"unreadable caption": 1, "unreadable shard": 1})
+
+
+def test_a_shard_tarfile_fails_on_is_counted_and_its_own_bugs_still_raise(tmp_path, monkeypatch):
+    """tarfile's gzip header parser raises TypeError on a `.tar.gz` cut inside its first bytes (or inside a FEXTRA
+    field, as bgzip writes), and its GNU sparse (PAX 1.0) parser ValueError on a sparse map cut short: both escaped
+    `tar_samples` and stopped training. They count the shard as unreadable or cut short; only tarfile's calls are
+    guarded, so the same errors raised by the reader's own code still surface."""
+    import gzip
+    import io
+    import struct
+    import tarfile
+    import zlib
+
+    from helpers import image_bytes
+    from modeling_vitgpt2.data import streaming
+    from modeling_vitgpt2.data.streaming import SHARD_PROBLEM_KEY, tar_samples
+
+    raw = tar_payload([("a.jpg", image_bytes(seed=1)), ("a.txt", b"cap a")])
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    with_extra = (b"\x1f\x8b\x08\x04\0\0\0\0\0\xff" + struct.pack("<H", 6) + b"BC\2\0xy"
+                  + compressor.compress(raw) + compressor.flush())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, payload in (("a.jpg", image_bytes(seed=1)), ("a.txt", b"cap a")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+        sparse = b"1\n0\n10\n".ljust(512, b"\0") + b"x" * 10  # GNU sparse 1.0: the map, then the data
+        info = tarfile.TarInfo("b.cls")
+        info.size = len(sparse)
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "b.cls",
+                            "GNU.sparse.realsize": "10"}
+        archive.addfile(info, io.BytesIO(sparse))
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as archive:
+        sparse_map = archive.getmember("b.cls").offset_data - 512
+    shards = {"gzip header": (gzip.compress(raw)[:3], "TypeError"), "gzip FEXTRA": (with_extra[:11], "TypeError"),
+              "sparse map": (buffer.getvalue()[:sparse_map], "ValueError")}
+    for name, (payload, error) in shards.items():
+        (tmp_path / "shard").write_bytes(payload)
+        rows = list(streaming.stream_webdataset([str(tmp_path / "shard")]))
+        assert [row["image_name"] for row in rows] == [SHARD_PROBLEM_KEY], name
+        assert f"(ReadError: tarfile fails on it: {error}: " in rows[0]["problem"], name
+
+    def broken_row(*args):
+        raise ValueError("a bug in the reader")
+
+    (tmp_path / "whole.tar").write_bytes(raw)
+    monkeypatch.setattr(streaming, "_caption_row", broken_row)
+    with pytest.raises(ValueError, match="a bug in the reader"):
+        list(tar_samples([str(tmp_path / "whole.tar")]))
+
+
+def test_a_zero_filled_shard_is_counted_and_its_nul_captions_skipped(tmp_path):
+    """A download that preallocated the whole file and stopped (aria2, torrent clients) leaves zeros where it did not
+    write. Zeros from inside a caption gave the caption 'a long\\x00\\x00...' as a good sample; zeros from a header
+    on read as tar's end-of-archive marker, and the rest of the shard was lost uncounted. A caption holding NUL bytes
+    is now a bad sample, and a marker followed by more zeros than tar writers pad with (or by data, where the zeros
+    are a hole) counts the shard as cut short. A shard padded to a record of up to 1 MiB is whole."""
+    import tarfile
+
+    from helpers import image_bytes, write_tar
+
+    whole = write_tar(tmp_path / "whole.tar", [
+        ("a.jpg", image_bytes(seed=1)), ("a.txt", b"cap a"), ("b.jpg", image_bytes(seed=2)),
+        ("b.txt", b"a long caption for b"), ("c.jpg", image_bytes(seed=3)), ("c.txt", b"cap c"),
+        ("d.jpg", image_bytes(seed=4)), ("d.json", b'{"caption": "cap\\u0000 d"}')])
     payload = whole.read_bytes()
     with tarfile.open(whole) as archive:
-        a_jpg, a_txt, a_cls, b_jpg, b_txt = archive.getmembers()
-    intact = list(tar_samples([str(whole)]))
-    damaged = bytearray(payload)
-    damaged[b_jpg.offset + 140] ^= 0x55
-    cuts = {
-        "at the next sample's header": (payload[:b_jpg.offset], ["a"]),
-        "inside the next sample's header": (payload[:b_jpg.offset + 100], ["a"]),
-        "in the padding after the last member": (payload[:a_cls.offset_data + a_cls.size + 1], ["a"]),
-        "at a damaged header": (bytes(damaged), ["a"]),
-        "inside a member the reader does not use": (payload[:a_cls.offset_data + a_cls.size - 1], []),
-        "inside the caption": (payload[:a_txt.offset_data + 2], []),
-        "before the caption": (payload[:a_txt.offset], []),
-        "before the second sample's caption": (payload[:b_txt.offset], ["a"]),
-        "inside the second sample's caption": (payload[:b_txt.offset_data + 2], ["a"]),
-    }
-    for name, (cut, kept) in cuts.items():
-        (tmp_path / "cut.tar").write_bytes(cut)
-        *rows, problem = tar_samples([str(tmp_path / "cut.tar")])
-        assert [{**row, "shard": None} for row in rows] == [{**row, "shard": None} for row in intact[:len(kept)]], name
-        assert problem["image_name"] == SHARD_PROBLEM_KEY, name
-        assert f"cut short after {len(kept)} sample(s)" in problem["problem"], name
+        members = {member.name: member for member in archive.getmembers()}
+    zeros = b"\0" * (1 << 20)
+
+    def read(name: str, data: bytes) -> tuple[list, dict]:
+        (tmp_path / name).write_bytes(data)
+        counts = StreamCounts()
+        rows = decoded_rows(stream_webdataset([str(tmp_path / name)]), counts)
+        return [(row["image_name"], row["caption"]) for row in rows], dict(counts.reasons)
+
+    good = [("a", "cap a"), ("b", "a long caption for b"), ("c", "cap c")]
+    assert read("whole.tar", payload) == (good, {"caption holds NUL bytes": 1})
+    in_caption = members["b.txt"].offset_data + 6
+    assert read("in-caption.tar", payload[:in_caption] + bytes(len(payload) - in_caption)) == \
+        ([("a", "cap a")], {"caption holds NUL bytes": 1})
+    at_header = members["c.jpg"].offset
+    assert read("at-header.tar", payload[:at_header] + zeros + bytes(1024)) == (good[:1], {"unreadable shard": 1})
+    assert read("hole.tar", payload[:at_header] + bytes(2048) + payload[at_header + 2048:]) == \
+        (good[:1], {"unreadable shard": 1})
+    marker = -(-(members["d.json"].offset_data + members["d.json"].size) // 512) * 512
+    assert read("padded.tar", payload[:marker] + bytes(512) + zeros) == (good, {"caption holds NUL bytes": 1})

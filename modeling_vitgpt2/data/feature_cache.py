@@ -51,7 +51,12 @@ every shard is complete. A process whose pre-pass fails leaves `shards/.failed-<
 shard and the error before it exits; the others, waiting, find it and stop with that error instead of waiting
 forever. Its failure is often a full disk, so the record needs no room then: a process with shards to encode writes
 it before it starts, as a placeholder of fixed size, and a failure overwrites those bytes and renames the file (see
-`_FailureSignal`). The next pre-pass deletes the records of earlier runs. `stream_feature_shards` then streams the
+`FailureSignal`). A process killed outright (SIGKILL, the out-of-memory killer) writes nothing: each holds a flock
+on its placeholder, which the kernel releases when the process dies, so the others find it unlocked and stop too.
+Each process of a run also holds a shared flock on `shards/.run-<run>.lock` (`RunLock`): the next pre-pass deletes
+the records of earlier runs only once none of their processes holds it, so two jobs can share a cache folder.
+Across machines this needs flock to work on the shared folder (local disks and most NFS v4 mounts); where it does
+not, each process says so, and a killed process leaves the others waiting. `stream_feature_shards` then streams the
 feature shards through `datasets` like the image shards (same order, same split over processes and the same shuffle),
 so training reads features instead of decoding images.
 """
@@ -59,7 +64,6 @@ so training reads features instead of decoding images.
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import io
 import json
@@ -102,6 +106,7 @@ from ..utils.io import (
     write_json_atomic,
 )
 from .captions import CaptionCollator, image_source
+from .prepass_signals import FailureSignal, RunLock, delete_ended_runs
 from .streaming import BadSample, StreamCounts, decode_sample, stream_webdataset
 
 __all__ = [
@@ -500,61 +505,62 @@ class EncoderFeatureCache:
                              "their encoder weights or image processor settings differ")
         markers = self.folder / SHARDS_FOLDER
         markers.mkdir(parents=True, exist_ok=True)
-        if state.is_main_process:
-            # Other runs' failure records, and the reservations of processes killed outright (or of a job sharing
-            # this folder now, whose failure records then need room, see `_FailureSignal.fail`).
-            this_run = tuple(f".{kind}-{run}-" for kind in _FailureSignal.KINDS)
-            for kind in _FailureSignal.KINDS:
-                for stale in markers.glob(f".{kind}-*.json"):
-                    if not stale.name.startswith(this_run):
-                        stale.unlink(missing_ok=True)
-        hashed = [(index, file_digest(shards[index])) for index in tqdm(mine, desc="Hashing shards", unit="shard")]
+        # Held before the cleanup and this process's reservation, until this returns or raises: another job's cleanup
+        # then leaves this run's records alone.
+        with RunLock(markers, run):
+            if state.is_main_process:
+                delete_ended_runs(markers, run)
+            hashed = [(index, file_digest(shards[index])) for index in tqdm(mine, desc="Hashing shards", unit="shard")]
 
-        def feature_shard(index: int, digest: str) -> Path:
-            return markers / f"{Path(shards[index]).name.removesuffix('.tar')}-{digest[:16]}.tar"
+            def feature_shard(index: int, digest: str) -> Path:
+                return markers / f"{Path(shards[index]).name.removesuffix('.tar')}-{digest[:16]}.tar"
 
-        # Reserved before the collective below: on a disk already full this process stops there, and its launcher
-        # (torchrun) stops the others, instead of failing later where it could not tell them. Only a process with
-        # shards to encode reserves, so that a run reading complete shards needs no room.
-        signal = _FailureSignal(markers, run, state.process_index,
-                                reserve=any(not _complete_shard(feature_shard(*pair)) for pair in hashed))
-        try:
-            digests = dict(gather_object(hashed))  # a short collective: hashing is quick next to encoding
-            paths = [feature_shard(index, digests[index]) for index in range(len(shards))]
-            index = None
-            try:
-                for index in tqdm(mine, desc="Encoding shards", unit="shard"):
-                    self._build_shard(shards[index], digests[index], paths[index], batch_size, num_workers)
-            except BaseException as error:  # Ctrl-C too: the others must not wait for this process's shards
-                signal.fail(shards[index] if index is not None else None, f"{type(error).__name__}: {error}")
-                raise
-            others = [_FailureSignal.failed_path(markers, run, process)
-                      for process in range(state.num_processes) if process != state.process_index]
-            self._wait_for_shards(shards, paths, others, poll_seconds)
-        finally:
-            signal.release()
+            # Reserved (and locked) before the collective below: on a disk already full this process stops there,
+            # and its launcher (torchrun) stops the others, instead of failing later where it could not tell them;
+            # and every reservation exists before any process waits on it. Only a process with shards to encode
+            # reserves, so that a run reading complete shards needs no room.
+            with FailureSignal(markers, run, state.process_index,
+                                reserve=any(not _complete_shard(feature_shard(*pair)) for pair in hashed)) as signal:
+                digests = dict(gather_object(hashed))  # a short collective: hashing is quick next to encoding
+                paths = [feature_shard(index, digests[index]) for index in range(len(shards))]
+                index = None
+                try:
+                    for index in tqdm(mine, desc="Encoding shards", unit="shard"):
+                        self._build_shard(shards[index], digests[index], paths[index], batch_size, num_workers)
+                except BaseException as error:  # Ctrl-C too: the others must not wait for this process's shards
+                    signal.fail(shards[index] if index is not None else None, f"{type(error).__name__}: {error}")
+                    raise
+            # Its shards complete, this process's reservation is gone: its end, however it comes, stops nobody.
+            writers = [None if process == state.process_index else FailureSignal.paths(markers, run, process)
+                       for process in range(state.num_processes)]
+            self._wait_for_shards(shards, paths, writers, poll_seconds)
         return paths
 
-    def _wait_for_shards(self, shards: Sequence[str], paths: list[Path], failures: list[Path],
+    def _wait_for_shards(self, shards: Sequence[str], paths: list[Path], writers: list[tuple[Path, Path] | None],
                          poll_seconds: float) -> None:
         """Polls until every feature shard is complete (no collective: another process's pre-pass may outlast
-        torch.distributed's timeout), saying what it waits for whenever that changes; stops with the error of a
-        process whose failure record appears among `failures`."""
-        waiting, shown = [path for path in paths if not _complete_shard(path)], None
+        torch.distributed's timeout), saying what it waits for whenever that changes. `writers[p]` holds the
+        reservation and failure record paths of process `p` (None for this process), which writes shards `p, p + n,
+        ...`: stops with the error of a process that owes a missing shard and left a failure record, or that ended
+        without one (see `FailureSignal.ended_silently`)."""
+        waiting, shown = [index for index, path in enumerate(paths) if not _complete_shard(path)], None
         while waiting:
             if len(waiting) != shown:
                 shown = len(waiting)
                 logger.warning("Waiting for %d of %d feature shards that other processes encode (next: %s).",
-                               len(waiting), len(paths), shards[paths.index(waiting[0])])
-            failed = next((path for path in failures if path.exists()), None)
-            if failed is not None:
+                               len(waiting), len(paths), shards[waiting[0]])
+            owing = [record for record in dict.fromkeys(writers[index % len(writers)] for index in waiting) if record]
+            # Failure records first: a record says more than a reservation left unlocked.
+            reason = next((FailureSignal.describe(failed) for _, failed in owing if failed.exists()), None)
+            if reason is None:
+                reason = next(filter(None, (FailureSignal.ended_silently(reserved) for reserved, _ in owing)), None)
+            if reason is not None:
                 raise PrePassFailedError(
-                    f"{_FailureSignal.describe(failed)}; this process stops too ({len(waiting)} feature shard(s) "
-                    f"missing, e.g. for {shards[paths.index(waiting[0])]}). Fix the cause and run again: the "
-                    "complete shards are kept."
+                    f"{reason}; this process stops too ({len(waiting)} feature shard(s) missing, e.g. for "
+                    f"{shards[waiting[0]]}). Fix the cause and run again: the complete shards are kept."
                 )
             time.sleep(poll_seconds)
-            waiting = [path for path in waiting if not _complete_shard(path)]
+            waiting = [index for index in waiting if not _complete_shard(paths[index])]
 
     def _build_shard(self, shard: str, digest: str, path: Path, batch_size: int, num_workers: int) -> None:
         """Writes the feature shard of `shard` to `path` unless it is complete. The lock keeps a second job that
@@ -705,93 +711,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-class _FailureSignal:
-    """How one process of a multi-process pre-pass tells the others, waiting for its shards, that it failed, without
-    needing disk space then: its failure usually is a full disk. Its record is written before the work, as a
-    placeholder of `BYTES` bytes (`.prepass-<run>-<process>.json`); a failure overwrites those bytes in place (no new
-    blocks) and renames the file to `.failed-<run>-<process>.json`, the name the others watch for. A rename needs no
-    data blocks, so it signals even where the overwrite fails too (a copy-on-write file system needs new blocks for
-    one): the others then stop naming the process but not its error. Without a reservation the record is written
-    anew, which needs room."""
-
-    KINDS = ("prepass", "failed")
-    BYTES = 4096
-
-    def __init__(self, folder: Path, run: str, process: int, reserve: bool):
-        self.process = process
-        self.reserved = folder / f".prepass-{run}-{process}.json" if reserve else None
-        self.failed = self.failed_path(folder, run, process)
-        if self.reserved is None:
-            return
-        with naming_a_full_disk(self.reserved, self.BYTES):
-            descriptor = os.open(self.reserved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                if os.write(descriptor, self._padded({"process": process, "shard": None, "error": None})) \
-                        != self.BYTES:
-                    raise OSError(errno.ENOSPC, "No space left on device (a short write)", str(self.reserved))
-                os.fsync(descriptor)  # where a file system that allocates late finds the disk full
-            finally:
-                os.close(descriptor)
-
-    @staticmethod
-    def failed_path(folder: Path, run: str, process: int) -> Path:
-        return folder / f".failed-{run}-{process}.json"
-
-    @classmethod
-    def _padded(cls, record: dict[str, Any]) -> bytes:
-        """`record` as JSON padded with spaces to exactly `BYTES` bytes, its longest strings cut to fit."""
-        record = dict(record)
-        while len(text := json.dumps(record, ensure_ascii=False).encode()) >= cls.BYTES:
-            longest = max((key for key, value in record.items() if isinstance(value, str)),
-                          key=lambda key: len(record[key]))
-            record[longest] = record[longest][: len(record[longest]) // 2] + " [...]"
-        return text.ljust(cls.BYTES - 1) + b"\n"
-
-    def fail(self, shard: str | None, error: str) -> None:
-        record = {"process": self.process, "shard": shard, "error": error}
-        if self.reserved is not None:
-            try:
-                # No O_TRUNC: truncating would hand back the reserved blocks the overwrite is to reuse.
-                descriptor = os.open(self.reserved, os.O_WRONLY)
-                try:
-                    if os.write(descriptor, self._padded(record)) != self.BYTES:
-                        raise OSError(errno.ENOSPC, "No space left on device (a short write)", str(self.reserved))
-                    os.fsync(descriptor)
-                finally:
-                    os.close(descriptor)
-            except OSError as problem:
-                logger.error("Could not write this process's error into %s (%s); the other processes stop without "
-                             "it, and this log is where it is.", self.reserved, problem)
-            try:
-                os.replace(self.reserved, self.failed)
-                return
-            except OSError as problem:  # the reservation deleted (see `build_shards`), or no room for the new name
-                logger.error("Could not rename %s to %s (%s); writing the failure record anew.", self.reserved,
-                             self.failed, problem)
-        try:
-            write_json_atomic(self.failed, record)
-        except OSError as problem:
-            logger.error("Could not tell the other processes that this one failed (%s): stop them by hand, or they "
-                         "wait for its shards until their launcher's timeout.", problem)
-
-    def release(self) -> None:
-        if self.reserved is not None:
-            self.reserved.unlink(missing_ok=True)
-
-    @staticmethod
-    def describe(failed: Path) -> str:
-        """What the failure record `failed` says: the process, the shard and the error, as far as it holds them."""
-        process = failed.stem.rsplit("-", 1)[-1]
-        try:
-            record = json.loads(failed.read_bytes())
-        except (OSError, ValueError):
-            record = {}
-        if not isinstance(record, dict) or record.get("error") is None:
-            return (f"process {process} failed in the pre-pass, and its error could not be recorded in {failed} "
-                    "(a full disk?): the log of that process has it")
-        return f"process {record.get('process')} failed while encoding {record.get('shard')}: {record['error']}"
 
 
 def _complete_shard(path: Path) -> bool:

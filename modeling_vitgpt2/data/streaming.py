@@ -13,12 +13,20 @@ or `.json` over `MAX_TEXT_FIELD_BYTES`, or an image over `MAX_IMAGE_FIELD_BYTES`
 skipped. A field stored as a hard or symbolic link (or as a device or FIFO) is not followed: its sample is skipped
 with the link and its target named (see `_unread_field`).
 
-A bad sample (no image, no or an empty caption, a caption that is not UTF-8, a `.json` that is not a JSON object,
-an image that does not decode) is skipped, and so is a shard that is not a tar file or the rest of a shard that is
-cut short: each is counted by reason and shard in a `StreamCounts` (one per process) and logged, instead of
-stopping a run hours in. Of a shard cut short, the samples before the cut are kept, the last of them too (the one
-the reader still holds, as it yields a sample when the next key starts) where the cut comes after its last byte and
-it has its image and caption; one that the cut falls inside of, in any of its members, is skipped with the rest.
+A bad sample (no image, no or an empty caption, a caption that is not UTF-8 or holds NUL bytes, a `.json` that is
+not a JSON object, an image that does not decode) is skipped, and so is a shard that is not a tar file or the rest
+of a shard that is cut short: each is counted by reason and shard in a `StreamCounts` (one per process) and logged,
+instead of stopping a run hours in. A shard is cut short where it ends inside a member or its header, where tarfile
+fails on it (also with the errors that are no `TarError`, see `_from_tarfile`: a `.tar.gz` cut inside its gzip
+header, a GNU sparse map cut short), and where its end-of-archive marker is followed by data or by more zeros than
+tar writers pad with (a preallocated download that stopped, zero-filled from a header on, see `_check_end`; a
+shorter zero-filled tail goes unseen, unless it starts inside a caption, which then holds NUL bytes). Of a shard cut
+short, the samples before the cut are kept, but not the last one the reader holds (it yields a sample when a member
+of the next key starts it): members of its key behind the cut could have changed it (a `.txt` after its `.json`, in
+the sorted order webdataset's `TarWriter` writes, replaces the caption) or refused it (a link, an oversized member),
+so it is dropped with the rest, unless a member read whole has already made it a bad sample (see `_field_problem`),
+which is then counted by its own reason. No sample of a cut shard differs from the intact shard's (tested at every
+cut offset near member boundaries).
 
 Splitting across processes and nodes is `accelerate`'s job, which `Trainer` calls: with `dispatch_batches=False`
 (set by `run_training` for streams) it gives each process `IterableDataset.shard(num_processes, process_index)`, whole
@@ -36,6 +44,7 @@ import json
 import logging
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -201,12 +210,38 @@ def _unread_field(member: tarfile.TarInfo, field_name: str) -> _Unread | None:
     return None
 
 
+def _nul_problem(caption: str) -> str | None:
+    """Why a caption is not one where it holds NUL bytes: no caption does, but a shard zero-filled past the bytes a
+    download wrote (aria2 and torrent clients preallocate the whole file) reads as members ending in zeros."""
+    if "\x00" not in caption:
+        return None
+    shown = repr(caption[:40]) + ("..." if len(caption) > 40 else "")
+    return (f"caption holds NUL bytes: {shown} (a shard cut short and zero-filled, as a download that stopped "
+            "leaves it?); download the shard again")
+
+
+def _field_problem(field_name: str, value: bytes | _Unread) -> str | None:
+    """What makes one field of a sample unusable by itself (a member not read, a `.txt` that is no caption): no other
+    member of the sample undoes it (a second `.txt` starts a sample of its own), so its sample is bad whatever
+    follows. A `.json`'s problem is not one: a `.txt` after it replaces its caption."""
+    if isinstance(value, _Unread):
+        return value.problem
+    if field_name == SHARD_CAPTION_FIELD:
+        try:
+            return _nul_problem(value.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            return f"unreadable caption: not UTF-8 ({error})"
+    return None
+
+
 def _caption_row(shard: str, key: str, fields: dict[str, bytes | _Unread]) -> dict:
     """The row of one sample's fields: its image bytes and caption, or the problem that makes it unusable."""
     row = {"image": None, "caption": None, "image_name": key, "shard": shard, "problem": None}
-    unread = next((value for value in fields.values() if isinstance(value, _Unread)), None)
-    if unread is not None:
-        row["problem"] = unread.problem
+    # The first field bad by itself, in member order, names the sample's problem: a shard cut after that member then
+    # counts the sample under the reason the intact shard gives (see `_shard_samples`).
+    problem = next(filter(None, (_field_problem(name, value) for name, value in fields.items())), None)
+    if problem is not None:
+        row["problem"] = problem
         return row
     image_field = next((name for name in fields if name in _IMAGE_FIELDS), None)
     if image_field is None:
@@ -214,23 +249,26 @@ def _caption_row(shard: str, key: str, fields: dict[str, bytes | _Unread]) -> di
                           f"({', '.join(IMAGE_EXTENSIONS)}; the key ends at the first dot of the file name)")
         return row
     row["image"] = {"bytes": fields[image_field], "path": f"{key}.{image_field}"}
-    try:
-        if SHARD_CAPTION_FIELD in fields:
-            row["caption"] = fields[SHARD_CAPTION_FIELD].decode("utf-8")
-        elif SHARD_METADATA_FIELD in fields:
+    if SHARD_CAPTION_FIELD in fields:  # UTF-8 without NUL bytes, as `_field_problem` found it
+        row["caption"] = fields[SHARD_CAPTION_FIELD].decode("utf-8")
+    elif SHARD_METADATA_FIELD in fields:
+        try:
             metadata = json.loads(fields[SHARD_METADATA_FIELD].decode("utf-8"))
-            if not isinstance(metadata, dict):
-                row["problem"] = f"unreadable metadata: the .json holds a {type(metadata).__name__}, not an object"
-            else:
-                caption = metadata.get("caption")
-                row["caption"] = caption if isinstance(caption, str) else None
-        if row["caption"] is None and row["problem"] is None:
-            row["problem"] = (f"no caption: neither a .{SHARD_CAPTION_FIELD} field nor a 'caption' string in a "
-                              f".{SHARD_METADATA_FIELD} field (the sample has {sorted(fields)})")
-    except UnicodeDecodeError as error:
-        row["problem"] = f"unreadable caption: not UTF-8 ({error})"
-    except json.JSONDecodeError as error:
-        row["problem"] = f"unreadable metadata: the .json is not valid JSON ({error})"
+        except UnicodeDecodeError as error:
+            row["problem"] = f"unreadable caption: not UTF-8 ({error})"
+            return row
+        except json.JSONDecodeError as error:
+            row["problem"] = f"unreadable metadata: the .json is not valid JSON ({error})"
+            return row
+        if not isinstance(metadata, dict):
+            row["problem"] = f"unreadable metadata: the .json holds a {type(metadata).__name__}, not an object"
+            return row
+        caption = metadata.get("caption")
+        if isinstance(caption, str):
+            row["caption"], row["problem"] = caption, _nul_problem(caption)
+    if row["caption"] is None:
+        row["problem"] = (f"no caption: neither a .{SHARD_CAPTION_FIELD} field nor a 'caption' string in a "
+                          f".{SHARD_METADATA_FIELD} field (the sample has {sorted(fields)})")
     return row
 
 
@@ -261,30 +299,67 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"the member header at byte {archive.offset} is {what}") from None
 
 
+# What tarfile's parsers raise, besides its own `TarError`s, on some shards cut short: a `.tar.gz` cut inside its
+# gzip header (`TypeError` from `ord(b"")`), a GNU sparse map (PAX format) cut short (`ValueError`), a compressed
+# stream ending inside a block (`EOFError`, `zlib.error`). Only calls into tarfile are wrapped (`_from_tarfile`), so
+# that the same errors raised by this module's own code still surface as the bugs they are.
+_TARFILE_PARSE_ERRORS = (TypeError, ValueError, EOFError, zlib.error)
+
+
+def _from_tarfile(call, *args, **kwargs):
+    """`call(*args, **kwargs)`, a call into tarfile, with what its parsers raise on a cut or damaged shard as the
+    `tarfile.ReadError` that counts the shard as cut short."""
+    try:
+        return call(*args, **kwargs)
+    except _TARFILE_PARSE_ERRORS as error:
+        raise tarfile.ReadError(f"tarfile fails on it: {type(error).__name__}: {error}") from error
+
+
 def _read_field(archive: tarfile.TarFile, member: tarfile.TarInfo, field_name: str) -> bytes | _Unread:
     """A member's value as a field: the bytes of an image or caption field, why it is not read (see
-    `_unread_field`), or `b""` for a field this reader does not use, whose bytes are never held in memory. Raises
-    where the shard ends inside the member's bytes."""
+    `_unread_field`), or `b""` for a field this reader does not use, whose bytes are never held in memory (in stream
+    mode tarfile reads past them in small blocks before the next header). Raises where the shard ends inside the
+    bytes of an image or caption member; one cut inside another member raises when tarfile reads the next header."""
     if field_name in _IMAGE_FIELDS or field_name in _TEXT_FIELDS:
-        return _unread_field(member, field_name) or archive.extractfile(member).read()
-    if member.isfile() and member.size:
-        # Skipped to its last byte now rather than by tarfile before the next header (a stream reads through either
-        # way), so that a shard cut inside this member is told from one cut after it. `archive.offset` (the next
-        # header) bounds a sparse member, whose size is that of the file it expands to.
-        archive.fileobj.seek(min(member.offset_data + member.size, archive.offset) - 1)
-        if not archive.fileobj.read(1):
-            raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+        return _unread_field(member, field_name) or _from_tarfile(lambda: archive.extractfile(member).read())
     return b""
 
 
+# Tar writers pad an archive after its end-of-archive marker (the zero block where tarfile stops) with zeros up to a
+# whole record: 10 KiB for GNU tar, bsdtar and Python's tarfile (webdataset's `TarWriter`) by default, 1 MiB with
+# `tar -b 2048`. More zeros than this after the marker, or any data, are the rest of a shard tarfile stopped short of;
+# a lower bound would count shards written with larger records as cut short.
+_MAX_END_PADDING = 1 << 20
+
+
+def _check_end(archive: tarfile.TarFile) -> None:
+    """Raises `tarfile.ReadError` where the shard goes on past the end-of-archive marker tarfile stopped at: a download
+    that preallocated the whole file and stopped (aria2, torrent clients) leaves zeros from where it stopped, and
+    where they start at a header tarfile takes them for the marker and ends the shard without a word. Reads at most
+    `_MAX_END_PADDING` bytes past the marker."""
+    end, after = archive.offset, 0
+    while after <= _MAX_END_PADDING:
+        chunk = _from_tarfile(archive.fileobj.read, min(1 << 16, _MAX_END_PADDING + 1 - after))
+        if not chunk:
+            return
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(
+                f"the end-of-archive marker at byte {end} is followed by data, which tar readers do not read (a shard "
+                "zero-filled where a download did not write it, or tar files concatenated); download or write the "
+                "shard again")
+        after += len(chunk)
+    raise tarfile.ReadError(
+        f"the end-of-archive marker at byte {end} is followed by more than {_MAX_END_PADDING:,} zero bytes, more than "
+        "tar writers pad with (a download that preallocated the file and stopped?); download the shard again")
+
+
 def _shard_samples(shard: str) -> Iterator[dict]:
-    # `whole`: every member of the pending sample (the one at `key`, yielded when the next key starts) was read to its
-    # last byte, so a shard cut after it still has it entire.
-    key, fields, samples, whole = None, {}, 0, True
+    key, fields, samples = None, {}, 0
     try:
         with fsspec.open(shard, "rb") as file, \
-                tarfile.open(fileobj=file, mode="r|*", tarinfo=_CheckedTarInfo) as archive:
-            for member in archive:
+                _from_tarfile(tarfile.open, fileobj=file, mode="r|*", tarinfo=_CheckedTarInfo) as archive:
+            members = iter(archive)
+            while (member := _from_tarfile(next, members, None)) is not None:
                 # Any member but a folder is a field, links included: a sample whose image is a link is then
                 # skipped as such, not as "no image" (see `_unread_field`).
                 match = None if member.isdir() else _KEY_AND_FIELD.match(member.name)
@@ -297,16 +372,17 @@ def _shard_samples(shard: str) -> Iterator[dict]:
                     samples += 1
                     yield _caption_row(shard, key, fields)
                     fields = {}
-                key, whole = member_key, False
+                key = member_key
                 fields[field_name] = _read_field(archive, member, field_name)
-                whole = True
+            _check_end(archive)
     except (tarfile.TarError, OSError, EOFError) as error:
-        # The pending sample is kept where the cut came after its last byte and it makes a usable row: one cut
-        # inside a member, or one that lacks its image or caption (which the cut may have taken), is the cut
-        # sample, counted with the rest of the shard.
-        if key is not None and whole and (row := _caption_row(shard, key, fields))["problem"] is None:
+        # The sample the reader holds (yielded when a member of the next key starts it) may have had members behind
+        # the cut, which would have changed it (a `.txt` after its `.json`) or refused it (a link, an oversized
+        # member): it is dropped with the rest, unless one of its members, read whole, has already made it a bad
+        # sample, which is then counted as the intact shard counts it.
+        if key is not None and any(_field_problem(name, value) for name, value in fields.items()):
             samples += 1
-            yield row
+            yield _caption_row(shard, key, fields)
         where = "the shard cannot be read as a tar file" if samples == 0 and key is None else \
             f"the shard is cut short after {samples} sample(s); the rest of it is skipped"
         yield {"image": None, "caption": None, "image_name": SHARD_PROBLEM_KEY, "shard": shard,
