@@ -210,6 +210,54 @@ def test_int8_merges_a_lora_adapter_first(saved_captioner):
     assert isinstance(quantized.decoder.h[0].attn.c_attn, DynamicQuantizedLinear)
 
 
+@pytest.mark.parametrize("target", ["wte", "lm_head"])
+def test_merging_a_lora_adapter_on_a_tied_weight_computes_what_the_adapter_computes(tmp_path, saved_captioner,
+                                                                                     tiny_processor, target):
+    """An adapter on the token embedding or the LM head, which GPT-2 ties to it (made before training refused them,
+    or by another tool), changes that module alone while unmerged. Every route that merges it (prepacking, int8)
+    gives the same logits and captions as the unmerged adapter, not those of a merge into the one shared weight."""
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_vitgpt2.inference.loading import BASE_MODEL_FOLDER, load_for_inference
+    from modeling_vitgpt2.inference.prepacking import prepack_for_cpu
+
+    torch.manual_seed(0)
+    adapter = tmp_path / "adapter"
+    # peft directly: training's `_refuse_adapted_tied_weights` would refuse this adapter.
+    peft_model = get_peft_model(load_for_inference(saved_captioner), LoraConfig(r=2, target_modules=[target]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:  # as training leaves them: B (or A for an embedding) starts at zero
+                parameter.copy_(0.3 * torch.randn_like(parameter))
+    peft_model.save_pretrained(adapter)
+    (adapter / BASE_MODEL_FOLDER).symlink_to(saved_captioner, target_is_directory=True)
+
+    unmerged = load_for_inference(adapter)
+    side = max(unmerged.base_model.model.encoder.model.patch_embed.img_size)
+    pixel_values = tiny_processor(images=[random_image(seed, (side, side)) for seed in range(3)],
+                                  return_tensors="pt")["pixel_values"]
+    start = torch.full((3, 1), unmerged.config.decoder_start_token_id)
+    settings = dict(num_beams=2, max_new_tokens=8)
+
+    def logits(model):
+        return model(pixel_values=pixel_values, decoder_input_ids=torch.cat([start, start], dim=1)).logits
+
+    with torch.inference_mode():
+        expected, captions = logits(unmerged), unmerged.generate(pixel_values=pixel_values, **settings)
+        # What merging into the shared weight gives: far from the adapter, so the checks below tell the two apart.
+        shared_merge = logits(load_for_inference(adapter).merge_and_unload())
+        tolerance = 0.05 * expected.abs().max()
+        assert (shared_merge - expected).abs().max() > 4 * tolerance
+
+        prepacked = prepack_for_cpu(load_for_inference(adapter))  # same float32 arithmetic, other summation order
+        torch.testing.assert_close(logits(prepacked), expected, rtol=1e-4, atol=1e-4)
+        assert not prepacked.config.tie_word_embeddings  # nothing re-ties the head to the merged embedding
+        assert torch.equal(prepacked.generate(pixel_values=pixel_values, **settings), captions)
+
+        quantized = load_for_inference(adapter, quantize="int8")
+        assert (logits(quantized) - expected).abs().max() < tolerance
+
+
 def test_int8_refuses_what_it_cannot_quantize(saved_captioner):
     from modeling_vitgpt2.inference.loading import load_for_inference
 

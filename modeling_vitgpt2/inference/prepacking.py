@@ -20,13 +20,15 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..model.modeling_vitgpt2 import ViTGPT2LMHead
 from .loading import is_peft_model
 
-__all__ = ["PrepackedLinear", "can_prepack", "float32_cpu_model", "prepack_for_cpu", "refuse_to_save"]
+__all__ = ["PrepackedLinear", "can_prepack", "float32_cpu_model", "merge_adapter", "prepack_for_cpu", "refuse_to_save"]
 
 
 def _has_onednn() -> bool:
@@ -84,8 +86,29 @@ def float32_cpu_model(model: nn.Module, purpose: str) -> nn.Module:
     if refusal is not None:
         raise ValueError(refusal)
     if is_peft_model(model):
-        model = model.merge_and_unload()
+        model = merge_adapter(model)
     return model.eval()
+
+
+def merge_adapter(model: PeftModel) -> nn.Module:
+    """`model`'s base model with its adapter merged into the weights, computing what the unmerged adapter computes.
+
+    GPT-2 ties its LM head to its token embedding: one weight for both. Unmerged, an adapter on either module (one
+    made before training refused them, or by another tool) changes that module alone, the other reading the base
+    weight; peft 0.21 merges into the shared weight, which changes both, and the merged model captions differently.
+    So the head gets its own copy of the weight first, and each module takes only its own adapter's delta.
+    """
+    base = model.get_base_model()
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    head_layer, embedding_layer = (module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+                                   for module in (head, embedding))
+    adapted = isinstance(head, BaseTunerLayer) or isinstance(embedding, BaseTunerLayer)
+    if adapted and head_layer is not None and head_layer.weight is getattr(embedding_layer, "weight", None):
+        head_layer.weight = nn.Parameter(head_layer.weight.detach().clone(), head_layer.weight.requires_grad)
+        # The in-memory model only (saving an inference model is refused): transformers' `tie_weights` would
+        # otherwise point the head back at the merged embedding.
+        base.config.tie_word_embeddings = False
+    return model.merge_and_unload()
 
 
 def _prepacked(module: nn.Module, name: str) -> PrepackedLinear | None:

@@ -49,7 +49,7 @@ from .compiled_encoder import (
     load_cached_int8_vision_trunk,
 )
 from .loading import QUANTIZATION_CHOICES
-from .prepacking import float32_cpu_model, refuse_to_save
+from .prepacking import float32_cpu_model, merge_adapter, refuse_to_save
 
 __all__ = ["conv1d_to_linear", "load_quantized", "quantize_for_cpu"]
 
@@ -249,7 +249,7 @@ def load_quantized(folder: str | os.PathLike, quantize: str = "int8",
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = merge_adapter(PeftModel.from_pretrained(model, adapter))
     if compile_encoder:
         _compile_encoder(model, checkpoint)
     _quantize_linear_layers(model, checkpoint)
