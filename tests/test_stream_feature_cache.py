@@ -462,7 +462,7 @@ def test_a_process_killed_outright_stops_the_others_waiting_in_the_pre_pass(cach
     child = subprocess.Popen([sys.executable, "-c", LOCKED_UNTIL_KILLED, str(reserved)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE)
     try:
-        child.stdin.write(FailureSignal._padded({"process": 1, "shard": None, "error": None, "locked": True}))
+        child.stdin.write(FailureSignal._padded({"process": 1, "shard": None, "error": None}))
         child.stdin.close()
         assert child.stdout.readline() == b"locked\n"
         waiter, outcome = played.start(cache, shards, rank=0, world=2, run="job")
@@ -517,14 +517,14 @@ def test_a_process_finishing_while_another_looks_is_not_taken_for_a_killed_one(t
     assert not owner.reserved.exists()
 
 
-def test_without_working_flock_the_pre_pass_runs_and_says_what_it_cannot_detect(cache_of, tmp_path, monkeypatch,
-                                                                                caplog):
-    """Where the cache's file system refuses flock (ENOLCK: some NFS mounts), the pre-pass still runs, warning that a
-    killed process would leave the others waiting; and the reservation of such a process, ended, is not taken for a
-    killed one by a waiter whose locks work (its lock's absence says nothing)."""
+def test_without_working_flock_the_pre_pass_stops_at_once_naming_the_folder(cache_of, tmp_path, monkeypatch):
+    """Where the cache's file system refuses flock (ENOLCK: some NFS mounts), the pre-pass cannot tell a killed
+    process from a running one, nor keep two jobs apart (its per-shard locks need flock too): it stops before any
+    work, saying where to put the cache instead."""
     import errno
     import fcntl
-    import os
+
+    from modeling_vitgpt2.utils.errors import UserError
 
     def no_locks(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -532,13 +532,7 @@ def test_without_working_flock_the_pre_pass_runs_and_says_what_it_cannot_detect(
     write_shards(tmp_path / "shards", num_shards=1, per_shard=1)
     monkeypatch.setattr(prepass_signals, "fcntl", SimpleNamespace(
         flock=no_locks, LOCK_SH=fcntl.LOCK_SH, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
-    paths = cache_of(tmp_path / "cache").build_shards([f"{tmp_path}/shards/00000.tar"])
-    assert json.loads(paths[0].with_suffix(".json").read_text())["samples"] == 1
-    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-    assert any("No locks available): this pre-pass goes on without its locks" in message
-               and "--feature_cache_dir" in message for message in warned)
-
-    unlocked = FailureSignal(tmp_path, "job", 1, reserve=True)
-    os.close(unlocked.descriptor)  # its process ends without a word
-    monkeypatch.setattr(prepass_signals, "fcntl", fcntl)
-    assert FailureSignal.ended_silently(unlocked.reserved) is None
+    with pytest.raises(UserError, match=r"No locks available\): the feature-cache pre-pass needs working file locks"
+                                        r".*--feature_cache_dir"):
+        cache_of(tmp_path / "cache").build_shards([f"{tmp_path}/shards/00000.tar"])
+    assert not list((tmp_path / "cache").rglob("*.tar"))

@@ -55,8 +55,8 @@ it before it starts, as a placeholder of fixed size, and a failure overwrites th
 on its placeholder, which the kernel releases when the process dies, so the others find it unlocked and stop too.
 Each process of a run also holds a shared flock on `shards/.run-<run>.lock` (`RunLock`): the next pre-pass deletes
 the records of earlier runs only once none of their processes holds it, so two jobs can share a cache folder.
-Across machines this needs flock to work on the shared folder (local disks and most NFS v4 mounts); where it does
-not, each process says so, and a killed process leaves the others waiting. `stream_feature_shards` then streams the
+Across machines this needs flock to work on the shared folder (local disks and most NFS v4 mounts), as the per-shard
+locks always did; where it does not, the pre-pass stops at once, saying so. `stream_feature_shards` then streams the
 feature shards through `datasets` like the image shards (same order, same split over processes and the same shuffle),
 so training reads features instead of decoding images.
 """

@@ -9,7 +9,7 @@ without needing disk space when it matters (a pre-pass usually fails for a full 
   unlocked, which waiters read as its death (`FailureSignal.ended_silently`).
 
 flock locks need no disk space and the kernel releases them however a process ends, SIGKILL included. Where the file
-system has no working flock (some NFS mounts) each process says so and the pre-pass runs as without these locks.
+system has no working flock (some NFS mounts) the pre-pass stops at once, saying so: its per-shard locks need it too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..utils.errors import UserError
 from ..utils.io import naming_a_full_disk, write_json_atomic
 
 __all__ = ["FailureSignal", "RunLock", "delete_ended_runs"]
@@ -33,8 +34,7 @@ logger = logging.getLogger(__name__)
 
 def _flock(descriptor: int, operation: int) -> bool | OSError:
     """Takes the flock `operation` on `descriptor`: True once taken, False where `LOCK_NB` met another's lock, the
-    error where the file system has no working flock (ENOLCK, EOPNOTSUPP: some NFS mounts), which callers take for
-    "cannot tell" and handle as before these locks."""
+    error where the file system has no working flock (ENOLCK, EOPNOTSUPP: some NFS mounts)."""
     try:
         fcntl.flock(descriptor, operation)
         return True
@@ -53,13 +53,17 @@ def _still_names(path: Path, descriptor: int) -> bool:
     return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _warn_unlocked(path: Path, problem: OSError | bool) -> None:
+def _warn_uncreated(path: Path, problem: OSError) -> None:
     logger.warning(
-        "Cannot lock %s (%s): this pre-pass goes on without its locks, so a process of it killed outright (SIGKILL, "
-        "out of memory) leaves the others waiting for its shards (stop them by hand then), and a job sharing the "
-        "cache folder may delete this run's failure records. Where the file system has no working flock (some NFS "
-        "mounts), put --feature_cache_dir on a local disk or a mount with working locks (most NFS v4 mounts).",
-        path, problem)
+        "Cannot create %s (%s): this run goes on without its run lock, so a job sharing the cache folder may delete "
+        "its failure records while it runs.", path, problem)
+
+
+def _no_working_locks(path: Path, problem: OSError) -> UserError:
+    # The per-shard locks of the pre-pass need flock as well, so there is no going on without it.
+    return UserError(
+        f"cannot lock {path} ({problem}): the feature-cache pre-pass needs working file locks (flock) in its folder. "
+        "Put --feature_cache_dir on a local disk or a mount with working locks (most NFS v4 mounts)")
 
 
 class RunLock:
@@ -74,14 +78,13 @@ class RunLock:
         while self.descriptor is None:
             try:
                 descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as problem:  # a full disk with no room for an empty file, a read-only folder
-                _warn_unlocked(self.path, problem)
+            except OSError as problem:  # a full disk with no room for an empty file
+                _warn_uncreated(self.path, problem)
                 return
             taken = _flock(descriptor, fcntl.LOCK_SH)
             if taken is not True:
                 os.close(descriptor)
-                _warn_unlocked(self.path, taken)
-                return
+                raise _no_working_locks(self.path, taken)
             if _still_names(self.path, descriptor):
                 self.descriptor = descriptor
             else:  # a cleanup deleted the file between the open and the lock: the lock holds nothing, so again
@@ -163,7 +166,7 @@ class FailureSignal:
         self.process = process
         self.reserved, self.failed = self.paths(folder, run, process)
         self.descriptor: int | None = None  # the reservation, open and locked until `release`
-        self.locked = self.failing = False
+        self.failing = False
         if not reserve:
             self.reserved = None
             return
@@ -171,9 +174,8 @@ class FailureSignal:
             descriptor = os.open(self.reserved, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 taken = _flock(descriptor, fcntl.LOCK_EX)
-                self.locked = taken is True  # locked before the record says so
-                if not self.locked:
-                    _warn_unlocked(self.reserved, taken)
+                if taken is not True:
+                    raise _no_working_locks(self.reserved, taken)
                 if os.write(descriptor, self._padded(self._record(None, None))) != self.BYTES:
                     raise OSError(errno.ENOSPC, "No space left on device (a short write)", str(self.reserved))
                 os.fsync(descriptor)  # where a file system that allocates late finds the disk full
@@ -188,8 +190,7 @@ class FailureSignal:
         return folder / f".prepass-{run}-{process}.json", folder / f".failed-{run}-{process}.json"
 
     def _record(self, shard: str | None, error: str | None) -> dict[str, Any]:
-        # "locked" tells waiters whether the lock's absence means anything (see `ended_silently`).
-        return {"process": self.process, "shard": shard, "error": error, "locked": self.locked}
+        return {"process": self.process, "shard": shard, "error": error}
 
     @classmethod
     def _padded(cls, record: dict[str, Any]) -> bytes:
@@ -231,7 +232,7 @@ class FailureSignal:
         try:
             write_json_atomic(self.failed, record)
         except OSError as problem:
-            if self.locked and self.reserved.exists():
+            if self.reserved is not None and self.reserved.exists():
                 logger.error("Could not tell the other processes that this one failed (%s). They stop once it "
                              "exits, finding its reservation %s unlocked, with this error if it could be written "
                              "there; else this log is where it is.", problem, self.reserved)
@@ -270,8 +271,6 @@ class FailureSignal:
             os.close(descriptor)
         if not isinstance(record, dict):
             record = {}
-        if record.get("locked") is False:  # it never held the lock, so the lock being free says nothing
-            return None
         if record.get("error") is not None:  # written, but not renamed
             return cls._described(record)
         process = reserved.stem.rsplit("-", 1)[-1]

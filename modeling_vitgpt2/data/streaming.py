@@ -18,9 +18,10 @@ not a JSON object, an image that does not decode) is skipped, and so is a shard 
 of a shard that is cut short: each is counted by reason and shard in a `StreamCounts` (one per process) and logged,
 instead of stopping a run hours in. A shard is cut short where it ends inside a member or its header, where tarfile
 fails on it (also with the errors that are no `TarError`, see `_from_tarfile`: a `.tar.gz` cut inside its gzip
-header, a GNU sparse map cut short), and where its end-of-archive marker is followed by data or by more zeros than
-tar writers pad with (a preallocated download that stopped, zero-filled from a header on, see `_check_end`; a
-shorter zero-filled tail goes unseen, unless it starts inside a caption, which then holds NUL bytes). Of a shard cut
+header, a GNU sparse map cut short), and where its end-of-archive marker is followed by data (a zero hole where a
+download did not write, or concatenated tars, see `_check_end`); zeros after the marker are record padding however
+many, so a download zero-filled from a header on to its end goes unseen, unless the zeros start inside a caption,
+which then holds NUL bytes. Of a shard cut
 short, the samples before the cut are kept, but not the last one the reader holds (it yields a sample when a member
 of the next key starts it): members of its key behind the cut could have changed it (a `.txt` after its `.json`, in
 the sorted order webdataset's `TarWriter` writes, replaces the caption) or refused it (a link, an oversized member),
@@ -326,20 +327,26 @@ def _read_field(archive: tarfile.TarFile, member: tarfile.TarInfo, field_name: s
 
 
 # Tar writers pad an archive after its end-of-archive marker (the zero block where tarfile stops) with zeros up to a
-# whole record: 10 KiB for GNU tar, bsdtar and Python's tarfile (webdataset's `TarWriter`) by default, 1 MiB with
-# `tar -b 2048`. More zeros than this after the marker, or any data, are the rest of a shard tarfile stopped short of;
-# a lower bound would count shards written with larger records as cut short.
-_MAX_END_PADDING = 1 << 20
+# whole record, of any size (`tar -b`: up to hundreds of MiB); so zeros there, however many, are a whole shard, and
+# only data counts as more of the shard. Past this many bytes the reader stops looking.
+_END_READ_LIMIT = 64 << 20
 
 
 def _check_end(archive: tarfile.TarFile) -> None:
-    """Raises `tarfile.ReadError` where the shard goes on past the end-of-archive marker tarfile stopped at: a download
-    that preallocated the whole file and stopped (aria2, torrent clients) leaves zeros from where it stopped, and
-    where they start at a header tarfile takes them for the marker and ends the shard without a word. Reads at most
-    `_MAX_END_PADDING` bytes past the marker."""
+    """Raises `tarfile.ReadError` where data follows the end-of-archive marker tarfile stopped at: a download that
+    preallocated the whole file and wrote it out of order (torrent clients) leaves a zero hole, which tarfile takes
+    for the marker where it starts at a header, ending the shard without a word; or tar files were concatenated,
+    whose second part tar readers do not read. Zeros up to the end (record padding) are a whole shard, and so is
+    the end of a compressed stream: bzip2 and xz refuse to read past it, and what follows it (padding to a record,
+    as bsdtar writes) is not part of the archive. Reads at most `_END_READ_LIMIT` bytes past the marker."""
     end, after = archive.offset, 0
-    while after <= _MAX_END_PADDING:
-        chunk = _from_tarfile(archive.fileobj.read, min(1 << 16, _MAX_END_PADDING + 1 - after))
+    while after < _END_READ_LIMIT:
+        try:
+            chunk = archive.fileobj.read(min(1 << 16, _END_READ_LIMIT - after))
+        except EOFError:
+            if getattr(getattr(archive.fileobj, "cmp", None), "eof", False):
+                return
+            raise tarfile.ReadError("the compressed stream ends inside its padding") from None
         if not chunk:
             return
         if chunk.strip(b"\0"):
@@ -348,9 +355,6 @@ def _check_end(archive: tarfile.TarFile) -> None:
                 "zero-filled where a download did not write it, or tar files concatenated); download or write the "
                 "shard again")
         after += len(chunk)
-    raise tarfile.ReadError(
-        f"the end-of-archive marker at byte {end} is followed by more than {_MAX_END_PADDING:,} zero bytes, more than "
-        "tar writers pad with (a download that preallocated the file and stopped?); download the shard again")
 
 
 def _shard_samples(shard: str) -> Iterator[dict]:
