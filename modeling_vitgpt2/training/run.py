@@ -362,10 +362,7 @@ def _run_training(
         base_record = (_base_record(model, model_args, training_args.seed)
                        if is_peft_model(model) and keeps_checkpoints else None)
         if resume:
-            _check_resume_settings(resume, model, base_config)
-            change = base_change(resume, base_record) if base_record is not None else None
-            if change:
-                raise ValueError(change)
+            _check_resume_settings(resume, model, base_config, base_record)
 
         collator = CaptionCollator(processor, max_length=data_args.max_caption_length)
         eval_collator = collator
@@ -543,9 +540,10 @@ def _placed_when_accepted(staged: Path | None, state: PartialState):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_resume_settings(checkpoint: str, model, base_config: dict) -> None:
+def _check_resume_settings(checkpoint: str, model, base_config: dict, base_record: dict | None) -> None:
     """Refuses, in one line, to resume `checkpoint` with other peft settings or another base model than it was
-    trained with (`settings_change`); `base_config` is this run's base model's, `model` this run's (peft) model."""
+    trained with: its config (`settings_change`) or, for an adapter, its weights (`base_change`, from this run's
+    `base_record`); `base_config` is this run's base model's, `model` this run's (peft) model."""
     checkpoint_dir = Path(checkpoint)
     adapter_file = checkpoint_dir / "adapter_config.json"
     saved_adapter = read_json(adapter_file, "adapter config") if adapter_file.is_file() else None
@@ -556,6 +554,8 @@ def _check_resume_settings(checkpoint: str, model, base_config: dict) -> None:
     saved_base = ViTGPT2Config.from_pretrained(base_folder).to_dict() if (base_folder / "config.json").is_file() else None
     change = settings_change(checkpoint, run_settings(saved_adapter, saved_base),
                              run_settings(current_adapter, base_config if saved_base is not None else None))
+    if change is None and base_record is not None:
+        change = base_change(checkpoint, base_record)
     if change:
         raise ValueError(change)
 
