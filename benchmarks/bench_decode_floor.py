@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import transformers
 from bench_generate import SIZES
-from common import build_models, describe_machine, memory_read_gbs, write_report
+from common import build_models, describe_machine, machine_line, memory_read_gbs, write_report
 from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_outputs import BaseModelOutput
@@ -171,9 +171,7 @@ def main() -> None:
     arguments = parse_arguments()
     transformers.logging.set_verbosity_error()
     machine = describe_machine(torch.device("cpu"))
-    print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} using {machine['torch_threads']} "
-          f"threads, CPU capability {machine['cpu_capability']}, flags "
-          f"{' '.join(flag for flag, present in machine['cpu_flags'].items() if present) or 'none'}")
+    print(machine_line(machine))
     load_at_start = os.getloadavg()[0]
     bandwidth = memory_read_gbs(torch.device("cpu"))
     size = SIZES[arguments.size]

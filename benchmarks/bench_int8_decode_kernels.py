@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import describe_machine, memory_read_gbs, write_report
+from common import describe_machine, machine_line, memory_read_gbs, write_report
 from torch import nn
 
 WIDTH, BLOCKS, VOCABULARY = 768, 12, 50257
@@ -69,8 +69,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     arguments = parser.parse_args()
     machine = describe_machine(torch.device("cpu"))
-    print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} using {machine['torch_threads']} "
-          f"threads, CPU capability {machine['cpu_capability']}, flags {' '.join(flag for flag, present in machine['cpu_flags'].items() if present)}")
+    print(machine_line(machine))
     load_at_start = os.getloadavg()[0]
     bandwidth = memory_read_gbs(torch.device("cpu"))
     layers = products(arguments.seed)

@@ -169,6 +169,13 @@ def describe_machine(device: torch.device) -> dict:
     }
 
 
+def machine_line(machine: dict) -> str:
+    """`describe_machine`'s result as the one line a benchmark prints first: CPU, cores, threads and CPU flags."""
+    flags = " ".join(flag for flag, present in machine["cpu_flags"].items() if present) or "none"
+    return (f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} using {machine['torch_threads']} "
+            f"threads, CPU capability {machine['cpu_capability']}, flags {flags}")
+
+
 def profiler_activities(device: torch.device) -> list[ProfilerActivity]:
     """What `torch.profiler.profile` records on `device`: the CPU always, the GPU's kernels on CUDA runs."""
     return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
